@@ -1,0 +1,303 @@
+//! The server's one configuration: embedded defaults, then a TOML file, then `ROUTOPIA_*`
+//! environment variables, then command-line flags (each layer wins over the one before).
+//!
+//! Nested settings take a double underscore in the environment:
+//! `ROUTOPIA_LIMITS__MAX_MESSAGE_SIZE=131072` sets `[limits] max_message_size`.
+//! Unknown keys are refused, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Everything the server can be told. Every field documents its default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address every shard listens on (HTTP and WebSocket share it). Default `0.0.0.0:3000`.
+    pub listen: SocketAddr,
+    /// Number of shards (threads, each with its own runtime and listener). Default 0 = one per core.
+    pub shards: usize,
+    /// I/O driver: `auto` (io_uring where the kernel allows it, else epoll), `io_uring` or `epoll`.
+    /// Default `auto`.
+    pub driver: Driver,
+    /// Pin each shard thread to one core (shard i on core i mod cores). Default true.
+    pub pin_shards: bool,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive list).
+    /// Default `info`; `RUST_LOG` wins when set.
+    pub log_level: String,
+    /// Log format: `pretty` for a terminal, `json` for production. Default `pretty`.
+    pub log_format: LogFormat,
+    /// Safety limits, all on by default.
+    pub limits: Limits,
+    /// Delivery tuning.
+    pub delivery: Delivery,
+}
+
+/// Safety limits. Exceeding one gets an `Error` reply or a close code, never a panic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest WebSocket message (after reassembly of fragments) accepted from a client, in
+    /// bytes; also the largest decompressed `zstd` envelope. Over it: close 1009. Default 65536.
+    pub max_message_size: usize,
+    /// Largest number of frames in one `ClientMessage`. Over it: close 4502. Default 100.
+    pub max_frames_per_message: usize,
+    /// Largest number of subscriptions one connection holds. Over it: `Error` 413. Default 512.
+    pub max_subscriptions_per_connection: usize,
+    /// Connections one shard holds; further ones are answered 503 and closed. Default 50000.
+    pub max_connections_per_shard: usize,
+    /// Largest HTTP request head (request line and headers), in bytes. Over it: 431. Default 8192.
+    pub max_request_header_bytes: usize,
+    /// Largest number of HTTP request headers. Over it: 431. Default 32.
+    pub max_request_headers: usize,
+    /// Bytes queued for one connection before it counts as a slow consumer and is closed
+    /// with 4001. Default 1048576 (1 MiB).
+    pub max_outbox_bytes: usize,
+    /// Time a new socket has to send a complete HTTP request head. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Longest channel name, in bytes. Default 128.
+    pub max_channel_length: usize,
+    /// Largest publication payload, in bytes. Over it: `Error` 413. Default 32768.
+    pub max_payload_size: usize,
+}
+
+/// How updates leave the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Delivery {
+    /// Most frames packed into one WebSocket message while a write is in flight. Default 100.
+    pub batch_size: usize,
+    /// Capacity of each shard's inbox (messages from other shards). Default 65536.
+    pub inbox_capacity: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Driver {
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 3000)),
+            shards: 0,
+            driver: Driver::Auto,
+            pin_shards: true,
+            log_level: "info".into(),
+            log_format: LogFormat::Pretty,
+            limits: Limits::default(),
+            delivery: Delivery::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_size: 64 * 1024,
+            max_frames_per_message: 100,
+            max_subscriptions_per_connection: 512,
+            max_connections_per_shard: 50_000,
+            max_request_header_bytes: 8192,
+            max_request_headers: 32,
+            max_outbox_bytes: 1024 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_channel_length: 128,
+            max_payload_size: 32 * 1024,
+        }
+    }
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Self {
+            batch_size: 100,
+            inbox_capacity: 65536,
+        }
+    }
+}
+
+/// Why a configuration was refused. The message always names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid setting `{setting}`: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+    #[error("config file {0} does not exist")]
+    MissingFile(String),
+}
+
+/// Values given on the command line; `None` leaves the lower layers in charge.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// Builds the effective configuration from every layer and validates it.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile(path.display().to_string()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment
+            .merge(Env::prefixed("ROUTOPIA_").split("__"))
+            .merge(Serialized::defaults(overrides));
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot; each refusal names its setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                setting,
+                reason: reason.into(),
+            }
+        }
+        let l = &self.limits;
+        if self.shards > 256 {
+            return Err(invalid("shards", "at most 256 shards"));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&l.max_message_size) {
+            return Err(invalid(
+                "limits.max_message_size",
+                "must be between 1024 and 67108864 bytes",
+            ));
+        }
+        if l.max_frames_per_message == 0 {
+            return Err(invalid(
+                "limits.max_frames_per_message",
+                "must be at least 1",
+            ));
+        }
+        if l.max_subscriptions_per_connection == 0 {
+            return Err(invalid(
+                "limits.max_subscriptions_per_connection",
+                "must be at least 1",
+            ));
+        }
+        if l.max_connections_per_shard == 0 {
+            return Err(invalid(
+                "limits.max_connections_per_shard",
+                "must be at least 1",
+            ));
+        }
+        if !(256..=1024 * 1024).contains(&l.max_request_header_bytes) {
+            return Err(invalid(
+                "limits.max_request_header_bytes",
+                "must be between 256 and 1048576",
+            ));
+        }
+        if !(4..=256).contains(&l.max_request_headers) {
+            return Err(invalid(
+                "limits.max_request_headers",
+                "must be between 4 and 256",
+            ));
+        }
+        if l.max_outbox_bytes < l.max_payload_size {
+            return Err(invalid(
+                "limits.max_outbox_bytes",
+                "must hold at least one payload (limits.max_payload_size)",
+            ));
+        }
+        if l.handshake_timeout.is_zero() {
+            return Err(invalid(
+                "limits.handshake_timeout",
+                "must be longer than zero",
+            ));
+        }
+        if !(1..=1024).contains(&l.max_channel_length) {
+            return Err(invalid(
+                "limits.max_channel_length",
+                "must be between 1 and 1024",
+            ));
+        }
+        if l.max_payload_size == 0 || l.max_payload_size >= l.max_message_size {
+            return Err(invalid(
+                "limits.max_payload_size",
+                "must be above 0 and below limits.max_message_size",
+            ));
+        }
+        if self.delivery.batch_size == 0 {
+            return Err(invalid("delivery.batch_size", "must be at least 1"));
+        }
+        if self.delivery.inbox_capacity < 1024 {
+            return Err(invalid("delivery.inbox_capacity", "must be at least 1024"));
+        }
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(invalid("log_level", format!("not a log filter: {err}")));
+        }
+        Ok(())
+    }
+
+    /// Shards to start: the configured number, or one per core.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+
+    /// The effective configuration as TOML, as `check-config` prints it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|err| format!("# cannot render config: {err}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn invalid_value_names_its_setting() {
+        let mut config = Config::default();
+        config.delivery.batch_size = 0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("delivery.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn rendered_config_parses_back() {
+        let config = Config::default();
+        let parsed: Config = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(parsed, config);
+    }
+}

@@ -1,0 +1,124 @@
+//! The `routopia-realtime` binary: command line → config → logging → shards → signals.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use routopia_realtime::config::{Config, LogFormat, Overrides};
+use routopia_realtime::shard::Server;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tracing_subscriber::EnvFilter;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "routopia-realtime",
+    version,
+    about = "Real-time WebSocket pub/sub server for navigation updates"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (embedded defaults: 0.0.0.0:3000, one shard per core, in-memory broker).
+    Serve(ServeArgs),
+    /// Validate a config file and print the effective configuration.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (HTTP and WebSocket), e.g. 127.0.0.1:3000.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Number of shards; 0 = one per core.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// TOML config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Log filter (overrides `log_level`).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(Some(&file), &Overrides::default()) {
+            Ok(config) => {
+                println!("# {} is valid; effective configuration:", file.display());
+                print!("{}", config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let overrides = Overrides {
+        listen: args.listen,
+        shards: args.shards,
+        log_level: args.log_level,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        Ok(signals) => signals,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shards = config.shard_count();
+    let server = match Server::start(config) {
+        Ok(server) => server,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(addr = %server.local_addr(), shards, version = env!("CARGO_PKG_VERSION"), "listening");
+    // One machine-readable line on stdout, for supervisors and tests that listen on port 0.
+    println!("listening on {}", server.local_addr());
+    let _ = std::io::stdout().flush();
+    if let Some(signal) = signals.forever().next() {
+        tracing::info!(signal, "shutting down");
+    }
+    server.shutdown();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,126 @@
+//! The documented tables of `Error` codes (replies; the connection stays open) and close codes
+//! (`Disconnect` frames and WebSocket close frames; the connection ends).
+
+/// Codes of `Error` replies. They follow the meaning of the HTTP status of the same number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// The command is malformed: a missing or invalid field, or a bad channel name.
+    BadRequest = 400,
+    /// The command needs a completed `Connect` first.
+    NotConnected = 401,
+    /// The claims do not allow this channel or command.
+    Forbidden = 403,
+    /// No such subscription on this connection.
+    NotFound = 404,
+    /// The channel is already subscribed on this connection.
+    AlreadySubscribed = 409,
+    /// A size or count limit was exceeded (payload, subscriptions).
+    TooLarge = 413,
+    /// Rate limited; see `retry_after_ms`.
+    RateLimited = 429,
+    /// The frame names no command this server knows.
+    UnknownCommand = 450,
+    /// The server failed; the command may be retried.
+    Internal = 500,
+    /// The command is part of the protocol but this server does not implement it yet.
+    NotImplemented = 501,
+    /// The server is overloaded or shutting down; retry later.
+    Unavailable = 503,
+}
+
+impl ErrorCode {
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+}
+
+/// Why the server ends a connection. The code goes out in the `Disconnect` frame and in the
+/// WebSocket close frame. 4000–4499: reconnecting may succeed; 4500–4999: do not reconnect
+/// without changing something. 1000–1011 are RFC 6455's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// 1000: normal closure, asked for by the client.
+    Normal,
+    /// 1002: WebSocket protocol violation (bad framing, unmasked client frame, bad opcode).
+    ProtocolError,
+    /// 1003: a text message; the protocol is binary protobuf only.
+    UnsupportedData,
+    /// 1009: a message over `limits.max_message_size`.
+    MessageTooBig,
+    /// 1011: an internal error of the server.
+    InternalError,
+    /// 4000: the server is shutting down; reconnect (to another node).
+    Shutdown,
+    /// 4001: the connection could not keep up with its updates (outbox over its byte limit).
+    SlowConsumer,
+    /// 4002: the shard is over `limits.max_connections_per_shard`.
+    ConnectionLimit,
+    /// 4500: a message that does not decode as the protocol's protobuf (or bad zstd).
+    BadMessage,
+    /// 4501: a first command other than `Connect`, or a second `Connect`.
+    BadLifecycle,
+    /// 4502: more frames in one message than `limits.max_frames_per_message`.
+    TooManyFrames,
+}
+
+impl CloseCode {
+    pub fn code(self) -> u16 {
+        match self {
+            CloseCode::Normal => 1000,
+            CloseCode::ProtocolError => 1002,
+            CloseCode::UnsupportedData => 1003,
+            CloseCode::MessageTooBig => 1009,
+            CloseCode::InternalError => 1011,
+            CloseCode::Shutdown => 4000,
+            CloseCode::SlowConsumer => 4001,
+            CloseCode::ConnectionLimit => 4002,
+            CloseCode::BadMessage => 4500,
+            CloseCode::BadLifecycle => 4501,
+            CloseCode::TooManyFrames => 4502,
+        }
+    }
+
+    /// Whether a client should reconnect after this close.
+    pub fn reconnect(self) -> bool {
+        matches!(
+            self,
+            CloseCode::Normal
+                | CloseCode::InternalError
+                | CloseCode::Shutdown
+                | CloseCode::SlowConsumer
+                | CloseCode::ConnectionLimit
+        )
+    }
+
+    /// Short label, used in logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseCode::Normal => "normal",
+            CloseCode::ProtocolError => "protocol_error",
+            CloseCode::UnsupportedData => "text_message",
+            CloseCode::MessageTooBig => "message_too_big",
+            CloseCode::InternalError => "internal_error",
+            CloseCode::Shutdown => "shutdown",
+            CloseCode::SlowConsumer => "slow_consumer",
+            CloseCode::ConnectionLimit => "connection_limit",
+            CloseCode::BadMessage => "bad_message",
+            CloseCode::BadLifecycle => "bad_lifecycle",
+            CloseCode::TooManyFrames => "too_many_frames",
+        }
+    }
+
+    pub const ALL: [CloseCode; 11] = [
+        CloseCode::Normal,
+        CloseCode::ProtocolError,
+        CloseCode::UnsupportedData,
+        CloseCode::MessageTooBig,
+        CloseCode::InternalError,
+        CloseCode::Shutdown,
+        CloseCode::SlowConsumer,
+        CloseCode::ConnectionLimit,
+        CloseCode::BadMessage,
+        CloseCode::BadLifecycle,
+        CloseCode::TooManyFrames,
+    ];
+}

@@ -1,0 +1,193 @@
+//! The HTTP/1.1 request head that starts every connection, and the few responses the server
+//! writes before (or instead of) switching to WebSocket.
+
+/// What a complete request head asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    /// The path without its query string.
+    pub path: String,
+    /// The query string, without `?` (empty when absent).
+    pub query: String,
+    /// `Some` when the head is a well-formed WebSocket upgrade; carries `Sec-WebSocket-Key`.
+    pub websocket_key: Option<String>,
+    /// Why an upgrade attempt is not acceptable (for the 400 body).
+    pub upgrade_problem: Option<&'static str>,
+}
+
+/// Why a request head was refused; `status()` is the HTTP answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("request head larger than the limit")]
+    TooLarge,
+    #[error("too many request headers")]
+    TooManyHeaders,
+    #[error("malformed HTTP request")]
+    Malformed,
+}
+
+impl HeadError {
+    pub fn status(self) -> u16 {
+        match self {
+            HeadError::TooLarge | HeadError::TooManyHeaders => 431,
+            HeadError::Malformed => 400,
+        }
+    }
+}
+
+/// Parses a request head from the start of `buf`: `Ok(None)` while incomplete, else the head
+/// and the bytes it used. Refuses heads over `max_bytes` or with over `max_headers` headers.
+pub fn parse_head(
+    buf: &[u8],
+    max_bytes: usize,
+    max_headers: usize,
+) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut request = httparse::Request::new(&mut headers);
+    let consumed = match request.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= max_bytes => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    if consumed > max_bytes {
+        return Err(HeadError::TooLarge);
+    }
+    let method = request.method.ok_or(HeadError::Malformed)?.to_owned();
+    let target = request.path.ok_or(HeadError::Malformed)?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let header = |name: &str| {
+        request
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    let has_token = |name: &str, token: &str| {
+        header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    let (websocket_key, upgrade_problem) = if method != "GET" {
+        (None, Some("WebSocket upgrade needs GET"))
+    } else if !has_token("upgrade", "websocket") {
+        (None, Some("missing `Upgrade: websocket`"))
+    } else if !has_token("connection", "upgrade") {
+        (None, Some("missing `Connection: Upgrade`"))
+    } else if header("sec-websocket-version") != Some("13") {
+        (None, Some("`Sec-WebSocket-Version` must be 13"))
+    } else {
+        match header("sec-websocket-key") {
+            Some(key) if is_valid_key(key) => (Some(key.to_owned()), None),
+            _ => (None, Some("missing or invalid `Sec-WebSocket-Key`")),
+        }
+    };
+    let head = RequestHead {
+        method,
+        path: path.to_owned(),
+        query: query.to_owned(),
+        websocket_key,
+        upgrade_problem,
+    };
+    Ok(Some((head, consumed)))
+}
+
+/// A key is the base64 of 16 bytes: 22 characters and `==`.
+fn is_valid_key(key: &str) -> bool {
+    key.len() == 24
+        && key.ends_with("==")
+        && key[..22]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+/// The `101 Switching Protocols` answer to an upgrade with `key`.
+pub fn upgrade_response(key: &str) -> Vec<u8> {
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// A complete response that closes the connection after it.
+pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        reason_phrase(status),
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A plain-text error response.
+pub fn error_response(status: u16, message: &str) -> Vec<u8> {
+    response(
+        status,
+        "text/plain; charset=utf-8",
+        format!("{message}\n").as_bytes(),
+    )
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPGRADE: &str = "GET /ws?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+    #[test]
+    fn upgrade_is_recognised() {
+        let (head, used) = parse_head(UPGRADE.as_bytes(), 8192, 32).unwrap().unwrap();
+        assert_eq!(used, UPGRADE.len());
+        assert_eq!(head.path, "/ws");
+        assert_eq!(head.query, "x=1");
+        assert_eq!(
+            head.websocket_key.as_deref(),
+            Some("dGhlIHNhbXBsZSBub25jZQ==")
+        );
+        let response = String::from_utf8(upgrade_response("dGhlIHNhbXBsZSBub25jZQ==")).unwrap();
+        assert!(response.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+    }
+
+    #[test]
+    fn partial_head_waits_and_oversized_head_is_431() {
+        let partial = &UPGRADE.as_bytes()[..40];
+        assert_eq!(parse_head(partial, 8192, 32), Ok(None));
+        assert_eq!(parse_head(partial, 40, 32), Err(HeadError::TooLarge));
+        assert_eq!(
+            parse_head(UPGRADE.as_bytes(), 64, 32),
+            Err(HeadError::TooLarge)
+        );
+        assert_eq!(
+            parse_head(UPGRADE.as_bytes(), 8192, 3).map_err(HeadError::status),
+            Err(431)
+        );
+    }
+
+    #[test]
+    fn bad_upgrade_says_why() {
+        let head = UPGRADE.replace("13", "8");
+        let (head, _) = parse_head(head.as_bytes(), 8192, 32).unwrap().unwrap();
+        assert!(head.websocket_key.is_none());
+        assert!(head.upgrade_problem.unwrap().contains("Version"));
+        assert_eq!(
+            parse_head(b"\x16\x03\x01garbage\r\n\r\n", 8192, 32),
+            Err(HeadError::Malformed)
+        );
+    }
+}

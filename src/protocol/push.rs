@@ -1,0 +1,132 @@
+//! Pushes encoded once, shared by every subscriber.
+//!
+//! An `Update` differs between subscribers only in `sub_id`. Protobuf allows fields in any
+//! order and merges repeated messages by concatenation, so the server encodes fields 2..7 of
+//! the `Update` once per publication (the *body*) and writes, per subscriber, only a few bytes
+//! of prefix: the `ServerMessage.frames` key and length, the `ServerFrame.update` key and
+//! length, and the `sub_id` field. A batch of frames is the concatenation of such pieces.
+
+use bytes::Bytes;
+use prost::encoding::{encode_varint, encoded_len_varint};
+use prost::Message;
+
+use super::pb::{ServerFrame, Update};
+
+/// Key of `ServerMessage.frames` (field 1, length-delimited).
+const SERVER_MESSAGE_FRAMES_KEY: u8 = 0x0a;
+/// Key of `ServerFrame.update` (field 2, length-delimited).
+const SERVER_FRAME_UPDATE_KEY: u8 = 0x12;
+/// Key of `Update.sub_id` (field 1, varint).
+const UPDATE_SUB_ID_KEY: u8 = 0x08;
+
+/// Encodes the subscriber-independent part of an update (its `sub_id` left at 0, so absent).
+pub fn encode_update_body(update: &Update) -> Bytes {
+    debug_assert_eq!(update.sub_id, 0);
+    update.encode_to_vec().into()
+}
+
+/// Bytes a push of `body_len` body bytes to `sub_id` takes inside a `ServerMessage`.
+pub fn push_len(sub_id: u32, body_len: usize) -> usize {
+    let update_len = sub_id_field_len(sub_id) + body_len;
+    let frame_len = 1 + encoded_len_varint(update_len as u64) + update_len;
+    1 + encoded_len_varint(frame_len as u64) + frame_len
+}
+
+/// Appends one push (prefix and shared body) as an element of `ServerMessage.frames`.
+pub fn write_push(out: &mut Vec<u8>, sub_id: u32, body: &[u8]) {
+    let update_len = sub_id_field_len(sub_id) + body.len();
+    let frame_len = 1 + encoded_len_varint(update_len as u64) + update_len;
+    out.push(SERVER_MESSAGE_FRAMES_KEY);
+    encode_varint(frame_len as u64, out);
+    out.push(SERVER_FRAME_UPDATE_KEY);
+    encode_varint(update_len as u64, out);
+    if sub_id != 0 {
+        out.push(UPDATE_SUB_ID_KEY);
+        encode_varint(sub_id as u64, out);
+    }
+    out.extend_from_slice(body);
+}
+
+/// Appends any frame as an element of `ServerMessage.frames`.
+pub fn write_frame(out: &mut Vec<u8>, frame: &ServerFrame) {
+    let len = frame.encoded_len();
+    out.push(SERVER_MESSAGE_FRAMES_KEY);
+    encode_varint(len as u64, out);
+    // Encoding into a Vec only fails for lack of capacity, which a Vec grows.
+    let _ = frame.encode(out);
+}
+
+/// Bytes `write_frame` appends for `frame`.
+pub fn frame_len(frame: &ServerFrame) -> usize {
+    let len = frame.encoded_len();
+    1 + encoded_len_varint(len as u64) + len
+}
+
+fn sub_id_field_len(sub_id: u32) -> usize {
+    if sub_id == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(sub_id as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::pb::{server_frame::Kind, Pong, ServerMessage, UpdateType};
+
+    fn update(sub_id: u32) -> Update {
+        Update {
+            sub_id,
+            offset: 7,
+            r#type: UpdateType::Route as i32,
+            key: "segment-12".into(),
+            confidence: 0.5,
+            timestamp_us: 1_700_000_000_000_000,
+            payload: Bytes::from(vec![3u8; 300]),
+        }
+    }
+
+    #[test]
+    fn shared_body_with_prefix_decodes_as_the_full_update() {
+        let body = encode_update_body(&update(0));
+        let mut message = Vec::new();
+        for sub_id in [1u32, 127, 128, 300_000] {
+            write_push(&mut message, sub_id, &body);
+        }
+        let pong = ServerFrame {
+            kind: Some(Kind::Pong(Pong { timestamp_us: 9 })),
+        };
+        write_frame(&mut message, &pong);
+        let decoded = ServerMessage::decode(message.as_slice()).unwrap();
+        let subs: Vec<u32> = decoded
+            .frames
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Some(Kind::Update(u)) => {
+                    assert_eq!(u, &update(u.sub_id));
+                    Some(u.sub_id)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(subs, vec![1, 127, 128, 300_000]);
+        assert_eq!(decoded.frames.last(), Some(&pong));
+    }
+
+    #[test]
+    fn lengths_match_what_is_written() {
+        let body = encode_update_body(&update(0));
+        for sub_id in [1u32, 200, 70_000] {
+            let mut out = Vec::new();
+            write_push(&mut out, sub_id, &body);
+            assert_eq!(out.len(), push_len(sub_id, body.len()));
+        }
+        let pong = ServerFrame {
+            kind: Some(Kind::Pong(Pong { timestamp_us: 1 })),
+        };
+        let mut out = Vec::new();
+        write_frame(&mut out, &pong);
+        assert_eq!(out.len(), frame_len(&pong));
+    }
+}

@@ -1,0 +1,216 @@
+//! WebSocket framing without I/O. tungstenite parses, unmasks, reassembles and validates what
+//! arrives (and answers pings and closes); it reads from and writes to [`MemStream`], which the
+//! connection's I/O driver fills from the socket and empties into its outbox. Data the server
+//! sends bypasses tungstenite: [`write_binary_header`] frames pre-encoded batches directly.
+
+use std::io::{self, Read, Write};
+
+use bytes::Bytes;
+use tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+/// An in-memory duplex byte stream: `input` is what the peer sent, `output` what tungstenite
+/// wants to send. Reads of an empty input are `WouldBlock`, so tungstenite yields.
+#[derive(Debug, Default)]
+pub struct MemStream {
+    input: Vec<u8>,
+    read_pos: usize,
+    output: Vec<u8>,
+}
+
+impl Read for MemStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = &self.input[self.read_pos..];
+        if available.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.read_pos += n;
+        if self.read_pos == self.input.len() {
+            self.input.clear();
+            self.read_pos = 0;
+            // An idle connection keeps no large buffer.
+            if self.input.capacity() > IDLE_BUFFER_CAPACITY {
+                self.input = Vec::new();
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Write for MemStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+const IDLE_BUFFER_CAPACITY: usize = 4096;
+
+/// One side of a WebSocket connection, fed bytes and drained of bytes by its owner.
+pub struct WsEndpoint {
+    ws: WebSocket<MemStream>,
+}
+
+/// What the WebSocket layer made of the bytes fed so far.
+#[derive(Debug)]
+pub enum WsEvent {
+    Binary(Bytes),
+    Text,
+    /// The peer sent a close frame (tungstenite has queued the reply).
+    Closed(Option<u16>),
+}
+
+impl WsEndpoint {
+    /// A server-side endpoint that accepts messages up to `max_message_size` bytes.
+    pub fn server(max_message_size: usize) -> Self {
+        Self::new(Role::Server, max_message_size)
+    }
+
+    /// A client-side endpoint (masks what it sends).
+    pub fn client(max_message_size: usize) -> Self {
+        Self::new(Role::Client, max_message_size)
+    }
+
+    fn new(role: Role, max_message_size: usize) -> Self {
+        let config = WebSocketConfig::default()
+            .read_buffer_size(512)
+            .write_buffer_size(0)
+            .max_message_size(Some(max_message_size))
+            .max_frame_size(Some(max_message_size));
+        Self {
+            ws: WebSocket::from_raw_socket(MemStream::default(), role, Some(config)),
+        }
+    }
+
+    /// Appends bytes received from the peer.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        let stream = self.ws.get_mut();
+        stream.input.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, `Ok(None)` when more bytes are needed. Pings and pongs are
+    /// handled inside (a ping's pong lands in the output).
+    pub fn next_event(&mut self) -> Result<Option<WsEvent>, tungstenite::Error> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Binary(data)) => return Ok(Some(WsEvent::Binary(data))),
+                Ok(Message::Text(_)) => return Ok(Some(WsEvent::Text)),
+                Ok(Message::Close(frame)) => {
+                    return Ok(Some(WsEvent::Closed(frame.map(|f| u16::from(f.code)))))
+                }
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+                Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(None)
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Sends a binary message through tungstenite (clients: it masks).
+    pub fn send_binary(&mut self, data: Bytes) -> Result<(), tungstenite::Error> {
+        self.ws.send(Message::Binary(data))
+    }
+
+    /// Starts the closing handshake with `code` and `reason`.
+    pub fn close(&mut self, code: u16, reason: &str) {
+        let frame = CloseFrame {
+            code: WsCloseCode::from(code),
+            reason: reason.to_owned().into(),
+        };
+        // An error here means a close is already under way, which is what we want anyway.
+        let _ = self.ws.close(Some(frame));
+        let _ = self.ws.flush();
+    }
+
+    /// Bytes tungstenite queued for the peer (control frames; a client's messages).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.ws.get_mut().output)
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.ws.get_ref().output.is_empty()
+    }
+}
+
+/// Appends the header of an unmasked, final, binary frame of `len` payload bytes.
+pub fn write_binary_header(out: &mut Vec<u8>, len: usize) {
+    out.push(0x82);
+    if len < 126 {
+        out.push(len as u8);
+    } else if len <= u16::MAX as usize {
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+}
+
+/// Size of the header `write_binary_header` writes.
+pub fn binary_header_len(len: usize) -> usize {
+    if len < 126 {
+        2
+    } else if len <= u16::MAX as usize {
+        4
+    } else {
+        10
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_frames_written_by_hand_parse_on_a_client() {
+        let mut client = WsEndpoint::client(1 << 20);
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let payload = vec![7u8; len];
+            let mut wire = Vec::new();
+            write_binary_header(&mut wire, len);
+            assert_eq!(wire.len(), binary_header_len(len));
+            wire.extend_from_slice(&payload);
+            client.feed(&wire);
+            match client.next_event().unwrap() {
+                Some(WsEvent::Binary(data)) => assert_eq!(data.as_ref(), payload.as_slice()),
+                other => panic!("expected binary, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn client_messages_reach_the_server_in_pieces() {
+        let mut client = WsEndpoint::client(1 << 20);
+        let mut server = WsEndpoint::server(1 << 20);
+        client
+            .send_binary(Bytes::from_static(b"hello routopia"))
+            .unwrap();
+        let wire = client.take_output();
+        for byte in &wire[..wire.len() - 1] {
+            server.feed(std::slice::from_ref(byte));
+            assert!(server.next_event().unwrap().is_none());
+        }
+        server.feed(&wire[wire.len() - 1..]);
+        match server.next_event().unwrap() {
+            Some(WsEvent::Binary(data)) => assert_eq!(data.as_ref(), b"hello routopia"),
+            other => panic!("expected binary, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_message_is_a_capacity_error() {
+        let mut client = WsEndpoint::client(1 << 20);
+        let mut server = WsEndpoint::server(1024);
+        client.send_binary(Bytes::from(vec![0u8; 2000])).unwrap();
+        server.feed(&client.take_output());
+        let err = server.next_event().unwrap_err();
+        assert!(matches!(err, tungstenite::Error::Capacity(_)), "{err}");
+    }
+}

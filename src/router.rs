@@ -1,0 +1,83 @@
+//! A shard's index of its local subscribers: channel → (connection, sub_id).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A connection on this shard: slab index and the generation that tells reused slots apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub index: u32,
+    pub generation: u32,
+}
+
+/// One local subscriber of a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscriber {
+    pub conn: ConnId,
+    pub sub_id: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Router {
+    channels: HashMap<Arc<str>, Vec<Subscriber>>,
+}
+
+impl Router {
+    pub fn add(&mut self, channel: Arc<str>, subscriber: Subscriber) {
+        self.channels.entry(channel).or_default().push(subscriber);
+    }
+
+    /// Removes a subscriber; returns whether it was there.
+    pub fn remove(&mut self, channel: &str, subscriber: Subscriber) -> bool {
+        let Some(list) = self.channels.get_mut(channel) else {
+            return false;
+        };
+        let Some(pos) = list.iter().position(|s| *s == subscriber) else {
+            return false;
+        };
+        list.swap_remove(pos);
+        if list.is_empty() {
+            self.channels.remove(channel);
+        }
+        true
+    }
+
+    /// The local subscribers of `channel`.
+    pub fn subscribers(&self, channel: &str) -> &[Subscriber] {
+        self.channels.get(channel).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Channels with at least one local subscriber.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(index: u32, sub_id: u32) -> Subscriber {
+        Subscriber {
+            conn: ConnId {
+                index,
+                generation: 0,
+            },
+            sub_id,
+        }
+    }
+
+    #[test]
+    fn add_remove_and_lookup() {
+        let mut router = Router::default();
+        let channel: Arc<str> = Arc::from("weather:paris");
+        router.add(channel.clone(), sub(1, 1));
+        router.add(channel.clone(), sub(2, 7));
+        assert_eq!(router.subscribers("weather:paris"), &[sub(1, 1), sub(2, 7)]);
+        assert!(router.remove("weather:paris", sub(1, 1)));
+        assert!(!router.remove("weather:paris", sub(1, 1)));
+        assert_eq!(router.subscribers("weather:paris"), &[sub(2, 7)]);
+        assert!(router.remove("weather:paris", sub(2, 7)));
+        assert_eq!(router.channel_count(), 0);
+    }
+}

@@ -1,0 +1,527 @@
+//! One connection's protocol state machine, sans I/O.
+//!
+//! Call order (quinn-proto style): feed received bytes with [`Session::handle_bytes`]; then
+//! take [`Session::poll_event`] until `None` and hand each event to the shard; answers from
+//! the shard come back through [`Session::on_subscribed`] and [`Session::on_published`];
+//! deliveries through [`Session::push_update`]. Whenever [`Session::wants_write`] is true, the
+//! I/O driver takes the bytes to send with [`Session::poll_transmit`]. The session never reads
+//! the clock: `now` is passed in.
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::broker::{validate_channel, Publication};
+use crate::config::Config;
+use crate::outbox::{OutItem, Outbox};
+use crate::protocol::envelope::{self, EnvelopeError};
+use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
+use crate::protocol::push::write_frame;
+use crate::protocol::ws::{WsEndpoint, WsEvent};
+use crate::protocol::{CloseCode, ErrorCode};
+
+/// The wall clock as the shard read it, passed into the session.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// Microseconds since the Unix epoch.
+    pub unix_us: u64,
+}
+
+/// Something the shard must do for this session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEvent {
+    /// Register a subscription with the channel's owner; answer with `on_subscribed`.
+    Subscribe {
+        channel: Arc<str>,
+        sub_id: u32,
+        req_id: u32,
+    },
+    /// Drop a subscription (from the router when it was active, and from the owner's count).
+    Unsubscribe {
+        channel: Arc<str>,
+        sub_id: u32,
+        was_active: bool,
+    },
+    /// Publish through the channel's owner; answer with `on_published`.
+    Publish {
+        channel: Arc<str>,
+        req_id: u32,
+        update: pb::Update,
+    },
+}
+
+/// Where the connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Upgraded; waiting for `Connect`.
+    AwaitingConnect,
+    Connected,
+    /// Closing with this code: the last bytes are queued, nothing more is read or queued.
+    Closing(CloseCode),
+}
+
+#[derive(Debug)]
+struct Subscription {
+    channel: Arc<str>,
+    active: bool,
+}
+
+/// The limits a session enforces, copied from the config.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub max_message_size: usize,
+    pub max_frames_per_message: usize,
+    pub max_subscriptions: usize,
+    pub max_outbox_bytes: usize,
+    pub max_channel_length: usize,
+    pub max_payload_size: usize,
+    pub batch_size: usize,
+}
+
+impl SessionLimits {
+    pub fn from_config(config: &Config) -> Self {
+        let l = &config.limits;
+        Self {
+            max_message_size: l.max_message_size,
+            max_frames_per_message: l.max_frames_per_message,
+            max_subscriptions: l.max_subscriptions_per_connection,
+            max_outbox_bytes: l.max_outbox_bytes,
+            max_channel_length: l.max_channel_length,
+            max_payload_size: l.max_payload_size,
+            batch_size: config.delivery.batch_size,
+        }
+    }
+}
+
+pub struct Session {
+    client_id: Arc<str>,
+    limits: Rc<SessionLimits>,
+    ws: WsEndpoint,
+    outbox: Outbox,
+    phase: Phase,
+    subs: HashMap<u32, Subscription>,
+    by_channel: HashMap<Arc<str>, u32>,
+    next_sub_id: u32,
+    events: VecDeque<SessionEvent>,
+    accepts_zstd: bool,
+    /// Why the session closed, once it has: for logs and metrics.
+    close_detail: Option<String>,
+}
+
+impl Session {
+    pub fn new(client_id: Arc<str>, limits: Rc<SessionLimits>) -> Self {
+        Self {
+            client_id,
+            ws: WsEndpoint::server(limits.max_message_size),
+            outbox: Outbox::new(limits.max_outbox_bytes),
+            limits,
+            phase: Phase::AwaitingConnect,
+            subs: HashMap::new(),
+            by_channel: HashMap::new(),
+            next_sub_id: 1,
+            events: VecDeque::new(),
+            accepts_zstd: false,
+            close_detail: None,
+        }
+    }
+
+    pub fn client_id(&self) -> &Arc<str> {
+        &self.client_id
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn is_closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing(_))
+    }
+
+    /// The close code and its detail, once the session is closing.
+    pub fn close_reason(&self) -> Option<(CloseCode, &str)> {
+        match self.phase {
+            Phase::Closing(code) => Some((code, self.close_detail.as_deref().unwrap_or(""))),
+            _ => None,
+        }
+    }
+
+    /// Whether the client said it decodes zstd envelopes.
+    pub fn accepts_zstd(&self) -> bool {
+        self.accepts_zstd
+    }
+
+    /// Feeds bytes read from the socket and processes every complete message in them.
+    pub fn handle_bytes(&mut self, now: Now, bytes: &[u8]) {
+        if self.is_closing() {
+            return;
+        }
+        self.ws.feed(bytes);
+        while !self.is_closing() {
+            match self.ws.next_event() {
+                Ok(None) => break,
+                Ok(Some(WsEvent::Binary(data))) => self.handle_message(now, data),
+                Ok(Some(WsEvent::Text)) => self.close(
+                    CloseCode::UnsupportedData,
+                    "text messages are not supported: send binary protobuf".into(),
+                ),
+                Ok(Some(WsEvent::Closed(_))) => {
+                    // tungstenite queued the reply to the client's close; nothing else follows.
+                    self.phase = Phase::Closing(CloseCode::Normal);
+                    self.close_detail = Some("closed by client".into());
+                }
+                Err(tungstenite::Error::Capacity(err)) => {
+                    self.close(CloseCode::MessageTooBig, err.to_string())
+                }
+                Err(tungstenite::Error::Protocol(err)) => {
+                    self.close(CloseCode::ProtocolError, err.to_string())
+                }
+                Err(err) => self.close(CloseCode::ProtocolError, err.to_string()),
+            }
+        }
+        self.collect_ws_output();
+    }
+
+    /// The next thing the shard must do, if any.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// Whether there are bytes to send.
+    pub fn wants_write(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    /// Appends everything queued to `out` as wire bytes; returns the number of frames.
+    pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> usize {
+        self.outbox.drain_into(out, self.limits.batch_size)
+    }
+
+    /// Bytes waiting to be sent.
+    pub fn queued_bytes(&self) -> usize {
+        self.outbox.queued_bytes()
+    }
+
+    /// The owner answered a `Subscribe` event. Returns false when the subscription is gone
+    /// meanwhile (the shard must then take back the owner's count).
+    pub fn on_subscribed(&mut self, sub_id: u32, req_id: u32, epoch: &str, offset: u64) -> bool {
+        if self.is_closing() {
+            return false;
+        }
+        let Some(sub) = self.subs.get_mut(&sub_id) else {
+            return false;
+        };
+        sub.active = true;
+        let result = pb::SubscribeResult {
+            sub_id,
+            epoch: epoch.to_owned(),
+            offset,
+            recovered: false,
+        };
+        self.reply(req_id, reply::Result::Subscribe(result));
+        true
+    }
+
+    /// The owner answered a `Publish` event.
+    pub fn on_published(
+        &mut self,
+        req_id: u32,
+        result: Result<(Arc<str>, u64), (ErrorCode, String)>,
+    ) {
+        match result {
+            Ok((epoch, offset)) if req_id != 0 => self.reply(
+                req_id,
+                reply::Result::Publish(pb::PublishResult {
+                    epoch: epoch.to_string(),
+                    offset,
+                }),
+            ),
+            Ok(_) => {}
+            Err((code, message)) => self.error(req_id, code, message),
+        }
+    }
+
+    /// Queues an update for subscription `sub_id`.
+    pub fn push_update(&mut self, sub_id: u32, publication: &Rc<Publication>) {
+        if self.is_closing() {
+            return;
+        }
+        self.enqueue(OutItem::Push {
+            sub_id,
+            publication: publication.clone(),
+        });
+    }
+
+    /// Closes the session with `code`: a `Disconnect` frame, then the WebSocket close frame.
+    pub fn close(&mut self, code: CloseCode, detail: String) {
+        if self.is_closing() {
+            return;
+        }
+        let frame = pb::ServerFrame {
+            kind: Some(Kind::Disconnect(pb::Disconnect {
+                code: code.code() as u32,
+                reason: detail.clone(),
+                reconnect: code.reconnect(),
+            })),
+        };
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, &frame);
+        self.outbox.push_unbounded(OutItem::Frame(bytes));
+        self.ws.close(code.code(), code.label());
+        self.collect_ws_output();
+        self.phase = Phase::Closing(code);
+        self.close_detail = Some(detail);
+    }
+
+    /// Every subscription as (channel, sub_id, active), for cleanup when the connection ends.
+    pub fn subscriptions(&self) -> impl Iterator<Item = (&Arc<str>, u32, bool)> {
+        self.subs
+            .iter()
+            .map(|(&id, sub)| (&sub.channel, id, sub.active))
+    }
+
+    fn collect_ws_output(&mut self) {
+        if self.ws.has_output() {
+            let bytes = self.ws.take_output();
+            self.outbox.push_unbounded(OutItem::Raw(bytes));
+        }
+    }
+
+    fn handle_message(&mut self, now: Now, data: Bytes) {
+        let frames = match envelope::decode::<ClientMessage>(data, self.limits.max_message_size) {
+            Ok(frames) => frames,
+            Err(err @ EnvelopeError::Zstd { .. }) => {
+                return self.close(CloseCode::MessageTooBig, err.to_string())
+            }
+            Err(err) => return self.close(CloseCode::BadMessage, err.to_string()),
+        };
+        if frames.len() > self.limits.max_frames_per_message {
+            let detail = format!(
+                "{} frames in one message, the limit is {}",
+                frames.len(),
+                self.limits.max_frames_per_message
+            );
+            return self.close(CloseCode::TooManyFrames, detail);
+        }
+        for frame in frames {
+            if self.is_closing() {
+                break;
+            }
+            self.handle_frame(now, frame);
+        }
+    }
+
+    fn handle_frame(&mut self, now: Now, frame: pb::ClientFrame) {
+        let id = frame.id;
+        let Some(command) = frame.command else {
+            return self.error(
+                id,
+                ErrorCode::UnknownCommand,
+                "the frame names no command this server knows".into(),
+            );
+        };
+        if self.phase == Phase::AwaitingConnect && !matches!(command, Command::Connect(_)) {
+            return self.close(
+                CloseCode::BadLifecycle,
+                "the first command must be Connect".into(),
+            );
+        }
+        match command {
+            Command::Connect(connect) => self.handle_connect(id, connect),
+            Command::Subscribe(subscribe) => self.handle_subscribe(id, subscribe),
+            Command::Unsubscribe(unsubscribe) => self.handle_unsubscribe(id, unsubscribe.sub_id),
+            Command::Publish(publish) => self.handle_publish(now, id, publish),
+            Command::Ping(ping) => self.frame(pb::ServerFrame {
+                kind: Some(Kind::Pong(pb::Pong {
+                    timestamp_us: ping.timestamp_us,
+                })),
+            }),
+            Command::Ack(_) => self.error(
+                id,
+                ErrorCode::NotImplemented,
+                "acknowledged delivery is not available yet".into(),
+            ),
+            Command::Refresh(_) => self.error(
+                id,
+                ErrorCode::NotImplemented,
+                "token refresh is not available yet".into(),
+            ),
+            Command::History(_) => self.error(
+                id,
+                ErrorCode::NotImplemented,
+                "history is not available yet".into(),
+            ),
+        }
+    }
+
+    fn handle_connect(&mut self, id: u32, connect: pb::Connect) {
+        if self.phase != Phase::AwaitingConnect {
+            return self.error(id, ErrorCode::BadRequest, "already connected".into());
+        }
+        self.phase = Phase::Connected;
+        self.accepts_zstd = connect.accept_zstd;
+        let limits = &self.limits;
+        let result = pb::ConnectResult {
+            client_id: self.client_id.to_string(),
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            max_message_size: limits.max_message_size as u32,
+            max_frames_per_message: limits.max_frames_per_message as u32,
+            max_subscriptions: limits.max_subscriptions as u32,
+        };
+        self.reply(id, reply::Result::Connect(result));
+    }
+
+    fn handle_subscribe(&mut self, id: u32, subscribe: pb::Subscribe) {
+        if let Err(err) = validate_channel(&subscribe.channel, self.limits.max_channel_length) {
+            return self.error(id, ErrorCode::BadRequest, err.to_string());
+        }
+        if self.by_channel.contains_key(subscribe.channel.as_str()) {
+            return self.error(
+                id,
+                ErrorCode::AlreadySubscribed,
+                format!("already subscribed to {}", subscribe.channel),
+            );
+        }
+        if self.subs.len() >= self.limits.max_subscriptions {
+            let message = format!(
+                "at most {} subscriptions per connection",
+                self.limits.max_subscriptions
+            );
+            return self.error(id, ErrorCode::TooLarge, message);
+        }
+        let sub_id = self.allocate_sub_id();
+        let channel: Arc<str> = Arc::from(subscribe.channel);
+        self.subs.insert(
+            sub_id,
+            Subscription {
+                channel: channel.clone(),
+                active: false,
+            },
+        );
+        self.by_channel.insert(channel.clone(), sub_id);
+        self.events.push_back(SessionEvent::Subscribe {
+            channel,
+            sub_id,
+            req_id: id,
+        });
+    }
+
+    fn handle_unsubscribe(&mut self, id: u32, sub_id: u32) {
+        let Some(sub) = self.subs.remove(&sub_id) else {
+            return self.error(id, ErrorCode::NotFound, format!("no subscription {sub_id}"));
+        };
+        self.by_channel.remove(&sub.channel);
+        self.events.push_back(SessionEvent::Unsubscribe {
+            channel: sub.channel,
+            sub_id,
+            was_active: sub.active,
+        });
+        if id != 0 {
+            self.reply(
+                id,
+                reply::Result::Unsubscribe(pb::UnsubscribeResult { sub_id }),
+            );
+        }
+    }
+
+    fn handle_publish(&mut self, now: Now, id: u32, publish: pb::Publish) {
+        if let Err(err) = validate_channel(&publish.channel, self.limits.max_channel_length) {
+            return self.error(id, ErrorCode::BadRequest, err.to_string());
+        }
+        if publish.payload.len() > self.limits.max_payload_size {
+            let message = format!(
+                "payload of {} bytes, the limit is {}",
+                publish.payload.len(),
+                self.limits.max_payload_size
+            );
+            return self.error(id, ErrorCode::TooLarge, message);
+        }
+        match pb::UpdateType::try_from(publish.r#type) {
+            Ok(pb::UpdateType::Unspecified) | Err(_) => {
+                return self.error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "type must be ROUTE, WEATHER, TRAFFIC, INCIDENT or POI".into(),
+                )
+            }
+            Ok(_) => {}
+        }
+        if !publish.confidence.is_finite() {
+            return self.error(
+                id,
+                ErrorCode::BadRequest,
+                "confidence must be a finite number".into(),
+            );
+        }
+        let update = pb::Update {
+            sub_id: 0,
+            offset: 0,
+            r#type: publish.r#type,
+            key: publish.key,
+            confidence: publish.confidence,
+            timestamp_us: now.unix_us,
+            payload: publish.payload,
+        };
+        self.events.push_back(SessionEvent::Publish {
+            channel: Arc::from(publish.channel),
+            req_id: id,
+            update,
+        });
+    }
+
+    /// The smallest free sub_id from a rolling counter (ids stay small for small varints).
+    fn allocate_sub_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_sub_id;
+            self.next_sub_id = self.next_sub_id.checked_add(1).unwrap_or(1);
+            if !self.subs.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn reply(&mut self, id: u32, result: reply::Result) {
+        self.frame(pb::ServerFrame {
+            kind: Some(Kind::Reply(pb::Reply {
+                id,
+                result: Some(result),
+            })),
+        });
+    }
+
+    /// Errors are always sent, also for `id` 0: a fire-and-forget command must not fail silently.
+    fn error(&mut self, id: u32, code: ErrorCode, message: String) {
+        let error = pb::Error {
+            code: code.code(),
+            message,
+            retry_after_ms: 0,
+        };
+        self.reply(id, reply::Result::Error(error));
+    }
+
+    fn frame(&mut self, frame: pb::ServerFrame) {
+        if self.is_closing() {
+            return;
+        }
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, &frame);
+        self.enqueue(OutItem::Frame(bytes));
+    }
+
+    /// Queues `item`; a connection whose outbox is full is closed as a slow consumer (what it
+    /// had queued is dropped: it could not take it anyway).
+    fn enqueue(&mut self, item: OutItem) {
+        if self.outbox.push(item).is_err() {
+            self.outbox.clear();
+            let detail = format!(
+                "more than {} bytes waiting to be sent",
+                self.limits.max_outbox_bytes
+            );
+            self.close(CloseCode::SlowConsumer, detail);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

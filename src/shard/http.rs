@@ -1,0 +1,49 @@
+//! Answers of the plain-HTTP routes served on the WebSocket port.
+
+use std::sync::atomic::Ordering;
+
+use super::Cluster;
+
+/// `GET /health`: status, version, driver per shard, shard count, connections, uptime.
+pub(super) fn health_json(cluster: &Cluster) -> String {
+    let shards: Vec<serde_json::Value> = cluster
+        .stats
+        .iter()
+        .enumerate()
+        .map(|(id, stats)| {
+            serde_json::json!({
+                "id": id,
+                "driver": stats.driver_name(),
+                "connections": stats.connections.load(Ordering::Relaxed),
+                "inbox_depth": cluster.inboxes[id].len(),
+            })
+        })
+        .collect();
+    let connections: u64 = cluster
+        .stats
+        .iter()
+        .map(|s| s.connections.load(Ordering::Relaxed))
+        .sum();
+    let mut drivers: Vec<&str> = cluster.stats.iter().map(|s| s.driver_name()).collect();
+    drivers.dedup();
+    let driver = if drivers.len() == 1 {
+        drivers[0]
+    } else {
+        "mixed"
+    };
+    let status = if cluster.draining.load(Ordering::Relaxed) {
+        "draining"
+    } else {
+        "ok"
+    };
+    serde_json::json!({
+        "status": status,
+        "version": env!("CARGO_PKG_VERSION"),
+        "driver": driver,
+        "shards": cluster.stats.len(),
+        "connections": connections,
+        "uptime_seconds": cluster.started_at.elapsed().as_secs(),
+        "per_shard": shards,
+    })
+    .to_string()
+}

@@ -1,0 +1,336 @@
+//! Thread-per-core shards: each a single-threaded compio runtime (io_uring, or epoll where
+//! io_uring cannot be set up) with its own `SO_REUSEPORT` listener, its connections, and an
+//! inbox through which the other shards reach it. The only module that knows about compio.
+
+mod conn;
+mod http;
+mod inbox;
+mod state;
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use compio::driver::{DriverType, ProactorBuilder};
+use compio::net::TcpListener;
+use futures_util::future::{select, Either};
+use socket2::{Domain, Protocol, Socket, Type};
+
+pub use inbox::Inbox;
+
+use crate::broker::Publication;
+use crate::config::{Config, Driver};
+use crate::protocol::pb;
+use crate::protocol::CloseCode;
+use crate::router::ConnId;
+use state::ShardState;
+
+/// How often a shard forgets idle channels, and how long a channel must be idle.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+const CHANNEL_IDLE_TTL: Duration = Duration::from_secs(300);
+/// How long a shutting-down shard gives connections to take their `Disconnect`.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+/// What shards say to each other.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// To a channel's owner: one more subscriber on shard `from`; answer with `Subscribed`.
+    Subscribe {
+        channel: Arc<str>,
+        from: usize,
+        conn: ConnId,
+        sub_id: u32,
+        req_id: u32,
+    },
+    /// To a channel's owner: one subscriber fewer on shard `from`.
+    Unsubscribe { channel: Arc<str>, from: usize },
+    /// To a channel's owner: publish; answer with `Published`.
+    Publish {
+        channel: Arc<str>,
+        from: usize,
+        conn: ConnId,
+        req_id: u32,
+        update: Box<pb::Update>,
+    },
+    /// From a channel's owner: where the channel stood when the subscriber was counted.
+    Subscribed {
+        conn: ConnId,
+        channel: Arc<str>,
+        sub_id: u32,
+        req_id: u32,
+        epoch: Arc<str>,
+        offset: u64,
+    },
+    /// From a channel's owner: the offset a publication got.
+    Published {
+        conn: ConnId,
+        req_id: u32,
+        epoch: Arc<str>,
+        offset: u64,
+    },
+    /// From a channel's owner: a publication for this shard's subscribers.
+    Deliver(Arc<Publication>),
+    /// Close every connection and stop.
+    Shutdown,
+}
+
+/// Figures one shard keeps and anyone may read (relaxed atomics, written only by the shard).
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub connections: AtomicU64,
+    pub accepted: AtomicU64,
+    pub published: AtomicU64,
+    pub delivered: AtomicU64,
+    pub channels: AtomicU64,
+    pub inbox_dropped: AtomicU64,
+    pub bad_requests: AtomicU64,
+    /// 0 = not started, 1 = io_uring, 2 = epoll.
+    pub driver: AtomicU8,
+}
+
+impl ShardStats {
+    pub fn driver_name(&self) -> &'static str {
+        match self.driver.load(Ordering::Relaxed) {
+            1 => "io_uring",
+            2 => "epoll",
+            _ => "starting",
+        }
+    }
+}
+
+/// What all shards share: the config, every inbox, every shard's figures.
+pub struct Cluster {
+    pub config: Arc<Config>,
+    pub inboxes: Vec<Inbox<ShardMsg>>,
+    pub stats: Vec<ShardStats>,
+    pub started_at: Instant,
+    pub draining: AtomicBool,
+    pub local_addr: SocketAddr,
+}
+
+/// A running server: its shards and the address they listen on.
+pub struct Server {
+    pub cluster: Arc<Cluster>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds one listener per shard and starts the shards.
+    pub fn start(config: Config) -> io::Result<Server> {
+        let shards = config.shard_count();
+        let listeners = bind_listeners(config.listen, shards)?;
+        let local_addr = listeners[0].local_addr()?;
+        let cluster = Arc::new(Cluster {
+            inboxes: (0..shards)
+                .map(|_| Inbox::new(config.delivery.inbox_capacity))
+                .collect(),
+            stats: (0..shards).map(|_| ShardStats::default()).collect(),
+            config: Arc::new(config),
+            started_at: Instant::now(),
+            draining: AtomicBool::new(false),
+            local_addr,
+        });
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let mut threads = Vec::with_capacity(shards);
+        for (id, listener) in listeners.into_iter().enumerate() {
+            let cluster = cluster.clone();
+            let core = cluster.config.pin_shards.then_some(id % cores);
+            let thread = std::thread::Builder::new()
+                .name(format!("shard-{id}"))
+                .spawn(move || run_shard(id, cluster, listener, core))?;
+            threads.push(thread);
+        }
+        Ok(Server { cluster, threads })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.cluster.local_addr
+    }
+
+    /// Asks every shard to close its connections and stop, then waits for them.
+    pub fn shutdown(self) {
+        self.cluster.draining.store(true, Ordering::SeqCst);
+        for inbox in &self.cluster.inboxes {
+            let mut msg = ShardMsg::Shutdown;
+            while let Err(back) = inbox.push(msg) {
+                msg = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        self.join();
+    }
+
+    /// Waits until every shard has stopped.
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One listener per shard on the same address (`SO_REUSEPORT`), so the kernel spreads
+/// connections. Port 0 is resolved by the first bind and reused by the rest.
+fn bind_listeners(addr: SocketAddr, shards: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut listeners = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+fn build_runtime(driver: Driver, core: Option<usize>) -> io::Result<compio::runtime::Runtime> {
+    let mut proactor = ProactorBuilder::new();
+    match driver {
+        Driver::Auto => {}
+        Driver::IoUring => {
+            proactor.driver_type(DriverType::IoUring);
+        }
+        Driver::Epoll => {
+            proactor.driver_type(DriverType::Poll);
+        }
+    }
+    let mut builder = compio::runtime::RuntimeBuilder::new();
+    builder.with_proactor(proactor);
+    if let Some(core) = core {
+        builder.thread_affinity(HashSet::from([core]));
+    }
+    builder.build()
+}
+
+fn run_shard(
+    id: usize,
+    cluster: Arc<Cluster>,
+    listener: std::net::TcpListener,
+    core: Option<usize>,
+) {
+    let runtime = match build_runtime(cluster.config.driver, core) {
+        Ok(runtime) => runtime,
+        Err(err) if cluster.config.driver == Driver::Auto => {
+            tracing::warn!(shard = id, error = %err, "io_uring runtime failed; falling back to epoll");
+            match build_runtime(Driver::Epoll, core) {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    return tracing::error!(shard = id, error = %err, "cannot start the shard's runtime")
+                }
+            }
+        }
+        Err(err) => {
+            return tracing::error!(shard = id, error = %err, "cannot start the shard's runtime")
+        }
+    };
+    let driver = if runtime.driver_type().is_iouring() {
+        1
+    } else {
+        2
+    };
+    cluster.stats[id].driver.store(driver, Ordering::Relaxed);
+    tracing::info!(shard = id, driver = cluster.stats[id].driver_name(), core = ?core, "shard started");
+    runtime.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(err) => {
+                return tracing::error!(shard = id, error = %err, "cannot register the listener")
+            }
+        };
+        let state = Rc::new(RefCell::new(ShardState::new(id, cluster)));
+        compio::runtime::spawn(sweep_loop(state.clone())).detach();
+        let accepting = Box::pin(accept_loop(listener, state.clone()));
+        let inbox = Box::pin(inbox_loop(state.clone()));
+        if let Either::Left(_) = select(accepting, inbox).await {
+            return;
+        }
+        close_all(&state).await;
+    });
+    tracing::info!(shard = id, "shard stopped");
+}
+
+async fn accept_loop(listener: TcpListener, state: Rc<RefCell<ShardState>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                compio::runtime::spawn(conn::serve(state.clone(), stream, peer)).detach();
+            }
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning; the backlog waits.
+                tracing::warn!(shard = state.borrow().id, error = %err, "accept failed");
+                compio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Drains the inbox in batches; returns when told to shut down.
+async fn inbox_loop(state: Rc<RefCell<ShardState>>) {
+    let cluster = state.borrow().cluster.clone();
+    let id = state.borrow().id;
+    let inbox = &cluster.inboxes[id];
+    loop {
+        inbox.ready().await;
+        let mut shard = state.borrow_mut();
+        while let Some(msg) = inbox.pop() {
+            if let ShardMsg::Shutdown = msg {
+                return;
+            }
+            shard.handle_msg(msg);
+        }
+        if shard.has_backlog() && !shard.backlog_flusher_running {
+            shard.backlog_flusher_running = true;
+            compio::runtime::spawn(backlog_flusher(state.clone())).detach();
+        }
+    }
+}
+
+/// Retries messages for full inboxes until none wait.
+async fn backlog_flusher(state: Rc<RefCell<ShardState>>) {
+    loop {
+        compio::time::sleep(Duration::from_micros(500)).await;
+        let mut shard = state.borrow_mut();
+        if !shard.flush_backlog() {
+            shard.backlog_flusher_running = false;
+            return;
+        }
+    }
+}
+
+async fn sweep_loop(state: Rc<RefCell<ShardState>>) {
+    let mut interval = compio::time::interval(SWEEP_INTERVAL);
+    loop {
+        interval.tick().await;
+        state.borrow_mut().sweep(CHANNEL_IDLE_TTL);
+    }
+}
+
+/// Tells every connection to go elsewhere and gives them a moment to take it.
+async fn close_all(state: &Rc<RefCell<ShardState>>) {
+    {
+        let mut shard = state.borrow_mut();
+        for id in shard.conn_ids() {
+            if let Some(conn) = shard.conn(id) {
+                conn.session
+                    .close(CloseCode::Shutdown, "server shutting down".into());
+            }
+            shard.drive(id);
+        }
+    }
+    let deadline = Instant::now() + SHUTDOWN_FLUSH;
+    while state.borrow().connection_count() > 0 && Instant::now() < deadline {
+        compio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,396 @@
+//! Everything one shard owns, touched only by its own thread: the connections and their
+//! sessions, the router of local subscribers, the channels it owns, and messages waiting for
+//! a full inbox of another shard.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use slab::Slab;
+
+use super::{Cluster, ShardMsg};
+use crate::broker::memory::ChannelTable;
+use crate::broker::{owner_shard, Publication};
+use crate::protocol::pb;
+use crate::protocol::push::encode_update_body;
+use crate::router::{ConnId, Router, Subscriber};
+use crate::session::{Now, Session, SessionEvent, SessionLimits};
+
+/// Most messages kept for one full inbox before deliveries to it are dropped (and counted).
+const MAX_BACKLOG: usize = 1 << 18;
+
+pub(crate) struct Conn {
+    generation: u32,
+    pub session: Session,
+    /// The connection's writer task, parked until there is something to send.
+    pub writer: Option<Waker>,
+    /// The reader task has ended (peer closed, error, or the session is closing).
+    pub reader_done: bool,
+}
+
+pub(crate) struct ShardState {
+    pub id: usize,
+    pub cluster: Arc<Cluster>,
+    pub limits: Rc<SessionLimits>,
+    conns: Slab<Conn>,
+    next_generation: u32,
+    router: Router,
+    channels: ChannelTable,
+    /// Per destination shard: messages its full inbox could not take yet, in order.
+    backlog: Vec<VecDeque<ShardMsg>>,
+    pub backlog_flusher_running: bool,
+    targets: Vec<usize>,
+}
+
+impl ShardState {
+    pub fn new(id: usize, cluster: Arc<Cluster>) -> Self {
+        let shards = cluster.inboxes.len();
+        Self {
+            id,
+            limits: Rc::new(SessionLimits::from_config(&cluster.config)),
+            cluster,
+            conns: Slab::new(),
+            next_generation: 0,
+            router: Router::default(),
+            channels: ChannelTable::new(shards),
+            backlog: (0..shards).map(|_| VecDeque::new()).collect(),
+            backlog_flusher_running: false,
+            targets: Vec::new(),
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Registers an upgraded connection and returns its id.
+    pub fn add_conn(&mut self) -> ConnId {
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let generation = self.next_generation;
+        let entry = self.conns.vacant_entry();
+        let index = entry.key() as u32;
+        let client_id: Arc<str> = Arc::from(format!("{}-{}-{}", self.id, index, generation));
+        let session = Session::new(client_id, self.limits.clone());
+        entry.insert(Conn {
+            generation,
+            session,
+            writer: None,
+            reader_done: false,
+        });
+        self.stats().connections.fetch_add(1, Ordering::Relaxed);
+        self.stats().accepted.fetch_add(1, Ordering::Relaxed);
+        ConnId { index, generation }
+    }
+
+    pub fn conn(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(id.index as usize)
+            .filter(|c| c.generation == id.generation)
+    }
+
+    /// Bytes arrived on `id`: let the session handle them, then act on what it asks.
+    pub fn on_bytes(&mut self, id: ConnId, bytes: &[u8]) {
+        let Some(conn) = self.conn(id) else { return };
+        conn.session.handle_bytes(now(), bytes);
+        self.drive(id);
+    }
+
+    /// Takes the session's events and wakes its writer when it has something to send.
+    pub fn drive(&mut self, id: ConnId) {
+        while let Some(event) = self.conn(id).and_then(|c| c.session.poll_event()) {
+            self.handle_event(id, event);
+        }
+        if let Some(conn) = self.conn(id) {
+            if conn.session.wants_write() || conn.session.is_closing() {
+                if let Some(waker) = conn.writer.take() {
+                    waker.wake();
+                }
+            }
+        }
+    }
+
+    fn handle_event(&mut self, id: ConnId, event: SessionEvent) {
+        let shards = self.backlog.len();
+        match event {
+            SessionEvent::Subscribe {
+                channel,
+                sub_id,
+                req_id,
+            } => {
+                let owner = owner_shard(&channel, shards);
+                let msg = ShardMsg::Subscribe {
+                    channel,
+                    from: self.id,
+                    conn: id,
+                    sub_id,
+                    req_id,
+                };
+                self.route(owner, msg);
+            }
+            SessionEvent::Unsubscribe {
+                channel,
+                sub_id,
+                was_active,
+            } => {
+                // A pending subscription is taken back when its answer finds it gone.
+                if was_active {
+                    self.router
+                        .remove(&channel, Subscriber { conn: id, sub_id });
+                    let owner = owner_shard(&channel, shards);
+                    self.route(
+                        owner,
+                        ShardMsg::Unsubscribe {
+                            channel,
+                            from: self.id,
+                        },
+                    );
+                }
+            }
+            SessionEvent::Publish {
+                channel,
+                req_id,
+                update,
+            } => {
+                let owner = owner_shard(&channel, shards);
+                let msg = ShardMsg::Publish {
+                    channel,
+                    from: self.id,
+                    conn: id,
+                    req_id,
+                    update: Box::new(update),
+                };
+                self.route(owner, msg);
+            }
+        }
+    }
+
+    /// Handles `msg` here when this shard is `to`, else sends it there.
+    pub fn route(&mut self, to: usize, msg: ShardMsg) {
+        if to == self.id {
+            self.handle_msg(msg);
+        } else {
+            self.send(to, msg);
+        }
+    }
+
+    /// Acts on one message from another shard (or from this one).
+    pub fn handle_msg(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Subscribe {
+                channel,
+                from,
+                conn,
+                sub_id,
+                req_id,
+            } => {
+                let position = self.channels.subscribe(&channel, from, Instant::now());
+                let answer = ShardMsg::Subscribed {
+                    conn,
+                    channel,
+                    sub_id,
+                    req_id,
+                    epoch: position.epoch,
+                    offset: position.offset,
+                };
+                self.route(from, answer);
+            }
+            ShardMsg::Unsubscribe { channel, from } => {
+                self.channels.unsubscribe(&channel, from, Instant::now())
+            }
+            ShardMsg::Subscribed {
+                conn,
+                channel,
+                sub_id,
+                req_id,
+                epoch,
+                offset,
+            } => {
+                let accepted = self
+                    .conn(conn)
+                    .is_some_and(|c| c.session.on_subscribed(sub_id, req_id, &epoch, offset));
+                if accepted {
+                    self.router.add(channel, Subscriber { conn, sub_id });
+                    self.drive(conn);
+                } else {
+                    let owner = owner_shard(&channel, self.backlog.len());
+                    self.route(
+                        owner,
+                        ShardMsg::Unsubscribe {
+                            channel,
+                            from: self.id,
+                        },
+                    );
+                }
+            }
+            ShardMsg::Publish {
+                channel,
+                from,
+                conn,
+                req_id,
+                update,
+            } => self.publish(channel, from, conn, req_id, *update),
+            ShardMsg::Published {
+                conn,
+                req_id,
+                epoch,
+                offset,
+            } => {
+                if let Some(c) = self.conn(conn) {
+                    c.session.on_published(req_id, Ok((epoch, offset)));
+                    self.drive(conn);
+                }
+            }
+            ShardMsg::Deliver(publication) => self.deliver(&publication),
+            ShardMsg::Shutdown => {}
+        }
+    }
+
+    /// As the channel's owner: assign the offset, fan out, answer the publisher.
+    fn publish(
+        &mut self,
+        channel: Arc<str>,
+        from: usize,
+        conn: ConnId,
+        req_id: u32,
+        mut update: pb::Update,
+    ) {
+        let accepted_at = Instant::now();
+        let mut targets = std::mem::take(&mut self.targets);
+        let position = self.channels.publish(&channel, accepted_at, &mut targets);
+        update.offset = position.offset;
+        let body = encode_update_body(&update);
+        let publication = Arc::new(Publication::new(
+            channel,
+            position.offset,
+            update.r#type,
+            body,
+            accepted_at,
+        ));
+        for &shard in &targets {
+            self.route(shard, ShardMsg::Deliver(publication.clone()));
+        }
+        self.targets = targets;
+        self.stats().published.fetch_add(1, Ordering::Relaxed);
+        self.route(
+            from,
+            ShardMsg::Published {
+                conn,
+                req_id,
+                epoch: position.epoch,
+                offset: position.offset,
+            },
+        );
+    }
+
+    /// Hands a publication to every local subscriber of its channel, sharing its bytes.
+    fn deliver(&mut self, publication: &Arc<Publication>) {
+        let local = Rc::new(Publication::clone(publication));
+        let mut delivered = 0u64;
+        for subscriber in self.router.subscribers(&publication.channel) {
+            let Some(conn) = self.conns.get_mut(subscriber.conn.index as usize) else {
+                continue;
+            };
+            if conn.generation != subscriber.conn.generation {
+                continue;
+            }
+            conn.session.push_update(subscriber.sub_id, &local);
+            delivered += 1;
+            if let Some(waker) = conn.writer.take() {
+                waker.wake();
+            }
+        }
+        self.stats()
+            .delivered
+            .fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    /// Forgets a finished connection and takes back its subscriptions.
+    pub fn remove_conn(&mut self, id: ConnId) {
+        if self.conn(id).is_none() {
+            return;
+        }
+        let conn = self.conns.remove(id.index as usize);
+        let shards = self.backlog.len();
+        for (channel, sub_id, active) in conn.session.subscriptions() {
+            if active {
+                self.router.remove(channel, Subscriber { conn: id, sub_id });
+                let owner = owner_shard(channel, shards);
+                self.route(
+                    owner,
+                    ShardMsg::Unsubscribe {
+                        channel: channel.clone(),
+                        from: self.id,
+                    },
+                );
+            }
+        }
+        self.stats().connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Ids of every connection, for shutdown.
+    pub fn conn_ids(&self) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .map(|(index, c)| ConnId {
+                index: index as u32,
+                generation: c.generation,
+            })
+            .collect()
+    }
+
+    /// Forgets idle owned channels.
+    pub fn sweep(&mut self, idle_ttl: std::time::Duration) {
+        self.channels.sweep(Instant::now(), idle_ttl);
+        self.stats()
+            .channels
+            .store(self.channels.len() as u64, Ordering::Relaxed);
+    }
+
+    fn send(&mut self, to: usize, msg: ShardMsg) {
+        if self.backlog[to].is_empty() {
+            match self.cluster.inboxes[to].push(msg) {
+                Ok(()) => return,
+                Err(msg) => self.backlog[to].push_back(msg),
+            }
+        } else if self.backlog[to].len() >= MAX_BACKLOG && matches!(msg, ShardMsg::Deliver(_)) {
+            self.stats().inbox_dropped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.backlog[to].push_back(msg);
+        }
+    }
+
+    /// Moves waiting messages into inboxes that have room again; returns whether any wait still.
+    pub fn flush_backlog(&mut self) -> bool {
+        let mut waiting = false;
+        for (to, queue) in self.backlog.iter_mut().enumerate() {
+            while let Some(msg) = queue.pop_front() {
+                if let Err(msg) = self.cluster.inboxes[to].push(msg) {
+                    queue.push_front(msg);
+                    break;
+                }
+            }
+            waiting |= !queue.is_empty();
+        }
+        waiting
+    }
+
+    pub fn has_backlog(&self) -> bool {
+        self.backlog.iter().any(|q| !q.is_empty())
+    }
+
+    fn stats(&self) -> &super::ShardStats {
+        &self.cluster.stats[self.id]
+    }
+}
+
+/// The wall clock for sessions.
+fn now() -> Now {
+    let unix_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    Now { unix_us }
+}
