@@ -1,1 +1,367 @@
+//! A client for routopia-realtime (and, in raw mode, for any WebSocket server), on compio.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), routopia_realtime::client::ClientError> {
+//! use routopia_realtime::client::{Client, ConnectOptions};
+//! use routopia_realtime::protocol::pb::UpdateType;
+//! let addr = "127.0.0.1:3000".parse().unwrap();
+//! let (mut client, _info) = Client::connect(addr, ConnectOptions::default()).await?;
+//! let sub = client.subscribe("route:42").await?;
+//! client.publish("route:42", UpdateType::Route, "leg-1", b"{\"eta\":300}".to_vec()).await?;
+//! let update = client.next_update().await?;
+//! assert_eq!(update.sub_id, sub.sub_id);
+//! # Ok(()) }
+//! ```
+//!
+//! [`Client::split`] gives a [`Sender`] and a [`Receiver`] that can live in separate tasks.
 
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use compio::buf::BufResult;
+use compio::io::{AsyncRead, AsyncWriteExt};
+use compio::net::TcpStream;
+
+use crate::protocol::envelope::{self, EnvelopeError};
+use crate::protocol::pb::{
+    self, client_frame::Command, reply, server_frame::Kind, ClientFrame, ServerFrame,
+};
+use crate::protocol::ws::{WsEndpoint, WsEvent};
+
+/// Largest message the client accepts from a server.
+const MAX_INCOMING: usize = 64 * 1024 * 1024;
+const READ_BUFFER: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("handshake refused: {0}")]
+    Handshake(String),
+    #[error("websocket: {0}")]
+    WebSocket(#[from] tungstenite::Error),
+    #[error("undecodable message from the server: {0}")]
+    Decode(#[from] EnvelopeError),
+    #[error("server error {}: {}", .0.code, .0.message)]
+    Server(pb::Error),
+    #[error("disconnected by the server: {} {}", .0.code, .0.reason)]
+    Disconnected(pb::Disconnect),
+    #[error("connection closed (close code {0:?})")]
+    Closed(Option<u16>),
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+/// What `Connect` says about this client.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    pub token: String,
+    pub name: String,
+    pub accept_zstd: bool,
+}
+
+/// A connection to the server. Requests wait for their reply; frames that arrive meanwhile
+/// are kept, in order, for [`Client::next_frame`].
+pub struct Client {
+    sender: Sender,
+    receiver: Receiver,
+}
+
+/// The sending half of a connection.
+pub struct Sender {
+    stream: TcpStream,
+    ws: WsEndpoint,
+    next_id: u32,
+}
+
+/// The receiving half of a connection.
+pub struct Receiver {
+    stream: TcpStream,
+    ws: WsEndpoint,
+    buffer: Vec<u8>,
+    frames: VecDeque<ServerFrame>,
+}
+
+impl Client {
+    /// Opens a WebSocket to `path` without speaking the protocol (raw mode, for any server).
+    pub async fn connect_raw(addr: SocketAddr, path: &str) -> Result<Client, ClientError> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let leftover = handshake(&mut stream, addr, path).await?;
+        let mut receiver_ws = WsEndpoint::client(MAX_INCOMING);
+        receiver_ws.feed(&leftover);
+        let (read_half, write_half) = stream.into_split();
+        Ok(Client {
+            sender: Sender {
+                stream: write_half,
+                ws: WsEndpoint::client(MAX_INCOMING),
+                next_id: 1,
+            },
+            receiver: Receiver {
+                stream: read_half,
+                ws: receiver_ws,
+                buffer: Vec::with_capacity(READ_BUFFER),
+                frames: VecDeque::new(),
+            },
+        })
+    }
+
+    /// Opens a WebSocket to `/ws` and sends `Connect`.
+    pub async fn connect(
+        addr: SocketAddr,
+        options: ConnectOptions,
+    ) -> Result<(Client, pb::ConnectResult), ClientError> {
+        let mut client = Client::connect_raw(addr, "/ws").await?;
+        let connect = pb::Connect {
+            token: options.token,
+            name: options.name,
+            version: env!("CARGO_PKG_VERSION").into(),
+            accept_zstd: options.accept_zstd,
+        };
+        match client.request(Command::Connect(connect)).await? {
+            reply::Result::Connect(result) => Ok((client, result)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Splits into halves that can be used from separate tasks.
+    pub fn split(self) -> (Sender, Receiver) {
+        (self.sender, self.receiver)
+    }
+
+    /// Sends `command` and waits for its reply; an `Error` reply is `ClientError::Server`.
+    pub async fn request(&mut self, command: Command) -> Result<reply::Result, ClientError> {
+        let id = self.sender.send_command(command).await?;
+        self.receiver.reply(id).await
+    }
+
+    pub async fn subscribe(&mut self, channel: &str) -> Result<pb::SubscribeResult, ClientError> {
+        let command = Command::Subscribe(pb::Subscribe {
+            channel: channel.into(),
+            ..Default::default()
+        });
+        match self.request(command).await? {
+            reply::Result::Subscribe(result) => Ok(result),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn unsubscribe(&mut self, sub_id: u32) -> Result<(), ClientError> {
+        match self
+            .request(Command::Unsubscribe(pb::Unsubscribe { sub_id }))
+            .await?
+        {
+            reply::Result::Unsubscribe(_) => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Publishes and returns the offset the update got.
+    pub async fn publish(
+        &mut self,
+        channel: &str,
+        update_type: pb::UpdateType,
+        key: &str,
+        payload: Vec<u8>,
+    ) -> Result<pb::PublishResult, ClientError> {
+        let publish = pb::Publish {
+            channel: channel.into(),
+            r#type: update_type as i32,
+            key: key.into(),
+            confidence: 1.0,
+            payload: payload.into(),
+        };
+        match self.request(Command::Publish(publish)).await? {
+            reply::Result::Publish(result) => Ok(result),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The next update, skipping other frames; a `Disconnect` ends it with an error.
+    pub async fn next_update(&mut self) -> Result<pb::Update, ClientError> {
+        self.receiver.next_update().await
+    }
+
+    /// The next frame of any kind.
+    pub async fn next_frame(&mut self) -> Result<ServerFrame, ClientError> {
+        self.receiver.next_frame().await
+    }
+
+    /// Sends frames as one message.
+    pub async fn send_frames(&mut self, frames: Vec<ClientFrame>) -> Result<(), ClientError> {
+        self.sender.send_frames(frames).await
+    }
+
+    /// Sends any bytes as one binary WebSocket message.
+    pub async fn send_binary(&mut self, data: Bytes) -> Result<(), ClientError> {
+        self.sender.send_binary(data).await
+    }
+
+    /// Sends bytes exactly as given, bypassing WebSocket framing (for testing bad input).
+    pub async fn send_wire(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        self.sender.send_wire(bytes).await
+    }
+
+    /// The next binary message, undecoded.
+    pub async fn next_message(&mut self) -> Result<Bytes, ClientError> {
+        self.receiver.next_message().await
+    }
+}
+
+impl Sender {
+    /// Sends one command with a fresh request id and returns the id.
+    pub async fn send_command(&mut self, command: Command) -> Result<u32, ClientError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+        self.send_frames(vec![ClientFrame {
+            id,
+            command: Some(command),
+        }])
+        .await?;
+        Ok(id)
+    }
+
+    pub async fn send_frames(&mut self, frames: Vec<ClientFrame>) -> Result<(), ClientError> {
+        let bytes = envelope::encode::<pb::ClientMessage>(frames, None);
+        self.send_binary(bytes.into()).await
+    }
+
+    pub async fn send_binary(&mut self, data: Bytes) -> Result<(), ClientError> {
+        self.ws.send_binary(data)?;
+        let wire = self.ws.take_output();
+        self.send_wire(wire).await
+    }
+
+    pub async fn send_wire(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        let BufResult(result, _) = self.stream.write_all(bytes).await;
+        Ok(result?)
+    }
+}
+
+impl Receiver {
+    /// The next binary message, undecoded.
+    pub async fn next_message(&mut self) -> Result<Bytes, ClientError> {
+        loop {
+            match self.ws.next_event()? {
+                Some(WsEvent::Binary(data)) => return Ok(data),
+                Some(WsEvent::Text) => continue,
+                Some(WsEvent::Closed(code)) => return Err(ClientError::Closed(code)),
+                None => {}
+            }
+            let buffer = std::mem::take(&mut self.buffer);
+            let BufResult(result, buffer) = self.stream.read(buffer).await;
+            self.buffer = buffer;
+            match result? {
+                0 => return Err(ClientError::Closed(None)),
+                n => self.ws.feed(&self.buffer[..n]),
+            }
+        }
+    }
+
+    /// The next frame of any kind (plain or zstd envelopes alike).
+    pub async fn next_frame(&mut self) -> Result<ServerFrame, ClientError> {
+        loop {
+            if let Some(frame) = self.frames.pop_front() {
+                return Ok(frame);
+            }
+            let message = self.next_message().await?;
+            self.frames.extend(envelope::decode::<pb::ServerMessage>(
+                message,
+                MAX_INCOMING,
+            )?);
+        }
+    }
+
+    /// The next update, skipping pongs and replies; a `Disconnect` ends it with an error.
+    pub async fn next_update(&mut self) -> Result<pb::Update, ClientError> {
+        loop {
+            match self.next_frame().await?.kind {
+                Some(Kind::Update(update)) => return Ok(update),
+                Some(Kind::Disconnect(disconnect)) => {
+                    return Err(ClientError::Disconnected(disconnect))
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Waits for the reply to request `id`, keeping other frames for later.
+    pub async fn reply(&mut self, id: u32) -> Result<reply::Result, ClientError> {
+        let mut kept = Vec::new();
+        let outcome = loop {
+            let frame = match self.next_frame().await {
+                Ok(frame) => frame,
+                Err(err) => break Err(err),
+            };
+            match frame.kind {
+                Some(Kind::Reply(pb::Reply {
+                    id: reply_id,
+                    result,
+                })) if reply_id == id => {
+                    break match result {
+                        Some(reply::Result::Error(error)) => Err(ClientError::Server(error)),
+                        Some(result) => Ok(result),
+                        None => Err(ClientError::Unexpected("empty reply".into())),
+                    }
+                }
+                Some(Kind::Disconnect(disconnect)) => {
+                    break Err(ClientError::Disconnected(disconnect))
+                }
+                _ => kept.push(frame),
+            }
+        };
+        for frame in kept.into_iter().rev() {
+            self.frames.push_front(frame);
+        }
+        outcome
+    }
+}
+
+/// Performs the HTTP upgrade; returns bytes that arrived after the response head.
+async fn handshake(
+    stream: &mut TcpStream,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<Vec<u8>, ClientError> {
+    let key = tungstenite::handshake::client::generate_key();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+    );
+    let BufResult(result, _) = stream.write_all(request.into_bytes()).await;
+    result?;
+    let mut received = Vec::new();
+    let mut chunk = Vec::with_capacity(4096);
+    loop {
+        let BufResult(result, returned) = stream.read(chunk).await;
+        chunk = returned;
+        match result? {
+            0 => {
+                return Err(ClientError::Handshake(
+                    "connection closed during the handshake".into(),
+                ))
+            }
+            n => received.extend_from_slice(&chunk[..n]),
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        let used = match response.parse(&received) {
+            Ok(httparse::Status::Complete(used)) => used,
+            Ok(httparse::Status::Partial) if received.len() < 16 * 1024 => continue,
+            _ => return Err(ClientError::Handshake("malformed response".into())),
+        };
+        if response.code != Some(101) {
+            let status = response.code.unwrap_or(0);
+            let body = String::from_utf8_lossy(&received[used..]).trim().to_owned();
+            return Err(ClientError::Handshake(format!("HTTP {status}: {body}")));
+        }
+        let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let accepted = response.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == expected.as_bytes()
+        });
+        if !accepted {
+            return Err(ClientError::Handshake("wrong Sec-WebSocket-Accept".into()));
+        }
+        return Ok(received[used..].to_vec());
+    }
+}

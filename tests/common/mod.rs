@@ -1,0 +1,125 @@
+//! Starts the real `routopia-realtime` binary on port 0 and talks to it over real sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use routopia_realtime::client::{Client, ConnectOptions};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_routopia-realtime");
+
+/// A running server process, stopped when dropped.
+pub struct TestServer {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl TestServer {
+    /// Starts the binary with `shards` shards and extra `ROUTOPIA_*` environment.
+    pub fn start(shards: usize, env: &[(&str, &str)]) -> TestServer {
+        let mut command = Command::new(BIN);
+        command
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--shards",
+                &shards.to_string(),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start routopia-realtime");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .parse()
+            .expect("address in the listening line");
+        TestServer { child, addr }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id() as i32;
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.child.wait().expect("wait for the server")
+    }
+
+    /// A connected protocol client.
+    pub async fn client(&self) -> Client {
+        let (client, _) = Client::connect(self.addr, ConnectOptions::default())
+            .await
+            .expect("connect");
+        client
+    }
+
+    /// `GET path` over a plain socket; returns (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_request(
+            self.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"),
+        )
+    }
+
+    /// `/health` as JSON.
+    pub fn health(&self) -> serde_json::Value {
+        let (status, body) = self.http_get("/health");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("health is JSON")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `request` as written and reads the response until the server closes.
+pub fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(request.as_bytes()).expect("write request");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A payload that names its publication, so receivers can check what they got.
+pub fn payload(n: u64) -> Vec<u8> {
+    format!("update-{n}").into_bytes()
+}
+
+/// Awaits `future`, failing the test if it hangs (a bound against deadlock, not a speed check).
+pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
+    match compio::time::timeout(Duration::from_secs(60), future).await {
+        Ok(output) => output,
+        Err(_) => panic!("{what} did not finish within 60 s"),
+    }
+}
