@@ -24,9 +24,7 @@ use compio::io::{AsyncRead, AsyncWriteExt};
 use compio::net::TcpStream;
 
 use crate::protocol::envelope::{self, EnvelopeError};
-use crate::protocol::pb::{
-    self, client_frame::Command, reply, server_frame::Kind, ClientFrame, ServerFrame,
-};
+use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientFrame, ServerFrame};
 use crate::protocol::ws::{WsEndpoint, WsEvent};
 
 /// Largest message the client accepts from a server.
@@ -93,11 +91,7 @@ impl Client {
         receiver_ws.feed(&leftover);
         let (read_half, write_half) = stream.into_split();
         Ok(Client {
-            sender: Sender {
-                stream: write_half,
-                ws: WsEndpoint::client(MAX_INCOMING),
-                next_id: 1,
-            },
+            sender: Sender { stream: write_half, ws: WsEndpoint::client(MAX_INCOMING), next_id: 1 },
             receiver: Receiver {
                 stream: read_half,
                 ws: receiver_ws,
@@ -137,10 +131,7 @@ impl Client {
     }
 
     pub async fn subscribe(&mut self, channel: &str) -> Result<pb::SubscribeResult, ClientError> {
-        let command = Command::Subscribe(pb::Subscribe {
-            channel: channel.into(),
-            ..Default::default()
-        });
+        let command = Command::Subscribe(pb::Subscribe { channel: channel.into(), ..Default::default() });
         match self.request(command).await? {
             reply::Result::Subscribe(result) => Ok(result),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -148,10 +139,7 @@ impl Client {
     }
 
     pub async fn unsubscribe(&mut self, sub_id: u32) -> Result<(), ClientError> {
-        match self
-            .request(Command::Unsubscribe(pb::Unsubscribe { sub_id }))
-            .await?
-        {
+        match self.request(Command::Unsubscribe(pb::Unsubscribe { sub_id })).await? {
             reply::Result::Unsubscribe(_) => Ok(()),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
@@ -214,11 +202,7 @@ impl Sender {
     pub async fn send_command(&mut self, command: Command) -> Result<u32, ClientError> {
         let id = self.next_id;
         self.next_id = self.next_id.checked_add(1).unwrap_or(1);
-        self.send_frames(vec![ClientFrame {
-            id,
-            command: Some(command),
-        }])
-        .await?;
+        self.send_frames(vec![ClientFrame { id, command: Some(command) }]).await?;
         Ok(id)
     }
 
@@ -266,10 +250,7 @@ impl Receiver {
                 return Ok(frame);
             }
             let message = self.next_message().await?;
-            self.frames.extend(envelope::decode::<pb::ServerMessage>(
-                message,
-                MAX_INCOMING,
-            )?);
+            self.frames.extend(envelope::decode::<pb::ServerMessage>(message, MAX_INCOMING)?);
         }
     }
 
@@ -278,9 +259,7 @@ impl Receiver {
         loop {
             match self.next_frame().await?.kind {
                 Some(Kind::Update(update)) => return Ok(update),
-                Some(Kind::Disconnect(disconnect)) => {
-                    return Err(ClientError::Disconnected(disconnect))
-                }
+                Some(Kind::Disconnect(disconnect)) => return Err(ClientError::Disconnected(disconnect)),
                 _ => continue,
             }
         }
@@ -295,19 +274,14 @@ impl Receiver {
                 Err(err) => break Err(err),
             };
             match frame.kind {
-                Some(Kind::Reply(pb::Reply {
-                    id: reply_id,
-                    result,
-                })) if reply_id == id => {
+                Some(Kind::Reply(pb::Reply { id: reply_id, result })) if reply_id == id => {
                     break match result {
                         Some(reply::Result::Error(error)) => Err(ClientError::Server(error)),
                         Some(result) => Ok(result),
                         None => Err(ClientError::Unexpected("empty reply".into())),
                     }
                 }
-                Some(Kind::Disconnect(disconnect)) => {
-                    break Err(ClientError::Disconnected(disconnect))
-                }
+                Some(Kind::Disconnect(disconnect)) => break Err(ClientError::Disconnected(disconnect)),
                 _ => kept.push(frame),
             }
         };
@@ -319,11 +293,7 @@ impl Receiver {
 }
 
 /// Performs the HTTP upgrade; returns bytes that arrived after the response head.
-async fn handshake(
-    stream: &mut TcpStream,
-    addr: SocketAddr,
-    path: &str,
-) -> Result<Vec<u8>, ClientError> {
+async fn handshake(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<Vec<u8>, ClientError> {
     let key = tungstenite::handshake::client::generate_key();
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
@@ -336,11 +306,7 @@ async fn handshake(
         let BufResult(result, returned) = stream.read(chunk).await;
         chunk = returned;
         match result? {
-            0 => {
-                return Err(ClientError::Handshake(
-                    "connection closed during the handshake".into(),
-                ))
-            }
+            0 => return Err(ClientError::Handshake("connection closed during the handshake".into())),
             n => received.extend_from_slice(&chunk[..n]),
         }
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -356,9 +322,10 @@ async fn handshake(
             return Err(ClientError::Handshake(format!("HTTP {status}: {body}")));
         }
         let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
-        let accepted = response.headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == expected.as_bytes()
-        });
+        let accepted = response
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == expected.as_bytes());
         if !accepted {
             return Err(ClientError::Handshake("wrong Sec-WebSocket-Accept".into()));
         }

@@ -125,10 +125,7 @@ impl Default for Limits {
 
 impl Default for Delivery {
     fn default() -> Self {
-        Self {
-            batch_size: 100,
-            inbox_capacity: 65536,
-        }
+        Self { batch_size: 100, inbox_capacity: 65536 }
     }
 }
 
@@ -138,10 +135,7 @@ pub enum ConfigError {
     #[error("{0}")]
     Load(#[from] Box<figment::Error>),
     #[error("invalid setting `{setting}`: {reason}")]
-    Invalid {
-        setting: &'static str,
-        reason: String,
-    },
+    Invalid { setting: &'static str, reason: String },
     #[error("config file {0} does not exist")]
     MissingFile(String),
 }
@@ -167,9 +161,7 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment
-            .merge(Env::prefixed("ROUTOPIA_").split("__"))
-            .merge(Serialized::defaults(overrides));
+        figment = figment.merge(Env::prefixed("ROUTOPIA_").split("__")).merge(Serialized::defaults(overrides));
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
@@ -178,74 +170,41 @@ impl Config {
     /// Checks what types alone cannot; each refusal names its setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                setting,
-                reason: reason.into(),
-            }
+            ConfigError::Invalid { setting, reason: reason.into() }
         }
         let l = &self.limits;
         if self.shards > 256 {
             return Err(invalid("shards", "at most 256 shards"));
         }
         if !(1024..=64 * 1024 * 1024).contains(&l.max_message_size) {
-            return Err(invalid(
-                "limits.max_message_size",
-                "must be between 1024 and 67108864 bytes",
-            ));
+            return Err(invalid("limits.max_message_size", "must be between 1024 and 67108864 bytes"));
         }
         if l.max_frames_per_message == 0 {
-            return Err(invalid(
-                "limits.max_frames_per_message",
-                "must be at least 1",
-            ));
+            return Err(invalid("limits.max_frames_per_message", "must be at least 1"));
         }
         if l.max_subscriptions_per_connection == 0 {
-            return Err(invalid(
-                "limits.max_subscriptions_per_connection",
-                "must be at least 1",
-            ));
+            return Err(invalid("limits.max_subscriptions_per_connection", "must be at least 1"));
         }
         if l.max_connections_per_shard == 0 {
-            return Err(invalid(
-                "limits.max_connections_per_shard",
-                "must be at least 1",
-            ));
+            return Err(invalid("limits.max_connections_per_shard", "must be at least 1"));
         }
         if !(256..=1024 * 1024).contains(&l.max_request_header_bytes) {
-            return Err(invalid(
-                "limits.max_request_header_bytes",
-                "must be between 256 and 1048576",
-            ));
+            return Err(invalid("limits.max_request_header_bytes", "must be between 256 and 1048576"));
         }
         if !(4..=256).contains(&l.max_request_headers) {
-            return Err(invalid(
-                "limits.max_request_headers",
-                "must be between 4 and 256",
-            ));
+            return Err(invalid("limits.max_request_headers", "must be between 4 and 256"));
         }
         if l.max_outbox_bytes < l.max_payload_size {
-            return Err(invalid(
-                "limits.max_outbox_bytes",
-                "must hold at least one payload (limits.max_payload_size)",
-            ));
+            return Err(invalid("limits.max_outbox_bytes", "must hold at least one payload (limits.max_payload_size)"));
         }
         if l.handshake_timeout.is_zero() {
-            return Err(invalid(
-                "limits.handshake_timeout",
-                "must be longer than zero",
-            ));
+            return Err(invalid("limits.handshake_timeout", "must be longer than zero"));
         }
         if !(1..=1024).contains(&l.max_channel_length) {
-            return Err(invalid(
-                "limits.max_channel_length",
-                "must be between 1 and 1024",
-            ));
+            return Err(invalid("limits.max_channel_length", "must be between 1 and 1024"));
         }
         if l.max_payload_size == 0 || l.max_payload_size >= l.max_message_size {
-            return Err(invalid(
-                "limits.max_payload_size",
-                "must be above 0 and below limits.max_message_size",
-            ));
+            return Err(invalid("limits.max_payload_size", "must be above 0 and below limits.max_message_size"));
         }
         if self.delivery.batch_size == 0 {
             return Err(invalid("delivery.batch_size", "must be at least 1"));
@@ -264,16 +223,13 @@ impl Config {
         if self.shards > 0 {
             self.shards
         } else {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
         }
     }
 
     /// The effective configuration as TOML, as `check-config` prints it.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self)
-            .unwrap_or_else(|err| format!("# cannot render config: {err}\n"))
+        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot render config: {err}\n"))
     }
 }
 

@@ -14,11 +14,7 @@ use tracing_subscriber::EnvFilter;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "routopia-realtime",
-    version,
-    about = "Real-time WebSocket pub/sub server for navigation updates"
-)]
+#[command(name = "routopia-realtime", version, about = "Real-time WebSocket pub/sub server for navigation updates")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -70,11 +66,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let overrides = Overrides {
-        listen: args.listen,
-        shards: args.shards,
-        log_level: args.log_level,
-    };
+    let overrides = Overrides { listen: args.listen, shards: args.shards, log_level: args.log_level };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(err) => {
@@ -114,9 +106,7 @@ fn init_logging(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -13,10 +13,7 @@ use crate::protocol::ws::write_binary_header;
 #[derive(Debug)]
 pub enum OutItem {
     /// An update, shared by every local subscriber of its publication.
-    Push {
-        sub_id: u32,
-        publication: Rc<Publication>,
-    },
+    Push { sub_id: u32, publication: Rc<Publication> },
     /// An encoded element of `ServerMessage.frames` (reply, pong, disconnect).
     Frame(Vec<u8>),
     /// Complete WebSocket bytes (control frames written by the WebSocket layer).
@@ -27,10 +24,7 @@ impl OutItem {
     /// Bytes this item adds to a `ServerMessage` (or to the wire, for `Raw`).
     fn len(&self) -> usize {
         match self {
-            OutItem::Push {
-                sub_id,
-                publication,
-            } => push_len(*sub_id, publication.body.len()),
+            OutItem::Push { sub_id, publication } => push_len(*sub_id, publication.body.len()),
             OutItem::Frame(bytes) | OutItem::Raw(bytes) => bytes.len(),
         }
     }
@@ -49,11 +43,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(max_bytes: usize) -> Self {
-        Self {
-            items: VecDeque::new(),
-            bytes: 0,
-            max_bytes,
-        }
+        Self { items: VecDeque::new(), bytes: 0, max_bytes }
     }
 
     /// Queues `item` unless that would take the queue over its byte limit.
@@ -110,10 +100,7 @@ impl Outbox {
             write_binary_header(out, len);
             for item in self.items.drain(..count) {
                 match item {
-                    OutItem::Push {
-                        sub_id,
-                        publication,
-                    } => write_push(out, sub_id, &publication.body),
+                    OutItem::Push { sub_id, publication } => write_push(out, sub_id, &publication.body),
                     OutItem::Frame(bytes) => out.extend_from_slice(&bytes),
                     OutItem::Raw(_) => unreachable!("runs stop before raw items"),
                 }
@@ -136,18 +123,8 @@ mod tests {
     use std::time::Instant;
 
     fn publication(offset: u64) -> Rc<Publication> {
-        let body = encode_update_body(&Update {
-            offset,
-            r#type: 1,
-            ..Default::default()
-        });
-        Rc::new(Publication::new(
-            Arc::from("route:1"),
-            offset,
-            1,
-            body,
-            Instant::now(),
-        ))
+        let body = encode_update_body(&Update { offset, r#type: 1, ..Default::default() });
+        Rc::new(Publication::new(Arc::from("route:1"), offset, 1, body, Instant::now()))
     }
 
     fn messages(wire: &[u8]) -> Vec<ServerMessage> {
@@ -167,22 +144,14 @@ mod tests {
     fn frames_are_batched_up_to_batch_size() {
         let mut outbox = Outbox::new(1 << 20);
         for offset in 1..=250 {
-            outbox
-                .push(OutItem::Push {
-                    sub_id: 3,
-                    publication: publication(offset),
-                })
-                .unwrap();
+            outbox.push(OutItem::Push { sub_id: 3, publication: publication(offset) }).unwrap();
         }
         let mut wire = Vec::new();
         assert_eq!(outbox.drain_into(&mut wire, 100), 250);
         assert!(outbox.is_empty());
         assert_eq!(outbox.queued_bytes(), 0);
         let batches = messages(&wire);
-        assert_eq!(
-            batches.iter().map(|m| m.frames.len()).collect::<Vec<_>>(),
-            vec![100, 100, 50]
-        );
+        assert_eq!(batches.iter().map(|m| m.frames.len()).collect::<Vec<_>>(), vec![100, 100, 50]);
         let offsets: Vec<u64> = batches
             .iter()
             .flat_map(|m| &m.frames)
@@ -201,25 +170,9 @@ mod tests {
     fn byte_limit_refuses_and_keeps_what_was_queued() {
         let one = push_len(1, publication(1).body.len());
         let mut outbox = Outbox::new(one * 2);
-        outbox
-            .push(OutItem::Push {
-                sub_id: 1,
-                publication: publication(1),
-            })
-            .unwrap();
-        outbox
-            .push(OutItem::Push {
-                sub_id: 1,
-                publication: publication(2),
-            })
-            .unwrap();
-        assert_eq!(
-            outbox.push(OutItem::Push {
-                sub_id: 1,
-                publication: publication(3)
-            }),
-            Err(Overflow)
-        );
+        outbox.push(OutItem::Push { sub_id: 1, publication: publication(1) }).unwrap();
+        outbox.push(OutItem::Push { sub_id: 1, publication: publication(2) }).unwrap();
+        assert_eq!(outbox.push(OutItem::Push { sub_id: 1, publication: publication(3) }), Err(Overflow));
         assert_eq!(outbox.queued_bytes(), one * 2);
     }
 }

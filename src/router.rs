@@ -58,13 +58,7 @@ mod tests {
     use super::*;
 
     fn sub(index: u32, sub_id: u32) -> Subscriber {
-        Subscriber {
-            conn: ConnId {
-                index,
-                generation: 0,
-            },
-            sub_id,
-        }
+        Subscriber { conn: ConnId { index, generation: 0 }, sub_id }
     }
 
     #[test]

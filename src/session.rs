@@ -33,23 +33,11 @@ pub struct Now {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionEvent {
     /// Register a subscription with the channel's owner; answer with `on_subscribed`.
-    Subscribe {
-        channel: Arc<str>,
-        sub_id: u32,
-        req_id: u32,
-    },
+    Subscribe { channel: Arc<str>, sub_id: u32, req_id: u32 },
     /// Drop a subscription (from the router when it was active, and from the owner's count).
-    Unsubscribe {
-        channel: Arc<str>,
-        sub_id: u32,
-        was_active: bool,
-    },
+    Unsubscribe { channel: Arc<str>, sub_id: u32, was_active: bool },
     /// Publish through the channel's owner; answer with `on_published`.
-    Publish {
-        channel: Arc<str>,
-        req_id: u32,
-        update: pb::Update,
-    },
+    Publish { channel: Arc<str>, req_id: u32, update: pb::Update },
 }
 
 /// Where the connection is in its life.
@@ -162,21 +150,15 @@ impl Session {
             match self.ws.next_event() {
                 Ok(None) => break,
                 Ok(Some(WsEvent::Binary(data))) => self.handle_message(now, data),
-                Ok(Some(WsEvent::Text)) => self.close(
-                    CloseCode::UnsupportedData,
-                    "text messages are not supported: send binary protobuf".into(),
-                ),
+                Ok(Some(WsEvent::Text)) => self
+                    .close(CloseCode::UnsupportedData, "text messages are not supported: send binary protobuf".into()),
                 Ok(Some(WsEvent::Closed(_))) => {
                     // tungstenite queued the reply to the client's close; nothing else follows.
                     self.phase = Phase::Closing(CloseCode::Normal);
                     self.close_detail = Some("closed by client".into());
                 }
-                Err(tungstenite::Error::Capacity(err)) => {
-                    self.close(CloseCode::MessageTooBig, err.to_string())
-                }
-                Err(tungstenite::Error::Protocol(err)) => {
-                    self.close(CloseCode::ProtocolError, err.to_string())
-                }
+                Err(tungstenite::Error::Capacity(err)) => self.close(CloseCode::MessageTooBig, err.to_string()),
+                Err(tungstenite::Error::Protocol(err)) => self.close(CloseCode::ProtocolError, err.to_string()),
                 Err(err) => self.close(CloseCode::ProtocolError, err.to_string()),
             }
         }
@@ -213,30 +195,17 @@ impl Session {
             return false;
         };
         sub.active = true;
-        let result = pb::SubscribeResult {
-            sub_id,
-            epoch: epoch.to_owned(),
-            offset,
-            recovered: false,
-        };
+        let result = pb::SubscribeResult { sub_id, epoch: epoch.to_owned(), offset, recovered: false };
         self.reply(req_id, reply::Result::Subscribe(result));
         true
     }
 
     /// The owner answered a `Publish` event.
-    pub fn on_published(
-        &mut self,
-        req_id: u32,
-        result: Result<(Arc<str>, u64), (ErrorCode, String)>,
-    ) {
+    pub fn on_published(&mut self, req_id: u32, result: Result<(Arc<str>, u64), (ErrorCode, String)>) {
         match result {
-            Ok((epoch, offset)) if req_id != 0 => self.reply(
-                req_id,
-                reply::Result::Publish(pb::PublishResult {
-                    epoch: epoch.to_string(),
-                    offset,
-                }),
-            ),
+            Ok((epoch, offset)) if req_id != 0 => {
+                self.reply(req_id, reply::Result::Publish(pb::PublishResult { epoch: epoch.to_string(), offset }))
+            }
             Ok(_) => {}
             Err((code, message)) => self.error(req_id, code, message),
         }
@@ -247,10 +216,7 @@ impl Session {
         if self.is_closing() {
             return;
         }
-        self.enqueue(OutItem::Push {
-            sub_id,
-            publication: publication.clone(),
-        });
+        self.enqueue(OutItem::Push { sub_id, publication: publication.clone() });
     }
 
     /// Closes the session with `code`: a `Disconnect` frame, then the WebSocket close frame.
@@ -276,9 +242,7 @@ impl Session {
 
     /// Every subscription as (channel, sub_id, active), for cleanup when the connection ends.
     pub fn subscriptions(&self) -> impl Iterator<Item = (&Arc<str>, u32, bool)> {
-        self.subs
-            .iter()
-            .map(|(&id, sub)| (&sub.channel, id, sub.active))
+        self.subs.iter().map(|(&id, sub)| (&sub.channel, id, sub.active))
     }
 
     fn collect_ws_output(&mut self) {
@@ -291,17 +255,12 @@ impl Session {
     fn handle_message(&mut self, now: Now, data: Bytes) {
         let frames = match envelope::decode::<ClientMessage>(data, self.limits.max_message_size) {
             Ok(frames) => frames,
-            Err(err @ EnvelopeError::Zstd { .. }) => {
-                return self.close(CloseCode::MessageTooBig, err.to_string())
-            }
+            Err(err @ EnvelopeError::Zstd { .. }) => return self.close(CloseCode::MessageTooBig, err.to_string()),
             Err(err) => return self.close(CloseCode::BadMessage, err.to_string()),
         };
         if frames.len() > self.limits.max_frames_per_message {
-            let detail = format!(
-                "{} frames in one message, the limit is {}",
-                frames.len(),
-                self.limits.max_frames_per_message
-            );
+            let detail =
+                format!("{} frames in one message, the limit is {}", frames.len(), self.limits.max_frames_per_message);
             return self.close(CloseCode::TooManyFrames, detail);
         }
         for frame in frames {
@@ -315,43 +274,26 @@ impl Session {
     fn handle_frame(&mut self, now: Now, frame: pb::ClientFrame) {
         let id = frame.id;
         let Some(command) = frame.command else {
-            return self.error(
-                id,
-                ErrorCode::UnknownCommand,
-                "the frame names no command this server knows".into(),
-            );
+            return self.error(id, ErrorCode::UnknownCommand, "the frame names no command this server knows".into());
         };
         if self.phase == Phase::AwaitingConnect && !matches!(command, Command::Connect(_)) {
-            return self.close(
-                CloseCode::BadLifecycle,
-                "the first command must be Connect".into(),
-            );
+            return self.close(CloseCode::BadLifecycle, "the first command must be Connect".into());
         }
         match command {
             Command::Connect(connect) => self.handle_connect(id, connect),
             Command::Subscribe(subscribe) => self.handle_subscribe(id, subscribe),
             Command::Unsubscribe(unsubscribe) => self.handle_unsubscribe(id, unsubscribe.sub_id),
             Command::Publish(publish) => self.handle_publish(now, id, publish),
-            Command::Ping(ping) => self.frame(pb::ServerFrame {
-                kind: Some(Kind::Pong(pb::Pong {
-                    timestamp_us: ping.timestamp_us,
-                })),
-            }),
-            Command::Ack(_) => self.error(
-                id,
-                ErrorCode::NotImplemented,
-                "acknowledged delivery is not available yet".into(),
-            ),
-            Command::Refresh(_) => self.error(
-                id,
-                ErrorCode::NotImplemented,
-                "token refresh is not available yet".into(),
-            ),
-            Command::History(_) => self.error(
-                id,
-                ErrorCode::NotImplemented,
-                "history is not available yet".into(),
-            ),
+            Command::Ping(ping) => {
+                self.frame(pb::ServerFrame { kind: Some(Kind::Pong(pb::Pong { timestamp_us: ping.timestamp_us })) })
+            }
+            Command::Ack(_) => {
+                self.error(id, ErrorCode::NotImplemented, "acknowledged delivery is not available yet".into())
+            }
+            Command::Refresh(_) => {
+                self.error(id, ErrorCode::NotImplemented, "token refresh is not available yet".into())
+            }
+            Command::History(_) => self.error(id, ErrorCode::NotImplemented, "history is not available yet".into()),
         }
     }
 
@@ -384,27 +326,14 @@ impl Session {
             );
         }
         if self.subs.len() >= self.limits.max_subscriptions {
-            let message = format!(
-                "at most {} subscriptions per connection",
-                self.limits.max_subscriptions
-            );
+            let message = format!("at most {} subscriptions per connection", self.limits.max_subscriptions);
             return self.error(id, ErrorCode::TooLarge, message);
         }
         let sub_id = self.allocate_sub_id();
         let channel: Arc<str> = Arc::from(subscribe.channel);
-        self.subs.insert(
-            sub_id,
-            Subscription {
-                channel: channel.clone(),
-                active: false,
-            },
-        );
+        self.subs.insert(sub_id, Subscription { channel: channel.clone(), active: false });
         self.by_channel.insert(channel.clone(), sub_id);
-        self.events.push_back(SessionEvent::Subscribe {
-            channel,
-            sub_id,
-            req_id: id,
-        });
+        self.events.push_back(SessionEvent::Subscribe { channel, sub_id, req_id: id });
     }
 
     fn handle_unsubscribe(&mut self, id: u32, sub_id: u32) {
@@ -412,16 +341,9 @@ impl Session {
             return self.error(id, ErrorCode::NotFound, format!("no subscription {sub_id}"));
         };
         self.by_channel.remove(&sub.channel);
-        self.events.push_back(SessionEvent::Unsubscribe {
-            channel: sub.channel,
-            sub_id,
-            was_active: sub.active,
-        });
+        self.events.push_back(SessionEvent::Unsubscribe { channel: sub.channel, sub_id, was_active: sub.active });
         if id != 0 {
-            self.reply(
-                id,
-                reply::Result::Unsubscribe(pb::UnsubscribeResult { sub_id }),
-            );
+            self.reply(id, reply::Result::Unsubscribe(pb::UnsubscribeResult { sub_id }));
         }
     }
 
@@ -430,11 +352,8 @@ impl Session {
             return self.error(id, ErrorCode::BadRequest, err.to_string());
         }
         if publish.payload.len() > self.limits.max_payload_size {
-            let message = format!(
-                "payload of {} bytes, the limit is {}",
-                publish.payload.len(),
-                self.limits.max_payload_size
-            );
+            let message =
+                format!("payload of {} bytes, the limit is {}", publish.payload.len(), self.limits.max_payload_size);
             return self.error(id, ErrorCode::TooLarge, message);
         }
         match pb::UpdateType::try_from(publish.r#type) {
@@ -448,11 +367,7 @@ impl Session {
             Ok(_) => {}
         }
         if !publish.confidence.is_finite() {
-            return self.error(
-                id,
-                ErrorCode::BadRequest,
-                "confidence must be a finite number".into(),
-            );
+            return self.error(id, ErrorCode::BadRequest, "confidence must be a finite number".into());
         }
         let update = pb::Update {
             sub_id: 0,
@@ -463,11 +378,7 @@ impl Session {
             timestamp_us: now.unix_us,
             payload: publish.payload,
         };
-        self.events.push_back(SessionEvent::Publish {
-            channel: Arc::from(publish.channel),
-            req_id: id,
-            update,
-        });
+        self.events.push_back(SessionEvent::Publish { channel: Arc::from(publish.channel), req_id: id, update });
     }
 
     /// The smallest free sub_id from a rolling counter (ids stay small for small varints).
@@ -482,21 +393,12 @@ impl Session {
     }
 
     fn reply(&mut self, id: u32, result: reply::Result) {
-        self.frame(pb::ServerFrame {
-            kind: Some(Kind::Reply(pb::Reply {
-                id,
-                result: Some(result),
-            })),
-        });
+        self.frame(pb::ServerFrame { kind: Some(Kind::Reply(pb::Reply { id, result: Some(result) })) });
     }
 
     /// Errors are always sent, also for `id` 0: a fire-and-forget command must not fail silently.
     fn error(&mut self, id: u32, code: ErrorCode, message: String) {
-        let error = pb::Error {
-            code: code.code(),
-            message,
-            retry_after_ms: 0,
-        };
+        let error = pb::Error { code: code.code(), message, retry_after_ms: 0 };
         self.reply(id, reply::Result::Error(error));
     }
 
@@ -514,10 +416,7 @@ impl Session {
     fn enqueue(&mut self, item: OutItem) {
         if self.outbox.push(item).is_err() {
             self.outbox.clear();
-            let detail = format!(
-                "more than {} bytes waiting to be sent",
-                self.limits.max_outbox_bytes
-            );
+            let detail = format!("more than {} bytes waiting to be sent", self.limits.max_outbox_bytes);
             self.close(CloseCode::SlowConsumer, detail);
         }
     }

@@ -16,19 +16,12 @@ async fn clients_on_both_shards(server: &TestServer) -> Vec<Client> {
             clients.push(server.client().await);
         }
         let health = server.health();
-        let per_shard: Vec<u64> = health["per_shard"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["connections"].as_u64().unwrap())
-            .collect();
+        let per_shard: Vec<u64> =
+            health["per_shard"].as_array().unwrap().iter().map(|s| s["connections"].as_u64().unwrap()).collect();
         if per_shard.iter().all(|&n| n > 0) {
             return clients;
         }
-        assert!(
-            clients.len() < 400,
-            "all connections landed on one shard: {per_shard:?}"
-        );
+        assert!(clients.len() < 400, "all connections landed on one shard: {per_shard:?}");
     }
 }
 
@@ -40,19 +33,13 @@ async fn updates_cross_shards_in_order_without_gaps() {
     // Several channels, so owners differ from the subscribers' shards.
     let channels: Vec<String> = (0..4).map(|i| format!("route:{i}")).collect();
     for (i, client) in subscribers.iter_mut().enumerate() {
-        let result = client
-            .subscribe(&channels[i % channels.len()])
-            .await
-            .unwrap();
+        let result = client.subscribe(&channels[i % channels.len()]).await.unwrap();
         assert_eq!(result.offset, 0);
         assert!(!result.epoch.is_empty());
     }
     for n in 1..=30u64 {
         for channel in &channels {
-            let result = publisher
-                .publish(channel, UpdateType::Route, "leg", payload(n))
-                .await
-                .unwrap();
+            let result = publisher.publish(channel, UpdateType::Route, "leg", payload(n)).await.unwrap();
             assert_eq!(result.offset, n, "offsets count up from 1 in each channel");
         }
     }
@@ -74,41 +61,20 @@ async fn hundred_channels_multiplexed_on_one_connection() {
     let mut publisher = server.client().await;
     let mut sub_ids = Vec::new();
     for i in 0..100 {
-        sub_ids.push(
-            subscriber
-                .subscribe(&format!("poi:tile-{i}"))
-                .await
-                .unwrap()
-                .sub_id,
-        );
+        sub_ids.push(subscriber.subscribe(&format!("poi:tile-{i}")).await.unwrap().sub_id);
     }
     let mut unique = sub_ids.clone();
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), 100, "every subscription has its own sub_id");
     for i in 0..100 {
-        publisher
-            .publish(
-                &format!("poi:tile-{i}"),
-                UpdateType::Poi,
-                &format!("poi-{i}"),
-                payload(i),
-            )
-            .await
-            .unwrap();
+        publisher.publish(&format!("poi:tile-{i}"), UpdateType::Poi, &format!("poi-{i}"), payload(i)).await.unwrap();
     }
     let mut seen = vec![false; 100];
     for _ in 0..100 {
         let update = within("an update", subscriber.next_update()).await.unwrap();
-        let i = sub_ids
-            .iter()
-            .position(|&id| id == update.sub_id)
-            .expect("a known sub_id");
-        assert_eq!(
-            update.key,
-            format!("poi-{i}"),
-            "update arrived on its channel's sub_id"
-        );
+        let i = sub_ids.iter().position(|&id| id == update.sub_id).expect("a known sub_id");
+        assert_eq!(update.key, format!("poi-{i}"), "update arrived on its channel's sub_id");
         assert_eq!(update.payload.as_ref(), payload(i as u64).as_slice());
         assert!(!seen[i], "one update per channel");
         seen[i] = true;
@@ -122,32 +88,14 @@ async fn unsubscribe_stops_delivery() {
     let mut publisher = server.client().await;
     let weather = subscriber.subscribe("weather:paris").await.unwrap().sub_id;
     let traffic = subscriber.subscribe("traffic:a1").await.unwrap().sub_id;
-    publisher
-        .publish("weather:paris", UpdateType::Weather, "w", payload(1))
-        .await
-        .unwrap();
-    assert_eq!(
-        within("weather", subscriber.next_update())
-            .await
-            .unwrap()
-            .sub_id,
-        weather
-    );
+    publisher.publish("weather:paris", UpdateType::Weather, "w", payload(1)).await.unwrap();
+    assert_eq!(within("weather", subscriber.next_update()).await.unwrap().sub_id, weather);
     subscriber.unsubscribe(weather).await.unwrap();
-    publisher
-        .publish("weather:paris", UpdateType::Weather, "w", payload(2))
-        .await
-        .unwrap();
-    publisher
-        .publish("traffic:a1", UpdateType::Traffic, "t", payload(3))
-        .await
-        .unwrap();
+    publisher.publish("weather:paris", UpdateType::Weather, "w", payload(2)).await.unwrap();
+    publisher.publish("traffic:a1", UpdateType::Traffic, "t", payload(3)).await.unwrap();
     // Had the weather update still been delivered, it would come first.
     let next = within("traffic", subscriber.next_update()).await.unwrap();
-    assert_eq!(
-        (next.sub_id, next.payload.as_ref()),
-        (traffic, payload(3).as_slice())
-    );
+    assert_eq!((next.sub_id, next.payload.as_ref()), (traffic, payload(3).as_slice()));
     // A second unsubscribe of the same id is refused.
     let err = subscriber.unsubscribe(weather).await.unwrap_err();
     assert!(err.to_string().contains("404"), "{err}");
@@ -164,10 +112,7 @@ async fn thousand_subscribers_get_every_update() {
     }
     let mut publisher = server.client().await;
     for n in 1..=20u64 {
-        publisher
-            .publish("incident:city", UpdateType::Incident, "crash", payload(n))
-            .await
-            .unwrap();
+        publisher.publish("incident:city", UpdateType::Incident, "crash", payload(n)).await.unwrap();
     }
     // Health answers while a thousand connections are held and updates are queued.
     assert_eq!(server.health()["connections"].as_u64(), Some(1001));
@@ -204,10 +149,7 @@ async fn subscribing_twice_and_bad_names_are_refused_with_errors() {
 
 #[compio::test]
 async fn subscription_limit_is_enforced() {
-    let server = TestServer::start(
-        1,
-        &[("ROUTOPIA_LIMITS__MAX_SUBSCRIPTIONS_PER_CONNECTION", "3")],
-    );
+    let server = TestServer::start(1, &[("ROUTOPIA_LIMITS__MAX_SUBSCRIPTIONS_PER_CONNECTION", "3")]);
     let mut client = server.client().await;
     for i in 0..3 {
         client.subscribe(&format!("poi:{i}")).await.unwrap();

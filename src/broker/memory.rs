@@ -32,23 +32,17 @@ pub struct Position {
 
 impl ChannelTable {
     pub fn new(shards: usize) -> Self {
-        Self {
-            shards,
-            channels: HashMap::new(),
-        }
+        Self { shards, channels: HashMap::new() }
     }
 
     fn channel(&mut self, name: &Arc<str>, now: Instant) -> &mut Channel {
         let shards = self.shards;
-        let channel = self
-            .channels
-            .entry(name.clone())
-            .or_insert_with(|| Channel {
-                epoch: new_epoch(),
-                offset: 0,
-                subscribers: vec![0; shards],
-                last_used: now,
-            });
+        let channel = self.channels.entry(name.clone()).or_insert_with(|| Channel {
+            epoch: new_epoch(),
+            offset: 0,
+            subscribers: vec![0; shards],
+            last_used: now,
+        });
         channel.last_used = now;
         channel
     }
@@ -57,10 +51,7 @@ impl ChannelTable {
     pub fn subscribe(&mut self, name: &Arc<str>, shard: usize, now: Instant) -> Position {
         let channel = self.channel(name, now);
         channel.subscribers[shard] += 1;
-        Position {
-            epoch: channel.epoch.clone(),
-            offset: channel.offset,
-        }
+        Position { epoch: channel.epoch.clone(), offset: channel.offset }
     }
 
     /// Counts one subscriber fewer on `shard`.
@@ -76,26 +67,14 @@ impl ChannelTable {
         let channel = self.channel(name, now);
         channel.offset += 1;
         targets.clear();
-        targets.extend(
-            channel
-                .subscribers
-                .iter()
-                .enumerate()
-                .filter(|(_, &n)| n > 0)
-                .map(|(shard, _)| shard),
-        );
-        Position {
-            epoch: channel.epoch.clone(),
-            offset: channel.offset,
-        }
+        targets.extend(channel.subscribers.iter().enumerate().filter(|(_, &n)| n > 0).map(|(shard, _)| shard));
+        Position { epoch: channel.epoch.clone(), offset: channel.offset }
     }
 
     /// Forgets channels with no subscribers that were unused for `idle_ttl`. Returns how many.
     pub fn sweep(&mut self, now: Instant, idle_ttl: Duration) -> usize {
         let before = self.channels.len();
-        self.channels.retain(|_, c| {
-            c.subscribers.iter().any(|&n| n > 0) || now.duration_since(c.last_used) < idle_ttl
-        });
+        self.channels.retain(|_, c| c.subscribers.iter().any(|&n| n > 0) || now.duration_since(c.last_used) < idle_ttl);
         before - self.channels.len()
     }
 
@@ -127,13 +106,7 @@ mod tests {
         let mut targets = Vec::new();
         for expected in 1..=5 {
             let pos = table.publish(&name, now, &mut targets);
-            assert_eq!(
-                pos,
-                Position {
-                    epoch: start.epoch.clone(),
-                    offset: expected
-                }
-            );
+            assert_eq!(pos, Position { epoch: start.epoch.clone(), offset: expected });
             assert_eq!(targets, vec![2]);
         }
         table.subscribe(&name, 0, now);

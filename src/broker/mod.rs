@@ -26,20 +26,8 @@ pub struct Publication {
 }
 
 impl Publication {
-    pub fn new(
-        channel: Arc<str>,
-        offset: u64,
-        update_type: i32,
-        body: Bytes,
-        accepted_at: Instant,
-    ) -> Self {
-        Self {
-            channel,
-            offset,
-            update_type,
-            body,
-            accepted_at,
-        }
+    pub fn new(channel: Arc<str>, offset: u64, update_type: i32, body: Bytes, accepted_at: Instant) -> Self {
+        Self { channel, offset, update_type, body, accepted_at }
     }
 }
 
@@ -63,10 +51,7 @@ pub fn validate_channel(name: &str, max_len: usize) -> Result<(), ChannelNameErr
     if name.len() > max_len {
         return Err(ChannelNameError::TooLong(max_len));
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b":_-.@/".contains(&b))
-    {
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b":_-.@/".contains(&b)) {
         return Err(ChannelNameError::BadCharacter);
     }
     Ok(())
@@ -85,40 +70,19 @@ mod tests {
 
     #[test]
     fn typical_names_pass_and_bad_ones_say_why() {
-        for name in [
-            "route:42",
-            "weather:paris",
-            "poi:u09tv",
-            "user@x/route-1.2_b",
-        ] {
+        for name in ["route:42", "weather:paris", "poi:u09tv", "user@x/route-1.2_b"] {
             validate_channel(name, 128).unwrap();
         }
         assert_eq!(validate_channel("", 128), Err(ChannelNameError::Empty));
-        assert_eq!(
-            validate_channel("route 42", 128),
-            Err(ChannelNameError::BadCharacter)
-        );
-        assert_eq!(
-            validate_channel("ruta:é", 128),
-            Err(ChannelNameError::BadCharacter)
-        );
-        assert_eq!(
-            validate_channel(&"a".repeat(129), 128),
-            Err(ChannelNameError::TooLong(128))
-        );
+        assert_eq!(validate_channel("route 42", 128), Err(ChannelNameError::BadCharacter));
+        assert_eq!(validate_channel("ruta:é", 128), Err(ChannelNameError::BadCharacter));
+        assert_eq!(validate_channel(&"a".repeat(129), 128), Err(ChannelNameError::TooLong(128)));
     }
 
     #[test]
     fn owners_are_stable_and_spread() {
-        let owners: Vec<usize> = (0..1000)
-            .map(|i| owner_shard(&format!("route:{i}"), 4))
-            .collect();
-        assert_eq!(
-            owners,
-            (0..1000)
-                .map(|i| owner_shard(&format!("route:{i}"), 4))
-                .collect::<Vec<_>>()
-        );
+        let owners: Vec<usize> = (0..1000).map(|i| owner_shard(&format!("route:{i}"), 4)).collect();
+        assert_eq!(owners, (0..1000).map(|i| owner_shard(&format!("route:{i}"), 4)).collect::<Vec<_>>());
         for shard in 0..4 {
             assert!(owners.iter().filter(|&&o| o == shard).count() > 150);
         }

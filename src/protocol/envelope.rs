@@ -33,16 +33,10 @@ impl Envelope for ClientMessage {
         (self.frames, self.zstd)
     }
     fn from_frames(frames: Vec<ClientFrame>) -> Self {
-        Self {
-            frames,
-            zstd: Bytes::new(),
-        }
+        Self { frames, zstd: Bytes::new() }
     }
     fn from_zstd(zstd: Bytes) -> Self {
-        Self {
-            frames: Vec::new(),
-            zstd,
-        }
+        Self { frames: Vec::new(), zstd }
     }
 }
 
@@ -52,25 +46,16 @@ impl Envelope for ServerMessage {
         (self.frames, self.zstd)
     }
     fn from_frames(frames: Vec<ServerFrame>) -> Self {
-        Self {
-            frames,
-            zstd: Bytes::new(),
-        }
+        Self { frames, zstd: Bytes::new() }
     }
     fn from_zstd(zstd: Bytes) -> Self {
-        Self {
-            frames: Vec::new(),
-            zstd,
-        }
+        Self { frames: Vec::new(), zstd }
     }
 }
 
 /// Decodes one WebSocket message into its frames, unwrapping a zstd envelope whose content
 /// may be at most `max_decompressed` bytes.
-pub fn decode<M: Envelope>(
-    bytes: Bytes,
-    max_decompressed: usize,
-) -> Result<Vec<M::Frame>, EnvelopeError> {
+pub fn decode<M: Envelope>(bytes: Bytes, max_decompressed: usize) -> Result<Vec<M::Frame>, EnvelopeError> {
     let (frames, compressed) = M::decode(bytes)?.parts();
     if compressed.is_empty() {
         return Ok(frames);
@@ -78,12 +63,8 @@ pub fn decode<M: Envelope>(
     if !frames.is_empty() {
         return Err(EnvelopeError::Ambiguous);
     }
-    let inner = zstd::bulk::decompress(&compressed, max_decompressed).map_err(|err| {
-        EnvelopeError::Zstd {
-            limit: max_decompressed,
-            reason: err.to_string(),
-        }
-    })?;
+    let inner = zstd::bulk::decompress(&compressed, max_decompressed)
+        .map_err(|err| EnvelopeError::Zstd { limit: max_decompressed, reason: err.to_string() })?;
     let (frames, nested) = M::decode(inner.as_slice())?.parts();
     if !nested.is_empty() {
         return Err(EnvelopeError::Nested);
@@ -109,14 +90,7 @@ mod tests {
     use crate::protocol::pb::{client_frame::Command, Ping};
 
     fn ping_frames(n: u32) -> Vec<ClientFrame> {
-        (1..=n)
-            .map(|id| ClientFrame {
-                id,
-                command: Some(Command::Ping(Ping {
-                    timestamp_us: id as u64,
-                })),
-            })
-            .collect()
+        (1..=n).map(|id| ClientFrame { id, command: Some(Command::Ping(Ping { timestamp_us: id as u64 })) }).collect()
     }
 
     #[test]
@@ -133,28 +107,20 @@ mod tests {
     #[test]
     fn zstd_bomb_is_refused_at_the_limit() {
         let big = ClientMessage::from_frames(ping_frames(5000)).encode_to_vec();
-        let packed =
-            ClientMessage::from_zstd(zstd::bulk::compress(&big, 1).unwrap().into()).encode_to_vec();
+        let packed = ClientMessage::from_zstd(zstd::bulk::compress(&big, 1).unwrap().into()).encode_to_vec();
         let err = decode::<ClientMessage>(packed.into(), 1024).unwrap_err();
-        assert!(
-            matches!(err, EnvelopeError::Zstd { limit: 1024, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, EnvelopeError::Zstd { limit: 1024, .. }), "{err}");
     }
 
     #[test]
     fn garbage_is_a_decode_error() {
-        let err = decode::<ClientMessage>(Bytes::from_static(&[0xff, 0xff, 0xff, 0x01]), 1024)
-            .unwrap_err();
+        let err = decode::<ClientMessage>(Bytes::from_static(&[0xff, 0xff, 0xff, 0x01]), 1024).unwrap_err();
         assert!(matches!(err, EnvelopeError::Decode(_)));
     }
 
     #[test]
     fn frames_and_zstd_together_are_ambiguous() {
-        let msg = ClientMessage {
-            frames: ping_frames(1),
-            zstd: Bytes::from_static(b"x"),
-        };
+        let msg = ClientMessage { frames: ping_frames(1), zstd: Bytes::from_static(b"x") };
         let err = decode::<ClientMessage>(msg.encode_to_vec().into(), 1024).unwrap_err();
         assert_eq!(err, EnvelopeError::Ambiguous);
     }

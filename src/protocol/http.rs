@@ -37,11 +37,7 @@ impl HeadError {
 
 /// Parses a request head from the start of `buf`: `Ok(None)` while incomplete, else the head
 /// and the bytes it used. Refuses heads over `max_bytes` or with over `max_headers` headers.
-pub fn parse_head(
-    buf: &[u8],
-    max_bytes: usize,
-    max_headers: usize,
-) -> Result<Option<(RequestHead, usize)>, HeadError> {
+pub fn parse_head(buf: &[u8], max_bytes: usize, max_headers: usize) -> Result<Option<(RequestHead, usize)>, HeadError> {
     let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
     let mut request = httparse::Request::new(&mut headers);
     let consumed = match request.parse(buf) {
@@ -82,13 +78,7 @@ pub fn parse_head(
             _ => (None, Some("missing or invalid `Sec-WebSocket-Key`")),
         }
     };
-    let head = RequestHead {
-        method,
-        path: path.to_owned(),
-        query: query.to_owned(),
-        websocket_key,
-        upgrade_problem,
-    };
+    let head = RequestHead { method, path: path.to_owned(), query: query.to_owned(), websocket_key, upgrade_problem };
     Ok(Some((head, consumed)))
 }
 
@@ -96,9 +86,7 @@ pub fn parse_head(
 fn is_valid_key(key: &str) -> bool {
     key.len() == 24
         && key.ends_with("==")
-        && key[..22]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        && key[..22].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
 }
 
 /// The `101 Switching Protocols` answer to an upgrade with `key`.
@@ -124,11 +112,7 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
 
 /// A plain-text error response.
 pub fn error_response(status: u16, message: &str) -> Vec<u8> {
-    response(
-        status,
-        "text/plain; charset=utf-8",
-        format!("{message}\n").as_bytes(),
-    )
+    response(status, "text/plain; charset=utf-8", format!("{message}\n").as_bytes())
 }
 
 fn reason_phrase(status: u16) -> &'static str {
@@ -156,10 +140,7 @@ mod tests {
         assert_eq!(used, UPGRADE.len());
         assert_eq!(head.path, "/ws");
         assert_eq!(head.query, "x=1");
-        assert_eq!(
-            head.websocket_key.as_deref(),
-            Some("dGhlIHNhbXBsZSBub25jZQ==")
-        );
+        assert_eq!(head.websocket_key.as_deref(), Some("dGhlIHNhbXBsZSBub25jZQ=="));
         let response = String::from_utf8(upgrade_response("dGhlIHNhbXBsZSBub25jZQ==")).unwrap();
         assert!(response.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
     }
@@ -169,14 +150,8 @@ mod tests {
         let partial = &UPGRADE.as_bytes()[..40];
         assert_eq!(parse_head(partial, 8192, 32), Ok(None));
         assert_eq!(parse_head(partial, 40, 32), Err(HeadError::TooLarge));
-        assert_eq!(
-            parse_head(UPGRADE.as_bytes(), 64, 32),
-            Err(HeadError::TooLarge)
-        );
-        assert_eq!(
-            parse_head(UPGRADE.as_bytes(), 8192, 3).map_err(HeadError::status),
-            Err(431)
-        );
+        assert_eq!(parse_head(UPGRADE.as_bytes(), 64, 32), Err(HeadError::TooLarge));
+        assert_eq!(parse_head(UPGRADE.as_bytes(), 8192, 3).map_err(HeadError::status), Err(431));
     }
 
     #[test]
@@ -185,9 +160,6 @@ mod tests {
         let (head, _) = parse_head(head.as_bytes(), 8192, 32).unwrap().unwrap();
         assert!(head.websocket_key.is_none());
         assert!(head.upgrade_problem.unwrap().contains("Version"));
-        assert_eq!(
-            parse_head(b"\x16\x03\x01garbage\r\n\r\n", 8192, 32),
-            Err(HeadError::Malformed)
-        );
+        assert_eq!(parse_head(b"\x16\x03\x01garbage\r\n\r\n", 8192, 32), Err(HeadError::Malformed));
     }
 }

@@ -94,9 +94,7 @@ mod tests {
         for sub_id in [1u32, 127, 128, 300_000] {
             write_push(&mut message, sub_id, &body);
         }
-        let pong = ServerFrame {
-            kind: Some(Kind::Pong(Pong { timestamp_us: 9 })),
-        };
+        let pong = ServerFrame { kind: Some(Kind::Pong(Pong { timestamp_us: 9 })) };
         write_frame(&mut message, &pong);
         let decoded = ServerMessage::decode(message.as_slice()).unwrap();
         let subs: Vec<u32> = decoded
@@ -122,9 +120,7 @@ mod tests {
             write_push(&mut out, sub_id, &body);
             assert_eq!(out.len(), push_len(sub_id, body.len()));
         }
-        let pong = ServerFrame {
-            kind: Some(Kind::Pong(Pong { timestamp_us: 1 })),
-        };
+        let pong = ServerFrame { kind: Some(Kind::Pong(Pong { timestamp_us: 1 })) };
         let mut out = Vec::new();
         write_frame(&mut out, &pong);
         assert_eq!(out.len(), frame_len(&pong));

@@ -83,9 +83,7 @@ impl WsEndpoint {
             .write_buffer_size(0)
             .max_message_size(Some(max_message_size))
             .max_frame_size(Some(max_message_size));
-        Self {
-            ws: WebSocket::from_raw_socket(MemStream::default(), role, Some(config)),
-        }
+        Self { ws: WebSocket::from_raw_socket(MemStream::default(), role, Some(config)) }
     }
 
     /// Appends bytes received from the peer.
@@ -101,13 +99,9 @@ impl WsEndpoint {
             match self.ws.read() {
                 Ok(Message::Binary(data)) => return Ok(Some(WsEvent::Binary(data))),
                 Ok(Message::Text(_)) => return Ok(Some(WsEvent::Text)),
-                Ok(Message::Close(frame)) => {
-                    return Ok(Some(WsEvent::Closed(frame.map(|f| u16::from(f.code)))))
-                }
+                Ok(Message::Close(frame)) => return Ok(Some(WsEvent::Closed(frame.map(|f| u16::from(f.code))))),
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
-                Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok(None)
-                }
+                Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(err) => return Err(err),
             }
         }
@@ -120,10 +114,7 @@ impl WsEndpoint {
 
     /// Starts the closing handshake with `code` and `reason`.
     pub fn close(&mut self, code: u16, reason: &str) {
-        let frame = CloseFrame {
-            code: WsCloseCode::from(code),
-            reason: reason.to_owned().into(),
-        };
+        let frame = CloseFrame { code: WsCloseCode::from(code), reason: reason.to_owned().into() };
         // An error here means a close is already under way, which is what we want anyway.
         let _ = self.ws.close(Some(frame));
         let _ = self.ws.flush();
@@ -189,9 +180,7 @@ mod tests {
     fn client_messages_reach_the_server_in_pieces() {
         let mut client = WsEndpoint::client(1 << 20);
         let mut server = WsEndpoint::server(1 << 20);
-        client
-            .send_binary(Bytes::from_static(b"hello routopia"))
-            .unwrap();
+        client.send_binary(Bytes::from_static(b"hello routopia")).unwrap();
         let wire = client.take_output();
         for byte in &wire[..wire.len() - 1] {
             server.feed(std::slice::from_ref(byte));

@@ -35,12 +35,7 @@ pub(super) async fn serve(state: Rc<RefCell<ShardState>>, mut stream: TcpStream,
     let mut head_bytes = Vec::new();
     let head = compio::time::timeout(
         limits.handshake_timeout,
-        read_head(
-            &mut stream,
-            &mut head_bytes,
-            limits.max_request_header_bytes,
-            limits.max_request_headers,
-        ),
+        read_head(&mut stream, &mut head_bytes, limits.max_request_header_bytes, limits.max_request_headers),
     )
     .await;
     let (head, consumed) = match head {
@@ -51,15 +46,10 @@ pub(super) async fn serve(state: Rc<RefCell<ShardState>>, mut stream: TcpStream,
             state.borrow().cluster.stats[state.borrow().id]
                 .bad_requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return respond_and_close(stream, http::error_response(err.status(), &err.to_string()))
-                .await;
+            return respond_and_close(stream, http::error_response(err.status(), &err.to_string())).await;
         }
         Err(_) => {
-            return respond_and_close(
-                stream,
-                http::error_response(408, "request head not received in time"),
-            )
-            .await
+            return respond_and_close(stream, http::error_response(408, "request head not received in time")).await
         }
     };
     match head.path.as_str() {
@@ -71,13 +61,7 @@ pub(super) async fn serve(state: Rc<RefCell<ShardState>>, mut stream: TcpStream,
             }
         },
         "/health" => respond_and_close(stream, health(&state, &head)).await,
-        _ => {
-            respond_and_close(
-                stream,
-                http::error_response(404, "no such path; try /ws or /health"),
-            )
-            .await
-        }
+        _ => respond_and_close(stream, http::error_response(404, "no such path; try /ws or /health")).await,
     }
 }
 
@@ -115,28 +99,18 @@ async fn respond_and_close(mut stream: TcpStream, response: Vec<u8>) {
     let _ = stream.shutdown().await;
 }
 
-async fn websocket(
-    state: Rc<RefCell<ShardState>>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    key: &str,
-    early: &[u8],
-) {
+async fn websocket(state: Rc<RefCell<ShardState>>, mut stream: TcpStream, peer: SocketAddr, key: &str, early: &[u8]) {
     let BufResult(written, _) = stream.write_all(http::upgrade_response(key)).await;
     if written.is_err() {
         return;
     }
     let id = {
         let mut shard = state.borrow_mut();
-        let over_limit =
-            shard.connection_count() >= shard.cluster.config.limits.max_connections_per_shard;
+        let over_limit = shard.connection_count() >= shard.cluster.config.limits.max_connections_per_shard;
         let id = shard.add_conn();
         if let Some(conn) = shard.conn(id) {
             if over_limit {
-                conn.session.close(
-                    CloseCode::ConnectionLimit,
-                    "this server holds all the connections it may".into(),
-                );
+                conn.session.close(CloseCode::ConnectionLimit, "this server holds all the connections it may".into());
             }
             tracing::debug!(client = %conn.session.client_id(), %peer, "connection upgraded");
         }
@@ -153,11 +127,7 @@ async fn websocket(
 async fn read_loop(state: &Rc<RefCell<ShardState>>, mut reader: TcpStream, id: ConnId) {
     let mut buffer = Vec::with_capacity(READ_BUFFER);
     let peer_gone = loop {
-        if state
-            .borrow_mut()
-            .conn(id)
-            .is_none_or(|c| c.session.is_closing())
-        {
+        if state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing()) {
             break false;
         }
         let BufResult(result, returned) = reader.read(buffer).await;
@@ -207,10 +177,7 @@ async fn write_loop(state: Rc<RefCell<ShardState>>, mut writer: TcpStream, id: C
         if let Next::Finish = next {
             break;
         }
-        let closing = state
-            .borrow_mut()
-            .conn(id)
-            .is_none_or(|c| c.session.is_closing());
+        let closing = state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing());
         let written = if closing {
             match compio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer.write_all(out)).await {
                 Ok(BufResult(result, returned)) => {

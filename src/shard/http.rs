@@ -19,23 +19,11 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
             })
         })
         .collect();
-    let connections: u64 = cluster
-        .stats
-        .iter()
-        .map(|s| s.connections.load(Ordering::Relaxed))
-        .sum();
+    let connections: u64 = cluster.stats.iter().map(|s| s.connections.load(Ordering::Relaxed)).sum();
     let mut drivers: Vec<&str> = cluster.stats.iter().map(|s| s.driver_name()).collect();
     drivers.dedup();
-    let driver = if drivers.len() == 1 {
-        drivers[0]
-    } else {
-        "mixed"
-    };
-    let status = if cluster.draining.load(Ordering::Relaxed) {
-        "draining"
-    } else {
-        "ok"
-    };
+    let driver = if drivers.len() == 1 { drivers[0] } else { "mixed" };
+    let status = if cluster.draining.load(Ordering::Relaxed) { "draining" } else { "ok" };
     serde_json::json!({
         "status": status,
         "version": env!("CARGO_PKG_VERSION"),

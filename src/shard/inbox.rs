@@ -17,11 +17,7 @@ pub struct Inbox<T> {
 
 impl<T> Inbox<T> {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            queue: ArrayQueue::new(capacity),
-            waker: AtomicWaker::new(),
-            notified: AtomicBool::new(false),
-        }
+        Self { queue: ArrayQueue::new(capacity), waker: AtomicWaker::new(), notified: AtomicBool::new(false) }
     }
 
     /// Queues `msg`, handing it back when the inbox is full.

@@ -41,39 +41,15 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub enum ShardMsg {
     /// To a channel's owner: one more subscriber on shard `from`; answer with `Subscribed`.
-    Subscribe {
-        channel: Arc<str>,
-        from: usize,
-        conn: ConnId,
-        sub_id: u32,
-        req_id: u32,
-    },
+    Subscribe { channel: Arc<str>, from: usize, conn: ConnId, sub_id: u32, req_id: u32 },
     /// To a channel's owner: one subscriber fewer on shard `from`.
     Unsubscribe { channel: Arc<str>, from: usize },
     /// To a channel's owner: publish; answer with `Published`.
-    Publish {
-        channel: Arc<str>,
-        from: usize,
-        conn: ConnId,
-        req_id: u32,
-        update: Box<pb::Update>,
-    },
+    Publish { channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, update: Box<pb::Update> },
     /// From a channel's owner: where the channel stood when the subscriber was counted.
-    Subscribed {
-        conn: ConnId,
-        channel: Arc<str>,
-        sub_id: u32,
-        req_id: u32,
-        epoch: Arc<str>,
-        offset: u64,
-    },
+    Subscribed { conn: ConnId, channel: Arc<str>, sub_id: u32, req_id: u32, epoch: Arc<str>, offset: u64 },
     /// From a channel's owner: the offset a publication got.
-    Published {
-        conn: ConnId,
-        req_id: u32,
-        epoch: Arc<str>,
-        offset: u64,
-    },
+    Published { conn: ConnId, req_id: u32, epoch: Arc<str>, offset: u64 },
     /// From a channel's owner: a publication for this shard's subscribers.
     Deliver(Arc<Publication>),
     /// Close every connection and stop.
@@ -127,28 +103,38 @@ impl Server {
         let listeners = bind_listeners(config.listen, shards)?;
         let local_addr = listeners[0].local_addr()?;
         let cluster = Arc::new(Cluster {
-            inboxes: (0..shards)
-                .map(|_| Inbox::new(config.delivery.inbox_capacity))
-                .collect(),
+            inboxes: (0..shards).map(|_| Inbox::new(config.delivery.inbox_capacity)).collect(),
             stats: (0..shards).map(|_| ShardStats::default()).collect(),
             config: Arc::new(config),
             started_at: Instant::now(),
             draining: AtomicBool::new(false),
             local_addr,
         });
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::with_capacity(shards);
         for (id, listener) in listeners.into_iter().enumerate() {
             let cluster = cluster.clone();
             let core = cluster.config.pin_shards.then_some(id % cores);
+            let started = started_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("shard-{id}"))
-                .spawn(move || run_shard(id, cluster, listener, core))?;
+                .spawn(move || run_shard(id, cluster, listener, core, started))?;
             threads.push(thread);
         }
-        Ok(Server { cluster, threads })
+        drop(started_tx);
+        let server = Server { cluster, threads };
+        // Nothing runs half-started: every shard is up, or the server stops and says why.
+        for _ in 0..shards {
+            let failure = match started_rx.recv() {
+                Ok(Ok(())) => continue,
+                Ok(Err(err)) => err,
+                Err(_) => io::Error::other("a shard stopped while starting"),
+            };
+            server.shutdown();
+            return Err(failure);
+        }
+        Ok(server)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -214,41 +200,29 @@ fn build_runtime(driver: Driver, core: Option<usize>) -> io::Result<compio::runt
     builder.build()
 }
 
-fn run_shard(
-    id: usize,
-    cluster: Arc<Cluster>,
-    listener: std::net::TcpListener,
-    core: Option<usize>,
-) {
+type Started = std::sync::mpsc::Sender<io::Result<()>>;
+
+fn run_shard(id: usize, cluster: Arc<Cluster>, listener: std::net::TcpListener, core: Option<usize>, started: Started) {
     let runtime = match build_runtime(cluster.config.driver, core) {
         Ok(runtime) => runtime,
         Err(err) if cluster.config.driver == Driver::Auto => {
             tracing::warn!(shard = id, error = %err, "io_uring runtime failed; falling back to epoll");
             match build_runtime(Driver::Epoll, core) {
                 Ok(runtime) => runtime,
-                Err(err) => {
-                    return tracing::error!(shard = id, error = %err, "cannot start the shard's runtime")
-                }
+                Err(err) => return refuse(&started, id, "cannot start the shard's runtime", err),
             }
         }
-        Err(err) => {
-            return tracing::error!(shard = id, error = %err, "cannot start the shard's runtime")
-        }
+        Err(err) => return refuse(&started, id, "cannot start the shard's runtime", err),
     };
-    let driver = if runtime.driver_type().is_iouring() {
-        1
-    } else {
-        2
-    };
+    let driver = if runtime.driver_type().is_iouring() { 1 } else { 2 };
     cluster.stats[id].driver.store(driver, Ordering::Relaxed);
-    tracing::info!(shard = id, driver = cluster.stats[id].driver_name(), core = ?core, "shard started");
     runtime.block_on(async move {
         let listener = match TcpListener::from_std(listener) {
             Ok(listener) => listener,
-            Err(err) => {
-                return tracing::error!(shard = id, error = %err, "cannot register the listener")
-            }
+            Err(err) => return refuse(&started, id, "cannot register the listener", err),
         };
+        tracing::info!(shard = id, driver = cluster.stats[id].driver_name(), core = ?core, "shard started");
+        let _ = started.send(Ok(()));
         let state = Rc::new(RefCell::new(ShardState::new(id, cluster)));
         compio::runtime::spawn(sweep_loop(state.clone())).detach();
         let accepting = Box::pin(accept_loop(listener, state.clone()));
@@ -259,6 +233,11 @@ fn run_shard(
         close_all(&state).await;
     });
     tracing::info!(shard = id, "shard stopped");
+}
+
+fn refuse(started: &Started, id: usize, what: &str, err: io::Error) {
+    tracing::error!(shard = id, error = %err, "{what}");
+    let _ = started.send(Err(io::Error::new(err.kind(), format!("shard {id}: {what}: {err}"))));
 }
 
 async fn accept_loop(listener: TcpListener, state: Rc<RefCell<ShardState>>) {
@@ -323,8 +302,7 @@ async fn close_all(state: &Rc<RefCell<ShardState>>) {
         let mut shard = state.borrow_mut();
         for id in shard.conn_ids() {
             if let Some(conn) = shard.conn(id) {
-                conn.session
-                    .close(CloseCode::Shutdown, "server shutting down".into());
+                conn.session.close(CloseCode::Shutdown, "server shutting down".into());
             }
             shard.drive(id);
         }

@@ -74,21 +74,14 @@ impl ShardState {
         let index = entry.key() as u32;
         let client_id: Arc<str> = Arc::from(format!("{}-{}-{}", self.id, index, generation));
         let session = Session::new(client_id, self.limits.clone());
-        entry.insert(Conn {
-            generation,
-            session,
-            writer: None,
-            reader_done: false,
-        });
+        entry.insert(Conn { generation, session, writer: None, reader_done: false });
         self.stats().connections.fetch_add(1, Ordering::Relaxed);
         self.stats().accepted.fetch_add(1, Ordering::Relaxed);
         ConnId { index, generation }
     }
 
     pub fn conn(&mut self, id: ConnId) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(id.index as usize)
-            .filter(|c| c.generation == id.generation)
+        self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)
     }
 
     /// Bytes arrived on `id`: let the session handle them, then act on what it asks.
@@ -115,53 +108,22 @@ impl ShardState {
     fn handle_event(&mut self, id: ConnId, event: SessionEvent) {
         let shards = self.backlog.len();
         match event {
-            SessionEvent::Subscribe {
-                channel,
-                sub_id,
-                req_id,
-            } => {
+            SessionEvent::Subscribe { channel, sub_id, req_id } => {
                 let owner = owner_shard(&channel, shards);
-                let msg = ShardMsg::Subscribe {
-                    channel,
-                    from: self.id,
-                    conn: id,
-                    sub_id,
-                    req_id,
-                };
+                let msg = ShardMsg::Subscribe { channel, from: self.id, conn: id, sub_id, req_id };
                 self.route(owner, msg);
             }
-            SessionEvent::Unsubscribe {
-                channel,
-                sub_id,
-                was_active,
-            } => {
+            SessionEvent::Unsubscribe { channel, sub_id, was_active } => {
                 // A pending subscription is taken back when its answer finds it gone.
                 if was_active {
-                    self.router
-                        .remove(&channel, Subscriber { conn: id, sub_id });
+                    self.router.remove(&channel, Subscriber { conn: id, sub_id });
                     let owner = owner_shard(&channel, shards);
-                    self.route(
-                        owner,
-                        ShardMsg::Unsubscribe {
-                            channel,
-                            from: self.id,
-                        },
-                    );
+                    self.route(owner, ShardMsg::Unsubscribe { channel, from: self.id });
                 }
             }
-            SessionEvent::Publish {
-                channel,
-                req_id,
-                update,
-            } => {
+            SessionEvent::Publish { channel, req_id, update } => {
                 let owner = owner_shard(&channel, shards);
-                let msg = ShardMsg::Publish {
-                    channel,
-                    from: self.id,
-                    conn: id,
-                    req_id,
-                    update: Box::new(update),
-                };
+                let msg = ShardMsg::Publish { channel, from: self.id, conn: id, req_id, update: Box::new(update) };
                 self.route(owner, msg);
             }
         }
@@ -179,13 +141,7 @@ impl ShardState {
     /// Acts on one message from another shard (or from this one).
     pub fn handle_msg(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Subscribe {
-                channel,
-                from,
-                conn,
-                sub_id,
-                req_id,
-            } => {
+            ShardMsg::Subscribe { channel, from, conn, sub_id, req_id } => {
                 let position = self.channels.subscribe(&channel, from, Instant::now());
                 let answer = ShardMsg::Subscribed {
                     conn,
@@ -197,47 +153,21 @@ impl ShardState {
                 };
                 self.route(from, answer);
             }
-            ShardMsg::Unsubscribe { channel, from } => {
-                self.channels.unsubscribe(&channel, from, Instant::now())
-            }
-            ShardMsg::Subscribed {
-                conn,
-                channel,
-                sub_id,
-                req_id,
-                epoch,
-                offset,
-            } => {
-                let accepted = self
-                    .conn(conn)
-                    .is_some_and(|c| c.session.on_subscribed(sub_id, req_id, &epoch, offset));
+            ShardMsg::Unsubscribe { channel, from } => self.channels.unsubscribe(&channel, from, Instant::now()),
+            ShardMsg::Subscribed { conn, channel, sub_id, req_id, epoch, offset } => {
+                let accepted = self.conn(conn).is_some_and(|c| c.session.on_subscribed(sub_id, req_id, &epoch, offset));
                 if accepted {
                     self.router.add(channel, Subscriber { conn, sub_id });
                     self.drive(conn);
                 } else {
                     let owner = owner_shard(&channel, self.backlog.len());
-                    self.route(
-                        owner,
-                        ShardMsg::Unsubscribe {
-                            channel,
-                            from: self.id,
-                        },
-                    );
+                    self.route(owner, ShardMsg::Unsubscribe { channel, from: self.id });
                 }
             }
-            ShardMsg::Publish {
-                channel,
-                from,
-                conn,
-                req_id,
-                update,
-            } => self.publish(channel, from, conn, req_id, *update),
-            ShardMsg::Published {
-                conn,
-                req_id,
-                epoch,
-                offset,
-            } => {
+            ShardMsg::Publish { channel, from, conn, req_id, update } => {
+                self.publish(channel, from, conn, req_id, *update)
+            }
+            ShardMsg::Published { conn, req_id, epoch, offset } => {
                 if let Some(c) = self.conn(conn) {
                     c.session.on_published(req_id, Ok((epoch, offset)));
                     self.drive(conn);
@@ -249,40 +179,19 @@ impl ShardState {
     }
 
     /// As the channel's owner: assign the offset, fan out, answer the publisher.
-    fn publish(
-        &mut self,
-        channel: Arc<str>,
-        from: usize,
-        conn: ConnId,
-        req_id: u32,
-        mut update: pb::Update,
-    ) {
+    fn publish(&mut self, channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, mut update: pb::Update) {
         let accepted_at = Instant::now();
         let mut targets = std::mem::take(&mut self.targets);
         let position = self.channels.publish(&channel, accepted_at, &mut targets);
         update.offset = position.offset;
         let body = encode_update_body(&update);
-        let publication = Arc::new(Publication::new(
-            channel,
-            position.offset,
-            update.r#type,
-            body,
-            accepted_at,
-        ));
+        let publication = Arc::new(Publication::new(channel, position.offset, update.r#type, body, accepted_at));
         for &shard in &targets {
             self.route(shard, ShardMsg::Deliver(publication.clone()));
         }
         self.targets = targets;
         self.stats().published.fetch_add(1, Ordering::Relaxed);
-        self.route(
-            from,
-            ShardMsg::Published {
-                conn,
-                req_id,
-                epoch: position.epoch,
-                offset: position.offset,
-            },
-        );
+        self.route(from, ShardMsg::Published { conn, req_id, epoch: position.epoch, offset: position.offset });
     }
 
     /// Hands a publication to every local subscriber of its channel, sharing its bytes.
@@ -302,9 +211,7 @@ impl ShardState {
                 waker.wake();
             }
         }
-        self.stats()
-            .delivered
-            .fetch_add(delivered, Ordering::Relaxed);
+        self.stats().delivered.fetch_add(delivered, Ordering::Relaxed);
     }
 
     /// Forgets a finished connection and takes back its subscriptions.
@@ -318,13 +225,7 @@ impl ShardState {
             if active {
                 self.router.remove(channel, Subscriber { conn: id, sub_id });
                 let owner = owner_shard(channel, shards);
-                self.route(
-                    owner,
-                    ShardMsg::Unsubscribe {
-                        channel: channel.clone(),
-                        from: self.id,
-                    },
-                );
+                self.route(owner, ShardMsg::Unsubscribe { channel: channel.clone(), from: self.id });
             }
         }
         self.stats().connections.fetch_sub(1, Ordering::Relaxed);
@@ -332,21 +233,13 @@ impl ShardState {
 
     /// Ids of every connection, for shutdown.
     pub fn conn_ids(&self) -> Vec<ConnId> {
-        self.conns
-            .iter()
-            .map(|(index, c)| ConnId {
-                index: index as u32,
-                generation: c.generation,
-            })
-            .collect()
+        self.conns.iter().map(|(index, c)| ConnId { index: index as u32, generation: c.generation }).collect()
     }
 
     /// Forgets idle owned channels.
     pub fn sweep(&mut self, idle_ttl: std::time::Duration) {
         self.channels.sweep(Instant::now(), idle_ttl);
-        self.stats()
-            .channels
-            .store(self.channels.len() as u64, Ordering::Relaxed);
+        self.stats().channels.store(self.channels.len() as u64, Ordering::Relaxed);
     }
 
     fn send(&mut self, to: usize, msg: ShardMsg) {
@@ -388,9 +281,6 @@ impl ShardState {
 
 /// The wall clock for sessions.
 fn now() -> Now {
-    let unix_us = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0);
+    let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
     Now { unix_us }
 }

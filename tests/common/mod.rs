@@ -21,13 +21,7 @@ impl TestServer {
     pub fn start(shards: usize, env: &[(&str, &str)]) -> TestServer {
         let mut command = Command::new(BIN);
         command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--shards",
-                &shards.to_string(),
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--shards", &shards.to_string()])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -38,9 +32,7 @@ impl TestServer {
         let mut child = command.spawn().expect("start routopia-realtime");
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
+        BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -60,18 +52,13 @@ impl TestServer {
 
     /// A connected protocol client.
     pub async fn client(&self) -> Client {
-        let (client, _) = Client::connect(self.addr, ConnectOptions::default())
-            .await
-            .expect("connect");
+        let (client, _) = Client::connect(self.addr, ConnectOptions::default()).await.expect("connect");
         client
     }
 
     /// `GET path` over a plain socket; returns (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        http_request(
-            self.addr,
-            &format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"),
-        )
+        http_request(self.addr, &format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"))
     }
 
     /// `/health` as JSON.
@@ -92,22 +79,13 @@ impl Drop for TestServer {
 /// Sends `request` as written and reads the response until the server closes.
 pub fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     stream.write_all(request.as_bytes()).expect("write request");
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
 
