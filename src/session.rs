@@ -153,7 +153,8 @@ impl Session {
                 Ok(Some(WsEvent::Text)) => self
                     .close(CloseCode::UnsupportedData, "text messages are not supported: send binary protobuf".into()),
                 Ok(Some(WsEvent::Closed(_))) => {
-                    // tungstenite queued the reply to the client's close; nothing else follows.
+                    // Answer the client's close; nothing else follows.
+                    self.ws.flush();
                     self.phase = Phase::Closing(CloseCode::Normal);
                     self.close_detail = Some("closed by client".into());
                 }

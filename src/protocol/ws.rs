@@ -120,6 +120,12 @@ impl WsEndpoint {
         let _ = self.ws.flush();
     }
 
+    /// Writes replies tungstenite holds back until its next call (the answer to a close).
+    pub fn flush(&mut self) {
+        // Writing into memory cannot fail; an error only says the connection already closed.
+        let _ = self.ws.flush();
+    }
+
     /// Bytes tungstenite queued for the peer (control frames; a client's messages).
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.ws.get_mut().output)
