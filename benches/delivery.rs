@@ -1,0 +1,124 @@
+//! Costs on the delivery path, without sockets: protocol encode/decode, one update fanned out
+//! to 10,000 local subscribers, batching, and zstd at several sizes.
+//! Run: `cargo bench --bench delivery` (add `-- fan_out` to pick a group).
+
+use std::hint::black_box;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use prost::Message;
+use routopia_realtime::broker::Publication;
+use routopia_realtime::config::Config;
+use routopia_realtime::outbox::{OutItem, Outbox};
+use routopia_realtime::protocol::envelope;
+use routopia_realtime::protocol::pb::{self, client_frame::Command};
+use routopia_realtime::protocol::push::encode_update_body;
+use routopia_realtime::session::{Session, SessionLimits};
+
+fn update(payload: usize) -> pb::Update {
+    pb::Update {
+        sub_id: 0,
+        offset: 1234,
+        r#type: pb::UpdateType::Route as i32,
+        key: "segment-81".into(),
+        confidence: 0.93,
+        timestamp_us: 1_800_000_000_000_000,
+        payload: Bytes::from(vec![b'x'; payload]),
+    }
+}
+
+fn publication(payload: usize) -> Rc<Publication> {
+    Rc::new(Publication::new(Arc::from("route:42"), 1234, 1, encode_update_body(&update(payload)), Instant::now()))
+}
+
+fn protocol(c: &mut Criterion) {
+    let mut group = c.benchmark_group("protocol");
+    let publish = pb::Publish {
+        channel: "route:42".into(),
+        r#type: 1,
+        key: "segment-81".into(),
+        confidence: 0.9,
+        payload: vec![b'x'; 64].into(),
+    };
+    let message: Bytes = envelope::encode::<pb::ClientMessage>(
+        vec![pb::ClientFrame { id: 9, command: Some(Command::Publish(publish)) }],
+        None,
+    )
+    .into();
+    group.bench_function("decode_publish_64B", |b| {
+        b.iter(|| envelope::decode::<pb::ClientMessage>(black_box(message.clone()), 65536))
+    });
+    let up = update(64);
+    group.bench_function("encode_update_body_64B", |b| b.iter(|| encode_update_body(black_box(&up))));
+    group.finish();
+}
+
+fn fan_out(c: &mut Criterion) {
+    let limits = Rc::new(SessionLimits::from_config(&Config::default()));
+    let mut sessions: Vec<Session> =
+        (0..10_000).map(|i| Session::new(Arc::from(format!("c{i}")), limits.clone())).collect();
+    let publication = publication(64);
+    let mut wire = Vec::with_capacity(4096);
+    let mut group = c.benchmark_group("fan_out");
+    group.throughput(Throughput::Elements(10_000));
+    group.bench_function("one_update_to_10k_subscribers_64B", |b| {
+        b.iter(|| {
+            for session in &mut sessions {
+                session.push_update(7, &publication);
+            }
+            for session in &mut sessions {
+                wire.clear();
+                session.poll_transmit(&mut wire);
+                black_box(&wire);
+            }
+        })
+    });
+    group.finish();
+}
+
+fn batching(c: &mut Criterion) {
+    let publication = publication(64);
+    let mut group = c.benchmark_group("batching");
+    group.throughput(Throughput::Elements(100));
+    for batch_size in [1usize, 10, 100] {
+        group.bench_function(format!("drain_100_updates_batch_{batch_size}"), |b| {
+            b.iter_batched_ref(
+                || {
+                    let mut outbox = Outbox::new(1 << 20);
+                    for _ in 0..100 {
+                        let _ = outbox.push(OutItem::Push { sub_id: 3, publication: publication.clone() });
+                    }
+                    (outbox, Vec::with_capacity(16 * 1024))
+                },
+                |(outbox, wire)| outbox.drain_into(wire, batch_size),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn compression(c: &mut Criterion) {
+    let mut group = c.benchmark_group("zstd");
+    for payload in [256usize, 1024, 16 * 1024] {
+        // Realistic text-like payloads: JSON-ish repeated structure.
+        let text: Vec<u8> = (0..payload).map(|i| b"{\"lat\":48.85,\"lon\":2.35,\"eta\":300}"[i % 34]).collect();
+        let frames = vec![pb::ServerFrame {
+            kind: Some(pb::server_frame::Kind::Update(pb::Update { payload: text.into(), ..update(0) })),
+        }];
+        let plain = pb::ServerMessage { frames: frames.clone(), zstd: Bytes::new() }.encoded_len();
+        let packed = envelope::encode::<pb::ServerMessage>(frames.clone(), Some(3)).len();
+        println!("zstd level 3, {payload} B payload: {plain} B plain -> {packed} B");
+        group.throughput(Throughput::Bytes(plain as u64));
+        group.bench_function(format!("compress_level3_{payload}B"), |b| {
+            b.iter(|| envelope::encode::<pb::ServerMessage>(black_box(frames.clone()), Some(3)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, protocol, fan_out, batching, compression);
+criterion_main!(benches);
