@@ -64,6 +64,9 @@ pub struct Limits {
     pub max_channel_length: usize,
     /// Largest publication payload, in bytes. Over it: `Error` 413. Default 32768.
     pub max_payload_size: usize,
+    /// Channels the server keeps at once (split evenly between shards); a subscribe or publish
+    /// that would create one more is refused with `Error` 503. Default 1000000.
+    pub max_channels: usize,
 }
 
 /// How updates leave the server.
@@ -119,6 +122,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             max_channel_length: 128,
             max_payload_size: 32 * 1024,
+            max_channels: 1_000_000,
         }
     }
 }
@@ -205,6 +209,9 @@ impl Config {
         }
         if l.max_payload_size == 0 || l.max_payload_size >= l.max_message_size {
             return Err(invalid("limits.max_payload_size", "must be above 0 and below limits.max_message_size"));
+        }
+        if l.max_channels == 0 {
+            return Err(invalid("limits.max_channels", "must be at least 1"));
         }
         if self.delivery.batch_size == 0 {
             return Err(invalid("delivery.batch_size", "must be at least 1"));

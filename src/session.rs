@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::broker::memory::Position;
 use crate::broker::{validate_channel, Publication};
 use crate::config::Config;
 use crate::outbox::{OutItem, Outbox};
@@ -188,27 +189,35 @@ impl Session {
 
     /// The owner answered a `Subscribe` event. Returns false when the subscription is gone
     /// meanwhile (the shard must then take back the owner's count).
-    pub fn on_subscribed(&mut self, sub_id: u32, req_id: u32, epoch: &str, offset: u64) -> bool {
+    pub fn on_subscribed(&mut self, sub_id: u32, req_id: u32, position: &Position) -> bool {
         if self.is_closing() {
             return false;
         }
-        let Some(sub) = self.subs.get_mut(&sub_id) else {
-            return false;
-        };
+        let Some(sub) = self.subs.get_mut(&sub_id) else { return false };
         sub.active = true;
-        let result = pb::SubscribeResult { sub_id, epoch: epoch.to_owned(), offset, recovered: false };
+        let epoch = position.epoch.to_string();
+        let result = pb::SubscribeResult { sub_id, epoch, offset: position.offset, recovered: false };
         self.reply(req_id, reply::Result::Subscribe(result));
         true
     }
 
+    /// The owner could not take the subscription: forget it and tell the client.
+    pub fn on_subscribe_failed(&mut self, sub_id: u32, req_id: u32, code: ErrorCode, message: String) {
+        if let Some(sub) = self.subs.remove(&sub_id) {
+            self.by_channel.remove(&sub.channel);
+            self.error(req_id, code, message);
+        }
+    }
+
     /// The owner answered a `Publish` event.
-    pub fn on_published(&mut self, req_id: u32, result: Result<(Arc<str>, u64), (ErrorCode, String)>) {
+    pub fn on_published(&mut self, req_id: u32, result: Result<Position, ErrorCode>) {
         match result {
-            Ok((epoch, offset)) if req_id != 0 => {
-                self.reply(req_id, reply::Result::Publish(pb::PublishResult { epoch: epoch.to_string(), offset }))
+            Ok(position) if req_id != 0 => {
+                let result = pb::PublishResult { epoch: position.epoch.to_string(), offset: position.offset };
+                self.reply(req_id, reply::Result::Publish(result))
             }
             Ok(_) => {}
-            Err((code, message)) => self.error(req_id, code, message),
+            Err(code) => self.error(req_id, code, "the server cannot take this publication now; retry".into()),
         }
     }
 

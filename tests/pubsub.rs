@@ -157,3 +157,20 @@ async fn subscription_limit_is_enforced() {
     let err = client.subscribe("poi:3").await.unwrap_err();
     assert!(err.to_string().contains("413"), "{err}");
 }
+
+#[compio::test]
+async fn channel_cap_refuses_new_channels_with_503_and_serves_known_ones() {
+    let server = TestServer::start(1, &[("ROUTOPIA_LIMITS__MAX_CHANNELS", "2")]);
+    let mut client = server.client().await;
+    client.subscribe("route:a").await.unwrap();
+    client.publish("route:b", UpdateType::Route, "k", payload(1)).await.unwrap();
+    let err = client.publish("route:c", UpdateType::Route, "k", payload(1)).await.unwrap_err();
+    assert!(err.to_string().contains("503"), "{err}");
+    let err = client.subscribe("route:d").await.unwrap_err();
+    assert!(err.to_string().contains("503"), "{err}");
+    // The refused subscription left nothing behind: the same channel can be tried again later.
+    let err = client.subscribe("route:d").await.unwrap_err();
+    assert!(err.to_string().contains("503"), "not 409: {err}");
+    assert_eq!(client.publish("route:a", UpdateType::Route, "k", payload(2)).await.unwrap().offset, 1);
+    assert_eq!(within("own update", client.next_update()).await.unwrap().offset, 1);
+}

@@ -20,8 +20,13 @@ struct Channel {
 #[derive(Debug)]
 pub struct ChannelTable {
     shards: usize,
+    max_channels: usize,
     channels: HashMap<Arc<str>, Channel>,
 }
+
+/// The table holds `max_channels` channels and may not create another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableFull;
 
 /// Where a channel stands: its epoch and the offset of its latest publication (0 = none).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,12 +36,15 @@ pub struct Position {
 }
 
 impl ChannelTable {
-    pub fn new(shards: usize) -> Self {
-        Self { shards, channels: HashMap::new() }
+    pub fn new(shards: usize, max_channels: usize) -> Self {
+        Self { shards, max_channels, channels: HashMap::new() }
     }
 
-    fn channel(&mut self, name: &Arc<str>, now: Instant) -> &mut Channel {
+    fn channel(&mut self, name: &Arc<str>, now: Instant) -> Result<&mut Channel, TableFull> {
         let shards = self.shards;
+        if self.channels.len() >= self.max_channels && !self.channels.contains_key(name) {
+            return Err(TableFull);
+        }
         let channel = self.channels.entry(name.clone()).or_insert_with(|| Channel {
             epoch: new_epoch(),
             offset: 0,
@@ -44,14 +52,14 @@ impl ChannelTable {
             last_used: now,
         });
         channel.last_used = now;
-        channel
+        Ok(channel)
     }
 
     /// Counts one more subscriber on `shard` and says where the channel stands.
-    pub fn subscribe(&mut self, name: &Arc<str>, shard: usize, now: Instant) -> Position {
-        let channel = self.channel(name, now);
+    pub fn subscribe(&mut self, name: &Arc<str>, shard: usize, now: Instant) -> Result<Position, TableFull> {
+        let channel = self.channel(name, now)?;
         channel.subscribers[shard] += 1;
-        Position { epoch: channel.epoch.clone(), offset: channel.offset }
+        Ok(Position { epoch: channel.epoch.clone(), offset: channel.offset })
     }
 
     /// Counts one subscriber fewer on `shard`.
@@ -63,12 +71,12 @@ impl ChannelTable {
     }
 
     /// Assigns the next offset and returns it with the shards that have subscribers.
-    pub fn publish(&mut self, name: &Arc<str>, now: Instant, targets: &mut Vec<usize>) -> Position {
-        let channel = self.channel(name, now);
+    pub fn publish(&mut self, name: &Arc<str>, now: Instant, targets: &mut Vec<usize>) -> Result<Position, TableFull> {
+        let channel = self.channel(name, now)?;
         channel.offset += 1;
         targets.clear();
         targets.extend(channel.subscribers.iter().enumerate().filter(|(_, &n)| n > 0).map(|(shard, _)| shard));
-        Position { epoch: channel.epoch.clone(), offset: channel.offset }
+        Ok(Position { epoch: channel.epoch.clone(), offset: channel.offset })
     }
 
     /// Forgets channels with no subscribers that were unused for `idle_ttl`. Returns how many.
@@ -99,37 +107,49 @@ mod tests {
     #[test]
     fn offsets_increase_by_one_and_fan_out_follows_subscribers() {
         let now = Instant::now();
-        let mut table = ChannelTable::new(3);
+        let mut table = ChannelTable::new(3, 100);
         let name: Arc<str> = Arc::from("route:1");
-        let start = table.subscribe(&name, 2, now);
+        let start = table.subscribe(&name, 2, now).unwrap();
         assert_eq!(start.offset, 0);
         let mut targets = Vec::new();
         for expected in 1..=5 {
-            let pos = table.publish(&name, now, &mut targets);
+            let pos = table.publish(&name, now, &mut targets).unwrap();
             assert_eq!(pos, Position { epoch: start.epoch.clone(), offset: expected });
             assert_eq!(targets, vec![2]);
         }
-        table.subscribe(&name, 0, now);
-        table.publish(&name, now, &mut targets);
+        table.subscribe(&name, 0, now).unwrap();
+        table.publish(&name, now, &mut targets).unwrap();
         assert_eq!(targets, vec![0, 2]);
         table.unsubscribe(&name, 2, now);
-        table.publish(&name, now, &mut targets);
+        table.publish(&name, now, &mut targets).unwrap();
         assert_eq!(targets, vec![0]);
     }
 
     #[test]
     fn idle_channels_are_forgotten_and_come_back_with_a_new_epoch() {
         let t0 = Instant::now();
-        let mut table = ChannelTable::new(1);
+        let mut table = ChannelTable::new(1, 100);
         let idle: Arc<str> = Arc::from("poi:idle");
         let held: Arc<str> = Arc::from("poi:held");
-        let first = table.publish(&idle, t0, &mut Vec::new());
-        table.subscribe(&held, 0, t0);
+        let first = table.publish(&idle, t0, &mut Vec::new()).unwrap();
+        table.subscribe(&held, 0, t0).unwrap();
         let later = t0 + Duration::from_secs(600);
         assert_eq!(table.sweep(later, Duration::from_secs(300)), 1);
         assert_eq!(table.len(), 1);
-        let again = table.publish(&idle, later, &mut Vec::new());
+        let again = table.publish(&idle, later, &mut Vec::new()).unwrap();
         assert_eq!(again.offset, 1);
         assert_ne!(again.epoch, first.epoch);
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_channels_but_serves_known_ones() {
+        let now = Instant::now();
+        let mut table = ChannelTable::new(1, 2);
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"), Arc::from("c"));
+        table.publish(&a, now, &mut Vec::new()).unwrap();
+        table.subscribe(&b, 0, now).unwrap();
+        assert_eq!(table.publish(&c, now, &mut Vec::new()), Err(TableFull));
+        assert_eq!(table.subscribe(&c, 0, now), Err(TableFull));
+        assert_eq!(table.publish(&a, now, &mut Vec::new()).unwrap().offset, 2);
     }
 }

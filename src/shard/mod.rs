@@ -24,10 +24,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 pub use inbox::Inbox;
 
+use crate::broker::memory::Position;
 use crate::broker::Publication;
 use crate::config::{Config, Driver};
 use crate::protocol::pb;
-use crate::protocol::CloseCode;
+use crate::protocol::{CloseCode, ErrorCode};
 use crate::router::ConnId;
 use state::ShardState;
 
@@ -47,9 +48,9 @@ pub enum ShardMsg {
     /// To a channel's owner: publish; answer with `Published`.
     Publish { channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, update: Box<pb::Update> },
     /// From a channel's owner: where the channel stood when the subscriber was counted.
-    Subscribed { conn: ConnId, channel: Arc<str>, sub_id: u32, req_id: u32, epoch: Arc<str>, offset: u64 },
+    Subscribed { conn: ConnId, channel: Arc<str>, sub_id: u32, req_id: u32, position: Result<Position, ErrorCode> },
     /// From a channel's owner: the offset a publication got.
-    Published { conn: ConnId, req_id: u32, epoch: Arc<str>, offset: u64 },
+    Published { conn: ConnId, req_id: u32, position: Result<Position, ErrorCode> },
     /// From a channel's owner: a publication for this shard's subscribers.
     Deliver(Arc<Publication>),
     /// Close every connection and stop.

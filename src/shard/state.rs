@@ -14,8 +14,8 @@ use slab::Slab;
 use super::{Cluster, ShardMsg};
 use crate::broker::memory::ChannelTable;
 use crate::broker::{owner_shard, Publication};
-use crate::protocol::pb;
 use crate::protocol::push::encode_update_body;
+use crate::protocol::{pb, ErrorCode};
 use crate::router::{ConnId, Router, Subscriber};
 use crate::session::{Now, Session, SessionEvent, SessionLimits};
 
@@ -48,6 +48,7 @@ pub(crate) struct ShardState {
 impl ShardState {
     pub fn new(id: usize, cluster: Arc<Cluster>) -> Self {
         let shards = cluster.inboxes.len();
+        let max_channels = cluster.config.limits.max_channels.div_ceil(shards);
         Self {
             id,
             limits: Rc::new(SessionLimits::from_config(&cluster.config)),
@@ -55,7 +56,7 @@ impl ShardState {
             conns: Slab::new(),
             next_generation: 0,
             router: Router::default(),
-            channels: ChannelTable::new(shards),
+            channels: ChannelTable::new(shards, max_channels),
             backlog: (0..shards).map(|_| VecDeque::new()).collect(),
             backlog_flusher_running: false,
             targets: Vec::new(),
@@ -123,6 +124,13 @@ impl ShardState {
             }
             SessionEvent::Publish { channel, req_id, update } => {
                 let owner = owner_shard(&channel, shards);
+                if self.backlog[owner].len() >= MAX_BACKLOG {
+                    // The owner is far behind: refuse rather than queue without bound.
+                    if let Some(c) = self.conn(id) {
+                        c.session.on_published(req_id, Err(ErrorCode::Unavailable));
+                    }
+                    return;
+                }
                 let msg = ShardMsg::Publish { channel, from: self.id, conn: id, req_id, update: Box::new(update) };
                 self.route(owner, msg);
             }
@@ -142,20 +150,19 @@ impl ShardState {
     pub fn handle_msg(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Subscribe { channel, from, conn, sub_id, req_id } => {
-                let position = self.channels.subscribe(&channel, from, Instant::now());
-                let answer = ShardMsg::Subscribed {
-                    conn,
-                    channel,
-                    sub_id,
-                    req_id,
-                    epoch: position.epoch,
-                    offset: position.offset,
-                };
-                self.route(from, answer);
+                let position =
+                    self.channels.subscribe(&channel, from, Instant::now()).map_err(|_| ErrorCode::Unavailable);
+                self.route(from, ShardMsg::Subscribed { conn, channel, sub_id, req_id, position });
             }
             ShardMsg::Unsubscribe { channel, from } => self.channels.unsubscribe(&channel, from, Instant::now()),
-            ShardMsg::Subscribed { conn, channel, sub_id, req_id, epoch, offset } => {
-                let accepted = self.conn(conn).is_some_and(|c| c.session.on_subscribed(sub_id, req_id, &epoch, offset));
+            ShardMsg::Subscribed { conn, channel, sub_id, req_id, position: Err(code) } => {
+                if let Some(c) = self.conn(conn) {
+                    c.session.on_subscribe_failed(sub_id, req_id, code, format!("cannot subscribe to {channel} now"));
+                    self.drive(conn);
+                }
+            }
+            ShardMsg::Subscribed { conn, channel, sub_id, req_id, position: Ok(position) } => {
+                let accepted = self.conn(conn).is_some_and(|c| c.session.on_subscribed(sub_id, req_id, &position));
                 if accepted {
                     self.router.add(channel, Subscriber { conn, sub_id });
                     self.drive(conn);
@@ -167,9 +174,9 @@ impl ShardState {
             ShardMsg::Publish { channel, from, conn, req_id, update } => {
                 self.publish(channel, from, conn, req_id, *update)
             }
-            ShardMsg::Published { conn, req_id, epoch, offset } => {
+            ShardMsg::Published { conn, req_id, position } => {
                 if let Some(c) = self.conn(conn) {
-                    c.session.on_published(req_id, Ok((epoch, offset)));
+                    c.session.on_published(req_id, position);
                     self.drive(conn);
                 }
             }
@@ -182,16 +189,18 @@ impl ShardState {
     fn publish(&mut self, channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, mut update: pb::Update) {
         let accepted_at = Instant::now();
         let mut targets = std::mem::take(&mut self.targets);
-        let position = self.channels.publish(&channel, accepted_at, &mut targets);
-        update.offset = position.offset;
-        let body = encode_update_body(&update);
-        let publication = Arc::new(Publication::new(channel, position.offset, update.r#type, body, accepted_at));
-        for &shard in &targets {
-            self.route(shard, ShardMsg::Deliver(publication.clone()));
+        let position = self.channels.publish(&channel, accepted_at, &mut targets).map_err(|_| ErrorCode::Unavailable);
+        if let Ok(position) = &position {
+            update.offset = position.offset;
+            let body = encode_update_body(&update);
+            let publication = Arc::new(Publication::new(channel, position.offset, update.r#type, body, accepted_at));
+            for &shard in &targets {
+                self.route(shard, ShardMsg::Deliver(publication.clone()));
+            }
+            self.stats().published.fetch_add(1, Ordering::Relaxed);
         }
         self.targets = targets;
-        self.stats().published.fetch_add(1, Ordering::Relaxed);
-        self.route(from, ShardMsg::Published { conn, req_id, epoch: position.epoch, offset: position.offset });
+        self.route(from, ShardMsg::Published { conn, req_id, position });
     }
 
     /// Hands a publication to every local subscriber of its channel, sharing its bytes.
