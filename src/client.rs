@@ -25,7 +25,7 @@ use compio::net::TcpStream;
 
 use crate::protocol::envelope::{self, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientFrame, ServerFrame};
-use crate::protocol::ws::{WsEndpoint, WsEvent};
+use crate::protocol::ws::{MessageReader, ServerEvent, WsEndpoint};
 
 /// Largest message the client accepts from a server.
 const MAX_INCOMING: usize = 64 * 1024 * 1024;
@@ -76,7 +76,7 @@ pub struct Sender {
 /// The receiving half of a connection.
 pub struct Receiver {
     stream: TcpStream,
-    ws: WsEndpoint,
+    reader: MessageReader,
     buffer: Vec<u8>,
     frames: VecDeque<ServerFrame>,
 }
@@ -87,14 +87,14 @@ impl Client {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let leftover = handshake(&mut stream, addr, path).await?;
-        let mut receiver_ws = WsEndpoint::client(MAX_INCOMING);
-        receiver_ws.feed(&leftover);
+        let mut reader = MessageReader::new(MAX_INCOMING);
+        reader.feed(&leftover);
         let (read_half, write_half) = stream.into_split();
         Ok(Client {
             sender: Sender { stream: write_half, ws: WsEndpoint::client(MAX_INCOMING), next_id: 1 },
             receiver: Receiver {
                 stream: read_half,
-                ws: receiver_ws,
+                reader,
                 buffer: Vec::with_capacity(READ_BUFFER),
                 frames: VecDeque::new(),
             },
@@ -227,10 +227,10 @@ impl Receiver {
     /// The next binary message, undecoded.
     pub async fn next_message(&mut self) -> Result<Bytes, ClientError> {
         loop {
-            match self.ws.next_event()? {
-                Some(WsEvent::Binary(data)) => return Ok(data),
-                Some(WsEvent::Text) => continue,
-                Some(WsEvent::Closed(code)) => return Err(ClientError::Closed(code)),
+            match self.reader.next_event()? {
+                Some(ServerEvent::Binary(data)) => return Ok(data),
+                Some(ServerEvent::Text(_) | ServerEvent::Ping(_)) => continue,
+                Some(ServerEvent::Close(code)) => return Err(ClientError::Closed(code)),
                 None => {}
             }
             let buffer = std::mem::take(&mut self.buffer);
@@ -238,7 +238,7 @@ impl Receiver {
             self.buffer = buffer;
             match result? {
                 0 => return Err(ClientError::Closed(None)),
-                n => self.ws.feed(&self.buffer[..n]),
+                n => self.reader.feed(&self.buffer[..n]),
             }
         }
     }

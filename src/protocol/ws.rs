@@ -3,10 +3,12 @@
 //! connection's I/O driver fills from the socket and empties into its outbox. Data the server
 //! sends bypasses tungstenite: [`write_binary_header`] frames pre-encoded batches directly.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Cursor, Read, Write};
 
-use bytes::Bytes;
-use tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use bytes::{Buf, Bytes, BytesMut};
+use tungstenite::error::{CapacityError, ProtocolError};
+use tungstenite::protocol::frame::coding::{CloseCode as WsCloseCode, Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
@@ -161,6 +163,106 @@ pub fn binary_header_len(len: usize) -> usize {
     }
 }
 
+/// Reads what a server sends: its frames are unmasked, so each payload is sliced out of the
+/// receive buffer without another copy. Clients (and the load generator) use it; the server's
+/// inbound side keeps tungstenite's full validation.
+#[derive(Debug)]
+pub struct MessageReader {
+    pending: BytesMut,
+    /// A fragmented message being reassembled: whether it is binary, and its bytes so far.
+    partial: Option<(bool, BytesMut)>,
+    max_message_size: usize,
+}
+
+/// One complete message (or control frame) from a server.
+#[derive(Debug, PartialEq)]
+pub enum ServerEvent {
+    Binary(Bytes),
+    Text(Bytes),
+    Ping(Bytes),
+    Close(Option<u16>),
+}
+
+impl MessageReader {
+    pub fn new(max_message_size: usize) -> Self {
+        Self { pending: BytesMut::new(), partial: None, max_message_size }
+    }
+
+    /// Appends received bytes.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// The next complete message; `Ok(None)` (consuming nothing) while more bytes are needed.
+    pub fn next_event(&mut self) -> Result<Option<ServerEvent>, tungstenite::Error> {
+        loop {
+            let mut cursor = Cursor::new(&self.pending[..]);
+            let Some((header, len)) = FrameHeader::parse(&mut cursor)? else { return Ok(None) };
+            let header_len = cursor.position() as usize;
+            if len > self.max_message_size as u64 {
+                return Err(tungstenite::Error::Capacity(CapacityError::MessageTooLong {
+                    size: len as usize,
+                    max_size: self.max_message_size,
+                }));
+            }
+            if self.pending.len() < header_len + len as usize {
+                return Ok(None);
+            }
+            self.pending.advance(header_len);
+            let mut payload = self.pending.split_to(len as usize);
+            if let Some(mask) = header.mask {
+                for (i, byte) in payload.iter_mut().enumerate() {
+                    *byte ^= mask[i % 4];
+                }
+            }
+            match header.opcode {
+                OpCode::Control(Control::Close) => {
+                    let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return Ok(Some(ServerEvent::Close(code)));
+                }
+                OpCode::Control(Control::Ping) => return Ok(Some(ServerEvent::Ping(payload.freeze()))),
+                OpCode::Control(_) => continue,
+                OpCode::Data(Data::Continue) => {
+                    let Some((binary, mut so_far)) = self.partial.take() else {
+                        return Err(tungstenite::Error::Protocol(ProtocolError::UnexpectedContinueFrame));
+                    };
+                    if so_far.len() + payload.len() > self.max_message_size {
+                        return Err(tungstenite::Error::Capacity(CapacityError::MessageTooLong {
+                            size: so_far.len() + payload.len(),
+                            max_size: self.max_message_size,
+                        }));
+                    }
+                    so_far.extend_from_slice(&payload);
+                    if !header.is_final {
+                        self.partial = Some((binary, so_far));
+                        continue;
+                    }
+                    return Ok(Some(Self::data(binary, so_far.freeze())));
+                }
+                OpCode::Data(kind @ (Data::Binary | Data::Text)) => {
+                    let binary = kind == Data::Binary;
+                    if !header.is_final {
+                        self.partial = Some((binary, payload));
+                        continue;
+                    }
+                    return Ok(Some(Self::data(binary, payload.freeze())));
+                }
+                OpCode::Data(Data::Reserved(_)) => {
+                    return Err(tungstenite::Error::Protocol(ProtocolError::UnknownDataFrameType(0)))
+                }
+            }
+        }
+    }
+
+    fn data(binary: bool, payload: Bytes) -> ServerEvent {
+        if binary {
+            ServerEvent::Binary(payload)
+        } else {
+            ServerEvent::Text(payload)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +309,30 @@ mod tests {
         server.feed(&client.take_output());
         let err = server.next_event().unwrap_err();
         assert!(matches!(err, tungstenite::Error::Capacity(_)), "{err}");
+    }
+
+    #[test]
+    fn message_reader_reassembles_fragments_and_reports_close() {
+        let mut reader = MessageReader::new(1 << 20);
+        // "he" (binary, not final) + "llo" (continuation, final), a ping, then close 4000.
+        let wire =
+            [&[0x02, 0x02][..], b"he", &[0x80, 0x03], b"llo", &[0x89, 0x01, b'p'], &[0x88, 0x02, 0x0f, 0xa0]].concat();
+        for byte in &wire[..wire.len() - 1] {
+            reader.feed(std::slice::from_ref(byte));
+        }
+        assert_eq!(reader.next_event().unwrap(), Some(ServerEvent::Binary(Bytes::from_static(b"hello"))));
+        assert_eq!(reader.next_event().unwrap(), Some(ServerEvent::Ping(Bytes::from_static(b"p"))));
+        assert_eq!(reader.next_event().unwrap(), None, "the close frame is still incomplete");
+        reader.feed(&wire[wire.len() - 1..]);
+        assert_eq!(reader.next_event().unwrap(), Some(ServerEvent::Close(Some(4000))));
+    }
+
+    #[test]
+    fn message_reader_refuses_oversized_frames() {
+        let mut reader = MessageReader::new(100);
+        let mut wire = Vec::new();
+        write_binary_header(&mut wire, 200);
+        reader.feed(&wire);
+        assert!(matches!(reader.next_event(), Err(tungstenite::Error::Capacity(_))));
     }
 }
