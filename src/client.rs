@@ -131,8 +131,24 @@ impl Client {
     }
 
     pub async fn subscribe(&mut self, channel: &str) -> Result<pb::SubscribeResult, ClientError> {
-        let command = Command::Subscribe(pb::Subscribe { channel: channel.into(), ..Default::default() });
-        match self.request(command).await? {
+        self.subscribe_with(pb::Subscribe { channel: channel.into(), ..Default::default() }).await
+    }
+
+    /// Subscribes and recovers every publication after `epoch`/`offset` (the last one seen).
+    pub async fn subscribe_from(
+        &mut self,
+        channel: &str,
+        epoch: &str,
+        offset: u64,
+    ) -> Result<pb::SubscribeResult, ClientError> {
+        let subscribe =
+            pb::Subscribe { channel: channel.into(), recover: true, epoch: epoch.into(), offset, ..Default::default() };
+        self.subscribe_with(subscribe).await
+    }
+
+    /// Subscribes with every field of `Subscribe` under the caller's control.
+    pub async fn subscribe_with(&mut self, subscribe: pb::Subscribe) -> Result<pb::SubscribeResult, ClientError> {
+        match self.request(Command::Subscribe(subscribe)).await? {
             reply::Result::Subscribe(result) => Ok(result),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
@@ -141,6 +157,14 @@ impl Client {
     pub async fn unsubscribe(&mut self, sub_id: u32) -> Result<(), ClientError> {
         match self.request(Command::Unsubscribe(pb::Unsubscribe { sub_id })).await? {
             reply::Result::Unsubscribe(_) => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Up to `limit` publications of `channel` after offset `since`.
+    pub async fn history(&mut self, channel: &str, since: u64, limit: u32) -> Result<pb::HistoryResult, ClientError> {
+        match self.request(Command::History(pb::History { channel: channel.into(), since, limit })).await? {
+            reply::Result::History(result) => Ok(result),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

@@ -35,6 +35,8 @@ pub struct Config {
     pub limits: Limits,
     /// Delivery tuning.
     pub delivery: Delivery,
+    /// History and recovery.
+    pub history: History,
 }
 
 /// Safety limits. Exceeding one gets an `Error` reply or a close code, never a panic.
@@ -79,6 +81,26 @@ pub struct Delivery {
     pub inbox_capacity: usize,
 }
 
+/// What each channel remembers, and what a reconnecting client may recover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct History {
+    /// Publications kept per channel (0 = none: recovery always refused). Default 1000.
+    pub size: usize,
+    /// How long a publication stays in history. Default `1h`.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// A recovery whose first missed publication is older than this is refused. Default `5m`.
+    #[serde(with = "humantime_serde")]
+    pub recovery_window: Duration,
+    /// Most publications one recovery carries; more missed: refused. Default 1000.
+    pub max_recovery_messages: usize,
+    /// A channel without subscribers or history is forgotten after this long unused (its
+    /// next use starts a new epoch). Default `5m`.
+    #[serde(with = "humantime_serde")]
+    pub channel_idle_ttl: Duration,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Driver {
@@ -105,6 +127,7 @@ impl Default for Config {
             log_format: LogFormat::Pretty,
             limits: Limits::default(),
             delivery: Delivery::default(),
+            history: History::default(),
         }
     }
 }
@@ -123,6 +146,18 @@ impl Default for Limits {
             max_channel_length: 128,
             max_payload_size: 32 * 1024,
             max_channels: 1_000_000,
+        }
+    }
+}
+
+impl Default for History {
+    fn default() -> Self {
+        Self {
+            size: 1000,
+            ttl: Duration::from_secs(3600),
+            recovery_window: Duration::from_secs(300),
+            max_recovery_messages: 1000,
+            channel_idle_ttl: Duration::from_secs(300),
         }
     }
 }
@@ -219,10 +254,37 @@ impl Config {
         if self.delivery.inbox_capacity < 1024 {
             return Err(invalid("delivery.inbox_capacity", "must be at least 1024"));
         }
+        let h = &self.history;
+        if h.size > 1_000_000 {
+            return Err(invalid("history.size", "at most 1000000 publications per channel"));
+        }
+        if h.ttl.is_zero() {
+            return Err(invalid("history.ttl", "must be longer than zero"));
+        }
+        if h.recovery_window.is_zero() {
+            return Err(invalid("history.recovery_window", "must be longer than zero"));
+        }
+        if h.channel_idle_ttl.is_zero() {
+            return Err(invalid("history.channel_idle_ttl", "must be longer than zero"));
+        }
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(invalid("log_level", format!("not a log filter: {err}")));
         }
         Ok(())
+    }
+
+    /// The history policy every owner shard applies.
+    pub fn history_policy(&self) -> crate::broker::memory::HistoryPolicy {
+        let h = &self.history;
+        crate::broker::memory::HistoryPolicy {
+            size: h.size,
+            ttl: h.ttl,
+            recovery_window: h.recovery_window,
+            max_recovery_messages: h.max_recovery_messages,
+            // A recovery must fit the outbox with room to spare for live updates.
+            max_recovery_bytes: self.limits.max_outbox_bytes / 2,
+            idle_ttl: h.channel_idle_ttl,
+        }
     }
 
     /// Shards to start: the configured number, or one per core.

@@ -12,8 +12,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use prost::Message;
 
-use crate::broker::memory::Position;
+use crate::broker::memory::{HistoryPage, Position, Recovery, RecoveryFailure};
 use crate::broker::{validate_channel, Publication};
 use crate::config::Config;
 use crate::outbox::{OutItem, Outbox};
@@ -22,6 +23,21 @@ use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind
 use crate::protocol::push::write_frame;
 use crate::protocol::ws::{WsEndpoint, WsEvent};
 use crate::protocol::{CloseCode, ErrorCode};
+
+/// Publications in a `History` reply when the client names no limit, and at most.
+const HISTORY_DEFAULT_PAGE: usize = 100;
+const HISTORY_MAX_PAGE: usize = 1000;
+
+/// The wire form of a refusal reason.
+fn recovery_failure(reason: RecoveryFailure) -> pb::RecoveryFailure {
+    match reason {
+        RecoveryFailure::EpochChanged => pb::RecoveryFailure::EpochChanged,
+        RecoveryFailure::GapTooOld => pb::RecoveryFailure::GapTooOld,
+        RecoveryFailure::WindowExceeded => pb::RecoveryFailure::WindowExceeded,
+        RecoveryFailure::TooMany => pb::RecoveryFailure::TooMany,
+        RecoveryFailure::OffsetAhead => pb::RecoveryFailure::OffsetAhead,
+    }
+}
 
 /// The wall clock as the shard read it, passed into the session.
 #[derive(Debug, Clone, Copy)]
@@ -33,8 +49,11 @@ pub struct Now {
 /// Something the shard must do for this session.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionEvent {
-    /// Register a subscription with the channel's owner; answer with `on_subscribed`.
-    Subscribe { channel: Arc<str>, sub_id: u32, req_id: u32 },
+    /// Register a subscription with the channel's owner (recovering from `since` when given);
+    /// answer with `on_subscribed`.
+    Subscribe { channel: Arc<str>, sub_id: u32, req_id: u32, since: Option<Position> },
+    /// Read the channel's history from its owner; answer with `on_history`.
+    History { channel: Arc<str>, req_id: u32, since: u64, limit: usize },
     /// Drop a subscription (from the router when it was active, and from the owner's count).
     Unsubscribe { channel: Arc<str>, sub_id: u32, was_active: bool },
     /// Publish through the channel's owner; answer with `on_published`.
@@ -187,18 +206,56 @@ impl Session {
         self.outbox.queued_bytes()
     }
 
-    /// The owner answered a `Subscribe` event. Returns false when the subscription is gone
-    /// meanwhile (the shard must then take back the owner's count).
-    pub fn on_subscribed(&mut self, sub_id: u32, req_id: u32, position: &Position) -> bool {
+    /// The owner answered a `Subscribe` event: reply, then the recovered publications (if
+    /// any) ahead of every live one. Returns false when the subscription is gone meanwhile
+    /// (the shard must then take back the owner's count).
+    pub fn on_subscribed(&mut self, sub_id: u32, req_id: u32, position: &Position, recovery: Option<Recovery>) -> bool {
         if self.is_closing() {
             return false;
         }
         let Some(sub) = self.subs.get_mut(&sub_id) else { return false };
         sub.active = true;
-        let epoch = position.epoch.to_string();
-        let result = pb::SubscribeResult { sub_id, epoch, offset: position.offset, recovered: false };
+        let (recovered, failure, missed) = match recovery {
+            Some(Recovery::Recovered(missed)) => (true, pb::RecoveryFailure::None, missed),
+            Some(Recovery::Refused(reason)) => (false, recovery_failure(reason), Vec::new()),
+            None => (false, pb::RecoveryFailure::None, Vec::new()),
+        };
+        let result = pb::SubscribeResult {
+            sub_id,
+            epoch: position.epoch.to_string(),
+            offset: position.offset,
+            recovered,
+            recovery_failure: failure as i32,
+        };
         self.reply(req_id, reply::Result::Subscribe(result));
+        for publication in missed {
+            self.push_update(sub_id, &Rc::new(Publication::clone(&publication)));
+        }
         true
+    }
+
+    /// The owner answered a `History` event.
+    pub fn on_history(&mut self, req_id: u32, page: &HistoryPage) {
+        let publications = page
+            .publications
+            .iter()
+            .filter_map(|p| pb::Update::decode(p.body.clone()).ok())
+            .map(|u| pb::Publication {
+                offset: u.offset,
+                r#type: u.r#type,
+                key: u.key,
+                confidence: u.confidence,
+                timestamp_us: u.timestamp_us,
+                payload: u.payload,
+            })
+            .collect();
+        let result = pb::HistoryResult {
+            epoch: page.position.epoch.to_string(),
+            offset: page.position.offset,
+            publications,
+            truncated: page.truncated,
+        };
+        self.reply(req_id, reply::Result::History(result));
     }
 
     /// The owner could not take the subscription: forget it and tell the client.
@@ -303,7 +360,7 @@ impl Session {
             Command::Refresh(_) => {
                 self.error(id, ErrorCode::NotImplemented, "token refresh is not available yet".into())
             }
-            Command::History(_) => self.error(id, ErrorCode::NotImplemented, "history is not available yet".into()),
+            Command::History(history) => self.handle_history(id, history),
         }
     }
 
@@ -341,9 +398,22 @@ impl Session {
         }
         let sub_id = self.allocate_sub_id();
         let channel: Arc<str> = Arc::from(subscribe.channel);
+        let since = subscribe.recover.then(|| Position { epoch: Arc::from(subscribe.epoch), offset: subscribe.offset });
         self.subs.insert(sub_id, Subscription { channel: channel.clone(), active: false });
         self.by_channel.insert(channel.clone(), sub_id);
-        self.events.push_back(SessionEvent::Subscribe { channel, sub_id, req_id: id });
+        self.events.push_back(SessionEvent::Subscribe { channel, sub_id, req_id: id, since });
+    }
+
+    fn handle_history(&mut self, id: u32, history: pb::History) {
+        if let Err(err) = validate_channel(&history.channel, self.limits.max_channel_length) {
+            return self.error(id, ErrorCode::BadRequest, err.to_string());
+        }
+        let limit = match history.limit {
+            0 => HISTORY_DEFAULT_PAGE,
+            n => (n as usize).min(HISTORY_MAX_PAGE),
+        };
+        let channel = Arc::from(history.channel);
+        self.events.push_back(SessionEvent::History { channel, req_id: id, since: history.since, limit });
     }
 
     fn handle_unsubscribe(&mut self, id: u32, sub_id: u32) {

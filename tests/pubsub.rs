@@ -70,7 +70,7 @@ async fn hundred_channels_multiplexed_on_one_connection() {
     for i in 0..100 {
         publisher.publish(&format!("poi:tile-{i}"), UpdateType::Poi, &format!("poi-{i}"), payload(i)).await.unwrap();
     }
-    let mut seen = vec![false; 100];
+    let mut seen = [false; 100];
     for _ in 0..100 {
         let update = within("an update", subscriber.next_update()).await.unwrap();
         let i = sub_ids.iter().position(|&id| id == update.sub_id).expect("a known sub_id");

@@ -1,32 +1,29 @@
-//! The embedded broker: the channels one shard owns, each with its epoch, its latest offset
-//! and how many subscribers each shard has. Pure state; the shard moves the messages.
+//! The embedded broker: the channels one shard owns, each with its epoch, its latest offset,
+//! its recent publications (history) and how many subscribers each shard has. Pure state with
+//! `now` passed in; the shard moves the messages.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// State of one owned channel.
-#[derive(Debug)]
-struct Channel {
-    epoch: Arc<str>,
-    offset: u64,
-    /// Subscribers per shard; the owner fans out to the shards with a non-zero count.
-    subscribers: Vec<u32>,
-    last_used: Instant,
-}
+use super::Publication;
 
-/// The channels a shard owns. Created on first use, forgotten after `idle_ttl` without
-/// subscribers or publications (a later use starts a new epoch, so clients see the loss).
-#[derive(Debug)]
-pub struct ChannelTable {
-    shards: usize,
-    max_channels: usize,
-    channels: HashMap<Arc<str>, Channel>,
+/// How much history each channel keeps, and what a recovery may ask of it.
+#[derive(Debug, Clone)]
+pub struct HistoryPolicy {
+    /// Publications kept per channel.
+    pub size: usize,
+    /// How long a publication stays in history.
+    pub ttl: Duration,
+    /// A recovery whose first missed publication is older than this is refused.
+    pub recovery_window: Duration,
+    /// A recovery of more publications than this is refused.
+    pub max_recovery_messages: usize,
+    /// A recovery of more payload bytes than this is refused (it must fit the outbox).
+    pub max_recovery_bytes: usize,
+    /// A channel without subscribers and history is forgotten after this long unused.
+    pub idle_ttl: Duration,
 }
-
-/// The table holds `max_channels` channels and may not create another.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TableFull;
 
 /// Where a channel stands: its epoch and the offset of its latest publication (0 = none).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,9 +32,85 @@ pub struct Position {
     pub offset: u64,
 }
 
+/// Why a recovery was refused; the client must resync from its source of truth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoveryFailure {
+    /// The channel's history was lost (new process, channel forgotten): the epoch differs.
+    EpochChanged,
+    /// History no longer holds the publication after the client's offset.
+    GapTooOld,
+    /// The first missed publication is older than the recovery window.
+    WindowExceeded,
+    /// More publications (or bytes) missed than one recovery may carry.
+    TooMany,
+    /// The client claims an offset the channel never reached.
+    OffsetAhead,
+}
+
+/// The outcome of a subscription that asked to recover from a position.
+#[derive(Debug, Clone)]
+pub enum Recovery {
+    /// Every missed publication, oldest first (possibly none).
+    Recovered(Vec<Arc<Publication>>),
+    Refused(RecoveryFailure),
+}
+
+/// A range read from history.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub position: Position,
+    pub publications: Vec<Arc<Publication>>,
+    /// Publications after the asked offset were already dropped: the page starts later.
+    pub truncated: bool,
+}
+
+/// The table holds its most channels and may not create another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableFull;
+
+/// State of one owned channel.
+#[derive(Debug)]
+struct Channel {
+    epoch: Arc<str>,
+    offset: u64,
+    /// Subscribers per shard; the owner fans out to the shards with a non-zero count.
+    subscribers: Vec<u32>,
+    /// The latest publications, oldest first, offsets consecutive and ending at `offset`.
+    history: VecDeque<Arc<Publication>>,
+    last_used: Instant,
+}
+
+impl Channel {
+    fn position(&self) -> Position {
+        Position { epoch: self.epoch.clone(), offset: self.offset }
+    }
+
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        while self.history.front().is_some_and(|p| now.saturating_duration_since(p.accepted_at) > ttl) {
+            self.history.pop_front();
+        }
+    }
+
+    /// Index in `history` of the publication with `offset`, if still held.
+    fn index_of(&self, offset: u64) -> Option<usize> {
+        let first = self.history.front()?.offset;
+        (offset >= first && offset <= self.offset).then(|| (offset - first) as usize)
+    }
+}
+
+/// The channels a shard owns. Created on first use; forgotten once they have no subscribers
+/// and no history and were unused for `idle_ttl` (a later use starts a new epoch).
+#[derive(Debug)]
+pub struct ChannelTable {
+    shards: usize,
+    max_channels: usize,
+    policy: HistoryPolicy,
+    channels: HashMap<Arc<str>, Channel>,
+}
+
 impl ChannelTable {
-    pub fn new(shards: usize, max_channels: usize) -> Self {
-        Self { shards, max_channels, channels: HashMap::new() }
+    pub fn new(shards: usize, max_channels: usize, policy: HistoryPolicy) -> Self {
+        Self { shards, max_channels, policy, channels: HashMap::new() }
     }
 
     fn channel(&mut self, name: &Arc<str>, now: Instant) -> Result<&mut Channel, TableFull> {
@@ -49,17 +122,28 @@ impl ChannelTable {
             epoch: new_epoch(),
             offset: 0,
             subscribers: vec![0; shards],
+            history: VecDeque::new(),
             last_used: now,
         });
         channel.last_used = now;
+        channel.expire(now, self.policy.ttl);
         Ok(channel)
     }
 
-    /// Counts one more subscriber on `shard` and says where the channel stands.
-    pub fn subscribe(&mut self, name: &Arc<str>, shard: usize, now: Instant) -> Result<Position, TableFull> {
+    /// Counts one more subscriber on `shard`. With `since` (the epoch and offset of the last
+    /// publication the client saw), also says which publications it missed, or why it cannot.
+    pub fn subscribe(
+        &mut self,
+        name: &Arc<str>,
+        shard: usize,
+        now: Instant,
+        since: Option<&Position>,
+    ) -> Result<(Position, Option<Recovery>), TableFull> {
+        let policy = self.policy.clone();
         let channel = self.channel(name, now)?;
         channel.subscribers[shard] += 1;
-        Ok(Position { epoch: channel.epoch.clone(), offset: channel.offset })
+        let recovery = since.map(|since| recover(channel, since, now, &policy));
+        Ok((channel.position(), recovery))
     }
 
     /// Counts one subscriber fewer on `shard`.
@@ -70,19 +154,63 @@ impl ChannelTable {
         }
     }
 
-    /// Assigns the next offset and returns it with the shards that have subscribers.
-    pub fn publish(&mut self, name: &Arc<str>, now: Instant, targets: &mut Vec<usize>) -> Result<Position, TableFull> {
+    /// Assigns the next offset, builds the publication with `make(offset)`, keeps it in
+    /// history, and fills `targets` with the shards that have subscribers.
+    pub fn publish(
+        &mut self,
+        name: &Arc<str>,
+        now: Instant,
+        targets: &mut Vec<usize>,
+        make: impl FnOnce(u64) -> Publication,
+    ) -> Result<(Position, Arc<Publication>), TableFull> {
+        let size = self.policy.size;
         let channel = self.channel(name, now)?;
         channel.offset += 1;
+        let publication = Arc::new(make(channel.offset));
+        if size > 0 {
+            if channel.history.len() >= size {
+                channel.history.pop_front();
+            }
+            channel.history.push_back(publication.clone());
+        }
         targets.clear();
         targets.extend(channel.subscribers.iter().enumerate().filter(|(_, &n)| n > 0).map(|(shard, _)| shard));
-        Ok(Position { epoch: channel.epoch.clone(), offset: channel.offset })
+        Ok((channel.position(), publication))
     }
 
-    /// Forgets channels with no subscribers that were unused for `idle_ttl`. Returns how many.
-    pub fn sweep(&mut self, now: Instant, idle_ttl: Duration) -> usize {
+    /// Up to `limit` publications with offsets above `since`, oldest first. Unknown channels
+    /// are not created: they answer an empty page with an empty epoch.
+    pub fn history(&mut self, name: &str, since: u64, limit: usize, now: Instant) -> HistoryPage {
+        let ttl = self.policy.ttl;
+        let Some(channel) = self.channels.get_mut(name) else {
+            return HistoryPage {
+                position: Position { epoch: Arc::from(""), offset: 0 },
+                publications: Vec::new(),
+                truncated: false,
+            };
+        };
+        channel.expire(now, ttl);
+        let start = match channel.history.front() {
+            Some(first) if since < first.offset => 0,
+            Some(_) => channel.index_of(since).map_or(channel.history.len(), |i| i + 1),
+            None => 0,
+        };
+        let first_wanted = since.saturating_add(1);
+        let truncated = since < channel.offset && channel.history.front().is_none_or(|p| p.offset > first_wanted);
+        let publications = channel.history.iter().skip(start).take(limit).cloned().collect();
+        HistoryPage { position: channel.position(), publications, truncated }
+    }
+
+    /// Drops expired history and forgets idle channels. Returns how many were forgotten.
+    pub fn sweep(&mut self, now: Instant) -> usize {
         let before = self.channels.len();
-        self.channels.retain(|_, c| c.subscribers.iter().any(|&n| n > 0) || now.duration_since(c.last_used) < idle_ttl);
+        let (ttl, idle_ttl) = (self.policy.ttl, self.policy.idle_ttl);
+        self.channels.retain(|_, c| {
+            c.expire(now, ttl);
+            c.subscribers.iter().any(|&n| n > 0)
+                || !c.history.is_empty()
+                || now.saturating_duration_since(c.last_used) < idle_ttl
+        });
         before - self.channels.len()
     }
 
@@ -93,6 +221,39 @@ impl ChannelTable {
     pub fn is_empty(&self) -> bool {
         self.channels.is_empty()
     }
+
+    /// Publications held in history over all channels.
+    pub fn history_len(&self) -> usize {
+        self.channels.values().map(|c| c.history.len()).sum()
+    }
+}
+
+/// Every publication after `since`, or why they cannot all be given. Never partial.
+fn recover(channel: &Channel, since: &Position, now: Instant, policy: &HistoryPolicy) -> Recovery {
+    if since.epoch != channel.epoch {
+        return Recovery::Refused(RecoveryFailure::EpochChanged);
+    }
+    if since.offset > channel.offset {
+        return Recovery::Refused(RecoveryFailure::OffsetAhead);
+    }
+    let missed = (channel.offset - since.offset) as usize;
+    if missed == 0 {
+        return Recovery::Recovered(Vec::new());
+    }
+    if missed > policy.max_recovery_messages {
+        return Recovery::Refused(RecoveryFailure::TooMany);
+    }
+    let Some(first) = channel.index_of(since.offset + 1) else {
+        return Recovery::Refused(RecoveryFailure::GapTooOld);
+    };
+    if now.saturating_duration_since(channel.history[first].accepted_at) > policy.recovery_window {
+        return Recovery::Refused(RecoveryFailure::WindowExceeded);
+    }
+    let bytes: usize = channel.history.range(first..).map(|p| p.body.len()).sum();
+    if bytes > policy.max_recovery_bytes {
+        return Recovery::Refused(RecoveryFailure::TooMany);
+    }
+    Recovery::Recovered(channel.history.range(first..).cloned().collect())
 }
 
 /// A fresh random epoch: 16 hex digits.
@@ -101,55 +262,4 @@ fn new_epoch() -> Arc<str> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offsets_increase_by_one_and_fan_out_follows_subscribers() {
-        let now = Instant::now();
-        let mut table = ChannelTable::new(3, 100);
-        let name: Arc<str> = Arc::from("route:1");
-        let start = table.subscribe(&name, 2, now).unwrap();
-        assert_eq!(start.offset, 0);
-        let mut targets = Vec::new();
-        for expected in 1..=5 {
-            let pos = table.publish(&name, now, &mut targets).unwrap();
-            assert_eq!(pos, Position { epoch: start.epoch.clone(), offset: expected });
-            assert_eq!(targets, vec![2]);
-        }
-        table.subscribe(&name, 0, now).unwrap();
-        table.publish(&name, now, &mut targets).unwrap();
-        assert_eq!(targets, vec![0, 2]);
-        table.unsubscribe(&name, 2, now);
-        table.publish(&name, now, &mut targets).unwrap();
-        assert_eq!(targets, vec![0]);
-    }
-
-    #[test]
-    fn idle_channels_are_forgotten_and_come_back_with_a_new_epoch() {
-        let t0 = Instant::now();
-        let mut table = ChannelTable::new(1, 100);
-        let idle: Arc<str> = Arc::from("poi:idle");
-        let held: Arc<str> = Arc::from("poi:held");
-        let first = table.publish(&idle, t0, &mut Vec::new()).unwrap();
-        table.subscribe(&held, 0, t0).unwrap();
-        let later = t0 + Duration::from_secs(600);
-        assert_eq!(table.sweep(later, Duration::from_secs(300)), 1);
-        assert_eq!(table.len(), 1);
-        let again = table.publish(&idle, later, &mut Vec::new()).unwrap();
-        assert_eq!(again.offset, 1);
-        assert_ne!(again.epoch, first.epoch);
-    }
-
-    #[test]
-    fn a_full_table_refuses_new_channels_but_serves_known_ones() {
-        let now = Instant::now();
-        let mut table = ChannelTable::new(1, 2);
-        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"), Arc::from("c"));
-        table.publish(&a, now, &mut Vec::new()).unwrap();
-        table.subscribe(&b, 0, now).unwrap();
-        assert_eq!(table.publish(&c, now, &mut Vec::new()), Err(TableFull));
-        assert_eq!(table.subscribe(&c, 0, now), Err(TableFull));
-        assert_eq!(table.publish(&a, now, &mut Vec::new()).unwrap().offset, 2);
-    }
-}
+mod tests;

@@ -77,10 +77,12 @@ fn error_code(frame: &pb::ServerFrame) -> Option<u32> {
 fn subscribe_waits_for_the_owner_then_replies_with_position() {
     let (mut session, mut peer) = connected();
     peer.command(&mut session, 7, subscribe("route:42"));
-    let Some(SessionEvent::Subscribe { channel, sub_id, req_id: 7 }) = session.poll_event() else { panic!("no event") };
+    let Some(SessionEvent::Subscribe { channel, sub_id, req_id: 7, since: None }) = session.poll_event() else {
+        panic!("no event")
+    };
     assert_eq!(&*channel, "route:42");
     assert!(!session.wants_write(), "no reply before the owner answers");
-    assert!(session.on_subscribed(sub_id, 7, &Position { epoch: Arc::from("e1"), offset: 12 }));
+    assert!(session.on_subscribed(sub_id, 7, &Position { epoch: Arc::from("e1"), offset: 12 }, None));
     let (frames, _) = peer.receive(&mut session);
     match &frames[0].kind {
         Some(Kind::Reply(pb::Reply { id: 7, result: Some(reply::Result::Subscribe(result)) })) => {
@@ -98,7 +100,7 @@ fn unsubscribing_a_pending_subscription_makes_its_answer_refused() {
     peer.command(&mut session, 3, Command::Unsubscribe(pb::Unsubscribe { sub_id }));
     assert!(matches!(session.poll_event(), Some(SessionEvent::Unsubscribe { was_active: false, .. })));
     assert!(
-        !session.on_subscribed(sub_id, 2, &Position { epoch: Arc::from("e"), offset: 0 }),
+        !session.on_subscribed(sub_id, 2, &Position { epoch: Arc::from("e"), offset: 0 }, None),
         "the shard must take back the owner's count"
     );
 }

@@ -24,7 +24,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 pub use inbox::Inbox;
 
-use crate::broker::memory::Position;
+use crate::broker::memory::{HistoryPage, Position, Recovery};
 use crate::broker::Publication;
 use crate::config::{Config, Driver};
 use crate::protocol::pb;
@@ -32,9 +32,8 @@ use crate::protocol::{CloseCode, ErrorCode};
 use crate::router::ConnId;
 use state::ShardState;
 
-/// How often a shard forgets idle channels, and how long a channel must be idle.
+/// How often a shard expires history and forgets idle channels.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
-const CHANNEL_IDLE_TTL: Duration = Duration::from_secs(300);
 /// How long a shutting-down shard gives connections to take their `Disconnect`.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
@@ -42,13 +41,24 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub enum ShardMsg {
     /// To a channel's owner: one more subscriber on shard `from`; answer with `Subscribed`.
-    Subscribe { channel: Arc<str>, from: usize, conn: ConnId, sub_id: u32, req_id: u32 },
+    /// With `since`, also the publications after that position (recovery).
+    Subscribe { channel: Arc<str>, from: usize, conn: ConnId, sub_id: u32, req_id: u32, since: Option<Position> },
     /// To a channel's owner: one subscriber fewer on shard `from`.
     Unsubscribe { channel: Arc<str>, from: usize },
     /// To a channel's owner: publish; answer with `Published`.
     Publish { channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, update: Box<pb::Update> },
     /// From a channel's owner: where the channel stood when the subscriber was counted.
-    Subscribed { conn: ConnId, channel: Arc<str>, sub_id: u32, req_id: u32, position: Result<Position, ErrorCode> },
+    Subscribed {
+        conn: ConnId,
+        channel: Arc<str>,
+        sub_id: u32,
+        req_id: u32,
+        result: Result<(Position, Option<Recovery>), ErrorCode>,
+    },
+    /// To a channel's owner: read history; answer with `HistoryPage`.
+    History { channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, since: u64, limit: usize },
+    /// From a channel's owner: the history asked for.
+    HistoryPage { conn: ConnId, req_id: u32, page: HistoryPage },
     /// From a channel's owner: the offset a publication got.
     Published { conn: ConnId, req_id: u32, position: Result<Position, ErrorCode> },
     /// From a channel's owner: a publication for this shard's subscribers.
@@ -66,6 +76,9 @@ pub struct ShardStats {
     pub delivered: AtomicU64,
     pub channels: AtomicU64,
     pub inbox_dropped: AtomicU64,
+    pub recoveries_served: AtomicU64,
+    pub recoveries_refused: AtomicU64,
+    pub history_size: AtomicU64,
     pub bad_requests: AtomicU64,
     /// 0 = not started, 1 = io_uring, 2 = epoll.
     pub driver: AtomicU8,
@@ -293,7 +306,7 @@ async fn sweep_loop(state: Rc<RefCell<ShardState>>) {
     let mut interval = compio::time::interval(SWEEP_INTERVAL);
     loop {
         interval.tick().await;
-        state.borrow_mut().sweep(CHANNEL_IDLE_TTL);
+        state.borrow_mut().sweep();
     }
 }
 

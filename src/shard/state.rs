@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use slab::Slab;
 
 use super::{Cluster, ShardMsg};
-use crate::broker::memory::ChannelTable;
+use crate::broker::memory::{ChannelTable, Recovery};
 use crate::broker::{owner_shard, Publication};
 use crate::protocol::push::encode_update_body;
 use crate::protocol::{pb, ErrorCode};
@@ -49,6 +49,7 @@ impl ShardState {
     pub fn new(id: usize, cluster: Arc<Cluster>) -> Self {
         let shards = cluster.inboxes.len();
         let max_channels = cluster.config.limits.max_channels.div_ceil(shards);
+        let channels = ChannelTable::new(shards, max_channels, cluster.config.history_policy());
         Self {
             id,
             limits: Rc::new(SessionLimits::from_config(&cluster.config)),
@@ -56,7 +57,7 @@ impl ShardState {
             conns: Slab::new(),
             next_generation: 0,
             router: Router::default(),
-            channels: ChannelTable::new(shards, max_channels),
+            channels,
             backlog: (0..shards).map(|_| VecDeque::new()).collect(),
             backlog_flusher_running: false,
             targets: Vec::new(),
@@ -109,9 +110,9 @@ impl ShardState {
     fn handle_event(&mut self, id: ConnId, event: SessionEvent) {
         let shards = self.backlog.len();
         match event {
-            SessionEvent::Subscribe { channel, sub_id, req_id } => {
+            SessionEvent::Subscribe { channel, sub_id, req_id, since } => {
                 let owner = owner_shard(&channel, shards);
-                let msg = ShardMsg::Subscribe { channel, from: self.id, conn: id, sub_id, req_id };
+                let msg = ShardMsg::Subscribe { channel, from: self.id, conn: id, sub_id, req_id, since };
                 self.route(owner, msg);
             }
             SessionEvent::Unsubscribe { channel, sub_id, was_active } => {
@@ -121,6 +122,10 @@ impl ShardState {
                     let owner = owner_shard(&channel, shards);
                     self.route(owner, ShardMsg::Unsubscribe { channel, from: self.id });
                 }
+            }
+            SessionEvent::History { channel, req_id, since, limit } => {
+                let owner = owner_shard(&channel, shards);
+                self.route(owner, ShardMsg::History { channel, from: self.id, conn: id, req_id, since, limit });
             }
             SessionEvent::Publish { channel, req_id, update } => {
                 let owner = owner_shard(&channel, shards);
@@ -149,26 +154,46 @@ impl ShardState {
     /// Acts on one message from another shard (or from this one).
     pub fn handle_msg(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Subscribe { channel, from, conn, sub_id, req_id } => {
-                let position =
-                    self.channels.subscribe(&channel, from, Instant::now()).map_err(|_| ErrorCode::Unavailable);
-                self.route(from, ShardMsg::Subscribed { conn, channel, sub_id, req_id, position });
+            ShardMsg::Subscribe { channel, from, conn, sub_id, req_id, since } => {
+                let result = self
+                    .channels
+                    .subscribe(&channel, from, Instant::now(), since.as_ref())
+                    .map_err(|_| ErrorCode::Unavailable);
+                if let Ok((_, Some(recovery))) = &result {
+                    let counter = match recovery {
+                        Recovery::Recovered(_) => &self.stats().recoveries_served,
+                        Recovery::Refused(_) => &self.stats().recoveries_refused,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                self.route(from, ShardMsg::Subscribed { conn, channel, sub_id, req_id, result });
             }
             ShardMsg::Unsubscribe { channel, from } => self.channels.unsubscribe(&channel, from, Instant::now()),
-            ShardMsg::Subscribed { conn, channel, sub_id, req_id, position: Err(code) } => {
+            ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Err(code) } => {
                 if let Some(c) = self.conn(conn) {
                     c.session.on_subscribe_failed(sub_id, req_id, code, format!("cannot subscribe to {channel} now"));
                     self.drive(conn);
                 }
             }
-            ShardMsg::Subscribed { conn, channel, sub_id, req_id, position: Ok(position) } => {
-                let accepted = self.conn(conn).is_some_and(|c| c.session.on_subscribed(sub_id, req_id, &position));
+            ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Ok((position, recovery)) } => {
+                let accepted =
+                    self.conn(conn).is_some_and(|c| c.session.on_subscribed(sub_id, req_id, &position, recovery));
                 if accepted {
                     self.router.add(channel, Subscriber { conn, sub_id });
                     self.drive(conn);
                 } else {
                     let owner = owner_shard(&channel, self.backlog.len());
                     self.route(owner, ShardMsg::Unsubscribe { channel, from: self.id });
+                }
+            }
+            ShardMsg::History { channel, from, conn, req_id, since, limit } => {
+                let page = self.channels.history(&channel, since, limit, Instant::now());
+                self.route(from, ShardMsg::HistoryPage { conn, req_id, page });
+            }
+            ShardMsg::HistoryPage { conn, req_id, page } => {
+                if let Some(c) = self.conn(conn) {
+                    c.session.on_history(req_id, &page);
+                    self.drive(conn);
                 }
             }
             ShardMsg::Publish { channel, from, conn, req_id, update } => {
@@ -185,20 +210,26 @@ impl ShardState {
         }
     }
 
-    /// As the channel's owner: assign the offset, fan out, answer the publisher.
+    /// As the channel's owner: assign the offset, keep it in history, fan out, answer.
     fn publish(&mut self, channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, mut update: pb::Update) {
         let accepted_at = Instant::now();
         let mut targets = std::mem::take(&mut self.targets);
-        let position = self.channels.publish(&channel, accepted_at, &mut targets).map_err(|_| ErrorCode::Unavailable);
-        if let Ok(position) = &position {
-            update.offset = position.offset;
-            let body = encode_update_body(&update);
-            let publication = Arc::new(Publication::new(channel, position.offset, update.r#type, body, accepted_at));
-            for &shard in &targets {
-                self.route(shard, ShardMsg::Deliver(publication.clone()));
+        let update_type = update.r#type;
+        let make = |offset| {
+            update.offset = offset;
+            Publication::new(channel.clone(), offset, update_type, encode_update_body(&update), accepted_at)
+        };
+        let result = self.channels.publish(&channel, accepted_at, &mut targets, make);
+        let position = match result {
+            Ok((position, publication)) => {
+                for &shard in &targets {
+                    self.route(shard, ShardMsg::Deliver(publication.clone()));
+                }
+                self.stats().published.fetch_add(1, Ordering::Relaxed);
+                Ok(position)
             }
-            self.stats().published.fetch_add(1, Ordering::Relaxed);
-        }
+            Err(_) => Err(ErrorCode::Unavailable),
+        };
         self.targets = targets;
         self.route(from, ShardMsg::Published { conn, req_id, position });
     }
@@ -245,17 +276,17 @@ impl ShardState {
         self.conns.iter().map(|(index, c)| ConnId { index: index as u32, generation: c.generation }).collect()
     }
 
-    /// Forgets idle owned channels.
-    pub fn sweep(&mut self, idle_ttl: std::time::Duration) {
-        self.channels.sweep(Instant::now(), idle_ttl);
+    /// Expires history and forgets idle owned channels.
+    pub fn sweep(&mut self) {
+        self.channels.sweep(Instant::now());
         self.stats().channels.store(self.channels.len() as u64, Ordering::Relaxed);
+        self.stats().history_size.store(self.channels.history_len() as u64, Ordering::Relaxed);
     }
 
     fn send(&mut self, to: usize, msg: ShardMsg) {
         if self.backlog[to].is_empty() {
-            match self.cluster.inboxes[to].push(msg) {
-                Ok(()) => return,
-                Err(msg) => self.backlog[to].push_back(msg),
+            if let Err(msg) = self.cluster.inboxes[to].push(msg) {
+                self.backlog[to].push_back(msg);
             }
         } else if self.backlog[to].len() >= MAX_BACKLOG && matches!(msg, ShardMsg::Deliver(_)) {
             self.stats().inbox_dropped.fetch_add(1, Ordering::Relaxed);

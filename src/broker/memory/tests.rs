@@ -1,0 +1,168 @@
+use super::*;
+use bytes::Bytes;
+
+fn policy() -> HistoryPolicy {
+    HistoryPolicy {
+        size: 5,
+        ttl: Duration::from_secs(3600),
+        recovery_window: Duration::from_secs(300),
+        max_recovery_messages: 4,
+        max_recovery_bytes: 1 << 20,
+        idle_ttl: Duration::from_secs(300),
+    }
+}
+
+fn name(s: &str) -> Arc<str> {
+    Arc::from(s)
+}
+
+fn publish(table: &mut ChannelTable, channel: &Arc<str>, now: Instant) -> Position {
+    let make = |offset| Publication::new(channel.clone(), offset, 1, Bytes::from(vec![0; 10]), now);
+    table.publish(channel, now, &mut Vec::new(), make).unwrap().0
+}
+
+fn offsets(publications: &[Arc<Publication>]) -> Vec<u64> {
+    publications.iter().map(|p| p.offset).collect()
+}
+
+fn recovered(recovery: Option<Recovery>) -> Vec<u64> {
+    match recovery {
+        Some(Recovery::Recovered(publications)) => offsets(&publications),
+        other => panic!("expected a recovery, got {other:?}"),
+    }
+}
+
+fn refused(recovery: Option<Recovery>) -> RecoveryFailure {
+    match recovery {
+        Some(Recovery::Refused(reason)) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn offsets_increase_by_one_and_fan_out_follows_subscribers() {
+    let now = Instant::now();
+    let mut table = ChannelTable::new(3, 100, policy());
+    let channel = name("route:1");
+    let (start, _) = table.subscribe(&channel, 2, now, None).unwrap();
+    assert_eq!(start.offset, 0);
+    let mut targets = Vec::new();
+    let make = |offset| Publication::new(channel.clone(), offset, 1, Bytes::new(), now);
+    for expected in 1..=5 {
+        let (position, publication) = table.publish(&channel, now, &mut targets, make).unwrap();
+        assert_eq!(position, Position { epoch: start.epoch.clone(), offset: expected });
+        assert_eq!(publication.offset, expected);
+        assert_eq!(targets, vec![2]);
+    }
+    table.subscribe(&channel, 0, now, None).unwrap();
+    table.publish(&channel, now, &mut targets, make).unwrap();
+    assert_eq!(targets, vec![0, 2]);
+    table.unsubscribe(&channel, 2, now);
+    table.publish(&channel, now, &mut targets, make).unwrap();
+    assert_eq!(targets, vec![0]);
+}
+
+#[test]
+fn recovery_returns_exactly_the_missed_publications() {
+    let now = Instant::now();
+    let mut table = ChannelTable::new(1, 100, policy());
+    let channel = name("route:1");
+    let mut last = Position { epoch: Arc::from(""), offset: 0 };
+    for _ in 0..3 {
+        last = publish(&mut table, &channel, now);
+    }
+    let seen = Position { epoch: last.epoch.clone(), offset: 1 };
+    let (position, recovery) = table.subscribe(&channel, 0, now, Some(&seen)).unwrap();
+    assert_eq!(position.offset, 3);
+    assert_eq!(recovered(recovery), vec![2, 3]);
+    let (_, nothing_missed) = table.subscribe(&channel, 0, now, Some(&last)).unwrap();
+    assert_eq!(recovered(nothing_missed), Vec::<u64>::new());
+}
+
+#[test]
+fn recovery_is_refused_with_the_reason_never_partial() {
+    let t0 = Instant::now();
+    let mut table = ChannelTable::new(1, 100, policy());
+    let channel = name("incident:x");
+    let mut last = Position { epoch: Arc::from(""), offset: 0 };
+    for _ in 0..8 {
+        last = publish(&mut table, &channel, t0);
+    }
+    let at = |offset| Position { epoch: last.epoch.clone(), offset };
+    // History holds 4..=8 (size 5).
+    assert_eq!(refused(table.subscribe(&channel, 0, t0, Some(&at(2))).unwrap().1), RecoveryFailure::TooMany);
+    let mut wide = ChannelTable::new(1, 100, HistoryPolicy { max_recovery_messages: 100, ..policy() });
+    for _ in 0..8 {
+        publish(&mut wide, &channel, t0);
+    }
+    let wide_epoch = wide.history(&channel, 0, 1, t0).position.epoch;
+    let old = Position { epoch: wide_epoch, offset: 2 };
+    assert_eq!(refused(wide.subscribe(&channel, 0, t0, Some(&old)).unwrap().1), RecoveryFailure::GapTooOld);
+    let other_epoch = Position { epoch: Arc::from("0000000000000000"), offset: 7 };
+    assert_eq!(refused(table.subscribe(&channel, 0, t0, Some(&other_epoch)).unwrap().1), RecoveryFailure::EpochChanged);
+    assert_eq!(refused(table.subscribe(&channel, 0, t0, Some(&at(9))).unwrap().1), RecoveryFailure::OffsetAhead);
+    let late = t0 + Duration::from_secs(301);
+    assert_eq!(refused(table.subscribe(&channel, 0, late, Some(&at(7))).unwrap().1), RecoveryFailure::WindowExceeded);
+    let mut small = ChannelTable::new(1, 100, HistoryPolicy { max_recovery_bytes: 15, ..policy() });
+    let mut small_last = Position { epoch: Arc::from(""), offset: 0 };
+    for _ in 0..3 {
+        small_last = publish(&mut small, &channel, t0);
+    }
+    let since = Position { epoch: small_last.epoch, offset: 1 };
+    assert_eq!(refused(small.subscribe(&channel, 0, t0, Some(&since)).unwrap().1), RecoveryFailure::TooMany);
+}
+
+#[test]
+fn history_is_trimmed_by_count_and_age_and_pages_exactly() {
+    let t0 = Instant::now();
+    let mut table = ChannelTable::new(1, 100, policy());
+    let channel = name("poi:tile");
+    for _ in 0..7 {
+        publish(&mut table, &channel, t0);
+    }
+    let page = table.history(&channel, 0, 100, t0);
+    assert_eq!(offsets(&page.publications), vec![3, 4, 5, 6, 7]);
+    assert!(page.truncated, "1 and 2 were dropped");
+    let page = table.history(&channel, 4, 2, t0);
+    assert_eq!(offsets(&page.publications), vec![5, 6]);
+    assert!(!page.truncated);
+    assert!(table.history(&channel, 7, 10, t0).publications.is_empty());
+    let expired = table.history(&channel, 0, 10, t0 + Duration::from_secs(3601));
+    assert!(expired.publications.is_empty());
+    assert_eq!(expired.position.offset, 7, "offsets survive their history");
+    assert!(expired.truncated);
+    let unknown = table.history("poi:never", 0, 10, t0);
+    assert!(unknown.publications.is_empty() && unknown.position.epoch.is_empty());
+    assert_eq!(table.len(), 1, "reading history creates no channel");
+}
+
+#[test]
+fn idle_channels_are_forgotten_and_come_back_with_a_new_epoch() {
+    let t0 = Instant::now();
+    let mut table = ChannelTable::new(1, 100, policy());
+    let idle = name("poi:idle");
+    let held = name("poi:held");
+    let first = publish(&mut table, &idle, t0);
+    table.subscribe(&held, 0, t0, None).unwrap();
+    let soon = t0 + Duration::from_secs(600);
+    assert_eq!(table.sweep(soon), 0, "history keeps the idle channel alive");
+    let later = t0 + Duration::from_secs(3601 + 300);
+    assert_eq!(table.sweep(later), 1);
+    assert_eq!(table.len(), 1);
+    let again = publish(&mut table, &idle, later);
+    assert_eq!(again.offset, 1);
+    assert_ne!(again.epoch, first.epoch);
+}
+
+#[test]
+fn a_full_table_refuses_new_channels_but_serves_known_ones() {
+    let now = Instant::now();
+    let mut table = ChannelTable::new(1, 2, policy());
+    let (a, b, c) = (name("a"), name("b"), name("c"));
+    publish(&mut table, &a, now);
+    table.subscribe(&b, 0, now, None).unwrap();
+    let make = |offset| Publication::new(c.clone(), offset, 1, Bytes::new(), now);
+    assert_eq!(table.publish(&c, now, &mut Vec::new(), make).err(), Some(TableFull));
+    assert_eq!(table.subscribe(&c, 0, now, None).err(), Some(TableFull));
+    assert_eq!(publish(&mut table, &a, now).offset, 2);
+}
