@@ -19,9 +19,14 @@ pub struct TestServer {
 impl TestServer {
     /// Starts the binary with `shards` shards and extra `ROUTOPIA_*` environment.
     pub fn start(shards: usize, env: &[(&str, &str)]) -> TestServer {
+        Self::start_at("127.0.0.1:0", shards, env)
+    }
+
+    /// Starts the binary listening on `listen` (e.g. the address of a server that stopped).
+    pub fn start_at(listen: &str, shards: usize, env: &[(&str, &str)]) -> TestServer {
         let mut command = Command::new(BIN);
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--shards", &shards.to_string()])
+            .args(["serve", "--listen", listen, "--shards", &shards.to_string()])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -14,6 +14,9 @@
 //! ```
 //!
 //! [`Client::split`] gives a [`Sender`] and a [`Receiver`] that can live in separate tasks.
+//! [`resilient::ResilientClient`] reconnects, resubscribes and recovers by itself.
+
+pub mod resilient;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
