@@ -62,12 +62,13 @@ fn fan_out(c: &mut Criterion) {
         (0..10_000).map(|i| Session::new(Arc::from(format!("c{i}")), limits.clone())).collect();
     let publication = publication(64);
     let mut wire = Vec::with_capacity(4096);
+    let now = Instant::now();
     let mut group = c.benchmark_group("fan_out");
     group.throughput(Throughput::Elements(10_000));
     group.bench_function("one_update_to_10k_subscribers_64B", |b| {
         b.iter(|| {
             for session in &mut sessions {
-                session.push_update(7, &publication);
+                session.push_update(7, &publication, now);
             }
             for session in &mut sessions {
                 wire.clear();

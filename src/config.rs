@@ -37,6 +37,8 @@ pub struct Config {
     pub delivery: Delivery,
     /// History and recovery.
     pub history: History,
+    /// Acknowledged delivery.
+    pub acks: Acks,
 }
 
 /// Safety limits. Exceeding one gets an `Error` reply or a close code, never a panic.
@@ -101,6 +103,32 @@ pub struct History {
     pub channel_idle_ttl: Duration,
 }
 
+/// Subscriptions that ask for acknowledged delivery (`Subscribe.ack`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Acks {
+    /// An update not acknowledged this long after it was sent is sent again. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Sends after the first before an update counts as failed. Default 3.
+    pub max_redeliveries: u32,
+    /// Updates awaiting acknowledgement per subscription; beyond it the oldest fails. Default 1000.
+    pub max_unacked: usize,
+    /// Identities whose acknowledged position each channel remembers. Default 100000.
+    pub max_positions_per_channel: usize,
+}
+
+impl Default for Acks {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            max_redeliveries: 3,
+            max_unacked: 1000,
+            max_positions_per_channel: 100_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Driver {
@@ -128,6 +156,7 @@ impl Default for Config {
             limits: Limits::default(),
             delivery: Delivery::default(),
             history: History::default(),
+            acks: Acks::default(),
         }
     }
 }
@@ -267,6 +296,12 @@ impl Config {
         if h.channel_idle_ttl.is_zero() {
             return Err(invalid("history.channel_idle_ttl", "must be longer than zero"));
         }
+        if self.acks.timeout < Duration::from_millis(10) {
+            return Err(invalid("acks.timeout", "must be at least 10ms"));
+        }
+        if self.acks.max_unacked == 0 {
+            return Err(invalid("acks.max_unacked", "must be at least 1"));
+        }
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(invalid("log_level", format!("not a log filter: {err}")));
         }
@@ -284,6 +319,16 @@ impl Config {
             // A recovery must fit the outbox with room to spare for live updates.
             max_recovery_bytes: self.limits.max_outbox_bytes / 2,
             idle_ttl: h.channel_idle_ttl,
+            max_positions: self.acks.max_positions_per_channel,
+        }
+    }
+
+    /// The acknowledged-delivery policy every session applies.
+    pub fn ack_policy(&self) -> crate::acks::AckPolicy {
+        crate::acks::AckPolicy {
+            timeout: self.acks.timeout,
+            max_redeliveries: self.acks.max_redeliveries,
+            max_unacked: self.acks.max_unacked,
         }
     }
 

@@ -8,11 +8,13 @@
 //! - [`shard`]: a compio runtime per core with its own listener, connections and inbox.
 //! - [`session`]: one connection's protocol state machine, sans I/O.
 //! - [`outbox`]: a connection's bounded outbound queue, packing frames into batches.
+//! - [`acks`]: acknowledged delivery of one subscription: resend when overdue, then fail.
 //! - [`router`]: a shard's index of local subscribers per channel.
 //! - [`broker`]: channels, offsets and epochs; the embedded in-memory broker.
 //! - [`protocol`]: protobuf types, zstd envelope, shared pushes, WebSocket and HTTP framing.
 //! - [`client`]: a client library (used by the tests and the loadtest).
 
+pub mod acks;
 pub mod broker;
 pub mod client;
 pub mod config;

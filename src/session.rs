@@ -10,10 +10,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
 
+use crate::acks::{AckPolicy, AckTracker};
 use crate::broker::memory::{HistoryPage, Position, Recovery, RecoveryFailure};
 use crate::broker::{validate_channel, Publication};
 use crate::config::Config;
@@ -42,16 +44,20 @@ fn recovery_failure(reason: RecoveryFailure) -> pb::RecoveryFailure {
 /// The wall clock as the shard read it, passed into the session.
 #[derive(Debug, Clone, Copy)]
 pub struct Now {
-    /// Microseconds since the Unix epoch.
+    /// Monotonic time, for timeouts.
+    pub instant: Instant,
+    /// Microseconds since the Unix epoch, for timestamps clients see.
     pub unix_us: u64,
 }
 
 /// Something the shard must do for this session.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionEvent {
-    /// Register a subscription with the channel's owner (recovering from `since` when given);
-    /// answer with `on_subscribed`.
-    Subscribe { channel: Arc<str>, sub_id: u32, req_id: u32, since: Option<Position> },
+    /// Register a subscription with the channel's owner (recovering from `since` when given,
+    /// or from the last position `resume` acknowledged); answer with `on_subscribed`.
+    Subscribe { channel: Arc<str>, sub_id: u32, req_id: u32, since: Option<Position>, resume: Option<Arc<str>> },
+    /// Remember that `identity` processed `channel` up to `offset` (acknowledged delivery).
+    Acked { channel: Arc<str>, identity: Arc<str>, offset: u64 },
     /// Read the channel's history from its owner; answer with `on_history`.
     History { channel: Arc<str>, req_id: u32, since: u64, limit: usize },
     /// Drop a subscription (from the router when it was active, and from the owner's count).
@@ -74,6 +80,8 @@ pub enum Phase {
 struct Subscription {
     channel: Arc<str>,
     active: bool,
+    /// Present for subscriptions with acknowledged delivery.
+    acks: Option<AckTracker>,
 }
 
 /// The limits a session enforces, copied from the config.
@@ -86,6 +94,7 @@ pub struct SessionLimits {
     pub max_channel_length: usize,
     pub max_payload_size: usize,
     pub batch_size: usize,
+    pub acks: Rc<AckPolicy>,
 }
 
 impl SessionLimits {
@@ -99,6 +108,7 @@ impl SessionLimits {
             max_channel_length: l.max_channel_length,
             max_payload_size: l.max_payload_size,
             batch_size: config.delivery.batch_size,
+            acks: Rc::new(config.ack_policy()),
         }
     }
 }
@@ -114,6 +124,11 @@ pub struct Session {
     next_sub_id: u32,
     events: VecDeque<SessionEvent>,
     accepts_zstd: bool,
+    /// Who the client is, for positions kept across connections (the `Connect` name until
+    /// tokens carry identities).
+    identity: Option<Arc<str>>,
+    /// Subscriptions with acknowledged delivery; deliveries skip the lookup while it is 0.
+    acked_subs: usize,
     /// Why the session closed, once it has: for logs and metrics.
     close_detail: Option<String>,
 }
@@ -131,6 +146,8 @@ impl Session {
             next_sub_id: 1,
             events: VecDeque::new(),
             accepts_zstd: false,
+            identity: None,
+            acked_subs: 0,
             close_detail: None,
         }
     }
@@ -209,7 +226,14 @@ impl Session {
     /// The owner answered a `Subscribe` event: reply, then the recovered publications (if
     /// any) ahead of every live one. Returns false when the subscription is gone meanwhile
     /// (the shard must then take back the owner's count).
-    pub fn on_subscribed(&mut self, sub_id: u32, req_id: u32, position: &Position, recovery: Option<Recovery>) -> bool {
+    pub fn on_subscribed(
+        &mut self,
+        sub_id: u32,
+        req_id: u32,
+        position: &Position,
+        recovery: Option<Recovery>,
+        now: Instant,
+    ) -> bool {
         if self.is_closing() {
             return false;
         }
@@ -229,7 +253,7 @@ impl Session {
         };
         self.reply(req_id, reply::Result::Subscribe(result));
         for publication in missed {
-            self.push_update(sub_id, &Rc::new(Publication::clone(&publication)));
+            self.push_update(sub_id, &Rc::new(Publication::clone(&publication)), now);
         }
         true
     }
@@ -261,6 +285,7 @@ impl Session {
     /// The owner could not take the subscription: forget it and tell the client.
     pub fn on_subscribe_failed(&mut self, sub_id: u32, req_id: u32, code: ErrorCode, message: String) {
         if let Some(sub) = self.subs.remove(&sub_id) {
+            self.acked_subs -= usize::from(sub.acks.is_some());
             self.by_channel.remove(&sub.channel);
             self.error(req_id, code, message);
         }
@@ -278,12 +303,41 @@ impl Session {
         }
     }
 
-    /// Queues an update for subscription `sub_id`.
-    pub fn push_update(&mut self, sub_id: u32, publication: &Rc<Publication>) {
+    /// Queues an update for subscription `sub_id`. Returns how many acknowledged updates
+    /// failed to make room (see `AckPolicy::max_unacked`).
+    pub fn push_update(&mut self, sub_id: u32, publication: &Rc<Publication>, now: Instant) -> u32 {
         if self.is_closing() {
-            return;
+            return 0;
+        }
+        let mut failed = 0;
+        if self.acked_subs > 0 {
+            if let Some(acks) = self.subs.get_mut(&sub_id).and_then(|s| s.acks.as_mut()) {
+                failed = acks.sent(publication, now);
+            }
         }
         self.enqueue(OutItem::Push { sub_id, publication: publication.clone() });
+        failed
+    }
+
+    /// Time passed: resend updates whose acknowledgement is overdue. Returns how many
+    /// acknowledged updates failed for good.
+    pub fn handle_timeout(&mut self, now: Instant) -> u32 {
+        if self.acked_subs == 0 || self.is_closing() {
+            return 0;
+        }
+        let mut failed = 0;
+        let mut resend = Vec::new();
+        for (&sub_id, sub) in self.subs.iter_mut() {
+            if let Some(acks) = sub.acks.as_mut() {
+                let due = acks.due(now);
+                failed += due.failed;
+                resend.extend(due.resend.into_iter().map(|p| (sub_id, p)));
+            }
+        }
+        for (sub_id, publication) in resend {
+            self.enqueue(OutItem::Push { sub_id, publication });
+        }
+        failed
     }
 
     /// Closes the session with `code`: a `Disconnect` frame, then the WebSocket close frame.
@@ -354,9 +408,7 @@ impl Session {
             Command::Ping(ping) => {
                 self.frame(pb::ServerFrame { kind: Some(Kind::Pong(pb::Pong { timestamp_us: ping.timestamp_us })) })
             }
-            Command::Ack(_) => {
-                self.error(id, ErrorCode::NotImplemented, "acknowledged delivery is not available yet".into())
-            }
+            Command::Ack(ack) => self.handle_ack(id, ack),
             Command::Refresh(_) => {
                 self.error(id, ErrorCode::NotImplemented, "token refresh is not available yet".into())
             }
@@ -370,6 +422,7 @@ impl Session {
         }
         self.phase = Phase::Connected;
         self.accepts_zstd = connect.accept_zstd;
+        self.identity = (!connect.name.is_empty()).then(|| Arc::from(connect.name));
         let limits = &self.limits;
         let result = pb::ConnectResult {
             client_id: self.client_id.to_string(),
@@ -399,9 +452,31 @@ impl Session {
         let sub_id = self.allocate_sub_id();
         let channel: Arc<str> = Arc::from(subscribe.channel);
         let since = subscribe.recover.then(|| Position { epoch: Arc::from(subscribe.epoch), offset: subscribe.offset });
-        self.subs.insert(sub_id, Subscription { channel: channel.clone(), active: false });
+        let acks = subscribe.ack.then(|| AckTracker::new(self.limits.acks.clone()));
+        // An acknowledged subscription without a position resumes from the last one acked.
+        let resume = if subscribe.ack && !subscribe.recover { self.identity.clone() } else { None };
+        self.acked_subs += usize::from(acks.is_some());
+        self.subs.insert(sub_id, Subscription { channel: channel.clone(), active: false, acks });
         self.by_channel.insert(channel.clone(), sub_id);
-        self.events.push_back(SessionEvent::Subscribe { channel, sub_id, req_id: id, since });
+        self.events.push_back(SessionEvent::Subscribe { channel, sub_id, req_id: id, since, resume });
+    }
+
+    fn handle_ack(&mut self, id: u32, ack: pb::Ack) {
+        let Some(sub) = self.subs.get_mut(&ack.sub_id) else {
+            return self.error(id, ErrorCode::NotFound, format!("no subscription {}", ack.sub_id));
+        };
+        let Some(acks) = sub.acks.as_mut() else {
+            return self.error(
+                id,
+                ErrorCode::BadRequest,
+                "the subscription did not ask for acknowledged delivery".into(),
+            );
+        };
+        acks.ack(ack.offset);
+        if let Some(identity) = self.identity.clone() {
+            let channel = sub.channel.clone();
+            self.events.push_back(SessionEvent::Acked { channel, identity, offset: ack.offset });
+        }
     }
 
     fn handle_history(&mut self, id: u32, history: pb::History) {
@@ -420,6 +495,7 @@ impl Session {
         let Some(sub) = self.subs.remove(&sub_id) else {
             return self.error(id, ErrorCode::NotFound, format!("no subscription {sub_id}"));
         };
+        self.acked_subs -= usize::from(sub.acks.is_some());
         self.by_channel.remove(&sub.channel);
         self.events.push_back(SessionEvent::Unsubscribe { channel: sub.channel, sub_id, was_active: sub.active });
         if id != 0 {

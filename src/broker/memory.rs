@@ -23,6 +23,8 @@ pub struct HistoryPolicy {
     pub max_recovery_bytes: usize,
     /// A channel without subscribers and history is forgotten after this long unused.
     pub idle_ttl: Duration,
+    /// Identities whose acknowledged position a channel remembers.
+    pub max_positions: usize,
 }
 
 /// Where a channel stands: its epoch and the offset of its latest publication (0 = none).
@@ -77,6 +79,8 @@ struct Channel {
     subscribers: Vec<u32>,
     /// The latest publications, oldest first, offsets consecutive and ending at `offset`.
     history: VecDeque<Arc<Publication>>,
+    /// The last offset each identity acknowledged, for resuming without client state.
+    acked: HashMap<Arc<str>, u64>,
     last_used: Instant,
 }
 
@@ -123,6 +127,7 @@ impl ChannelTable {
             offset: 0,
             subscribers: vec![0; shards],
             history: VecDeque::new(),
+            acked: HashMap::new(),
             last_used: now,
         });
         channel.last_used = now;
@@ -131,19 +136,37 @@ impl ChannelTable {
     }
 
     /// Counts one more subscriber on `shard`. With `since` (the epoch and offset of the last
-    /// publication the client saw), also says which publications it missed, or why it cannot.
+    /// publication the client saw), or else the position `resume` last acknowledged, also says
+    /// which publications it missed, or why it cannot.
     pub fn subscribe(
         &mut self,
         name: &Arc<str>,
         shard: usize,
         now: Instant,
         since: Option<&Position>,
+        resume: Option<&str>,
     ) -> Result<(Position, Option<Recovery>), TableFull> {
         let policy = self.policy.clone();
         let channel = self.channel(name, now)?;
         channel.subscribers[shard] += 1;
-        let recovery = since.map(|since| recover(channel, since, now, &policy));
+        let acked = resume.and_then(|identity| channel.acked.get(identity)).copied();
+        let resumed = acked.map(|offset| Position { epoch: channel.epoch.clone(), offset });
+        let recovery = since.or(resumed.as_ref()).map(|since| recover(channel, since, now, &policy));
         Ok((channel.position(), recovery))
+    }
+
+    /// Remembers that `identity` processed `name` up to `offset` (the highest wins).
+    pub fn ack(&mut self, name: &str, identity: &Arc<str>, offset: u64) {
+        let Some(channel) = self.channels.get_mut(name) else { return };
+        let offset = offset.min(channel.offset);
+        let room = channel.acked.len() < self.policy.max_positions;
+        match channel.acked.get_mut(identity) {
+            Some(acked) => *acked = (*acked).max(offset),
+            None if room => {
+                channel.acked.insert(identity.clone(), offset);
+            }
+            None => {}
+        }
     }
 
     /// Counts one subscriber fewer on `shard`.

@@ -164,6 +164,12 @@ impl Client {
         }
     }
 
+    /// Acknowledges every update on `sub_id` up to `offset` (no reply unless it fails).
+    pub async fn ack(&mut self, sub_id: u32, offset: u64) -> Result<(), ClientError> {
+        let frame = ClientFrame { id: 0, command: Some(Command::Ack(pb::Ack { sub_id, offset })) };
+        self.send_frames(vec![frame]).await
+    }
+
     /// Up to `limit` publications of `channel` after offset `since`.
     pub async fn history(&mut self, channel: &str, since: u64, limit: u32) -> Result<pb::HistoryResult, ClientError> {
         match self.request(Command::History(pb::History { channel: channel.into(), since, limit })).await? {

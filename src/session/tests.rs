@@ -6,7 +6,9 @@ use crate::protocol::pb::{ServerMessage, UpdateType};
 use prost::Message;
 use std::time::Instant;
 
-const NOW: Now = Now { unix_us: 1_800_000_000_000_000 };
+fn now() -> Now {
+    Now { instant: Instant::now(), unix_us: 1_800_000_000_000_000 }
+}
 
 fn session() -> Session {
     Session::new(Arc::from("0-1-1"), Rc::new(SessionLimits::from_config(&Config::default())))
@@ -25,7 +27,7 @@ impl Peer {
     fn send(&mut self, session: &mut Session, frames: Vec<pb::ClientFrame>) {
         let bytes = envelope::encode::<ClientMessage>(frames, None);
         self.ws.send_binary(bytes.into()).unwrap();
-        session.handle_bytes(NOW, &self.ws.take_output());
+        session.handle_bytes(now(), &self.ws.take_output());
     }
 
     fn command(&mut self, session: &mut Session, id: u32, command: Command) {
@@ -77,12 +79,13 @@ fn error_code(frame: &pb::ServerFrame) -> Option<u32> {
 fn subscribe_waits_for_the_owner_then_replies_with_position() {
     let (mut session, mut peer) = connected();
     peer.command(&mut session, 7, subscribe("route:42"));
-    let Some(SessionEvent::Subscribe { channel, sub_id, req_id: 7, since: None }) = session.poll_event() else {
+    let Some(SessionEvent::Subscribe { channel, sub_id, req_id: 7, since: None, resume: None }) = session.poll_event()
+    else {
         panic!("no event")
     };
     assert_eq!(&*channel, "route:42");
     assert!(!session.wants_write(), "no reply before the owner answers");
-    assert!(session.on_subscribed(sub_id, 7, &Position { epoch: Arc::from("e1"), offset: 12 }, None));
+    assert!(session.on_subscribed(sub_id, 7, &Position { epoch: Arc::from("e1"), offset: 12 }, None, Instant::now()));
     let (frames, _) = peer.receive(&mut session);
     match &frames[0].kind {
         Some(Kind::Reply(pb::Reply { id: 7, result: Some(reply::Result::Subscribe(result)) })) => {
@@ -100,7 +103,7 @@ fn unsubscribing_a_pending_subscription_makes_its_answer_refused() {
     peer.command(&mut session, 3, Command::Unsubscribe(pb::Unsubscribe { sub_id }));
     assert!(matches!(session.poll_event(), Some(SessionEvent::Unsubscribe { was_active: false, .. })));
     assert!(
-        !session.on_subscribed(sub_id, 2, &Position { epoch: Arc::from("e"), offset: 0 }, None),
+        !session.on_subscribed(sub_id, 2, &Position { epoch: Arc::from("e"), offset: 0 }, None, Instant::now()),
         "the shard must take back the owner's count"
     );
 }
@@ -119,7 +122,7 @@ fn publish_is_stamped_with_the_time_passed_in() {
     match session.poll_event() {
         Some(SessionEvent::Publish { channel, req_id: 4, update }) => {
             assert_eq!(&*channel, "traffic:a1");
-            assert_eq!(update.timestamp_us, NOW.unix_us);
+            assert_eq!(update.timestamp_us, now().unix_us);
             assert_eq!(update.key, "jam");
         }
         other => panic!("{other:?}"),
@@ -150,7 +153,7 @@ fn slow_consumer_is_closed_with_4001_and_nothing_else_is_queued() {
     });
     let publication = Rc::new(Publication::new(Arc::from("route:1"), 1, 1, body, Instant::now()));
     for _ in 0..5 {
-        session.push_update(1, &publication);
+        session.push_update(1, &publication, Instant::now());
     }
     assert_eq!(session.phase(), Phase::Closing(CloseCode::SlowConsumer));
     let (frames, close) = peer.receive(&mut session);
@@ -162,7 +165,7 @@ fn slow_consumer_is_closed_with_4001_and_nothing_else_is_queued() {
         ),
         "{frames:?}"
     );
-    session.push_update(1, &publication);
+    session.push_update(1, &publication, Instant::now());
     assert!(!session.wants_write(), "a closing session queues nothing more");
 }
 
@@ -188,7 +191,7 @@ fn second_connect_is_an_error_and_the_session_stays() {
 fn client_close_is_answered_and_ends_the_session() {
     let (mut session, mut peer) = connected();
     peer.ws.close(1000, "bye");
-    session.handle_bytes(NOW, &peer.ws.take_output());
+    session.handle_bytes(now(), &peer.ws.take_output());
     assert!(session.is_closing());
     assert!(session.wants_write(), "the close reply is queued");
     let (frames, close) = peer.receive(&mut session);

@@ -42,7 +42,18 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 pub enum ShardMsg {
     /// To a channel's owner: one more subscriber on shard `from`; answer with `Subscribed`.
     /// With `since`, also the publications after that position (recovery).
-    Subscribe { channel: Arc<str>, from: usize, conn: ConnId, sub_id: u32, req_id: u32, since: Option<Position> },
+    /// With `resume`, from the position that identity last acknowledged.
+    Subscribe {
+        channel: Arc<str>,
+        from: usize,
+        conn: ConnId,
+        sub_id: u32,
+        req_id: u32,
+        since: Option<Position>,
+        resume: Option<Arc<str>>,
+    },
+    /// To a channel's owner: `identity` processed the channel up to `offset`.
+    Acked { channel: Arc<str>, identity: Arc<str>, offset: u64 },
     /// To a channel's owner: one subscriber fewer on shard `from`.
     Unsubscribe { channel: Arc<str>, from: usize },
     /// To a channel's owner: publish; answer with `Published`.
@@ -79,6 +90,7 @@ pub struct ShardStats {
     pub recoveries_served: AtomicU64,
     pub recoveries_refused: AtomicU64,
     pub history_size: AtomicU64,
+    pub ack_failures: AtomicU64,
     pub bad_requests: AtomicU64,
     /// 0 = not started, 1 = io_uring, 2 = epoll.
     pub driver: AtomicU8,
@@ -239,6 +251,7 @@ fn run_shard(id: usize, cluster: Arc<Cluster>, listener: std::net::TcpListener, 
         let _ = started.send(Ok(()));
         let state = Rc::new(RefCell::new(ShardState::new(id, cluster)));
         compio::runtime::spawn(sweep_loop(state.clone())).detach();
+        compio::runtime::spawn(timeout_loop(state.clone())).detach();
         let accepting = Box::pin(accept_loop(listener, state.clone()));
         let inbox = Box::pin(inbox_loop(state.clone()));
         if let Either::Left(_) = select(accepting, inbox).await {
@@ -299,6 +312,18 @@ async fn backlog_flusher(state: Rc<RefCell<ShardState>>) {
             shard.backlog_flusher_running = false;
             return;
         }
+    }
+}
+
+/// Lets every session act on the passing of time (overdue acknowledgements).
+async fn timeout_loop(state: Rc<RefCell<ShardState>>) {
+    let ack_timeout = state.borrow().cluster.config.acks.timeout;
+    // A quarter of the timeout keeps resends within 25 % of their deadline.
+    let period = (ack_timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+    let mut interval = compio::time::interval(period);
+    loop {
+        interval.tick().await;
+        state.borrow_mut().on_tick(Instant::now());
     }
 }
 

@@ -110,9 +110,9 @@ impl ShardState {
     fn handle_event(&mut self, id: ConnId, event: SessionEvent) {
         let shards = self.backlog.len();
         match event {
-            SessionEvent::Subscribe { channel, sub_id, req_id, since } => {
+            SessionEvent::Subscribe { channel, sub_id, req_id, since, resume } => {
                 let owner = owner_shard(&channel, shards);
-                let msg = ShardMsg::Subscribe { channel, from: self.id, conn: id, sub_id, req_id, since };
+                let msg = ShardMsg::Subscribe { channel, from: self.id, conn: id, sub_id, req_id, since, resume };
                 self.route(owner, msg);
             }
             SessionEvent::Unsubscribe { channel, sub_id, was_active } => {
@@ -122,6 +122,10 @@ impl ShardState {
                     let owner = owner_shard(&channel, shards);
                     self.route(owner, ShardMsg::Unsubscribe { channel, from: self.id });
                 }
+            }
+            SessionEvent::Acked { channel, identity, offset } => {
+                let owner = owner_shard(&channel, shards);
+                self.route(owner, ShardMsg::Acked { channel, identity, offset });
             }
             SessionEvent::History { channel, req_id, since, limit } => {
                 let owner = owner_shard(&channel, shards);
@@ -154,10 +158,10 @@ impl ShardState {
     /// Acts on one message from another shard (or from this one).
     pub fn handle_msg(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Subscribe { channel, from, conn, sub_id, req_id, since } => {
+            ShardMsg::Subscribe { channel, from, conn, sub_id, req_id, since, resume } => {
                 let result = self
                     .channels
-                    .subscribe(&channel, from, Instant::now(), since.as_ref())
+                    .subscribe(&channel, from, Instant::now(), since.as_ref(), resume.as_deref())
                     .map_err(|_| ErrorCode::Unavailable);
                 if let Ok((_, Some(recovery))) = &result {
                     let counter = match recovery {
@@ -169,6 +173,7 @@ impl ShardState {
                 self.route(from, ShardMsg::Subscribed { conn, channel, sub_id, req_id, result });
             }
             ShardMsg::Unsubscribe { channel, from } => self.channels.unsubscribe(&channel, from, Instant::now()),
+            ShardMsg::Acked { channel, identity, offset } => self.channels.ack(&channel, &identity, offset),
             ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Err(code) } => {
                 if let Some(c) = self.conn(conn) {
                     c.session.on_subscribe_failed(sub_id, req_id, code, format!("cannot subscribe to {channel} now"));
@@ -176,8 +181,9 @@ impl ShardState {
                 }
             }
             ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Ok((position, recovery)) } => {
+                let now = Instant::now();
                 let accepted =
-                    self.conn(conn).is_some_and(|c| c.session.on_subscribed(sub_id, req_id, &position, recovery));
+                    self.conn(conn).is_some_and(|c| c.session.on_subscribed(sub_id, req_id, &position, recovery, now));
                 if accepted {
                     self.router.add(channel, Subscriber { conn, sub_id });
                     self.drive(conn);
@@ -237,7 +243,9 @@ impl ShardState {
     /// Hands a publication to every local subscriber of its channel, sharing its bytes.
     fn deliver(&mut self, publication: &Arc<Publication>) {
         let local = Rc::new(Publication::clone(publication));
+        let now = Instant::now();
         let mut delivered = 0u64;
+        let mut ack_failures = 0u64;
         for subscriber in self.router.subscribers(&publication.channel) {
             let Some(conn) = self.conns.get_mut(subscriber.conn.index as usize) else {
                 continue;
@@ -245,13 +253,32 @@ impl ShardState {
             if conn.generation != subscriber.conn.generation {
                 continue;
             }
-            conn.session.push_update(subscriber.sub_id, &local);
+            ack_failures += u64::from(conn.session.push_update(subscriber.sub_id, &local, now));
             delivered += 1;
             if let Some(waker) = conn.writer.take() {
                 waker.wake();
             }
         }
         self.stats().delivered.fetch_add(delivered, Ordering::Relaxed);
+        if ack_failures > 0 {
+            self.stats().ack_failures.fetch_add(ack_failures, Ordering::Relaxed);
+        }
+    }
+
+    /// Time passed: sessions resend overdue acknowledged updates.
+    pub fn on_tick(&mut self, now: Instant) {
+        let mut failures = 0u64;
+        for (_, conn) in self.conns.iter_mut() {
+            failures += u64::from(conn.session.handle_timeout(now));
+            if conn.session.wants_write() {
+                if let Some(waker) = conn.writer.take() {
+                    waker.wake();
+                }
+            }
+        }
+        if failures > 0 {
+            self.stats().ack_failures.fetch_add(failures, Ordering::Relaxed);
+        }
     }
 
     /// Forgets a finished connection and takes back its subscriptions.
@@ -322,5 +349,5 @@ impl ShardState {
 /// The wall clock for sessions.
 fn now() -> Now {
     let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
-    Now { unix_us }
+    Now { instant: Instant::now(), unix_us }
 }

@@ -9,6 +9,7 @@ fn policy() -> HistoryPolicy {
         max_recovery_messages: 4,
         max_recovery_bytes: 1 << 20,
         idle_ttl: Duration::from_secs(300),
+        max_positions: 2,
     }
 }
 
@@ -44,7 +45,7 @@ fn offsets_increase_by_one_and_fan_out_follows_subscribers() {
     let now = Instant::now();
     let mut table = ChannelTable::new(3, 100, policy());
     let channel = name("route:1");
-    let (start, _) = table.subscribe(&channel, 2, now, None).unwrap();
+    let (start, _) = table.subscribe(&channel, 2, now, None, None).unwrap();
     assert_eq!(start.offset, 0);
     let mut targets = Vec::new();
     let make = |offset| Publication::new(channel.clone(), offset, 1, Bytes::new(), now);
@@ -54,7 +55,7 @@ fn offsets_increase_by_one_and_fan_out_follows_subscribers() {
         assert_eq!(publication.offset, expected);
         assert_eq!(targets, vec![2]);
     }
-    table.subscribe(&channel, 0, now, None).unwrap();
+    table.subscribe(&channel, 0, now, None, None).unwrap();
     table.publish(&channel, now, &mut targets, make).unwrap();
     assert_eq!(targets, vec![0, 2]);
     table.unsubscribe(&channel, 2, now);
@@ -72,10 +73,10 @@ fn recovery_returns_exactly_the_missed_publications() {
         last = publish(&mut table, &channel, now);
     }
     let seen = Position { epoch: last.epoch.clone(), offset: 1 };
-    let (position, recovery) = table.subscribe(&channel, 0, now, Some(&seen)).unwrap();
+    let (position, recovery) = table.subscribe(&channel, 0, now, Some(&seen), None).unwrap();
     assert_eq!(position.offset, 3);
     assert_eq!(recovered(recovery), vec![2, 3]);
-    let (_, nothing_missed) = table.subscribe(&channel, 0, now, Some(&last)).unwrap();
+    let (_, nothing_missed) = table.subscribe(&channel, 0, now, Some(&last), None).unwrap();
     assert_eq!(recovered(nothing_missed), Vec::<u64>::new());
 }
 
@@ -90,26 +91,32 @@ fn recovery_is_refused_with_the_reason_never_partial() {
     }
     let at = |offset| Position { epoch: last.epoch.clone(), offset };
     // History holds 4..=8 (size 5).
-    assert_eq!(refused(table.subscribe(&channel, 0, t0, Some(&at(2))).unwrap().1), RecoveryFailure::TooMany);
+    assert_eq!(refused(table.subscribe(&channel, 0, t0, Some(&at(2)), None).unwrap().1), RecoveryFailure::TooMany);
     let mut wide = ChannelTable::new(1, 100, HistoryPolicy { max_recovery_messages: 100, ..policy() });
     for _ in 0..8 {
         publish(&mut wide, &channel, t0);
     }
     let wide_epoch = wide.history(&channel, 0, 1, t0).position.epoch;
     let old = Position { epoch: wide_epoch, offset: 2 };
-    assert_eq!(refused(wide.subscribe(&channel, 0, t0, Some(&old)).unwrap().1), RecoveryFailure::GapTooOld);
+    assert_eq!(refused(wide.subscribe(&channel, 0, t0, Some(&old), None).unwrap().1), RecoveryFailure::GapTooOld);
     let other_epoch = Position { epoch: Arc::from("0000000000000000"), offset: 7 };
-    assert_eq!(refused(table.subscribe(&channel, 0, t0, Some(&other_epoch)).unwrap().1), RecoveryFailure::EpochChanged);
-    assert_eq!(refused(table.subscribe(&channel, 0, t0, Some(&at(9))).unwrap().1), RecoveryFailure::OffsetAhead);
+    assert_eq!(
+        refused(table.subscribe(&channel, 0, t0, Some(&other_epoch), None).unwrap().1),
+        RecoveryFailure::EpochChanged
+    );
+    assert_eq!(refused(table.subscribe(&channel, 0, t0, Some(&at(9)), None).unwrap().1), RecoveryFailure::OffsetAhead);
     let late = t0 + Duration::from_secs(301);
-    assert_eq!(refused(table.subscribe(&channel, 0, late, Some(&at(7))).unwrap().1), RecoveryFailure::WindowExceeded);
+    assert_eq!(
+        refused(table.subscribe(&channel, 0, late, Some(&at(7)), None).unwrap().1),
+        RecoveryFailure::WindowExceeded
+    );
     let mut small = ChannelTable::new(1, 100, HistoryPolicy { max_recovery_bytes: 15, ..policy() });
     let mut small_last = Position { epoch: Arc::from(""), offset: 0 };
     for _ in 0..3 {
         small_last = publish(&mut small, &channel, t0);
     }
     let since = Position { epoch: small_last.epoch, offset: 1 };
-    assert_eq!(refused(small.subscribe(&channel, 0, t0, Some(&since)).unwrap().1), RecoveryFailure::TooMany);
+    assert_eq!(refused(small.subscribe(&channel, 0, t0, Some(&since), None).unwrap().1), RecoveryFailure::TooMany);
 }
 
 #[test]
@@ -143,7 +150,7 @@ fn idle_channels_are_forgotten_and_come_back_with_a_new_epoch() {
     let idle = name("poi:idle");
     let held = name("poi:held");
     let first = publish(&mut table, &idle, t0);
-    table.subscribe(&held, 0, t0, None).unwrap();
+    table.subscribe(&held, 0, t0, None, None).unwrap();
     let soon = t0 + Duration::from_secs(600);
     assert_eq!(table.sweep(soon), 0, "history keeps the idle channel alive");
     let later = t0 + Duration::from_secs(3601 + 300);
@@ -160,9 +167,28 @@ fn a_full_table_refuses_new_channels_but_serves_known_ones() {
     let mut table = ChannelTable::new(1, 2, policy());
     let (a, b, c) = (name("a"), name("b"), name("c"));
     publish(&mut table, &a, now);
-    table.subscribe(&b, 0, now, None).unwrap();
+    table.subscribe(&b, 0, now, None, None).unwrap();
     let make = |offset| Publication::new(c.clone(), offset, 1, Bytes::new(), now);
     assert_eq!(table.publish(&c, now, &mut Vec::new(), make).err(), Some(TableFull));
-    assert_eq!(table.subscribe(&c, 0, now, None).err(), Some(TableFull));
+    assert_eq!(table.subscribe(&c, 0, now, None, None).err(), Some(TableFull));
     assert_eq!(publish(&mut table, &a, now).offset, 2);
+}
+
+#[test]
+fn acknowledged_positions_resume_a_client_without_state() {
+    let now = Instant::now();
+    let mut table = ChannelTable::new(1, 100, policy());
+    let channel = name("route:7");
+    for _ in 0..4 {
+        publish(&mut table, &channel, now);
+    }
+    let (alice, bob, carol): (Arc<str>, Arc<str>, Arc<str>) = (name("alice"), name("bob"), name("carol"));
+    table.ack(&channel, &alice, 2);
+    table.ack(&channel, &alice, 1);
+    table.ack(&channel, &bob, 99);
+    table.ack(&channel, &carol, 1);
+    assert_eq!(recovered(table.subscribe(&channel, 0, now, None, Some("alice")).unwrap().1), vec![3, 4]);
+    assert_eq!(recovered(table.subscribe(&channel, 0, now, None, Some("bob")).unwrap().1), Vec::<u64>::new());
+    assert!(table.subscribe(&channel, 0, now, None, Some("carol")).unwrap().1.is_none(), "over max_positions");
+    assert!(table.subscribe(&channel, 0, now, None, Some("dave")).unwrap().1.is_none());
 }
