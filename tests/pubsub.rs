@@ -174,3 +174,39 @@ async fn channel_cap_refuses_new_channels_with_503_and_serves_known_ones() {
     assert_eq!(client.publish("route:a", UpdateType::Route, "k", payload(2)).await.unwrap().offset, 1);
     assert_eq!(within("own update", client.next_update()).await.unwrap().offset, 1);
 }
+
+#[compio::test]
+async fn a_burst_of_ten_thousand_publishes_in_one_write_is_taken_whole() {
+    use routopia_realtime::protocol::envelope;
+    use routopia_realtime::protocol::pb::{self, client_frame::Command};
+    use routopia_realtime::protocol::ws::WsEndpoint;
+    // One shard: owner, publisher and subscriber share it, so answers are synchronous.
+    let server = TestServer::start(1, &[]);
+    let mut subscriber = server.client().await;
+    subscriber.subscribe("traffic:burst").await.unwrap();
+    let mut publisher = server.client().await;
+    let mut framing = WsEndpoint::client(1 << 20);
+    let mut wire = Vec::new();
+    for batch in 0..100u64 {
+        let frames = (0..100u64)
+            .map(|i| {
+                let publish = pb::Publish {
+                    channel: "traffic:burst".into(),
+                    r#type: UpdateType::Traffic as i32,
+                    payload: payload(batch * 100 + i + 1).into(),
+                    ..Default::default()
+                };
+                pb::ClientFrame { id: 0, command: Some(Command::Publish(publish)) }
+            })
+            .collect();
+        framing.send_binary(envelope::encode::<pb::ClientMessage>(frames, None).into()).unwrap();
+        wire.extend(framing.take_output());
+    }
+    publisher.send_wire(wire).await.unwrap();
+    let last = publisher.publish("traffic:burst", UpdateType::Traffic, "k", payload(10_001)).await.unwrap();
+    assert_eq!(last.offset, 10_001);
+    for n in 1..=10_001u64 {
+        let update = within("burst update", subscriber.next_update()).await.unwrap();
+        assert_eq!(update.offset, n);
+    }
+}

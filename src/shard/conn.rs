@@ -19,9 +19,11 @@ use crate::protocol::http::{self, HeadError, RequestHead};
 use crate::protocol::CloseCode;
 use crate::router::ConnId;
 
-/// Size of a connection's receive buffer. Clients send little; a large message takes
-/// several reads, which is cheaper than holding a large buffer per idle connection.
+/// A connection's receive buffer starts small (most clients send little, and an idle
+/// connection should hold little) and doubles while reads fill it, up to the largest, so a
+/// busy publisher's commands are taken in large batches (which makes fan-out batches large).
 const READ_BUFFER: usize = 2048;
+const MAX_READ_BUFFER: usize = 256 * 1024;
 /// A write buffer that grew past this is released once sent, so idle connections stay small.
 const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 /// How long a closing connection may take to accept its last bytes.
@@ -134,7 +136,14 @@ async fn read_loop(state: &Rc<RefCell<ShardState>>, mut reader: TcpStream, id: C
         buffer = returned;
         match result {
             Ok(0) | Err(_) => break true,
-            Ok(n) => state.borrow_mut().on_bytes(id, &buffer[..n]),
+            Ok(n) => {
+                state.borrow_mut().on_bytes(id, &buffer[..n]);
+                if n == buffer.capacity() && n < MAX_READ_BUFFER {
+                    buffer = Vec::with_capacity(n * 2);
+                } else if n < READ_BUFFER / 2 && buffer.capacity() > READ_BUFFER {
+                    buffer = Vec::with_capacity(READ_BUFFER);
+                }
+            }
         }
     };
     if peer_gone {

@@ -136,12 +136,12 @@ impl Server {
             draining: AtomicBool::new(false),
             local_addr,
         });
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = allowed_cores();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::with_capacity(shards);
         for (id, listener) in listeners.into_iter().enumerate() {
             let cluster = cluster.clone();
-            let core = cluster.config.pin_shards.then_some(id % cores);
+            let core = cluster.config.pin_shards.then(|| cores[id % cores.len()]);
             let started = started_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("shard-{id}"))
@@ -185,6 +185,24 @@ impl Server {
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// The cores this process may run on (a `taskset` or cgroup may allow fewer than exist).
+fn allowed_cores() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills a cpu_set_t we own; CPU_ISSET reads it.
+    let cores: Vec<usize> = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            Vec::new()
+        } else {
+            (0..libc::CPU_SETSIZE as usize).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect()
+        }
+    };
+    if cores.is_empty() {
+        (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect()
+    } else {
+        cores
     }
 }
 

@@ -94,10 +94,18 @@ impl ShardState {
     }
 
     /// Takes the session's events and wakes its writer when it has something to send.
+    /// Only input from the socket calls this: answers from owners (which may be this shard,
+    /// answering synchronously) only wake the writer, so handling a large batch of commands
+    /// never recurses.
     pub fn drive(&mut self, id: ConnId) {
         while let Some(event) = self.conn(id).and_then(|c| c.session.poll_event()) {
             self.handle_event(id, event);
         }
+        self.wake_writer(id);
+    }
+
+    /// Wakes the connection's writer if there is something to send or it is closing.
+    fn wake_writer(&mut self, id: ConnId) {
         if let Some(conn) = self.conn(id) {
             if conn.session.wants_write() || conn.session.is_closing() {
                 if let Some(waker) = conn.writer.take() {
@@ -177,7 +185,7 @@ impl ShardState {
             ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Err(code) } => {
                 if let Some(c) = self.conn(conn) {
                     c.session.on_subscribe_failed(sub_id, req_id, code, format!("cannot subscribe to {channel} now"));
-                    self.drive(conn);
+                    self.wake_writer(conn);
                 }
             }
             ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Ok((position, recovery)) } => {
@@ -186,7 +194,7 @@ impl ShardState {
                     self.conn(conn).is_some_and(|c| c.session.on_subscribed(sub_id, req_id, &position, recovery, now));
                 if accepted {
                     self.router.add(channel, Subscriber { conn, sub_id });
-                    self.drive(conn);
+                    self.wake_writer(conn);
                 } else {
                     let owner = owner_shard(&channel, self.backlog.len());
                     self.route(owner, ShardMsg::Unsubscribe { channel, from: self.id });
@@ -199,7 +207,7 @@ impl ShardState {
             ShardMsg::HistoryPage { conn, req_id, page } => {
                 if let Some(c) = self.conn(conn) {
                     c.session.on_history(req_id, &page);
-                    self.drive(conn);
+                    self.wake_writer(conn);
                 }
             }
             ShardMsg::Publish { channel, from, conn, req_id, update } => {
@@ -208,7 +216,7 @@ impl ShardState {
             ShardMsg::Published { conn, req_id, position } => {
                 if let Some(c) = self.conn(conn) {
                     c.session.on_published(req_id, position);
-                    self.drive(conn);
+                    self.wake_writer(conn);
                 }
             }
             ShardMsg::Deliver(publication) => self.deliver(&publication),
