@@ -151,7 +151,9 @@ impl ChannelTable {
         channel.subscribers[shard] += 1;
         let acked = resume.and_then(|identity| channel.acked.get(identity)).copied();
         let resumed = acked.map(|offset| Position { epoch: channel.epoch.clone(), offset });
-        let recovery = since.or(resumed.as_ref()).map(|since| recover(channel, since, now, &policy));
+        let recovery = since
+            .or(resumed.as_ref())
+            .map(|since| recover(&channel.epoch, channel.offset, &channel.history, since, now, &policy));
         Ok((channel.position(), recovery))
     }
 
@@ -252,31 +254,45 @@ impl ChannelTable {
 }
 
 /// Every publication after `since`, or why they cannot all be given. Never partial.
-fn recover(channel: &Channel, since: &Position, now: Instant, policy: &HistoryPolicy) -> Recovery {
-    if since.epoch != channel.epoch {
+/// `history` holds the channel's latest publications, oldest first, consecutive and ending
+/// at `offset` (the embedded broker's own, or what Redis returned).
+pub fn recover(
+    epoch: &str,
+    offset: u64,
+    history: &VecDeque<Arc<Publication>>,
+    since: &Position,
+    now: Instant,
+    policy: &HistoryPolicy,
+) -> Recovery {
+    if *since.epoch != *epoch {
         return Recovery::Refused(RecoveryFailure::EpochChanged);
     }
-    if since.offset > channel.offset {
+    if since.offset > offset {
         return Recovery::Refused(RecoveryFailure::OffsetAhead);
     }
-    let missed = (channel.offset - since.offset) as usize;
+    let missed = (offset - since.offset) as usize;
     if missed == 0 {
         return Recovery::Recovered(Vec::new());
     }
     if missed > policy.max_recovery_messages {
         return Recovery::Refused(RecoveryFailure::TooMany);
     }
-    let Some(first) = channel.index_of(since.offset + 1) else {
-        return Recovery::Refused(RecoveryFailure::GapTooOld);
+    let first_held = match history.front() {
+        Some(first) if history.back().is_some_and(|last| last.offset == offset) => first.offset,
+        _ => return Recovery::Refused(RecoveryFailure::GapTooOld),
     };
-    if now.saturating_duration_since(channel.history[first].accepted_at) > policy.recovery_window {
+    if since.offset + 1 < first_held {
+        return Recovery::Refused(RecoveryFailure::GapTooOld);
+    }
+    let first = (since.offset + 1 - first_held) as usize;
+    if now.saturating_duration_since(history[first].accepted_at) > policy.recovery_window {
         return Recovery::Refused(RecoveryFailure::WindowExceeded);
     }
-    let bytes: usize = channel.history.range(first..).map(|p| p.body.len()).sum();
+    let bytes: usize = history.range(first..).map(|p| p.body.len()).sum();
     if bytes > policy.max_recovery_bytes {
         return Recovery::Refused(RecoveryFailure::TooMany);
     }
-    Recovery::Recovered(channel.history.range(first..).cloned().collect())
+    Recovery::Recovered(history.range(first..).cloned().collect())
 }
 
 /// A fresh random epoch: 16 hex digits.
