@@ -39,6 +39,25 @@ pub struct Config {
     pub history: History,
     /// Acknowledged delivery.
     pub acks: Acks,
+    /// Where channels live: `memory` (embedded, one process) or a Redis URL such as
+    /// `redis://127.0.0.1:6379/0` (nodes sharing it behave as one server). Default `memory`.
+    pub broker: String,
+    /// The Redis broker.
+    pub redis: Redis,
+}
+
+/// Settings of the Redis broker (used when `broker` is a Redis URL).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Redis {
+    /// Prefix of every key and pub/sub channel the server uses. Default `realtime`.
+    pub prefix: String,
+}
+
+impl Default for Redis {
+    fn default() -> Self {
+        Self { prefix: "realtime".into() }
+    }
 }
 
 /// Safety limits. Exceeding one gets an `Error` reply or a close code, never a panic.
@@ -157,6 +176,8 @@ impl Default for Config {
             delivery: Delivery::default(),
             history: History::default(),
             acks: Acks::default(),
+            broker: "memory".into(),
+            redis: Redis::default(),
         }
     }
 }
@@ -217,6 +238,8 @@ pub struct Overrides {
     pub shards: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
 }
 
 impl Config {
@@ -302,10 +325,25 @@ impl Config {
         if self.acks.max_unacked == 0 {
             return Err(invalid("acks.max_unacked", "must be at least 1"));
         }
+        if let Some(url) = self.redis_url() {
+            if let Err(err) = crate::broker::redis::validate_url(url) {
+                return Err(invalid("broker", format!("not a Redis URL: {err}")));
+            }
+        } else if self.broker != "memory" {
+            return Err(invalid("broker", "must be `memory` or a `redis://` URL"));
+        }
+        if self.redis.prefix.is_empty() || self.redis.prefix.contains(['{', '}', ' ']) {
+            return Err(invalid("redis.prefix", "must be non-empty, without braces or spaces"));
+        }
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(invalid("log_level", format!("not a log filter: {err}")));
         }
         Ok(())
+    }
+
+    /// The Redis URL when the broker is Redis.
+    pub fn redis_url(&self) -> Option<&str> {
+        (self.broker.starts_with("redis://") || self.broker.starts_with("rediss://")).then_some(self.broker.as_str())
     }
 
     /// The history policy every owner shard applies.

@@ -45,6 +45,9 @@ struct ServeArgs {
     /// Log filter (overrides `log_level`).
     #[arg(long)]
     log_level: Option<String>,
+    /// `memory` (default) or a Redis URL, e.g. redis://127.0.0.1:6379/0.
+    #[arg(long)]
+    broker: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -66,7 +69,8 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let overrides = Overrides { listen: args.listen, shards: args.shards, log_level: args.log_level };
+    let overrides =
+        Overrides { listen: args.listen, shards: args.shards, log_level: args.log_level, broker: args.broker };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(err) => {

@@ -15,6 +15,9 @@ pub struct ConnId {
 pub struct Subscriber {
     pub conn: ConnId,
     pub sub_id: u32,
+    /// Publications up to this offset reached the subscriber another way (its position,
+    /// recovery, catch-up) and are skipped.
+    pub after: u64,
 }
 
 #[derive(Debug, Default)]
@@ -27,12 +30,12 @@ impl Router {
         self.channels.entry(channel).or_default().push(subscriber);
     }
 
-    /// Removes a subscriber; returns whether it was there.
-    pub fn remove(&mut self, channel: &str, subscriber: Subscriber) -> bool {
+    /// Removes subscription `sub_id` of `conn`; returns whether it was there.
+    pub fn remove(&mut self, channel: &str, conn: ConnId, sub_id: u32) -> bool {
         let Some(list) = self.channels.get_mut(channel) else {
             return false;
         };
-        let Some(pos) = list.iter().position(|s| *s == subscriber) else {
+        let Some(pos) = list.iter().position(|s| s.conn == conn && s.sub_id == sub_id) else {
             return false;
         };
         list.swap_remove(pos);
@@ -58,7 +61,7 @@ mod tests {
     use super::*;
 
     fn sub(index: u32, sub_id: u32) -> Subscriber {
-        Subscriber { conn: ConnId { index, generation: 0 }, sub_id }
+        Subscriber { conn: ConnId { index, generation: 0 }, sub_id, after: 0 }
     }
 
     #[test]
@@ -68,10 +71,10 @@ mod tests {
         router.add(channel.clone(), sub(1, 1));
         router.add(channel.clone(), sub(2, 7));
         assert_eq!(router.subscribers("weather:paris"), &[sub(1, 1), sub(2, 7)]);
-        assert!(router.remove("weather:paris", sub(1, 1)));
-        assert!(!router.remove("weather:paris", sub(1, 1)));
+        assert!(router.remove("weather:paris", sub(1, 1).conn, 1));
+        assert!(!router.remove("weather:paris", sub(1, 1).conn, 1));
         assert_eq!(router.subscribers("weather:paris"), &[sub(2, 7)]);
-        assert!(router.remove("weather:paris", sub(2, 7)));
+        assert!(router.remove("weather:paris", sub(2, 7).conn, 7));
         assert_eq!(router.channel_count(), 0);
     }
 }

@@ -258,6 +258,11 @@ impl Session {
         true
     }
 
+    /// A request failed with `code` somewhere past the session.
+    pub fn on_failed(&mut self, req_id: u32, code: ErrorCode) {
+        self.error(req_id, code, "the request could not be served now; retry".into());
+    }
+
     /// The owner answered a `History` event.
     pub fn on_history(&mut self, req_id: u32, page: &HistoryPage) {
         let publications = page

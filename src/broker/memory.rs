@@ -171,11 +171,65 @@ impl ChannelTable {
         }
     }
 
-    /// Counts one subscriber fewer on `shard`.
-    pub fn unsubscribe(&mut self, name: &str, shard: usize, now: Instant) {
-        if let Some(channel) = self.channels.get_mut(name) {
-            channel.subscribers[shard] = channel.subscribers[shard].saturating_sub(1);
-            channel.last_used = now;
+    /// Counts one subscriber fewer on `shard`; returns whether the node has none left.
+    pub fn unsubscribe(&mut self, name: &str, shard: usize, now: Instant) -> bool {
+        let Some(channel) = self.channels.get_mut(name) else { return false };
+        channel.subscribers[shard] = channel.subscribers[shard].saturating_sub(1);
+        channel.last_used = now;
+        channel.subscribers.iter().all(|&n| n == 0)
+    }
+
+    /// With an external broker: counts one more subscriber on `shard`; returns whether it is
+    /// the node's first for the channel (time to listen to it).
+    pub fn add_subscriber(&mut self, name: &Arc<str>, shard: usize, now: Instant) -> Result<bool, TableFull> {
+        let channel = self.channel(name, now)?;
+        let first = channel.subscribers.iter().all(|&n| n == 0);
+        channel.subscribers[shard] += 1;
+        Ok(first)
+    }
+
+    /// With an external broker: a publication it fanned out to this node. Keeps it (for
+    /// subscribers that join while it travels) and fills `targets`; returns false for one
+    /// already seen. A new epoch replaces what was kept.
+    pub fn mirror(
+        &mut self,
+        epoch: &Arc<str>,
+        publication: &Arc<Publication>,
+        now: Instant,
+        targets: &mut Vec<usize>,
+    ) -> bool {
+        let size = self.policy.size.max(1);
+        targets.clear();
+        let Some(channel) = self.channels.get_mut(&publication.channel) else { return false };
+        channel.last_used = now;
+        if channel.epoch != *epoch {
+            channel.epoch = epoch.clone();
+            channel.history.clear();
+            channel.offset = 0;
+        }
+        if publication.offset <= channel.offset {
+            return false;
+        }
+        if channel.history.back().is_some_and(|last| last.offset + 1 != publication.offset) {
+            channel.history.clear();
+        }
+        if channel.history.len() >= size {
+            channel.history.pop_front();
+        }
+        channel.history.push_back(publication.clone());
+        channel.offset = publication.offset;
+        targets.extend(channel.subscribers.iter().enumerate().filter(|(_, &n)| n > 0).map(|(shard, _)| shard));
+        true
+    }
+
+    /// With an external broker: publications this node already fanned out after `offset` in
+    /// `epoch` (a joining subscriber's position may predate them).
+    pub fn fanned_out_after(&self, name: &str, epoch: &str, offset: u64) -> Vec<Arc<Publication>> {
+        match self.channels.get(name) {
+            Some(channel) if *channel.epoch == *epoch => {
+                channel.history.iter().filter(|p| p.offset > offset).cloned().collect()
+            }
+            _ => Vec::new(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! embedded in-memory broker ([`memory::ChannelTable`]) is what an owner keeps.
 
 pub mod memory;
+pub mod redis;
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;

@@ -25,6 +25,19 @@ pub fn encode_update_body(update: &Update) -> Bytes {
     update.encode_to_vec().into()
 }
 
+/// Key of `Update.offset` (field 2, varint).
+const UPDATE_OFFSET_KEY: u8 = 0x10;
+
+/// The body of an update whose other fields were encoded without an offset (as the Redis
+/// broker stores them, assigning the offset inside Redis): the offset field, then the rest.
+pub fn body_with_offset(offset: u64, rest: &[u8]) -> Bytes {
+    let mut body = Vec::with_capacity(rest.len() + 11);
+    body.push(UPDATE_OFFSET_KEY);
+    encode_varint(offset, &mut body);
+    body.extend_from_slice(rest);
+    body.into()
+}
+
 /// Bytes a push of `body_len` body bytes to `sub_id` takes inside a `ServerMessage`.
 pub fn push_len(sub_id: u32, body_len: usize) -> usize {
     let update_len = sub_id_field_len(sub_id) + body_len;
@@ -110,6 +123,13 @@ mod tests {
             .collect();
         assert_eq!(subs, vec![1, 127, 128, 300_000]);
         assert_eq!(decoded.frames.last(), Some(&pong));
+    }
+
+    #[test]
+    fn offset_prefixed_body_decodes_as_the_full_update() {
+        let rest = encode_update_body(&Update { offset: 0, ..update(0) });
+        let body = body_with_offset(7, &rest);
+        assert_eq!(Update::decode(body).unwrap(), update(0));
     }
 
     #[test]

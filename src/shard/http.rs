@@ -23,7 +23,18 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
     let mut drivers: Vec<&str> = cluster.stats.iter().map(|s| s.driver_name()).collect();
     drivers.dedup();
     let driver = if drivers.len() == 1 { drivers[0] } else { "mixed" };
-    let status = if cluster.draining.load(Ordering::Relaxed) { "draining" } else { "ok" };
+    let redis_down = cluster.redis.as_ref().is_some_and(|r| !r.is_up());
+    let status = if cluster.draining.load(Ordering::Relaxed) {
+        "draining"
+    } else if redis_down {
+        "degraded"
+    } else {
+        "ok"
+    };
+    let broker = match &cluster.redis {
+        Some(redis) => serde_json::json!({"kind": "redis", "connected": redis.is_up()}),
+        None => serde_json::json!({"kind": "memory"}),
+    };
     serde_json::json!({
         "status": status,
         "version": env!("CARGO_PKG_VERSION"),
@@ -32,6 +43,7 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         "connections": connections,
         "uptime_seconds": cluster.started_at.elapsed().as_secs(),
         "per_shard": shards,
+        "broker": broker,
     })
     .to_string()
 }

@@ -25,6 +25,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 pub use inbox::Inbox;
 
 use crate::broker::memory::{HistoryPage, Position, Recovery};
+use crate::broker::redis::BridgeHandle;
 use crate::broker::Publication;
 use crate::config::{Config, Driver};
 use crate::protocol::pb;
@@ -65,6 +66,8 @@ pub enum ShardMsg {
         sub_id: u32,
         req_id: u32,
         result: Result<(Position, Option<Recovery>), ErrorCode>,
+        /// Publications already fanned out past the position, to deliver after any recovered.
+        catch_up: Vec<Arc<Publication>>,
     },
     /// To a channel's owner: read history; answer with `HistoryPage`.
     History { channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, since: u64, limit: usize },
@@ -74,6 +77,20 @@ pub enum ShardMsg {
     Published { conn: ConnId, req_id: u32, position: Result<Position, ErrorCode> },
     /// From a channel's owner: a publication for this shard's subscribers.
     Deliver(Arc<Publication>),
+    /// Redis mode, to a channel's owner on this node: a publication Redis fanned out.
+    Fanout { epoch: Arc<str>, publication: Arc<Publication> },
+    /// Redis mode, to a channel's owner on this node: where the channel stands for a joining
+    /// subscriber; the owner adds what it fanned out meanwhile and answers `Subscribed`.
+    Positioned {
+        channel: Arc<str>,
+        from: usize,
+        conn: ConnId,
+        sub_id: u32,
+        req_id: u32,
+        result: Result<(Position, Option<Recovery>), ErrorCode>,
+    },
+    /// A request failed with `code`.
+    Failed { conn: ConnId, req_id: u32, code: ErrorCode },
     /// Close every connection and stop.
     Shutdown,
 }
@@ -114,6 +131,8 @@ pub struct Cluster {
     pub started_at: Instant,
     pub draining: AtomicBool,
     pub local_addr: SocketAddr,
+    /// The Redis bridge, when Redis is the broker.
+    pub redis: Option<BridgeHandle>,
 }
 
 /// A running server: its shards and the address they listen on.
@@ -128,6 +147,14 @@ impl Server {
         let shards = config.shard_count();
         let listeners = bind_listeners(config.listen, shards)?;
         let local_addr = listeners[0].local_addr()?;
+        let redis_url = config.redis_url().map(str::to_owned);
+        let (redis, bridge_inputs) = match redis_url {
+            Some(url) => {
+                let (handle, requests, up) = crate::broker::redis::channel();
+                (Some(handle), Some((url, requests, up)))
+            }
+            None => (None, None),
+        };
         let cluster = Arc::new(Cluster {
             inboxes: (0..shards).map(|_| Inbox::new(config.delivery.inbox_capacity)).collect(),
             stats: (0..shards).map(|_| ShardStats::default()).collect(),
@@ -135,7 +162,14 @@ impl Server {
             started_at: Instant::now(),
             draining: AtomicBool::new(false),
             local_addr,
+            redis,
         });
+        if let Some((url, requests, up)) = bridge_inputs {
+            let cluster = cluster.clone();
+            std::thread::Builder::new()
+                .name("redis-bridge".into())
+                .spawn(move || crate::broker::redis::run(url, cluster, requests, up))?;
+        }
         let cores = allowed_cores();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::with_capacity(shards);

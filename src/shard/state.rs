@@ -12,7 +12,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use slab::Slab;
 
 use super::{Cluster, ShardMsg};
-use crate::broker::memory::{ChannelTable, Recovery};
+use crate::broker::memory::{ChannelTable, Position, Recovery};
+use crate::broker::redis::BridgeRequest;
 use crate::broker::{owner_shard, Publication};
 use crate::protocol::push::encode_update_body;
 use crate::protocol::{pb, ErrorCode};
@@ -126,18 +127,31 @@ impl ShardState {
             SessionEvent::Unsubscribe { channel, sub_id, was_active } => {
                 // A pending subscription is taken back when its answer finds it gone.
                 if was_active {
-                    self.router.remove(&channel, Subscriber { conn: id, sub_id });
+                    self.router.remove(&channel, id, sub_id);
                     let owner = owner_shard(&channel, shards);
                     self.route(owner, ShardMsg::Unsubscribe { channel, from: self.id });
                 }
             }
             SessionEvent::Acked { channel, identity, offset } => {
+                if let Some(bridge) = &self.cluster.redis {
+                    let _ = bridge.send(BridgeRequest::Acked { channel, identity, offset });
+                    return;
+                }
                 let owner = owner_shard(&channel, shards);
                 self.route(owner, ShardMsg::Acked { channel, identity, offset });
             }
             SessionEvent::History { channel, req_id, since, limit } => {
+                if self.cluster.redis.is_some() {
+                    let request = BridgeRequest::History { channel, from: self.id, conn: id, req_id, since, limit };
+                    return self.send_to_bridge(request);
+                }
                 let owner = owner_shard(&channel, shards);
                 self.route(owner, ShardMsg::History { channel, from: self.id, conn: id, req_id, since, limit });
+            }
+            SessionEvent::Publish { channel, req_id, update } if self.cluster.redis.is_some() => {
+                let request =
+                    BridgeRequest::Publish { channel, from: self.id, conn: id, req_id, update: Box::new(update) };
+                self.send_to_bridge(request);
             }
             SessionEvent::Publish { channel, req_id, update } => {
                 let owner = owner_shard(&channel, shards);
@@ -166,6 +180,11 @@ impl ShardState {
     /// Acts on one message from another shard (or from this one).
     pub fn handle_msg(&mut self, msg: ShardMsg) {
         match msg {
+            ShardMsg::Subscribe { channel, from, conn, sub_id, req_id, since, resume }
+                if self.cluster.redis.is_some() =>
+            {
+                self.subscribe_via_redis(channel, from, conn, sub_id, req_id, since, resume)
+            }
             ShardMsg::Subscribe { channel, from, conn, sub_id, req_id, since, resume } => {
                 let result = self
                     .channels
@@ -178,22 +197,51 @@ impl ShardState {
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
-                self.route(from, ShardMsg::Subscribed { conn, channel, sub_id, req_id, result });
+                let catch_up = Vec::new();
+                self.route(from, ShardMsg::Subscribed { conn, channel, sub_id, req_id, result, catch_up });
             }
-            ShardMsg::Unsubscribe { channel, from } => self.channels.unsubscribe(&channel, from, Instant::now()),
+            ShardMsg::Unsubscribe { channel, from } => self.unsubscribe_owned(channel, from),
+            ShardMsg::Positioned { channel, from, conn, sub_id, req_id, result } => {
+                self.on_positioned(channel, from, conn, sub_id, req_id, result)
+            }
+            ShardMsg::Fanout { epoch, publication } => {
+                let mut targets = std::mem::take(&mut self.targets);
+                if self.channels.mirror(&epoch, &publication, Instant::now(), &mut targets) {
+                    for &shard in &targets {
+                        self.route(shard, ShardMsg::Deliver(publication.clone()));
+                    }
+                }
+                self.targets = targets;
+            }
+            ShardMsg::Failed { conn, req_id, code } => {
+                if let Some(c) = self.conn(conn) {
+                    c.session.on_failed(req_id, code);
+                    self.wake_writer(conn);
+                }
+            }
             ShardMsg::Acked { channel, identity, offset } => self.channels.ack(&channel, &identity, offset),
-            ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Err(code) } => {
+            ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Err(code), .. } => {
                 if let Some(c) = self.conn(conn) {
                     c.session.on_subscribe_failed(sub_id, req_id, code, format!("cannot subscribe to {channel} now"));
                     self.wake_writer(conn);
                 }
             }
-            ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Ok((position, recovery)) } => {
+            ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Ok((position, recovery)), catch_up } => {
                 let now = Instant::now();
-                let accepted =
-                    self.conn(conn).is_some_and(|c| c.session.on_subscribed(sub_id, req_id, &position, recovery, now));
+                let recovered_to = match &recovery {
+                    Some(Recovery::Recovered(missed)) => missed.last().map_or(0, |p| p.offset),
+                    _ => 0,
+                };
+                let after = position.offset.max(recovered_to).max(catch_up.last().map_or(0, |p| p.offset));
+                let accepted = self.conn(conn).is_some_and(|c| {
+                    let accepted = c.session.on_subscribed(sub_id, req_id, &position, recovery, now);
+                    for publication in catch_up.iter().filter(|p| p.offset > position.offset.max(recovered_to)) {
+                        c.session.push_update(sub_id, &Rc::new(Publication::clone(publication)), now);
+                    }
+                    accepted
+                });
                 if accepted {
-                    self.router.add(channel, Subscriber { conn, sub_id });
+                    self.router.add(channel, Subscriber { conn, sub_id, after });
                     self.wake_writer(conn);
                 } else {
                     let owner = owner_shard(&channel, self.backlog.len());
@@ -298,7 +346,7 @@ impl ShardState {
         let shards = self.backlog.len();
         for (channel, sub_id, active) in conn.session.subscriptions() {
             if active {
-                self.router.remove(channel, Subscriber { conn: id, sub_id });
+                self.router.remove(channel, id, sub_id);
                 let owner = owner_shard(channel, shards);
                 self.route(owner, ShardMsg::Unsubscribe { channel: channel.clone(), from: self.id });
             }
@@ -358,4 +406,80 @@ impl ShardState {
 fn now() -> Now {
     let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
     Now { instant: Instant::now(), unix_us }
+}
+
+impl ShardState {
+    /// Hands a request to the Redis bridge, answering 503 at once when it cannot take it.
+    fn send_to_bridge(&mut self, request: BridgeRequest) {
+        let Some(bridge) = &self.cluster.redis else { return };
+        if let Err(request) = bridge.send(request) {
+            crate::broker::redis::refuse(&self.cluster, request);
+        }
+    }
+
+    /// As the channel's owner on this node, Redis mode: count the subscriber, listen to the
+    /// channel when it is the node's first, and ask Redis where the channel stands.
+    #[allow(clippy::too_many_arguments)]
+    fn subscribe_via_redis(
+        &mut self,
+        channel: Arc<str>,
+        from: usize,
+        conn: ConnId,
+        sub_id: u32,
+        req_id: u32,
+        since: Option<Position>,
+        resume: Option<Arc<str>>,
+    ) {
+        match self.channels.add_subscriber(&channel, from, Instant::now()) {
+            Ok(first) => {
+                if first {
+                    self.send_to_bridge(BridgeRequest::Listen { channel: channel.clone() });
+                }
+                self.send_to_bridge(BridgeRequest::Position { channel, from, conn, sub_id, req_id, since, resume });
+            }
+            Err(_) => {
+                let result = Err(ErrorCode::Unavailable);
+                self.route(from, ShardMsg::Subscribed { conn, channel, sub_id, req_id, result, catch_up: Vec::new() });
+            }
+        }
+    }
+
+    /// As the channel's owner on this node, Redis mode: Redis said where the channel stands;
+    /// add what this node fanned out since, which the joining subscriber would otherwise miss.
+    fn on_positioned(
+        &mut self,
+        channel: Arc<str>,
+        from: usize,
+        conn: ConnId,
+        sub_id: u32,
+        req_id: u32,
+        result: Result<(Position, Option<Recovery>), ErrorCode>,
+    ) {
+        let catch_up = match &result {
+            Ok((position, recovery)) => {
+                if let Some(recovery) = recovery {
+                    let counter = match recovery {
+                        Recovery::Recovered(_) => &self.stats().recoveries_served,
+                        Recovery::Refused(_) => &self.stats().recoveries_refused,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                self.channels.fanned_out_after(&channel, &position.epoch, position.offset)
+            }
+            Err(_) => {
+                self.unsubscribe_owned(channel.clone(), from);
+                Vec::new()
+            }
+        };
+        self.route(from, ShardMsg::Subscribed { conn, channel, sub_id, req_id, result, catch_up });
+    }
+
+    /// As the channel's owner: one subscriber fewer on shard `from`; in Redis mode, stop
+    /// listening when the node has none left.
+    fn unsubscribe_owned(&mut self, channel: Arc<str>, from: usize) {
+        let last = self.channels.unsubscribe(&channel, from, Instant::now());
+        if last && self.cluster.redis.is_some() {
+            self.send_to_bridge(BridgeRequest::Unlisten { channel });
+        }
+    }
 }

@@ -1,0 +1,110 @@
+//! Several nodes on one real Redis behave as one server: shared offsets and epochs, fan-out
+//! across nodes, history and recovery from Redis, and survival when Redis goes away.
+
+mod common;
+
+use common::{payload, wait_for_health, within, RedisServer, TestServer};
+use routopia_realtime::protocol::pb::{RecoveryFailure, UpdateType};
+
+fn node(redis: &RedisServer) -> TestServer {
+    let server = TestServer::start(2, &[("ROUTOPIA_BROKER", &redis.url())]);
+    wait_for_health(&server, "Redis connected", |h| h["broker"]["connected"] == true);
+    server
+}
+
+#[compio::test]
+async fn publish_on_one_node_reaches_subscribers_on_both_with_identical_offsets() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis), node(&redis));
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let sub_a = on_a.subscribe("route:shared").await.unwrap();
+    let sub_b = on_b.subscribe("route:shared").await.unwrap();
+    assert_eq!(sub_a.epoch, sub_b.epoch, "one epoch for the channel, whichever node");
+    let mut publisher_a = a.client().await;
+    let mut publisher_b = b.client().await;
+    for n in 1..=20u64 {
+        let publisher = if n % 2 == 0 { &mut publisher_a } else { &mut publisher_b };
+        let result = publisher.publish("route:shared", UpdateType::Route, "k", payload(n)).await.unwrap();
+        assert_eq!((result.offset, result.epoch.as_str()), (n, sub_a.epoch.as_str()));
+    }
+    for client in [&mut on_a, &mut on_b] {
+        for n in 1..=20u64 {
+            let update = within("update", client.next_update()).await.unwrap();
+            assert_eq!(update.offset, n);
+            assert_eq!(update.payload.as_ref(), payload(n).as_slice());
+        }
+    }
+}
+
+#[compio::test]
+async fn a_client_recovers_on_another_node_everything_it_missed() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis), node(&redis));
+    let mut phone = a.client().await;
+    let first = phone.subscribe("incident:a1").await.unwrap();
+    let mut publisher = b.client().await;
+    for n in 1..=5 {
+        publisher.publish("incident:a1", UpdateType::Incident, "k", payload(n)).await.unwrap();
+    }
+    for n in 1..=5 {
+        assert_eq!(within("update", phone.next_update()).await.unwrap().offset, n);
+    }
+    drop(phone);
+    drop(a); // the node goes away; the phone moves to b
+    for n in 6..=300 {
+        publisher.publish("incident:a1", UpdateType::Incident, "k", payload(n)).await.unwrap();
+    }
+    let mut phone = b.client().await;
+    let result = phone.subscribe_from("incident:a1", &first.epoch, 5).await.unwrap();
+    assert!(result.recovered, "{result:?}");
+    assert_eq!(result.offset, 300);
+    publisher.publish("incident:a1", UpdateType::Incident, "k", payload(301)).await.unwrap();
+    for n in 6..=301u64 {
+        let update = within("recovered or live update", phone.next_update()).await.unwrap();
+        assert_eq!(update.offset, n, "in order, no gap, no duplicate");
+        assert_eq!(update.payload.as_ref(), payload(n).as_slice());
+    }
+}
+
+#[compio::test]
+async fn history_comes_from_redis_and_gaps_beyond_it_are_refused() {
+    let redis = RedisServer::start();
+    let server = TestServer::start(1, &[("ROUTOPIA_BROKER", &redis.url()), ("ROUTOPIA_HISTORY__SIZE", "50")]);
+    wait_for_health(&server, "Redis connected", |h| h["broker"]["connected"] == true);
+    let mut client = server.client().await;
+    let epoch = client.subscribe("poi:z").await.unwrap().epoch;
+    for n in 1..=80 {
+        client.publish("poi:z", UpdateType::Poi, "k", payload(n)).await.unwrap();
+    }
+    let page = client.history("poi:z", 40, 10).await.unwrap();
+    assert_eq!(page.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), (41..=50).collect::<Vec<u64>>());
+    assert_eq!(page.publications[0].payload.as_ref(), payload(41).as_slice());
+    assert_eq!(page.offset, 80);
+    let page = client.history("poi:z", 0, 1000).await.unwrap();
+    assert_eq!(page.publications.len(), 50);
+    assert!(page.truncated);
+    let late = server.client().await.subscribe_from("poi:z", &epoch, 10).await.unwrap();
+    assert!(!late.recovered);
+    assert_eq!(late.recovery_failure, RecoveryFailure::GapTooOld as i32);
+}
+
+#[compio::test]
+async fn redis_going_away_degrades_then_recovers_without_dropping_clients() {
+    let redis = RedisServer::start();
+    let server = node(&redis);
+    let mut client = server.client().await;
+    client.subscribe("weather:storm").await.unwrap();
+    client.publish("weather:storm", UpdateType::Weather, "w", payload(1)).await.unwrap();
+    assert_eq!(within("update", client.next_update()).await.unwrap().offset, 1);
+    let port = redis.stop();
+    wait_for_health(&server, "degraded", |h| h["status"] == "degraded");
+    let err = client.publish("weather:storm", UpdateType::Weather, "w", payload(2)).await.unwrap_err();
+    assert!(err.to_string().contains("503"), "{err}");
+    let _redis = RedisServer::start_on(port);
+    wait_for_health(&server, "ok again", |h| h["status"] == "ok");
+    // The same connection is still up and can publish and receive again.
+    let result = client.publish("weather:storm", UpdateType::Weather, "w", payload(3)).await.unwrap();
+    let update = within("update after Redis came back", client.next_update()).await.unwrap();
+    assert_eq!(update.offset, result.offset);
+}
