@@ -90,21 +90,34 @@ async fn history_comes_from_redis_and_gaps_beyond_it_are_refused() {
 }
 
 #[compio::test]
-async fn redis_going_away_degrades_then_recovers_without_dropping_clients() {
+async fn redis_going_away_degrades_then_recovers_and_subscribers_resync_after_data_loss() {
+    use routopia_realtime::client::ClientError;
     let redis = RedisServer::start();
     let server = node(&redis);
-    let mut client = server.client().await;
-    client.subscribe("weather:storm").await.unwrap();
-    client.publish("weather:storm", UpdateType::Weather, "w", payload(1)).await.unwrap();
-    assert_eq!(within("update", client.next_update()).await.unwrap().offset, 1);
+    let mut subscriber = server.client().await;
+    let before = subscriber.subscribe("weather:storm").await.unwrap();
+    let mut publisher = server.client().await;
+    publisher.publish("weather:storm", UpdateType::Weather, "w", payload(1)).await.unwrap();
+    assert_eq!(within("update", subscriber.next_update()).await.unwrap().offset, 1);
     let port = redis.stop();
     wait_for_health(&server, "degraded", |h| h["status"] == "degraded");
-    let err = client.publish("weather:storm", UpdateType::Weather, "w", payload(2)).await.unwrap_err();
+    let err = publisher.publish("weather:storm", UpdateType::Weather, "w", payload(2)).await.unwrap_err();
     assert!(err.to_string().contains("503"), "{err}");
+    // A Redis without persistence comes back empty: the channel's history is gone.
     let _redis = RedisServer::start_on(port);
     wait_for_health(&server, "ok again", |h| h["status"] == "ok");
-    // The same connection is still up and can publish and receive again.
-    let result = client.publish("weather:storm", UpdateType::Weather, "w", payload(3)).await.unwrap();
-    let update = within("update after Redis came back", client.next_update()).await.unwrap();
-    assert_eq!(update.offset, result.offset);
+    match within("resubscribe", subscriber.next_update()).await {
+        Err(ClientError::Disconnected(d)) => {
+            assert_eq!(d.code, 4003, "{d:?}");
+            assert!(d.reconnect);
+        }
+        other => panic!("expected Disconnect 4003, got {other:?}"),
+    }
+    // Connections without subscriptions stayed up throughout.
+    let result = publisher.publish("weather:storm", UpdateType::Weather, "w", payload(3)).await.unwrap();
+    assert_ne!(result.epoch, before.epoch, "new history, new epoch");
+    let mut again = server.client().await;
+    let recovery = again.subscribe_from("weather:storm", &before.epoch, 1).await.unwrap();
+    assert!(!recovery.recovered);
+    assert_eq!(recovery.recovery_failure, RecoveryFailure::EpochChanged as i32);
 }

@@ -66,6 +66,17 @@ pub struct HistoryPage {
     pub truncated: bool,
 }
 
+/// What became of a publication an external broker fanned out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mirrored {
+    /// New: deliver it.
+    Fresh,
+    /// Already delivered (or older): skip it.
+    Seen,
+    /// From a new epoch: deliver it, and local subscribers must resync.
+    EpochChanged,
+}
+
 /// The table holds its most channels and may not create another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableFull;
@@ -81,6 +92,8 @@ struct Channel {
     history: VecDeque<Arc<Publication>>,
     /// The last offset each identity acknowledged, for resuming without client state.
     acked: HashMap<Arc<str>, u64>,
+    /// With an external broker: whether `epoch` and `offset` are the broker's (not local).
+    mirrored: bool,
     last_used: Instant,
 }
 
@@ -128,6 +141,7 @@ impl ChannelTable {
             subscribers: vec![0; shards],
             history: VecDeque::new(),
             acked: HashMap::new(),
+            mirrored: false,
             last_used: now,
         });
         channel.last_used = now;
@@ -189,26 +203,32 @@ impl ChannelTable {
     }
 
     /// With an external broker: a publication it fanned out to this node. Keeps it (for
-    /// subscribers that join while it travels) and fills `targets`; returns false for one
-    /// already seen. A new epoch replaces what was kept.
+    /// subscribers that join while it travels) and fills `targets` with the shards to deliver
+    /// to (none for one already seen). A different epoch means the broker lost the channel's
+    /// history: the local subscribers must resync.
     pub fn mirror(
         &mut self,
         epoch: &Arc<str>,
         publication: &Arc<Publication>,
         now: Instant,
         targets: &mut Vec<usize>,
-    ) -> bool {
+    ) -> Mirrored {
         let size = self.policy.size.max(1);
         targets.clear();
-        let Some(channel) = self.channels.get_mut(&publication.channel) else { return false };
+        let Some(channel) = self.channels.get_mut(&publication.channel) else { return Mirrored::Seen };
         channel.last_used = now;
+        let mut outcome = Mirrored::Fresh;
         if channel.epoch != *epoch {
+            if channel.mirrored {
+                outcome = Mirrored::EpochChanged;
+            }
             channel.epoch = epoch.clone();
             channel.history.clear();
             channel.offset = 0;
         }
+        channel.mirrored = true;
         if publication.offset <= channel.offset {
-            return false;
+            return Mirrored::Seen;
         }
         if channel.history.back().is_some_and(|last| last.offset + 1 != publication.offset) {
             channel.history.clear();
@@ -218,6 +238,40 @@ impl ChannelTable {
         }
         channel.history.push_back(publication.clone());
         channel.offset = publication.offset;
+        targets.extend(channel.subscribers.iter().enumerate().filter(|(_, &n)| n > 0).map(|(shard, _)| shard));
+        outcome
+    }
+
+    /// With an external broker: the epoch and offset a subscriber's position came with, kept
+    /// when nothing was fanned out here yet (later publications tell the rest).
+    pub fn learn(&mut self, name: &str, epoch: &Arc<str>, offset: u64) {
+        if let Some(channel) = self.channels.get_mut(name) {
+            if !channel.mirrored {
+                channel.epoch = epoch.clone();
+                channel.offset = offset;
+                channel.mirrored = true;
+            }
+        }
+    }
+
+    /// With an external broker: where the broker says the channel stands. Returns whether
+    /// local subscribers may have missed publications (a new epoch, or offsets past what was
+    /// fanned out here) and must resync; fills `targets` with their shards then.
+    pub fn observe(&mut self, name: &str, epoch: &Arc<str>, offset: u64, targets: &mut Vec<usize>) -> bool {
+        targets.clear();
+        let Some(channel) = self.channels.get_mut(name) else { return false };
+        if !channel.mirrored {
+            channel.epoch = epoch.clone();
+            channel.offset = offset;
+            channel.mirrored = true;
+            return false;
+        }
+        if channel.epoch == *epoch && offset <= channel.offset {
+            return false;
+        }
+        channel.epoch = epoch.clone();
+        channel.offset = offset;
+        channel.history.clear();
         targets.extend(channel.subscribers.iter().enumerate().filter(|(_, &n)| n > 0).map(|(shard, _)| shard));
         true
     }

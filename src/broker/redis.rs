@@ -189,6 +189,12 @@ impl Bridge {
             attempt = 0;
             self.up.store(true, Ordering::Relaxed);
             tracing::info!(channels = self.listening.len(), "Redis connected");
+            // Publications made while this node was away never reached it: compare every
+            // channel it listens to with what Redis holds.
+            for channel in &self.listening {
+                let job = self.job(&connection, channel);
+                tokio::spawn(job.resync());
+            }
             loop {
                 tokio::select! {
                     request = requests.recv() => match request {
@@ -255,16 +261,20 @@ impl Bridge {
             other => {
                 // Commands run concurrently on the multiplexed connection; tasks start in the
                 // order spawned, so one publisher's commands reach Redis in its order.
-                let job = Job {
-                    channel: Arc::from(request_channel(&other)),
-                    connection: connection.clone(),
-                    cluster: self.cluster.clone(),
-                    policy: self.policy.clone(),
-                    max_positions: self.max_positions,
-                    keys: self.keys(request_channel(&other)),
-                };
+                let job = self.job(connection, request_channel(&other));
                 tokio::spawn(job.run(other));
             }
+        }
+    }
+
+    fn job(&self, connection: &MultiplexedConnection, channel: &str) -> Job {
+        Job {
+            channel: Arc::from(channel),
+            connection: connection.clone(),
+            cluster: self.cluster.clone(),
+            policy: self.policy.clone(),
+            max_positions: self.max_positions,
+            keys: self.keys(channel),
         }
     }
 
@@ -359,6 +369,19 @@ impl Job {
                 }
             }
             BridgeRequest::Listen { .. } | BridgeRequest::Unlisten { .. } => {}
+        }
+    }
+
+    /// After a reconnect: tell the owner where the channel stands in Redis.
+    async fn resync(mut self) {
+        match self.position(None, None).await {
+            Ok((position, _)) => {
+                let owner = owner_shard(&self.channel, self.cluster.inboxes.len());
+                let msg =
+                    ShardMsg::Resync { channel: self.channel.clone(), epoch: position.epoch, offset: position.offset };
+                deliver(&self.cluster, owner, msg);
+            }
+            Err(err) => tracing::warn!(channel = %self.channel, error = %err, "Redis resync failed"),
         }
     }
 

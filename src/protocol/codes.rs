@@ -56,6 +56,9 @@ pub enum CloseCode {
     SlowConsumer,
     /// 4002: the shard is over `limits.max_connections_per_shard`.
     ConnectionLimit,
+    /// 4003: a subscribed channel's history changed under the server (the broker lost it or
+    /// this node missed publications while Redis was away): reconnect and recover.
+    Resubscribe,
     /// 4500: a message that does not decode as the protocol's protobuf (or bad zstd).
     BadMessage,
     /// 4501: a first command other than `Connect`, or a second `Connect`.
@@ -75,6 +78,7 @@ impl CloseCode {
             CloseCode::Shutdown => 4000,
             CloseCode::SlowConsumer => 4001,
             CloseCode::ConnectionLimit => 4002,
+            CloseCode::Resubscribe => 4003,
             CloseCode::BadMessage => 4500,
             CloseCode::BadLifecycle => 4501,
             CloseCode::TooManyFrames => 4502,
@@ -90,6 +94,7 @@ impl CloseCode {
                 | CloseCode::Shutdown
                 | CloseCode::SlowConsumer
                 | CloseCode::ConnectionLimit
+                | CloseCode::Resubscribe
         )
     }
 
@@ -104,13 +109,14 @@ impl CloseCode {
             CloseCode::Shutdown => "shutdown",
             CloseCode::SlowConsumer => "slow_consumer",
             CloseCode::ConnectionLimit => "connection_limit",
+            CloseCode::Resubscribe => "resubscribe",
             CloseCode::BadMessage => "bad_message",
             CloseCode::BadLifecycle => "bad_lifecycle",
             CloseCode::TooManyFrames => "too_many_frames",
         }
     }
 
-    pub const ALL: [CloseCode; 11] = [
+    pub const ALL: [CloseCode; 12] = [
         CloseCode::Normal,
         CloseCode::ProtocolError,
         CloseCode::UnsupportedData,
@@ -119,6 +125,7 @@ impl CloseCode {
         CloseCode::Shutdown,
         CloseCode::SlowConsumer,
         CloseCode::ConnectionLimit,
+        CloseCode::Resubscribe,
         CloseCode::BadMessage,
         CloseCode::BadLifecycle,
         CloseCode::TooManyFrames,

@@ -91,6 +91,12 @@ pub enum ShardMsg {
     },
     /// A request failed with `code`.
     Failed { conn: ConnId, req_id: u32, code: ErrorCode },
+    /// Redis mode, to a channel's owner on this node: where Redis says the channel stands
+    /// after a reconnect; subscribers resync when it moved without this node.
+    Resync { channel: Arc<str>, epoch: Arc<str>, offset: u64 },
+    /// The channel's history changed under its subscribers here: close their connections
+    /// with 4003 so they reconnect and recover.
+    Resubscribe { channel: Arc<str> },
     /// Close every connection and stop.
     Shutdown,
 }

@@ -12,11 +12,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use slab::Slab;
 
 use super::{Cluster, ShardMsg};
-use crate::broker::memory::{ChannelTable, Position, Recovery};
+use crate::broker::memory::{ChannelTable, Mirrored, Position, Recovery};
 use crate::broker::redis::BridgeRequest;
 use crate::broker::{owner_shard, Publication};
 use crate::protocol::push::encode_update_body;
-use crate::protocol::{pb, ErrorCode};
+use crate::protocol::{pb, CloseCode, ErrorCode};
 use crate::router::{ConnId, Router, Subscriber};
 use crate::session::{Now, Session, SessionEvent, SessionLimits};
 
@@ -206,12 +206,35 @@ impl ShardState {
             }
             ShardMsg::Fanout { epoch, publication } => {
                 let mut targets = std::mem::take(&mut self.targets);
-                if self.channels.mirror(&epoch, &publication, Instant::now(), &mut targets) {
+                let outcome = self.channels.mirror(&epoch, &publication, Instant::now(), &mut targets);
+                for &shard in &targets {
+                    let msg = match outcome {
+                        Mirrored::EpochChanged => ShardMsg::Resubscribe { channel: publication.channel.clone() },
+                        Mirrored::Fresh | Mirrored::Seen => ShardMsg::Deliver(publication.clone()),
+                    };
+                    self.route(shard, msg);
+                }
+                self.targets = targets;
+            }
+            ShardMsg::Resync { channel, epoch, offset } => {
+                let mut targets = std::mem::take(&mut self.targets);
+                if self.channels.observe(&channel, &epoch, offset, &mut targets) {
+                    tracing::warn!(%channel, %epoch, offset, "channel moved while Redis was away; subscribers resync");
                     for &shard in &targets {
-                        self.route(shard, ShardMsg::Deliver(publication.clone()));
+                        self.route(shard, ShardMsg::Resubscribe { channel: channel.clone() });
                     }
                 }
                 self.targets = targets;
+            }
+            ShardMsg::Resubscribe { channel } => {
+                let subscribers: Vec<ConnId> = self.router.subscribers(&channel).iter().map(|s| s.conn).collect();
+                for conn in subscribers {
+                    if let Some(c) = self.conn(conn) {
+                        let detail = format!("the history of {channel} changed; reconnect and recover");
+                        c.session.close(CloseCode::Resubscribe, detail);
+                        self.wake_writer(conn);
+                    }
+                }
             }
             ShardMsg::Failed { conn, req_id, code } => {
                 if let Some(c) = self.conn(conn) {
@@ -457,6 +480,7 @@ impl ShardState {
     ) {
         let catch_up = match &result {
             Ok((position, recovery)) => {
+                self.channels.learn(&channel, &position.epoch, position.offset);
                 if let Some(recovery) = recovery {
                     let counter = match recovery {
                         Recovery::Recovered(_) => &self.stats().recoveries_served,

@@ -192,3 +192,25 @@ fn acknowledged_positions_resume_a_client_without_state() {
     assert!(table.subscribe(&channel, 0, now, None, Some("carol")).unwrap().1.is_none(), "over max_positions");
     assert!(table.subscribe(&channel, 0, now, None, Some("dave")).unwrap().1.is_none());
 }
+
+#[test]
+fn mirror_delivers_new_publications_once_and_flags_a_new_epoch() {
+    let now = Instant::now();
+    let mut table = ChannelTable::new(2, 100, policy());
+    let channel = name("route:m");
+    table.add_subscriber(&channel, 1, now).unwrap();
+    let at = |offset| Arc::new(Publication::new(channel.clone(), offset, 1, Bytes::new(), now));
+    let (e1, e2) = (name("e1"), name("e2"));
+    let mut targets = Vec::new();
+    table.learn(&channel, &e1, 3);
+    assert_eq!(table.mirror(&e1, &at(3), now, &mut targets), Mirrored::Seen);
+    assert!(targets.is_empty());
+    assert_eq!(table.mirror(&e1, &at(4), now, &mut targets), Mirrored::Fresh);
+    assert_eq!(targets, vec![1]);
+    assert_eq!(offsets(&table.fanned_out_after(&channel, "e1", 3)), vec![4]);
+    assert_eq!(table.mirror(&e2, &at(1), now, &mut targets), Mirrored::EpochChanged);
+    assert_eq!(targets, vec![1]);
+    assert!(!table.observe(&channel, &e2, 1, &mut targets), "in step with the broker");
+    assert!(table.observe(&channel, &e2, 5, &mut targets), "publications this node never saw");
+    assert_eq!(targets, vec![1]);
+}
