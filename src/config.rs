@@ -52,11 +52,19 @@ pub struct Config {
 pub struct Redis {
     /// Prefix of every key and pub/sub channel the server uses. Default `realtime`.
     pub prefix: String,
+    /// Consume backend publications from the list `<prefix>:queue` (encoded `Publish`
+    /// messages). With several consuming nodes, items of one channel may be published out of
+    /// list order; leave it on for one node only where that matters. Default true.
+    pub queue_consumer: bool,
+    /// This node's name for its in-flight list `<prefix>:queue:processing:<node_id>`, which it
+    /// re-publishes at start after a crash; keep it stable across restarts. Default: the host
+    /// name and listen port.
+    pub node_id: String,
 }
 
 impl Default for Redis {
     fn default() -> Self {
-        Self { prefix: "realtime".into() }
+        Self { prefix: "realtime".into(), queue_consumer: true, node_id: String::new() }
     }
 }
 

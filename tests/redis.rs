@@ -121,3 +121,50 @@ async fn redis_going_away_degrades_then_recovers_and_subscribers_resync_after_da
     assert!(!recovery.recovered);
     assert_eq!(recovery.recovery_failure, RecoveryFailure::EpochChanged as i32);
 }
+
+#[compio::test]
+async fn backend_items_queued_while_the_server_was_down_are_all_published() {
+    use prost::Message;
+    use routopia_realtime::protocol::pb;
+    let redis = RedisServer::start();
+    for n in 1..=30u64 {
+        let publish = pb::Publish {
+            channel: "poi:catalogue".into(),
+            r#type: UpdateType::Poi as i32,
+            key: format!("poi-{n}"),
+            confidence: 1.0,
+            payload: payload(n).into(),
+        };
+        redis.command(&[b"RPUSH", b"realtime:queue", &publish.encode_to_vec()]);
+    }
+    redis.command(&[b"RPUSH", b"realtime:queue", b"not a publication"]);
+    // An item a previous life of this node had in flight is published too.
+    let left = pb::Publish { channel: "poi:left".into(), r#type: UpdateType::Poi as i32, ..Default::default() };
+    redis.command(&[b"RPUSH", b"realtime:queue:processing:node-7", &left.encode_to_vec()]);
+    let server = TestServer::start(1, &[("ROUTOPIA_BROKER", &redis.url()), ("ROUTOPIA_REDIS__NODE_ID", "node-7")]);
+    wait_for_health(&server, "Redis connected", |h| h["broker"]["connected"] == true);
+    let mut client = server.client().await;
+    let mut page = client.history("poi:catalogue", 0, 100).await.unwrap();
+    for _ in 0..10_000 {
+        if page.publications.len() == 30 {
+            break;
+        }
+        page = within("history", client.history("poi:catalogue", 0, 100)).await.unwrap();
+    }
+    let offsets: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, (1..=30).collect::<Vec<u64>>(), "one publication per item, in list order");
+    assert_eq!(page.publications[29].key, "poi-30");
+    assert_eq!(redis.command(&[b"LLEN", b"realtime:queue"]), ":0");
+    // The bad item ends in the dead list and nothing stays in flight.
+    let settled = || {
+        redis.command(&[b"LLEN", b"realtime:queue:dead"]) == ":1"
+            && redis.command(&[b"LLEN", b"realtime:queue:processing:node-7"]) == ":0"
+    };
+    let mut waited = 0;
+    while !settled() {
+        waited += 1;
+        assert!(waited < 30_000, "the bad item was not moved to the dead list");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(client.history("poi:left", 0, 10).await.unwrap().offset, 1);
+}

@@ -31,6 +31,8 @@ use crate::protocol::ErrorCode;
 use crate::router::ConnId;
 use crate::shard::{Cluster, ShardMsg};
 
+mod queue;
+
 /// What shards ask of Redis.
 #[derive(Debug)]
 pub enum BridgeRequest {
@@ -129,7 +131,15 @@ pub fn run(url: String, cluster: Arc<Cluster>, requests: mpsc::Receiver<BridgeRe
         up,
         listening: HashSet::new(),
     };
+    if cluster_queue_consumer(&bridge.cluster) {
+        let consumer = queue::Consumer::new(&bridge.url, &bridge.cluster, bridge.policy.clone());
+        runtime.spawn(consumer.run());
+    }
     runtime.block_on(bridge.serve(requests));
+}
+
+fn cluster_queue_consumer(cluster: &Cluster) -> bool {
+    cluster.config.redis.queue_consumer
 }
 
 struct Bridge {
@@ -150,15 +160,19 @@ struct Keys {
     pubsub: String,
 }
 
+/// The keys of `channel` (hash-tagged by channel, so one Redis Cluster slot holds them all).
+fn keys(prefix: &str, channel: &str) -> Keys {
+    Keys {
+        meta: format!("{prefix}:{{{channel}}}:meta"),
+        history: format!("{prefix}:{{{channel}}}:history"),
+        acked: format!("{prefix}:{{{channel}}}:acked"),
+        pubsub: format!("{prefix}:pub:{channel}"),
+    }
+}
+
 impl Bridge {
     fn keys(&self, channel: &str) -> Keys {
-        let p = &self.prefix;
-        Keys {
-            meta: format!("{p}:{{{channel}}}:meta"),
-            history: format!("{p}:{{{channel}}}:history"),
-            acked: format!("{p}:{{{channel}}}:acked"),
-            pubsub: format!("{p}:pub:{channel}"),
-        }
+        keys(&self.prefix, channel)
     }
 
     async fn serve(mut self, mut requests: mpsc::Receiver<BridgeRequest>) {
@@ -386,20 +400,7 @@ impl Job {
     }
 
     async fn publish(&mut self, update: &pb::Update, rest: &Bytes) -> redis::RedisResult<Position> {
-        let script = Script::new(PUBLISH_SCRIPT);
-        let (epoch, offset): (String, u64) = script
-            .key(&self.keys.meta)
-            .key(&self.keys.history)
-            .arg(&self.keys.pubsub)
-            .arg(rest.as_ref())
-            .arg(self.policy.size)
-            .arg(self.policy.ttl.as_millis() as u64)
-            .arg(new_epoch())
-            .arg(META_TTL.as_millis() as u64)
-            .arg(update.r#type)
-            .invoke_async(&mut self.connection)
-            .await?;
-        Ok(Position { epoch: Arc::from(epoch), offset })
+        publish(&mut self.connection, &self.keys, update.r#type, rest, &self.policy).await
     }
 
     async fn position(
@@ -440,6 +441,30 @@ impl Job {
         let truncated = since < offset && history.front().is_none_or(|p| p.offset > since + 1);
         Ok(HistoryPage { position: Position { epoch: Arc::from(epoch), offset }, publications, truncated })
     }
+}
+
+/// Assigns the next offset, appends to history and fans out, atomically (one script).
+async fn publish(
+    connection: &mut MultiplexedConnection,
+    keys: &Keys,
+    update_type: i32,
+    rest: &Bytes,
+    policy: &HistoryPolicy,
+) -> redis::RedisResult<Position> {
+    let script = Script::new(PUBLISH_SCRIPT);
+    let (epoch, offset): (String, u64) = script
+        .key(&keys.meta)
+        .key(&keys.history)
+        .arg(&keys.pubsub)
+        .arg(rest.as_ref())
+        .arg(policy.size)
+        .arg(policy.ttl.as_millis() as u64)
+        .arg(new_epoch())
+        .arg(META_TTL.as_millis() as u64)
+        .arg(update_type)
+        .invoke_async(connection)
+        .await?;
+    Ok(Position { epoch: Arc::from(epoch), offset })
 }
 
 /// Stream entries as XREVRANGE returns them: id and field/value pairs, newest first.

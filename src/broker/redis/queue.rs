@@ -1,0 +1,157 @@
+//! Publications from backends that hold no WebSocket: encoded `Publish` messages pushed onto
+//! the Redis list `<prefix>:queue`. Each item moves atomically to this node's in-flight list
+//! (BLMOVE), is published like any other, and only then leaves that list; a node that dies
+//! mid-way re-publishes what it had in flight when it starts again (at least once). Items that
+//! are not valid publications move to `<prefix>:queue:dead` and are logged.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, AsyncTypedCommands};
+
+use super::{keys, publish, HistoryPolicy};
+use crate::broker::validate_channel;
+use crate::protocol::pb;
+use crate::protocol::push::encode_update_body;
+use crate::shard::Cluster;
+
+/// How long one BLMOVE waits for an item before asking again.
+const BLOCK: f64 = 1.0;
+
+pub(super) struct Consumer {
+    url: String,
+    prefix: String,
+    queue: String,
+    in_flight: String,
+    dead: String,
+    policy: HistoryPolicy,
+    max_channel_length: usize,
+    max_payload_size: usize,
+}
+
+impl Consumer {
+    pub(super) fn new(url: &str, cluster: &Cluster, policy: HistoryPolicy) -> Self {
+        let config = &cluster.config;
+        let prefix = config.redis.prefix.clone();
+        let node_id = if config.redis.node_id.is_empty() {
+            format!("{}:{}", host_name(), cluster.local_addr.port())
+        } else {
+            config.redis.node_id.clone()
+        };
+        Self {
+            url: url.to_owned(),
+            queue: format!("{prefix}:queue"),
+            in_flight: format!("{prefix}:queue:processing:{node_id}"),
+            dead: format!("{prefix}:queue:dead"),
+            prefix,
+            policy,
+            max_channel_length: config.limits.max_channel_length,
+            max_payload_size: config.limits.max_payload_size,
+        }
+    }
+
+    /// Consumes until the process ends, reconnecting with backoff.
+    pub(super) async fn run(self) {
+        let mut attempt = 0u32;
+        loop {
+            match self.connect().await {
+                Ok(mut connection) => {
+                    attempt = 0;
+                    if let Err(err) = self.consume(&mut connection).await {
+                        tracing::warn!(error = %err, "queue consumer lost Redis");
+                    }
+                }
+                Err(err) => tracing::debug!(error = %err, "queue consumer cannot reach Redis"),
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt.min(6))).min(Duration::from_secs(5))).await;
+        }
+    }
+
+    async fn connect(&self) -> redis::RedisResult<MultiplexedConnection> {
+        let client = redis::Client::open(self.url.as_str())?;
+        // Its own connection: a blocking BLMOVE must not hold up the bridge's commands.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs_f64(BLOCK + 5.0)));
+        client.get_multiplexed_async_connection_with_config(&config).await
+    }
+
+    async fn consume(&self, connection: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        // First what this node had in flight when it last stopped.
+        let left: Vec<Vec<u8>> =
+            redis::cmd("LRANGE").arg(&self.in_flight).arg(0).arg(-1).query_async(connection).await?;
+        if !left.is_empty() {
+            tracing::info!(items = left.len(), "re-publishing queue items left in flight");
+        }
+        for item in left {
+            self.settle(connection, &item).await?;
+        }
+        loop {
+            let item: Option<Vec<u8>> = redis::cmd("BLMOVE")
+                .arg(&self.queue)
+                .arg(&self.in_flight)
+                .arg("LEFT")
+                .arg("RIGHT")
+                .arg(BLOCK)
+                .query_async(connection)
+                .await?;
+            if let Some(item) = item {
+                self.settle(connection, &item).await?;
+            }
+        }
+    }
+
+    /// Publishes one in-flight item (or moves it to the dead list), then lets it go.
+    async fn settle(&self, connection: &mut MultiplexedConnection, item: &[u8]) -> redis::RedisResult<()> {
+        match self.decode(item) {
+            Ok((channel, update)) => {
+                let rest = encode_update_body(&update);
+                publish(connection, &keys(&self.prefix, &channel), update.r#type, &rest, &self.policy).await?;
+            }
+            Err(reason) => {
+                tracing::warn!(reason, "queue item is not a valid publication; moved to the dead list");
+                connection.rpush(&self.dead, item).await?;
+            }
+        }
+        connection.lrem(&self.in_flight, 1, item).await?;
+        Ok(())
+    }
+
+    fn decode(&self, item: &[u8]) -> Result<(Arc<str>, pb::Update), String> {
+        let publish = pb::Publish::decode(item).map_err(|err| format!("not a Publish message: {err}"))?;
+        validate_channel(&publish.channel, self.max_channel_length).map_err(|err| err.to_string())?;
+        if publish.payload.len() > self.max_payload_size {
+            return Err(format!("payload of {} bytes, the limit is {}", publish.payload.len(), self.max_payload_size));
+        }
+        match pb::UpdateType::try_from(publish.r#type) {
+            Ok(pb::UpdateType::Unspecified) | Err(_) => return Err("type must be a known update type".into()),
+            Ok(_) => {}
+        }
+        let timestamp_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
+        let update = pb::Update {
+            sub_id: 0,
+            offset: 0,
+            r#type: publish.r#type,
+            key: publish.key,
+            confidence: publish.confidence,
+            timestamp_us,
+            payload: publish.payload,
+        };
+        Ok((Arc::from(publish.channel), update))
+    }
+}
+
+fn host_name() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
+    let ok = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } == 0;
+    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    if ok && end > 0 {
+        String::from_utf8_lossy(&buffer[..end]).into_owned()
+    } else {
+        "node".into()
+    }
+}
