@@ -75,6 +75,8 @@ async fn too_many_missed_is_refused_not_partially_recovered() {
     assert_eq!(result.recovery_failure, RecoveryFailure::TooMany as i32);
     let result = server.client().await.subscribe_from("traffic:ring", &epoch, 40).await.unwrap();
     assert!(result.recovered, "40 missed is within the cap");
+    let delivery = &server.health()["delivery"];
+    assert_eq!((delivery["recoveries_served"].as_u64(), delivery["recoveries_refused"].as_u64()), (Some(1), Some(1)));
 }
 
 #[compio::test]

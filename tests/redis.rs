@@ -168,3 +168,49 @@ async fn backend_items_queued_while_the_server_was_down_are_all_published() {
     }
     assert_eq!(client.history("poi:left", 0, 10).await.unwrap().offset, 1);
 }
+
+#[compio::test]
+async fn a_node_killed_mid_stream_the_client_moves_to_the_other_and_recovers_everything() {
+    use routopia_realtime::client::resilient::{Backoff, Event, ResilientClient};
+    use routopia_realtime::client::ConnectOptions;
+    use std::time::Duration;
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis), node(&redis));
+    let backoff =
+        Backoff { initial: Duration::from_millis(20), factor: 2.0, max: Duration::from_millis(200), max_retries: None };
+    let mut phone =
+        ResilientClient::connect_any(vec![a.addr, b.addr], ConnectOptions::default(), backoff).await.unwrap();
+    assert_eq!(phone.node(), a.addr);
+    phone.subscribe("route:failover").await.unwrap();
+    let mut publisher = b.client().await;
+    for n in 1..=20 {
+        publisher.publish("route:failover", UpdateType::Route, "k", payload(n)).await.unwrap();
+    }
+    for n in 1..=20u64 {
+        match within("update", phone.next_event()).await.unwrap() {
+            Event::Update { update, .. } => assert_eq!(update.offset, n),
+            other => panic!("expected an update, got {other:?}"),
+        }
+    }
+    drop(a); // killed mid-stream
+    for n in 21..=120 {
+        publisher.publish("route:failover", UpdateType::Route, "k", payload(n)).await.unwrap();
+    }
+    match within("failover", phone.next_event()).await.unwrap() {
+        Event::Reconnected { channels, .. } => {
+            assert!(channels[0].recovered, "{channels:?}");
+            assert_eq!(channels[0].offset, 120);
+        }
+        other => panic!("expected Reconnected, got {other:?}"),
+    }
+    assert_eq!(phone.node(), b.addr);
+    for n in 21..=120u64 {
+        match within("recovered update", phone.next_event()).await.unwrap() {
+            Event::Update { update, .. } => {
+                assert_eq!(update.offset, n, "in order, nothing lost, nothing twice");
+                assert_eq!(update.payload.as_ref(), payload(n).as_slice());
+            }
+            other => panic!("expected an update, got {other:?}"),
+        }
+    }
+}

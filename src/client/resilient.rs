@@ -96,7 +96,9 @@ struct Tracked {
 }
 
 pub struct ResilientClient {
-    addr: SocketAddr,
+    /// The nodes to use, tried in turn from `next_node` whenever a connection fails.
+    nodes: Vec<SocketAddr>,
+    next_node: usize,
     options: ConnectOptions,
     backoff: Backoff,
     client: Option<Client>,
@@ -110,8 +112,22 @@ pub struct ResilientClient {
 impl ResilientClient {
     /// Connects (retrying with `backoff`) to `addr`.
     pub async fn connect(addr: SocketAddr, options: ConnectOptions, backoff: Backoff) -> Result<Self, ClientError> {
+        Self::connect_any(vec![addr], options, backoff).await
+    }
+
+    /// Connects to the first of `nodes` that answers (nodes sharing one Redis); a lost
+    /// connection moves on to the next node, so recovery happens wherever the client lands.
+    pub async fn connect_any(
+        nodes: Vec<SocketAddr>,
+        options: ConnectOptions,
+        backoff: Backoff,
+    ) -> Result<Self, ClientError> {
+        if nodes.is_empty() {
+            return Err(ClientError::Handshake("no node to connect to".into()));
+        }
         let mut this = Self {
-            addr,
+            nodes,
+            next_node: 0,
             options,
             backoff,
             client: None,
@@ -158,6 +174,11 @@ impl ResilientClient {
         self.client = None;
     }
 
+    /// The node the current (or last) connection went to.
+    pub fn node(&self) -> SocketAddr {
+        self.nodes[self.next_node % self.nodes.len()]
+    }
+
     /// The next event. Connection failures are handled inside; an error means the server
     /// said not to reconnect, or `max_retries` ran out.
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
@@ -185,7 +206,11 @@ impl ResilientClient {
                 Some(Kind::Disconnect(disconnect)) if !disconnect.reconnect => {
                     return Err(ClientError::Disconnected(disconnect));
                 }
-                Some(Kind::Disconnect(_)) => self.client = None,
+                Some(Kind::Disconnect(_)) => {
+                    // Told to go elsewhere (a draining node): start with the next one.
+                    self.next_node = self.next_node.wrapping_add(1);
+                    self.client = None;
+                }
                 _ => {}
             }
         }
@@ -287,7 +312,14 @@ impl ResilientClient {
     }
 
     async fn try_reconnect(&mut self) -> Result<Vec<ChannelRecovery>, ClientError> {
-        let (client, _) = Client::connect(self.addr, self.options.clone()).await?;
+        let node = self.nodes[self.next_node % self.nodes.len()];
+        let (client, _) = match Client::connect(node, self.options.clone()).await {
+            Ok(connected) => connected,
+            Err(err) => {
+                self.next_node = self.next_node.wrapping_add(1);
+                return Err(err);
+            }
+        };
         self.client = Some(client);
         self.by_sub.clear();
         let channels: Vec<Arc<str>> = self.channels.keys().cloned().collect();

@@ -20,6 +20,19 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         })
         .collect();
     let connections: u64 = cluster.stats.iter().map(|s| s.connections.load(Ordering::Relaxed)).sum();
+    let total = |field: fn(&super::ShardStats) -> &std::sync::atomic::AtomicU64| -> u64 {
+        cluster.stats.iter().map(|s| field(s).load(Ordering::Relaxed)).sum()
+    };
+    let delivery = serde_json::json!({
+        "published": total(|s| &s.published),
+        "delivered": total(|s| &s.delivered),
+        "recoveries_served": total(|s| &s.recoveries_served),
+        "recoveries_refused": total(|s| &s.recoveries_refused),
+        "ack_failures": total(|s| &s.ack_failures),
+        "inbox_dropped": total(|s| &s.inbox_dropped),
+        "channels": total(|s| &s.channels),
+        "history_size": total(|s| &s.history_size),
+    });
     let mut drivers: Vec<&str> = cluster.stats.iter().map(|s| s.driver_name()).collect();
     drivers.dedup();
     let driver = if drivers.len() == 1 { drivers[0] } else { "mixed" };
@@ -44,6 +57,7 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         "uptime_seconds": cluster.started_at.elapsed().as_secs(),
         "per_shard": shards,
         "broker": broker,
+        "delivery": delivery,
     })
     .to_string()
 }
