@@ -214,3 +214,35 @@ async fn a_node_killed_mid_stream_the_client_moves_to_the_other_and_recovers_eve
         }
     }
 }
+
+#[compio::test]
+async fn an_acked_position_kept_in_redis_resumes_a_client_on_another_node() {
+    use routopia_realtime::client::{Client, ConnectOptions};
+    use routopia_realtime::protocol::pb;
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis), node(&redis));
+    let named = ConnectOptions { name: "truck-12".into(), ..Default::default() };
+    let acked = pb::Subscribe { channel: "route:truck-12".into(), ack: true, ..Default::default() };
+    let (mut truck, _) = Client::connect(a.addr, named.clone()).await.unwrap();
+    let sub = truck.subscribe_with(acked.clone()).await.unwrap();
+    let mut publisher = b.client().await;
+    for n in 1..=4 {
+        publisher.publish("route:truck-12", UpdateType::Route, "k", payload(n)).await.unwrap();
+    }
+    for n in 1..=4 {
+        assert_eq!(within("update", truck.next_update()).await.unwrap().offset, n);
+    }
+    truck.ack(sub.sub_id, 4).await.unwrap();
+    // The bridge handles one node's requests in order: once this answer is back, so is the ack.
+    truck.history("route:truck-12", 4, 1).await.unwrap();
+    drop(truck);
+    for n in 5..=7 {
+        publisher.publish("route:truck-12", UpdateType::Route, "k", payload(n)).await.unwrap();
+    }
+    let (mut truck, _) = Client::connect(b.addr, named).await.unwrap();
+    let resumed = truck.subscribe_with(acked).await.unwrap();
+    assert!(resumed.recovered, "{resumed:?}");
+    for n in 5..=7 {
+        assert_eq!(within("resumed update", truck.next_update()).await.unwrap().offset, n);
+    }
+}

@@ -236,6 +236,11 @@ impl Bridge {
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)));
         let mut connection = client.get_multiplexed_async_connection_with_config(&config).await?;
+        // Loaded up front: a script loaded on first use could let a later command of the
+        // same publisher overtake an earlier one that is still being retried.
+        for script in [PUBLISH_SCRIPT, POSITION_SCRIPT, HISTORY_SCRIPT, ACK_SCRIPT] {
+            Script::new(script).prepare_invoke().load_async(&mut connection).await?;
+        }
         for channel in &self.listening {
             connection.subscribe(self.keys(channel).pubsub).await?;
         }
