@@ -246,3 +246,31 @@ async fn an_acked_position_kept_in_redis_resumes_a_client_on_another_node() {
         assert_eq!(within("resumed update", truck.next_update()).await.unwrap().offset, n);
     }
 }
+
+#[compio::test]
+async fn the_resilient_client_recovers_a_channel_by_itself_when_it_sees_a_gap() {
+    use routopia_realtime::client::resilient::{Backoff, Event, ResilientClient};
+    use routopia_realtime::client::ConnectOptions;
+    let redis = RedisServer::start();
+    let server = node(&redis);
+    let mut phone = ResilientClient::connect(server.addr, ConnectOptions::default(), Backoff::default()).await.unwrap();
+    let epoch = phone.subscribe("traffic:gap").await.unwrap().epoch;
+    let mut publisher = server.client().await;
+    for n in 1..=3 {
+        publisher.publish("traffic:gap", UpdateType::Traffic, "k", payload(n)).await.unwrap();
+    }
+    for _ in 0..3 {
+        assert!(matches!(within("update", phone.next_event()).await.unwrap(), Event::Update { .. }));
+    }
+    // A fan-out message for offset 5 arrives without 4 (as if 4 were lost on the way).
+    let fake = format!("{epoch}:5:1700000000000:3:");
+    redis.command(&[b"PUBLISH", b"realtime:pub:traffic:gap", fake.as_bytes()]);
+    match within("gap recovery", phone.next_event()).await.unwrap() {
+        Event::GapRecovered(outcome) => {
+            assert_eq!(&*outcome.channel, "traffic:gap");
+            assert!(outcome.recovered, "Redis holds everything up to its offset: {outcome:?}");
+        }
+        other => panic!("expected GapRecovered, got {other:?}"),
+    }
+    assert_eq!(phone.stats().gaps_detected, 1);
+}
