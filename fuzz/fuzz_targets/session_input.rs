@@ -1,0 +1,24 @@
+//! Everything a client can send after the upgrade: WebSocket framing (unmasking, fragments,
+//! control frames, limits), the envelope, and every command, through one session.
+#![no_main]
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use libfuzzer_sys::fuzz_target;
+use routopia_realtime::config::Config;
+use routopia_realtime::session::{Now, Session, SessionLimits};
+
+fuzz_target!(|data: &[u8]| {
+    let limits = Rc::new(SessionLimits::from_config(&Config::default()));
+    let mut session = Session::new(Arc::from("fuzz"), limits);
+    let now = Now { instant: Instant::now(), unix_us: 1 };
+    // Feed in uneven pieces, as TCP would.
+    for chunk in data.chunks(97) {
+        session.handle_bytes(now, chunk);
+        while session.poll_event().is_some() {}
+        let mut out = Vec::new();
+        session.poll_transmit(&mut out);
+        session.handle_timeout(now.instant);
+    }
+});
