@@ -13,25 +13,29 @@
 //! are answered 503 at once, `/health` says `degraded`, and the bridge reconnects with backoff
 //! and subscribes again.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Value};
 use tokio::sync::mpsc;
 
-use super::memory::{recover, HistoryPage, HistoryPolicy, Position, Recovery};
+use super::memory::{HistoryPolicy, Position};
 use super::{owner_shard, Publication};
 use crate::protocol::pb;
-use crate::protocol::push::{body_with_offset, encode_update_body};
+use crate::protocol::push::body_with_offset;
 use crate::protocol::ErrorCode;
 use crate::router::ConnId;
 use crate::shard::{Cluster, ShardMsg};
 
+mod job;
 mod queue;
+mod scripts;
+
+use job::{instant_of, Job};
+use scripts::{ACK_SCRIPT, HISTORY_SCRIPT, POSITION_SCRIPT, PUBLISH_SCRIPT};
 
 /// What shards ask of Redis.
 #[derive(Debug)]
@@ -328,187 +332,6 @@ fn request_channel(request: &BridgeRequest) -> &str {
     }
 }
 
-/// One command's round trip.
-struct Job {
-    channel: Arc<str>,
-    connection: MultiplexedConnection,
-    cluster: Arc<Cluster>,
-    policy: HistoryPolicy,
-    max_positions: usize,
-    keys: Keys,
-}
-
-impl Job {
-    async fn run(mut self, request: BridgeRequest) {
-        match request {
-            BridgeRequest::Publish { channel, from, conn, req_id, update } => {
-                let rest = encode_update_body(&update);
-                let position = self.publish(&update, &rest).await;
-                if let Err(err) = &position {
-                    tracing::warn!(%channel, error = %err, "Redis publish failed");
-                }
-                let position = position.map_err(|_| ErrorCode::Unavailable);
-                deliver(&self.cluster, from, ShardMsg::Published { conn, req_id, position });
-            }
-            BridgeRequest::Position { channel, from, conn, sub_id, req_id, since, resume } => {
-                let result = self.position(since.as_ref(), resume.as_deref()).await.map_err(|err| {
-                    tracing::warn!(%channel, error = %err, "Redis position failed");
-                    ErrorCode::Unavailable
-                });
-                let owner = owner_shard(&channel, self.cluster.inboxes.len());
-                let msg = ShardMsg::Positioned { channel, from, conn, sub_id, req_id, result };
-                deliver(&self.cluster, owner, msg);
-            }
-            BridgeRequest::History { channel, from, conn, req_id, since, limit } => {
-                let page = match self.history(&channel, since, limit).await {
-                    Ok(page) => page,
-                    Err(err) => {
-                        tracing::warn!(%channel, error = %err, "Redis history failed");
-                        return deliver(
-                            &self.cluster,
-                            from,
-                            ShardMsg::Failed { conn, req_id, code: ErrorCode::Unavailable },
-                        );
-                    }
-                };
-                deliver(&self.cluster, from, ShardMsg::HistoryPage { conn, req_id, page });
-            }
-            BridgeRequest::Acked { identity, offset, .. } => {
-                let script = Script::new(ACK_SCRIPT);
-                let result: redis::RedisResult<()> = script
-                    .key(&self.keys.acked)
-                    .arg(&*identity)
-                    .arg(offset)
-                    .arg(self.max_positions)
-                    .arg(META_TTL.as_millis() as u64)
-                    .invoke_async(&mut self.connection)
-                    .await;
-                if let Err(err) = result {
-                    tracing::warn!(error = %err, "Redis ack failed");
-                }
-            }
-            BridgeRequest::Listen { .. } | BridgeRequest::Unlisten { .. } => {}
-        }
-    }
-
-    /// After a reconnect: tell the owner where the channel stands in Redis.
-    async fn resync(mut self) {
-        match self.position(None, None).await {
-            Ok((position, _)) => {
-                let owner = owner_shard(&self.channel, self.cluster.inboxes.len());
-                let msg =
-                    ShardMsg::Resync { channel: self.channel.clone(), epoch: position.epoch, offset: position.offset };
-                deliver(&self.cluster, owner, msg);
-            }
-            Err(err) => tracing::warn!(channel = %self.channel, error = %err, "Redis resync failed"),
-        }
-    }
-
-    async fn publish(&mut self, update: &pb::Update, rest: &Bytes) -> redis::RedisResult<Position> {
-        publish(&mut self.connection, &self.keys, update.r#type, rest, &self.policy).await
-    }
-
-    async fn position(
-        &mut self,
-        since: Option<&Position>,
-        resume: Option<&str>,
-    ) -> redis::RedisResult<(Position, Option<Recovery>)> {
-        let script = Script::new(POSITION_SCRIPT);
-        let (epoch, offset, since_epoch, since_offset, entries): (String, u64, String, u64, StreamEntries) = script
-            .key(&self.keys.meta)
-            .key(&self.keys.history)
-            .key(&self.keys.acked)
-            .arg(new_epoch())
-            .arg(since.map_or("", |s| &*s.epoch))
-            .arg(since.map_or(0, |s| s.offset))
-            .arg(self.policy.max_recovery_messages)
-            .arg(resume.unwrap_or(""))
-            .arg(META_TTL.as_millis() as u64)
-            .invoke_async(&mut self.connection)
-            .await?;
-        let position = Position { epoch: Arc::from(epoch.as_str()), offset };
-        if since_epoch.is_empty() {
-            return Ok((position, None));
-        }
-        let history = entries_to_history(&self.channel, entries);
-        let since = Position { epoch: Arc::from(since_epoch), offset: since_offset };
-        let recovery = recover(&epoch, offset, &history, &since, Instant::now(), &self.policy);
-        Ok((position, Some(recovery)))
-    }
-
-    async fn history(&mut self, channel: &str, since: u64, limit: usize) -> redis::RedisResult<HistoryPage> {
-        let script = Script::new(HISTORY_SCRIPT);
-        let (epoch, offset, entries): (String, u64, StreamEntries) =
-            script.key(&self.keys.meta).key(&self.keys.history).arg(since).invoke_async(&mut self.connection).await?;
-        let history = entries_to_history(channel, entries);
-        let publications: Vec<Arc<Publication>> =
-            history.iter().filter(|p| p.offset > since).take(limit).cloned().collect();
-        let truncated = since < offset && history.front().is_none_or(|p| p.offset > since + 1);
-        Ok(HistoryPage { position: Position { epoch: Arc::from(epoch), offset }, publications, truncated })
-    }
-}
-
-/// Assigns the next offset, appends to history and fans out, atomically (one script).
-async fn publish(
-    connection: &mut MultiplexedConnection,
-    keys: &Keys,
-    update_type: i32,
-    rest: &Bytes,
-    policy: &HistoryPolicy,
-) -> redis::RedisResult<Position> {
-    let script = Script::new(PUBLISH_SCRIPT);
-    let (epoch, offset): (String, u64) = script
-        .key(&keys.meta)
-        .key(&keys.history)
-        .arg(&keys.pubsub)
-        .arg(rest.as_ref())
-        .arg(policy.size)
-        .arg(policy.ttl.as_millis() as u64)
-        .arg(new_epoch())
-        .arg(META_TTL.as_millis() as u64)
-        .arg(update_type)
-        .invoke_async(connection)
-        .await?;
-    Ok(Position { epoch: Arc::from(epoch), offset })
-}
-
-/// Stream entries as XREVRANGE returns them: id and field/value pairs, newest first.
-type StreamEntries = Vec<(String, Vec<(String, Vec<u8>)>)>;
-
-/// Stream entries (newest first, as XREVRANGE gives them) as publications, oldest first.
-fn entries_to_history(channel: &str, entries: StreamEntries) -> VecDeque<Arc<Publication>> {
-    let channel: Arc<str> = Arc::from(channel);
-    let mut history = VecDeque::with_capacity(entries.len());
-    for (id, fields) in entries.into_iter().rev() {
-        let Some((ms, offset)) = parse_id(&id) else { continue };
-        let Some((_, rest)) = fields.into_iter().find(|(name, _)| name == "b") else { continue };
-        let update_type = fields_type(&rest);
-        let publication =
-            Publication::new(channel.clone(), offset, update_type, body_with_offset(offset, &rest), instant_of(ms));
-        history.push_back(Arc::new(publication));
-    }
-    history
-}
-
-/// The update type inside an encoded update (0 when absent).
-fn fields_type(rest: &[u8]) -> i32 {
-    use prost::Message;
-    pb::Update::decode(rest).map(|u| u.r#type).unwrap_or(0)
-}
-
-/// `<ms>-<offset>`.
-fn parse_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, offset) = id.split_once('-')?;
-    Some((ms.parse().ok()?, offset.parse().ok()?))
-}
-
-/// The monotonic instant of a wall-clock time in milliseconds (for age checks).
-fn instant_of(ms: u64) -> Instant {
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    let age = Duration::from_millis(now_ms.saturating_sub(ms));
-    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
-}
-
 /// `epoch:offset:ms:type:rest` as the publish script sends it.
 fn parse_fanout(channel: &str, payload: &[u8]) -> Option<(Arc<str>, Publication)> {
     let mut parts = payload.splitn(5, |&b| b == b':');
@@ -559,92 +382,12 @@ fn new_epoch() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// KEYS: meta, history. ARGV: pubsub channel, update without offset, history size, history
-/// ttl ms, epoch for a new channel, meta ttl ms, update type. Returns {epoch, offset}.
-const PUBLISH_SCRIPT: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[5]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'ms', 0)
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-local t = redis.call('TIME')
-local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local last = tonumber(redis.call('HGET', KEYS[1], 'ms') or '0')
-if ms < last then ms = last end
-redis.call('HSET', KEYS[1], 'ms', ms)
-local size = tonumber(ARGV[3])
-if size > 0 then
-  local id = string.format('%d-%d', ms, offset)
-  local ok = redis.pcall('XADD', KEYS[2], 'MAXLEN', size, id, 'b', ARGV[2])
-  if type(ok) == 'table' and ok.err then
-    -- History from an older epoch with higher ids: it no longer belongs to this channel.
-    redis.call('DEL', KEYS[2])
-    redis.call('XADD', KEYS[2], 'MAXLEN', size, id, 'b', ARGV[2])
-  end
-  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d-0', ms - tonumber(ARGV[4])))
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('PUBLISH', ARGV[1], epoch .. ':' .. offset .. ':' .. string.format('%d', ms) .. ':' .. ARGV[7] .. ':' .. ARGV[2])
-return {epoch, offset}
-"#;
-
-/// KEYS: meta, history, acked. ARGV: epoch for a new channel, since epoch ('' = none), since
-/// offset, most entries to return, identity to resume ('' = none), meta ttl ms.
-/// Returns {epoch, offset, since epoch, since offset, entries newest first}.
-const POSITION_SCRIPT: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'ms', 0)
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
-local since_epoch = ARGV[2]
-local since = tonumber(ARGV[3])
-if since_epoch == '' and ARGV[5] ~= '' then
-  local acked = redis.call('HGET', KEYS[3], ARGV[5])
-  if acked then
-    since_epoch = epoch
-    since = tonumber(acked)
-  end
-end
-local entries = {}
-local missed = offset - since
-if since_epoch == epoch and missed > 0 and missed <= tonumber(ARGV[4]) then
-  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', missed)
-end
-return {epoch, offset, since_epoch, since, entries}
-"#;
-
-/// KEYS: meta, history. ARGV: since. Returns {epoch, offset, entries newest first}.
-const HISTORY_SCRIPT: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
-local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
-local entries = {}
-local wanted = offset - tonumber(ARGV[1])
-if wanted > 0 then
-  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', wanted)
-end
-return {epoch, offset, entries}
-"#;
-
-/// KEYS: acked. ARGV: identity, offset, most identities, ttl ms. The highest offset wins.
-const ACK_SCRIPT: &str = r#"
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current then
-  if tonumber(ARGV[2]) > tonumber(current) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-elseif redis.call('HLEN', KEYS[1]) < tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 0
-"#;
-
 #[cfg(test)]
 mod tests {
+    use super::job::parse_id;
     use super::*;
+    use crate::protocol::push::encode_update_body;
+    use bytes::Bytes;
 
     #[test]
     fn fanout_payload_round_trips_an_update() {

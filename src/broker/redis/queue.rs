@@ -11,7 +11,8 @@ use prost::Message;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, AsyncTypedCommands};
 
-use super::{keys, publish, HistoryPolicy};
+use super::job::publish;
+use super::{keys, HistoryPolicy};
 use crate::broker::validate_channel;
 use crate::protocol::pb;
 use crate::protocol::push::encode_update_body;

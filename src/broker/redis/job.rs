@@ -1,0 +1,200 @@
+//! One command's round trip to Redis, run as its own task on the bridge's runtime, and the
+//! conversions of what Redis returns.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::Script;
+
+use super::scripts::{ACK_SCRIPT, HISTORY_SCRIPT, POSITION_SCRIPT, PUBLISH_SCRIPT};
+use super::{deliver, new_epoch, BridgeRequest, Keys, META_TTL};
+use crate::broker::memory::{recover, HistoryPage, HistoryPolicy, Position, Recovery};
+use crate::broker::{owner_shard, Publication};
+use crate::protocol::pb;
+use crate::protocol::push::{body_with_offset, encode_update_body};
+use crate::protocol::ErrorCode;
+use crate::shard::{Cluster, ShardMsg};
+
+/// One command's round trip.
+pub(super) struct Job {
+    pub(super) channel: Arc<str>,
+    pub(super) connection: MultiplexedConnection,
+    pub(super) cluster: Arc<Cluster>,
+    pub(super) policy: HistoryPolicy,
+    pub(super) max_positions: usize,
+    pub(super) keys: Keys,
+}
+
+impl Job {
+    pub(super) async fn run(mut self, request: BridgeRequest) {
+        match request {
+            BridgeRequest::Publish { channel, from, conn, req_id, update } => {
+                let rest = encode_update_body(&update);
+                let position = self.publish(&update, &rest).await;
+                if let Err(err) = &position {
+                    tracing::warn!(%channel, error = %err, "Redis publish failed");
+                }
+                let position = position.map_err(|_| ErrorCode::Unavailable);
+                deliver(&self.cluster, from, ShardMsg::Published { conn, req_id, position });
+            }
+            BridgeRequest::Position { channel, from, conn, sub_id, req_id, since, resume } => {
+                let result = self.position(since.as_ref(), resume.as_deref()).await.map_err(|err| {
+                    tracing::warn!(%channel, error = %err, "Redis position failed");
+                    ErrorCode::Unavailable
+                });
+                let owner = owner_shard(&channel, self.cluster.inboxes.len());
+                let msg = ShardMsg::Positioned { channel, from, conn, sub_id, req_id, result };
+                deliver(&self.cluster, owner, msg);
+            }
+            BridgeRequest::History { channel, from, conn, req_id, since, limit } => {
+                let page = match self.history(&channel, since, limit).await {
+                    Ok(page) => page,
+                    Err(err) => {
+                        tracing::warn!(%channel, error = %err, "Redis history failed");
+                        return deliver(
+                            &self.cluster,
+                            from,
+                            ShardMsg::Failed { conn, req_id, code: ErrorCode::Unavailable },
+                        );
+                    }
+                };
+                deliver(&self.cluster, from, ShardMsg::HistoryPage { conn, req_id, page });
+            }
+            BridgeRequest::Acked { identity, offset, .. } => {
+                let script = Script::new(ACK_SCRIPT);
+                let result: redis::RedisResult<()> = script
+                    .key(&self.keys.acked)
+                    .arg(&*identity)
+                    .arg(offset)
+                    .arg(self.max_positions)
+                    .arg(META_TTL.as_millis() as u64)
+                    .invoke_async(&mut self.connection)
+                    .await;
+                if let Err(err) = result {
+                    tracing::warn!(error = %err, "Redis ack failed");
+                }
+            }
+            BridgeRequest::Listen { .. } | BridgeRequest::Unlisten { .. } => {}
+        }
+    }
+
+    /// After a reconnect: tell the owner where the channel stands in Redis.
+    pub(super) async fn resync(mut self) {
+        match self.position(None, None).await {
+            Ok((position, _)) => {
+                let owner = owner_shard(&self.channel, self.cluster.inboxes.len());
+                let msg =
+                    ShardMsg::Resync { channel: self.channel.clone(), epoch: position.epoch, offset: position.offset };
+                deliver(&self.cluster, owner, msg);
+            }
+            Err(err) => tracing::warn!(channel = %self.channel, error = %err, "Redis resync failed"),
+        }
+    }
+
+    async fn publish(&mut self, update: &pb::Update, rest: &Bytes) -> redis::RedisResult<Position> {
+        publish(&mut self.connection, &self.keys, update.r#type, rest, &self.policy).await
+    }
+
+    async fn position(
+        &mut self,
+        since: Option<&Position>,
+        resume: Option<&str>,
+    ) -> redis::RedisResult<(Position, Option<Recovery>)> {
+        let script = Script::new(POSITION_SCRIPT);
+        let (epoch, offset, since_epoch, since_offset, entries): (String, u64, String, u64, StreamEntries) = script
+            .key(&self.keys.meta)
+            .key(&self.keys.history)
+            .key(&self.keys.acked)
+            .arg(new_epoch())
+            .arg(since.map_or("", |s| &*s.epoch))
+            .arg(since.map_or(0, |s| s.offset))
+            .arg(self.policy.max_recovery_messages)
+            .arg(resume.unwrap_or(""))
+            .arg(META_TTL.as_millis() as u64)
+            .invoke_async(&mut self.connection)
+            .await?;
+        let position = Position { epoch: Arc::from(epoch.as_str()), offset };
+        if since_epoch.is_empty() {
+            return Ok((position, None));
+        }
+        let history = entries_to_history(&self.channel, entries);
+        let since = Position { epoch: Arc::from(since_epoch), offset: since_offset };
+        let recovery = recover(&epoch, offset, &history, &since, Instant::now(), &self.policy);
+        Ok((position, Some(recovery)))
+    }
+
+    async fn history(&mut self, channel: &str, since: u64, limit: usize) -> redis::RedisResult<HistoryPage> {
+        let script = Script::new(HISTORY_SCRIPT);
+        let (epoch, offset, entries): (String, u64, StreamEntries) =
+            script.key(&self.keys.meta).key(&self.keys.history).arg(since).invoke_async(&mut self.connection).await?;
+        let history = entries_to_history(channel, entries);
+        let publications: Vec<Arc<Publication>> =
+            history.iter().filter(|p| p.offset > since).take(limit).cloned().collect();
+        let truncated = since < offset && history.front().is_none_or(|p| p.offset > since + 1);
+        Ok(HistoryPage { position: Position { epoch: Arc::from(epoch), offset }, publications, truncated })
+    }
+}
+
+/// Assigns the next offset, appends to history and fans out, atomically (one script).
+pub(super) async fn publish(
+    connection: &mut MultiplexedConnection,
+    keys: &Keys,
+    update_type: i32,
+    rest: &Bytes,
+    policy: &HistoryPolicy,
+) -> redis::RedisResult<Position> {
+    let script = Script::new(PUBLISH_SCRIPT);
+    let (epoch, offset): (String, u64) = script
+        .key(&keys.meta)
+        .key(&keys.history)
+        .arg(&keys.pubsub)
+        .arg(rest.as_ref())
+        .arg(policy.size)
+        .arg(policy.ttl.as_millis() as u64)
+        .arg(new_epoch())
+        .arg(META_TTL.as_millis() as u64)
+        .arg(update_type)
+        .invoke_async(connection)
+        .await?;
+    Ok(Position { epoch: Arc::from(epoch), offset })
+}
+
+/// Stream entries as XREVRANGE returns them: id and field/value pairs, newest first.
+type StreamEntries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+
+/// Stream entries (newest first, as XREVRANGE gives them) as publications, oldest first.
+fn entries_to_history(channel: &str, entries: StreamEntries) -> VecDeque<Arc<Publication>> {
+    let channel: Arc<str> = Arc::from(channel);
+    let mut history = VecDeque::with_capacity(entries.len());
+    for (id, fields) in entries.into_iter().rev() {
+        let Some((ms, offset)) = parse_id(&id) else { continue };
+        let Some((_, rest)) = fields.into_iter().find(|(name, _)| name == "b") else { continue };
+        let update_type = fields_type(&rest);
+        let publication =
+            Publication::new(channel.clone(), offset, update_type, body_with_offset(offset, &rest), instant_of(ms));
+        history.push_back(Arc::new(publication));
+    }
+    history
+}
+
+/// The update type inside an encoded update (0 when absent).
+fn fields_type(rest: &[u8]) -> i32 {
+    use prost::Message;
+    pb::Update::decode(rest).map(|u| u.r#type).unwrap_or(0)
+}
+
+/// `<ms>-<offset>`.
+pub(super) fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, offset) = id.split_once('-')?;
+    Some((ms.parse().ok()?, offset.parse().ok()?))
+}
+
+/// The monotonic instant of a wall-clock time in milliseconds (for age checks).
+pub(super) fn instant_of(ms: u64) -> Instant {
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let age = Duration::from_millis(now_ms.saturating_sub(ms));
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+}

@@ -1,0 +1,164 @@
+//! The commands a client sends, one handler each; all answers go through the session's
+//! outbox and all work for other shards through its events.
+
+use std::sync::Arc;
+
+use super::*;
+
+impl Session {
+    pub(super) fn handle_frame(&mut self, now: Now, frame: pb::ClientFrame) {
+        let id = frame.id;
+        let Some(command) = frame.command else {
+            return self.error(id, ErrorCode::UnknownCommand, "the frame names no command this server knows".into());
+        };
+        if self.phase == Phase::AwaitingConnect && !matches!(command, Command::Connect(_)) {
+            return self.close(CloseCode::BadLifecycle, "the first command must be Connect".into());
+        }
+        match command {
+            Command::Connect(connect) => self.handle_connect(id, connect),
+            Command::Subscribe(subscribe) => self.handle_subscribe(id, subscribe),
+            Command::Unsubscribe(unsubscribe) => self.handle_unsubscribe(id, unsubscribe.sub_id),
+            Command::Publish(publish) => self.handle_publish(now, id, publish),
+            Command::Ping(ping) => {
+                self.frame(pb::ServerFrame { kind: Some(Kind::Pong(pb::Pong { timestamp_us: ping.timestamp_us })) })
+            }
+            Command::Ack(ack) => self.handle_ack(id, ack),
+            Command::Refresh(_) => {
+                self.error(id, ErrorCode::NotImplemented, "token refresh is not available yet".into())
+            }
+            Command::History(history) => self.handle_history(id, history),
+        }
+    }
+
+    fn handle_connect(&mut self, id: u32, connect: pb::Connect) {
+        if self.phase != Phase::AwaitingConnect {
+            return self.error(id, ErrorCode::BadRequest, "already connected".into());
+        }
+        self.phase = Phase::Connected;
+        self.accepts_zstd = connect.accept_zstd;
+        self.identity = (!connect.name.is_empty()).then(|| Arc::from(connect.name));
+        let limits = &self.limits;
+        let result = pb::ConnectResult {
+            client_id: self.client_id.to_string(),
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            max_message_size: limits.max_message_size as u32,
+            max_frames_per_message: limits.max_frames_per_message as u32,
+            max_subscriptions: limits.max_subscriptions as u32,
+        };
+        self.reply(id, reply::Result::Connect(result));
+    }
+
+    fn handle_subscribe(&mut self, id: u32, subscribe: pb::Subscribe) {
+        if let Err(err) = validate_channel(&subscribe.channel, self.limits.max_channel_length) {
+            return self.error(id, ErrorCode::BadRequest, err.to_string());
+        }
+        if self.by_channel.contains_key(subscribe.channel.as_str()) {
+            return self.error(
+                id,
+                ErrorCode::AlreadySubscribed,
+                format!("already subscribed to {}", subscribe.channel),
+            );
+        }
+        if self.subs.len() >= self.limits.max_subscriptions {
+            let message = format!("at most {} subscriptions per connection", self.limits.max_subscriptions);
+            return self.error(id, ErrorCode::TooLarge, message);
+        }
+        let sub_id = self.allocate_sub_id();
+        let channel: Arc<str> = Arc::from(subscribe.channel);
+        let since = subscribe.recover.then(|| Position { epoch: Arc::from(subscribe.epoch), offset: subscribe.offset });
+        let acks = subscribe.ack.then(|| AckTracker::new(self.limits.acks.clone()));
+        // An acknowledged subscription without a position resumes from the last one acked.
+        let resume = if subscribe.ack && !subscribe.recover { self.identity.clone() } else { None };
+        self.acked_subs += usize::from(acks.is_some());
+        self.subs.insert(sub_id, Subscription { channel: channel.clone(), active: false, acks });
+        self.by_channel.insert(channel.clone(), sub_id);
+        self.events.push_back(SessionEvent::Subscribe { channel, sub_id, req_id: id, since, resume });
+    }
+
+    fn handle_ack(&mut self, id: u32, ack: pb::Ack) {
+        let Some(sub) = self.subs.get_mut(&ack.sub_id) else {
+            return self.error(id, ErrorCode::NotFound, format!("no subscription {}", ack.sub_id));
+        };
+        let Some(acks) = sub.acks.as_mut() else {
+            return self.error(
+                id,
+                ErrorCode::BadRequest,
+                "the subscription did not ask for acknowledged delivery".into(),
+            );
+        };
+        acks.ack(ack.offset);
+        if let Some(identity) = self.identity.clone() {
+            let channel = sub.channel.clone();
+            self.events.push_back(SessionEvent::Acked { channel, identity, offset: ack.offset });
+        }
+    }
+
+    fn handle_history(&mut self, id: u32, history: pb::History) {
+        if let Err(err) = validate_channel(&history.channel, self.limits.max_channel_length) {
+            return self.error(id, ErrorCode::BadRequest, err.to_string());
+        }
+        let limit = match history.limit {
+            0 => HISTORY_DEFAULT_PAGE,
+            n => (n as usize).min(HISTORY_MAX_PAGE),
+        };
+        let channel = Arc::from(history.channel);
+        self.events.push_back(SessionEvent::History { channel, req_id: id, since: history.since, limit });
+    }
+
+    fn handle_unsubscribe(&mut self, id: u32, sub_id: u32) {
+        let Some(sub) = self.subs.remove(&sub_id) else {
+            return self.error(id, ErrorCode::NotFound, format!("no subscription {sub_id}"));
+        };
+        self.acked_subs -= usize::from(sub.acks.is_some());
+        self.by_channel.remove(&sub.channel);
+        self.events.push_back(SessionEvent::Unsubscribe { channel: sub.channel, sub_id, was_active: sub.active });
+        if id != 0 {
+            self.reply(id, reply::Result::Unsubscribe(pb::UnsubscribeResult { sub_id }));
+        }
+    }
+
+    fn handle_publish(&mut self, now: Now, id: u32, publish: pb::Publish) {
+        if let Err(err) = validate_channel(&publish.channel, self.limits.max_channel_length) {
+            return self.error(id, ErrorCode::BadRequest, err.to_string());
+        }
+        if publish.payload.len() > self.limits.max_payload_size {
+            let message =
+                format!("payload of {} bytes, the limit is {}", publish.payload.len(), self.limits.max_payload_size);
+            return self.error(id, ErrorCode::TooLarge, message);
+        }
+        match pb::UpdateType::try_from(publish.r#type) {
+            Ok(pb::UpdateType::Unspecified) | Err(_) => {
+                return self.error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "type must be ROUTE, WEATHER, TRAFFIC, INCIDENT or POI".into(),
+                )
+            }
+            Ok(_) => {}
+        }
+        if !publish.confidence.is_finite() {
+            return self.error(id, ErrorCode::BadRequest, "confidence must be a finite number".into());
+        }
+        let update = pb::Update {
+            sub_id: 0,
+            offset: 0,
+            r#type: publish.r#type,
+            key: publish.key,
+            confidence: publish.confidence,
+            timestamp_us: now.unix_us,
+            payload: publish.payload,
+        };
+        self.events.push_back(SessionEvent::Publish { channel: Arc::from(publish.channel), req_id: id, update });
+    }
+
+    /// The smallest free sub_id from a rolling counter (ids stay small for small varints).
+    fn allocate_sub_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_sub_id;
+            self.next_sub_id = self.next_sub_id.checked_add(1).unwrap_or(1);
+            if !self.subs.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+}
