@@ -59,7 +59,7 @@ fn protocol(c: &mut Criterion) {
 fn fan_out(c: &mut Criterion) {
     let limits = Rc::new(SessionLimits::from_config(&Config::default()));
     let mut sessions: Vec<Session> =
-        (0..10_000).map(|i| Session::new(Arc::from(format!("c{i}")), limits.clone())).collect();
+        (0..10_000).map(|i| Session::new(Arc::from(format!("c{i}")), limits.clone(), Instant::now())).collect();
     let publication = publication(64);
     let mut wire = Vec::with_capacity(4096);
     let now = Instant::now();

@@ -91,6 +91,10 @@ pub struct Limits {
     /// Time a new socket has to send a complete HTTP request head. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Time an upgraded connection has to send `Connect`; then it is closed with 4004.
+    /// Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
     /// Longest channel name, in bytes. Default 128.
     pub max_channel_length: usize,
     /// Largest publication payload, in bytes. Over it: `Error` 413. Default 32768.
@@ -201,6 +205,7 @@ impl Default for Limits {
             max_request_headers: 32,
             max_outbox_bytes: 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
             max_channel_length: 128,
             max_payload_size: 32 * 1024,
             max_channels: 1_000_000,
@@ -295,6 +300,9 @@ impl Config {
         }
         if l.max_outbox_bytes < l.max_payload_size {
             return Err(invalid("limits.max_outbox_bytes", "must hold at least one payload (limits.max_payload_size)"));
+        }
+        if l.connect_timeout.is_zero() {
+            return Err(invalid("limits.connect_timeout", "must be longer than zero"));
         }
         if l.handshake_timeout.is_zero() {
             return Err(invalid("limits.handshake_timeout", "must be longer than zero"));

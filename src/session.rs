@@ -95,6 +95,7 @@ pub struct SessionLimits {
     pub max_payload_size: usize,
     pub batch_size: usize,
     pub acks: Rc<AckPolicy>,
+    pub connect_timeout: std::time::Duration,
 }
 
 impl SessionLimits {
@@ -109,11 +110,14 @@ impl SessionLimits {
             max_payload_size: l.max_payload_size,
             batch_size: config.delivery.batch_size,
             acks: Rc::new(config.ack_policy()),
+            connect_timeout: l.connect_timeout,
         }
     }
 }
 
 pub struct Session {
+    /// When the connection was upgraded: `Connect` must come within `connect_timeout`.
+    opened_at: Instant,
     client_id: Arc<str>,
     limits: Rc<SessionLimits>,
     ws: WsEndpoint,
@@ -134,8 +138,10 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(client_id: Arc<str>, limits: Rc<SessionLimits>) -> Self {
+    /// A session for a connection upgraded at `opened_at`.
+    pub fn new(client_id: Arc<str>, limits: Rc<SessionLimits>, opened_at: Instant) -> Self {
         Self {
+            opened_at,
             client_id,
             ws: WsEndpoint::server(limits.max_message_size),
             outbox: Outbox::new(limits.max_outbox_bytes),
@@ -327,6 +333,12 @@ impl Session {
     /// Time passed: resend updates whose acknowledgement is overdue. Returns how many
     /// acknowledged updates failed for good.
     pub fn handle_timeout(&mut self, now: Instant) -> u32 {
+        if self.phase == Phase::AwaitingConnect
+            && now.saturating_duration_since(self.opened_at) >= self.limits.connect_timeout
+        {
+            let detail = format!("no Connect within {:?}", self.limits.connect_timeout);
+            self.close(CloseCode::ConnectTimeout, detail);
+        }
         if self.acked_subs == 0 || self.is_closing() {
             return 0;
         }

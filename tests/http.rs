@@ -80,3 +80,17 @@ async fn sigterm_tells_clients_to_reconnect_elsewhere_and_exits_zero() {
         other => panic!("expected Disconnect 4000, got {other:?}"),
     }
 }
+
+#[compio::test]
+async fn an_upgraded_connection_that_never_sends_connect_is_closed_with_4004() {
+    let server = TestServer::start(1, &[("ROUTOPIA_LIMITS__CONNECT_TIMEOUT", "200ms")]);
+    let mut silent = Client::connect_raw(server.addr, "/ws").await.unwrap();
+    match within("disconnect", silent.next_frame()).await.unwrap().kind {
+        Some(routopia_realtime::protocol::pb::server_frame::Kind::Disconnect(d)) => {
+            assert_eq!(d.code, 4004, "{d:?}");
+        }
+        other => panic!("expected Disconnect 4004, got {other:?}"),
+    }
+    assert!(matches!(silent.next_message().await, Err(ClientError::Closed(Some(4004)))));
+    common::wait_for_health(&server, "the connection gone", |h| h["connections"] == 0);
+}

@@ -11,8 +11,8 @@ use routopia_realtime::session::{Now, Session, SessionLimits};
 
 fuzz_target!(|data: &[u8]| {
     let limits = Rc::new(SessionLimits::from_config(&Config::default()));
-    let mut session = Session::new(Arc::from("fuzz"), limits);
     let now = Now { instant: Instant::now(), unix_us: 1 };
+    let mut session = Session::new(Arc::from("fuzz"), limits, now.instant);
     // Feed in uneven pieces, as TCP would.
     for chunk in data.chunks(97) {
         session.handle_bytes(now, chunk);

@@ -59,6 +59,8 @@ pub enum CloseCode {
     /// 4003: a subscribed channel's history changed under the server (the broker lost it or
     /// this node missed publications while Redis was away): reconnect and recover.
     Resubscribe,
+    /// 4004: no `Connect` within `limits.connect_timeout` of the upgrade.
+    ConnectTimeout,
     /// 4500: a message that does not decode as the protocol's protobuf (or bad zstd).
     BadMessage,
     /// 4501: a first command other than `Connect`, or a second `Connect`.
@@ -79,6 +81,7 @@ impl CloseCode {
             CloseCode::SlowConsumer => 4001,
             CloseCode::ConnectionLimit => 4002,
             CloseCode::Resubscribe => 4003,
+            CloseCode::ConnectTimeout => 4004,
             CloseCode::BadMessage => 4500,
             CloseCode::BadLifecycle => 4501,
             CloseCode::TooManyFrames => 4502,
@@ -95,6 +98,7 @@ impl CloseCode {
                 | CloseCode::SlowConsumer
                 | CloseCode::ConnectionLimit
                 | CloseCode::Resubscribe
+                | CloseCode::ConnectTimeout
         )
     }
 
@@ -110,13 +114,14 @@ impl CloseCode {
             CloseCode::SlowConsumer => "slow_consumer",
             CloseCode::ConnectionLimit => "connection_limit",
             CloseCode::Resubscribe => "resubscribe",
+            CloseCode::ConnectTimeout => "connect_timeout",
             CloseCode::BadMessage => "bad_message",
             CloseCode::BadLifecycle => "bad_lifecycle",
             CloseCode::TooManyFrames => "too_many_frames",
         }
     }
 
-    pub const ALL: [CloseCode; 12] = [
+    pub const ALL: [CloseCode; 13] = [
         CloseCode::Normal,
         CloseCode::ProtocolError,
         CloseCode::UnsupportedData,
@@ -126,6 +131,7 @@ impl CloseCode {
         CloseCode::SlowConsumer,
         CloseCode::ConnectionLimit,
         CloseCode::Resubscribe,
+        CloseCode::ConnectTimeout,
         CloseCode::BadMessage,
         CloseCode::BadLifecycle,
         CloseCode::TooManyFrames,

@@ -11,7 +11,7 @@ fn now() -> Now {
 }
 
 fn session() -> Session {
-    Session::new(Arc::from("0-1-1"), Rc::new(SessionLimits::from_config(&Config::default())))
+    Session::new(Arc::from("0-1-1"), Rc::new(SessionLimits::from_config(&Config::default())), Instant::now())
 }
 
 /// A client-side WebSocket that encodes commands and decodes what the session sends.
@@ -142,7 +142,7 @@ fn slow_consumer_is_closed_with_4001_and_nothing_else_is_queued() {
     let mut config = Config::default();
     config.limits.max_outbox_bytes = 4096;
     config.limits.max_payload_size = 1000;
-    let mut session = Session::new(Arc::from("s"), Rc::new(SessionLimits::from_config(&config)));
+    let mut session = Session::new(Arc::from("s"), Rc::new(SessionLimits::from_config(&config)), Instant::now());
     let mut peer = Peer::new();
     peer.command(&mut session, 1, Command::Connect(pb::Connect::default()));
     peer.receive(&mut session);
@@ -197,4 +197,19 @@ fn client_close_is_answered_and_ends_the_session() {
     let (frames, close) = peer.receive(&mut session);
     assert!(frames.is_empty());
     assert_eq!(close, Some(1000), "the reply echoes the client's code");
+}
+
+#[test]
+fn a_connection_that_never_connects_is_closed_after_the_timeout() {
+    let opened = Instant::now();
+    let mut session = Session::new(Arc::from("idle"), Rc::new(SessionLimits::from_config(&Config::default())), opened);
+    let timeout = Config::default().limits.connect_timeout;
+    session.handle_timeout(opened + timeout / 2);
+    assert_eq!(session.phase(), Phase::AwaitingConnect);
+    session.handle_timeout(opened + timeout);
+    assert_eq!(session.phase(), Phase::Closing(CloseCode::ConnectTimeout));
+    let (connected, _) = connected();
+    let mut connected = connected;
+    connected.handle_timeout(opened + timeout * 10);
+    assert_eq!(connected.phase(), Phase::Connected, "a connected session is not timed out");
 }

@@ -76,7 +76,7 @@ impl ShardState {
         let entry = self.conns.vacant_entry();
         let index = entry.key() as u32;
         let client_id: Arc<str> = Arc::from(format!("{}-{}-{}", self.id, index, generation));
-        let session = Session::new(client_id, self.limits.clone());
+        let session = Session::new(client_id, self.limits.clone(), Instant::now());
         entry.insert(Conn { generation, session, writer: None, reader_done: false });
         self.stats().connections.fetch_add(1, Ordering::Relaxed);
         self.stats().accepted.fetch_add(1, Ordering::Relaxed);
