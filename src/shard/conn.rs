@@ -56,7 +56,13 @@ pub(super) async fn serve(state: Rc<RefCell<ShardState>>, mut stream: TcpStream,
     };
     match head.path.as_str() {
         "/ws" => match head.websocket_key.clone() {
-            Some(key) => websocket(state, stream, peer, &key, &head_bytes[consumed..]).await,
+            Some(key) => {
+                // Only what followed the head stays; the head's buffer is not kept for the
+                // connection's lifetime.
+                let early = head_bytes.split_off(consumed);
+                drop(head_bytes);
+                websocket(state, stream, peer, &key, &early).await
+            }
             None => {
                 let problem = head.upgrade_problem.unwrap_or("not a WebSocket upgrade");
                 respond_and_close(stream, http::error_response(400, problem)).await
@@ -204,7 +210,9 @@ async fn write_loop(state: Rc<RefCell<ShardState>>, mut writer: TcpStream, id: C
             break;
         }
         out.clear();
-        if out.capacity() > KEEP_WRITE_BUFFER {
+        // A connection going idle gives its buffer back; a busy one keeps a moderate one.
+        let idle = state.borrow_mut().conn(id).is_none_or(|c| !c.session.wants_write());
+        if idle || out.capacity() > KEEP_WRITE_BUFFER {
             out = Vec::new();
         }
     }
