@@ -58,6 +58,65 @@ pub fn validate_channel(name: &str, max_len: usize) -> Result<(), ChannelNameErr
     Ok(())
 }
 
+/// A subscription on its way to its channel's owner: who asks, and where to recover from.
+#[derive(Debug, Clone)]
+pub struct Joining {
+    pub channel: Arc<str>,
+    /// The subscriber's shard.
+    pub from: usize,
+    pub conn: crate::router::ConnId,
+    pub sub_id: u32,
+    pub req_id: u32,
+    /// Recover every publication after this position.
+    pub since: Option<memory::Position>,
+    /// Or after the position this identity last acknowledged.
+    pub resume: Option<Arc<str>>,
+}
+
+/// A publication refused before it reached a channel, with the `Error` code it earns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    pub code: crate::protocol::ErrorCode,
+    pub message: String,
+}
+
+/// Checks a `Publish` (however it arrived: WebSocket, backend queue) and turns it into the
+/// update to publish, stamped with `unix_us`, the time the server accepted it.
+pub fn accept_publish(
+    publish: crate::protocol::pb::Publish,
+    unix_us: u64,
+    max_channel_length: usize,
+    max_payload_size: usize,
+) -> Result<(Arc<str>, crate::protocol::pb::Update), Refused> {
+    use crate::protocol::{pb, ErrorCode};
+    let refuse = |code, message: String| Err(Refused { code, message });
+    if let Err(err) = validate_channel(&publish.channel, max_channel_length) {
+        return refuse(ErrorCode::BadRequest, err.to_string());
+    }
+    if publish.payload.len() > max_payload_size {
+        return refuse(
+            ErrorCode::TooLarge,
+            format!("payload of {} bytes, the limit is {max_payload_size}", publish.payload.len()),
+        );
+    }
+    if matches!(pb::UpdateType::try_from(publish.r#type), Ok(pb::UpdateType::Unspecified) | Err(_)) {
+        return refuse(ErrorCode::BadRequest, "type must be ROUTE, WEATHER, TRAFFIC, INCIDENT or POI".into());
+    }
+    if !publish.confidence.is_finite() {
+        return refuse(ErrorCode::BadRequest, "confidence must be a finite number".into());
+    }
+    let update = pb::Update {
+        sub_id: 0,
+        offset: 0,
+        r#type: publish.r#type,
+        key: publish.key,
+        confidence: publish.confidence,
+        timestamp_us: unix_us,
+        payload: publish.payload,
+    };
+    Ok((Arc::from(publish.channel), update))
+}
+
 /// The shard that owns `channel` among `shards`.
 pub fn owner_shard(channel: &str, shards: usize) -> usize {
     let mut hasher = std::hash::DefaultHasher::new();

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::broker::accept_publish;
 
 impl Session {
     pub(super) fn handle_frame(&mut self, now: Now, frame: pb::ClientFrame) {
@@ -118,37 +119,11 @@ impl Session {
     }
 
     fn handle_publish(&mut self, now: Now, id: u32, publish: pb::Publish) {
-        if let Err(err) = validate_channel(&publish.channel, self.limits.max_channel_length) {
-            return self.error(id, ErrorCode::BadRequest, err.to_string());
+        let limits = &self.limits;
+        match accept_publish(publish, now.unix_us, limits.max_channel_length, limits.max_payload_size) {
+            Ok((channel, update)) => self.events.push_back(SessionEvent::Publish { channel, req_id: id, update }),
+            Err(refused) => self.error(id, refused.code, refused.message),
         }
-        if publish.payload.len() > self.limits.max_payload_size {
-            let message =
-                format!("payload of {} bytes, the limit is {}", publish.payload.len(), self.limits.max_payload_size);
-            return self.error(id, ErrorCode::TooLarge, message);
-        }
-        match pb::UpdateType::try_from(publish.r#type) {
-            Ok(pb::UpdateType::Unspecified) | Err(_) => {
-                return self.error(
-                    id,
-                    ErrorCode::BadRequest,
-                    "type must be ROUTE, WEATHER, TRAFFIC, INCIDENT or POI".into(),
-                )
-            }
-            Ok(_) => {}
-        }
-        if !publish.confidence.is_finite() {
-            return self.error(id, ErrorCode::BadRequest, "confidence must be a finite number".into());
-        }
-        let update = pb::Update {
-            sub_id: 0,
-            offset: 0,
-            r#type: publish.r#type,
-            key: publish.key,
-            confidence: publish.confidence,
-            timestamp_us: now.unix_us,
-            payload: publish.payload,
-        };
-        self.events.push_back(SessionEvent::Publish { channel: Arc::from(publish.channel), req_id: id, update });
     }
 
     /// The smallest free sub_id from a rolling counter (ids stay small for small varints).

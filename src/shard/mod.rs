@@ -26,7 +26,7 @@ pub use inbox::Inbox;
 
 use crate::broker::memory::{HistoryPage, Position, Recovery};
 use crate::broker::redis::BridgeHandle;
-use crate::broker::Publication;
+use crate::broker::{Joining, Publication};
 use crate::config::{Config, Driver};
 use crate::protocol::pb;
 use crate::protocol::{CloseCode, ErrorCode};
@@ -41,18 +41,9 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 /// What shards say to each other.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// To a channel's owner: one more subscriber on shard `from`; answer with `Subscribed`.
-    /// With `since`, also the publications after that position (recovery).
-    /// With `resume`, from the position that identity last acknowledged.
-    Subscribe {
-        channel: Arc<str>,
-        from: usize,
-        conn: ConnId,
-        sub_id: u32,
-        req_id: u32,
-        since: Option<Position>,
-        resume: Option<Arc<str>>,
-    },
+    /// To a channel's owner: one more subscriber; answer with `Subscribed`, including what it
+    /// missed when it asks to recover.
+    Subscribe(Joining),
     /// To a channel's owner: `identity` processed the channel up to `offset`.
     Acked { channel: Arc<str>, identity: Arc<str>, offset: u64 },
     /// To a channel's owner: one subscriber fewer on shard `from`.
@@ -81,14 +72,7 @@ pub enum ShardMsg {
     Fanout { epoch: Arc<str>, publication: Arc<Publication> },
     /// Redis mode, to a channel's owner on this node: where the channel stands for a joining
     /// subscriber; the owner adds what it fanned out meanwhile and answers `Subscribed`.
-    Positioned {
-        channel: Arc<str>,
-        from: usize,
-        conn: ConnId,
-        sub_id: u32,
-        req_id: u32,
-        result: Result<(Position, Option<Recovery>), ErrorCode>,
-    },
+    Positioned { joining: Joining, result: Result<(Position, Option<Recovery>), ErrorCode> },
     /// A request failed with `code`.
     Failed { conn: ConnId, req_id: u32, code: ErrorCode },
     /// Redis mode, to a channel's owner on this node: where Redis says the channel stands

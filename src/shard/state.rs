@@ -14,7 +14,7 @@ use slab::Slab;
 use super::{Cluster, ShardMsg};
 use crate::broker::memory::{ChannelTable, Mirrored, Position, Recovery};
 use crate::broker::redis::BridgeRequest;
-use crate::broker::{owner_shard, Publication};
+use crate::broker::{owner_shard, Joining, Publication};
 use crate::protocol::push::encode_update_body;
 use crate::protocol::{pb, CloseCode, ErrorCode};
 use crate::router::{ConnId, Router, Subscriber};
@@ -121,7 +121,8 @@ impl ShardState {
         match event {
             SessionEvent::Subscribe { channel, sub_id, req_id, since, resume } => {
                 let owner = owner_shard(&channel, shards);
-                let msg = ShardMsg::Subscribe { channel, from: self.id, conn: id, sub_id, req_id, since, resume };
+                let msg =
+                    ShardMsg::Subscribe(Joining { channel, from: self.id, conn: id, sub_id, req_id, since, resume });
                 self.route(owner, msg);
             }
             SessionEvent::Unsubscribe { channel, sub_id, was_active } => {
@@ -180,12 +181,8 @@ impl ShardState {
     /// Acts on one message from another shard (or from this one).
     pub fn handle_msg(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Subscribe { channel, from, conn, sub_id, req_id, since, resume }
-                if self.cluster.redis.is_some() =>
-            {
-                self.subscribe_via_redis(channel, from, conn, sub_id, req_id, since, resume)
-            }
-            ShardMsg::Subscribe { channel, from, conn, sub_id, req_id, since, resume } => {
+            ShardMsg::Subscribe(joining) if self.cluster.redis.is_some() => self.subscribe_via_redis(joining),
+            ShardMsg::Subscribe(Joining { channel, from, conn, sub_id, req_id, since, resume }) => {
                 let result = self
                     .channels
                     .subscribe(&channel, from, Instant::now(), since.as_ref(), resume.as_deref())
@@ -201,9 +198,7 @@ impl ShardState {
                 self.route(from, ShardMsg::Subscribed { conn, channel, sub_id, req_id, result, catch_up });
             }
             ShardMsg::Unsubscribe { channel, from } => self.unsubscribe_owned(channel, from),
-            ShardMsg::Positioned { channel, from, conn, sub_id, req_id, result } => {
-                self.on_positioned(channel, from, conn, sub_id, req_id, result)
-            }
+            ShardMsg::Positioned { joining, result } => self.on_positioned(joining, result),
             ShardMsg::Fanout { epoch, publication } => {
                 let mut targets = std::mem::take(&mut self.targets);
                 let outcome = self.channels.mirror(&epoch, &publication, Instant::now(), &mut targets);
@@ -442,25 +437,16 @@ impl ShardState {
 
     /// As the channel's owner on this node, Redis mode: count the subscriber, listen to the
     /// channel when it is the node's first, and ask Redis where the channel stands.
-    #[allow(clippy::too_many_arguments)]
-    fn subscribe_via_redis(
-        &mut self,
-        channel: Arc<str>,
-        from: usize,
-        conn: ConnId,
-        sub_id: u32,
-        req_id: u32,
-        since: Option<Position>,
-        resume: Option<Arc<str>>,
-    ) {
-        match self.channels.add_subscriber(&channel, from, Instant::now()) {
+    fn subscribe_via_redis(&mut self, joining: Joining) {
+        match self.channels.add_subscriber(&joining.channel, joining.from, Instant::now()) {
             Ok(first) => {
                 if first {
-                    self.send_to_bridge(BridgeRequest::Listen { channel: channel.clone() });
+                    self.send_to_bridge(BridgeRequest::Listen { channel: joining.channel.clone() });
                 }
-                self.send_to_bridge(BridgeRequest::Position { channel, from, conn, sub_id, req_id, since, resume });
+                self.send_to_bridge(BridgeRequest::Position(joining));
             }
             Err(_) => {
+                let Joining { channel, from, conn, sub_id, req_id, .. } = joining;
                 let result = Err(ErrorCode::Unavailable);
                 self.route(from, ShardMsg::Subscribed { conn, channel, sub_id, req_id, result, catch_up: Vec::new() });
             }
@@ -469,15 +455,8 @@ impl ShardState {
 
     /// As the channel's owner on this node, Redis mode: Redis said where the channel stands;
     /// add what this node fanned out since, which the joining subscriber would otherwise miss.
-    fn on_positioned(
-        &mut self,
-        channel: Arc<str>,
-        from: usize,
-        conn: ConnId,
-        sub_id: u32,
-        req_id: u32,
-        result: Result<(Position, Option<Recovery>), ErrorCode>,
-    ) {
+    fn on_positioned(&mut self, joining: Joining, result: Result<(Position, Option<Recovery>), ErrorCode>) {
+        let Joining { channel, from, conn, sub_id, req_id, .. } = joining;
         let catch_up = match &result {
             Ok((position, recovery)) => {
                 self.channels.learn(&channel, &position.epoch, position.offset);

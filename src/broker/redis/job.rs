@@ -40,14 +40,13 @@ impl Job {
                 let position = position.map_err(|_| ErrorCode::Unavailable);
                 deliver(&self.cluster, from, ShardMsg::Published { conn, req_id, position });
             }
-            BridgeRequest::Position { channel, from, conn, sub_id, req_id, since, resume } => {
-                let result = self.position(since.as_ref(), resume.as_deref()).await.map_err(|err| {
-                    tracing::warn!(%channel, error = %err, "Redis position failed");
+            BridgeRequest::Position(joining) => {
+                let result = self.position(joining.since.as_ref(), joining.resume.as_deref()).await.map_err(|err| {
+                    tracing::warn!(channel = %joining.channel, error = %err, "Redis position failed");
                     ErrorCode::Unavailable
                 });
-                let owner = owner_shard(&channel, self.cluster.inboxes.len());
-                let msg = ShardMsg::Positioned { channel, from, conn, sub_id, req_id, result };
-                deliver(&self.cluster, owner, msg);
+                let owner = owner_shard(&joining.channel, self.cluster.inboxes.len());
+                deliver(&self.cluster, owner, ShardMsg::Positioned { joining, result });
             }
             BridgeRequest::History { channel, from, conn, req_id, since, limit } => {
                 let page = match self.history(&channel, since, limit).await {

@@ -22,8 +22,8 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Value};
 use tokio::sync::mpsc;
 
-use super::memory::{HistoryPolicy, Position};
-use super::{owner_shard, Publication};
+use super::memory::HistoryPolicy;
+use super::{owner_shard, Joining, Publication};
 use crate::protocol::pb;
 use crate::protocol::push::body_with_offset;
 use crate::protocol::ErrorCode;
@@ -50,15 +50,7 @@ pub enum BridgeRequest {
     },
     /// Where a channel stands (and what a subscriber missed); the answer (`Positioned`) goes
     /// to the channel's owner shard on this node.
-    Position {
-        channel: Arc<str>,
-        from: usize,
-        conn: ConnId,
-        sub_id: u32,
-        req_id: u32,
-        since: Option<Position>,
-        resume: Option<Arc<str>>,
-    },
+    Position(Joining),
     /// This node has subscribers for the channel now / no longer.
     Listen {
         channel: Arc<str>,
@@ -324,7 +316,7 @@ impl Bridge {
 fn request_channel(request: &BridgeRequest) -> &str {
     match request {
         BridgeRequest::Publish { channel, .. }
-        | BridgeRequest::Position { channel, .. }
+        | BridgeRequest::Position(Joining { channel, .. })
         | BridgeRequest::Listen { channel }
         | BridgeRequest::Unlisten { channel }
         | BridgeRequest::History { channel, .. }
@@ -366,10 +358,9 @@ pub fn refuse(cluster: &Cluster, request: BridgeRequest) {
         BridgeRequest::Publish { from, conn, req_id, .. } => {
             deliver(cluster, from, ShardMsg::Published { conn, req_id, position: Err(ErrorCode::Unavailable) })
         }
-        BridgeRequest::Position { channel, from, conn, sub_id, req_id, .. } => {
-            let owner = owner_shard(&channel, shards);
-            let msg = ShardMsg::Positioned { channel, from, conn, sub_id, req_id, result: Err(ErrorCode::Unavailable) };
-            deliver(cluster, owner, msg)
+        BridgeRequest::Position(joining) => {
+            let owner = owner_shard(&joining.channel, shards);
+            deliver(cluster, owner, ShardMsg::Positioned { joining, result: Err(ErrorCode::Unavailable) })
         }
         BridgeRequest::History { from, conn, req_id, .. } => {
             deliver(cluster, from, ShardMsg::Failed { conn, req_id, code: ErrorCode::Unavailable })

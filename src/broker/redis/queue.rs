@@ -13,7 +13,7 @@ use redis::{AsyncConnectionConfig, AsyncTypedCommands};
 
 use super::job::publish;
 use super::{keys, HistoryPolicy};
-use crate::broker::validate_channel;
+use crate::broker::accept_publish;
 use crate::protocol::pb;
 use crate::protocol::push::encode_update_body;
 use crate::shard::Cluster;
@@ -123,25 +123,9 @@ impl Consumer {
 
     fn decode(&self, item: &[u8]) -> Result<(Arc<str>, pb::Update), String> {
         let publish = pb::Publish::decode(item).map_err(|err| format!("not a Publish message: {err}"))?;
-        validate_channel(&publish.channel, self.max_channel_length).map_err(|err| err.to_string())?;
-        if publish.payload.len() > self.max_payload_size {
-            return Err(format!("payload of {} bytes, the limit is {}", publish.payload.len(), self.max_payload_size));
-        }
-        match pb::UpdateType::try_from(publish.r#type) {
-            Ok(pb::UpdateType::Unspecified) | Err(_) => return Err("type must be a known update type".into()),
-            Ok(_) => {}
-        }
-        let timestamp_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
-        let update = pb::Update {
-            sub_id: 0,
-            offset: 0,
-            r#type: publish.r#type,
-            key: publish.key,
-            confidence: publish.confidence,
-            timestamp_us,
-            payload: publish.payload,
-        };
-        Ok((Arc::from(publish.channel), update))
+        let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
+        accept_publish(publish, unix_us, self.max_channel_length, self.max_payload_size)
+            .map_err(|refused| refused.message)
     }
 }
 
