@@ -385,8 +385,14 @@ pub fn recover(
     if missed > policy.max_recovery_messages {
         return Recovery::Refused(RecoveryFailure::TooMany);
     }
+    // Only a consecutive run ending at `offset` can be trusted (Redis streams may have holes).
     let first_held = match history.front() {
-        Some(first) if history.back().is_some_and(|last| last.offset == offset) => first.offset,
+        Some(first)
+            if history.back().is_some_and(|last| last.offset == offset)
+                && offset.checked_sub(first.offset).is_some_and(|span| span + 1 == history.len() as u64) =>
+        {
+            first.offset
+        }
         _ => return Recovery::Refused(RecoveryFailure::GapTooOld),
     };
     if since.offset + 1 < first_held {

@@ -214,3 +214,14 @@ fn mirror_delivers_new_publications_once_and_flags_a_new_epoch() {
     assert!(table.observe(&channel, &e2, 5, &mut targets), "publications this node never saw");
     assert_eq!(targets, vec![1]);
 }
+
+#[test]
+fn a_history_with_holes_is_never_used_for_recovery() {
+    let now = Instant::now();
+    let channel = name("route:holes");
+    let at = |offset| Arc::new(Publication::new(channel.clone(), offset, 1, Bytes::new(), now));
+    let history: VecDeque<Arc<Publication>> = [at(3), at(7), at(8)].into_iter().collect();
+    let since = Position { epoch: name("e"), offset: 6 };
+    let recovery = recover("e", 8, &history, &since, now, &HistoryPolicy { max_recovery_messages: 100, ..policy() });
+    assert_eq!(refused(Some(recovery)), RecoveryFailure::GapTooOld);
+}
