@@ -166,8 +166,8 @@ start_server() {
   case $name in
     routopia)
       [ -x "$server_bin" ] || die "$server_bin missing"
-      # pin_shards off: taskset decides the core (the server's own pinning would pick core 0).
-      ROUTOPIA_PIN_SHARDS=false ROUTOPIA_LOG_LEVEL=${ROUTOPIA_LOG_LEVEL:-warn} \
+      # The server pins its shard to the first core taskset allows.
+      ROUTOPIA_LOG_LEVEL=${ROUTOPIA_LOG_LEVEL:-warn} \
         taskset -c "$server_core" "$server_bin" serve --listen "127.0.0.1:$port" --shards 1 >"$logfile" 2>&1 &
       ;;
     bun) taskset -c "$server_core" "$bun_bin" "$peers_dir/node/bun_server.js" "$port" broadcast >"$logfile" 2>&1 & ;;
