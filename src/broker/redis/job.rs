@@ -7,9 +7,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
-use redis::Script;
 
-use super::scripts::{ACK_SCRIPT, HISTORY_SCRIPT, POSITION_SCRIPT, PUBLISH_SCRIPT};
+use super::scripts;
 use super::{deliver, new_epoch, BridgeRequest, Keys, META_TTL};
 use crate::broker::memory::{recover, HistoryPage, HistoryPolicy, Position, Recovery};
 use crate::broker::{owner_shard, Publication};
@@ -63,7 +62,7 @@ impl Job {
                 deliver(&self.cluster, from, ShardMsg::HistoryPage { conn, req_id, page });
             }
             BridgeRequest::Acked { identity, offset, .. } => {
-                let script = Script::new(ACK_SCRIPT);
+                let script = &*scripts::ACK;
                 let result: redis::RedisResult<()> = script
                     .key(&self.keys.acked)
                     .arg(&*identity)
@@ -102,7 +101,7 @@ impl Job {
         since: Option<&Position>,
         resume: Option<&str>,
     ) -> redis::RedisResult<(Position, Option<Recovery>)> {
-        let script = Script::new(POSITION_SCRIPT);
+        let script = &*scripts::POSITION;
         let (epoch, offset, since_epoch, since_offset, entries): (String, u64, String, u64, StreamEntries) = script
             .key(&self.keys.meta)
             .key(&self.keys.history)
@@ -126,7 +125,7 @@ impl Job {
     }
 
     async fn history(&mut self, channel: &str, since: u64, limit: usize) -> redis::RedisResult<HistoryPage> {
-        let script = Script::new(HISTORY_SCRIPT);
+        let script = &*scripts::HISTORY;
         let (epoch, offset, entries): (String, u64, StreamEntries) =
             script.key(&self.keys.meta).key(&self.keys.history).arg(since).invoke_async(&mut self.connection).await?;
         let history = entries_to_history(channel, entries);
@@ -145,7 +144,7 @@ pub(super) async fn publish(
     rest: &Bytes,
     policy: &HistoryPolicy,
 ) -> redis::RedisResult<Position> {
-    let script = Script::new(PUBLISH_SCRIPT);
+    let script = &*scripts::PUBLISH;
     let (epoch, offset): (String, u64) = script
         .key(&keys.meta)
         .key(&keys.history)

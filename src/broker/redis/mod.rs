@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Value};
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use super::memory::HistoryPolicy;
@@ -35,7 +35,6 @@ mod queue;
 mod scripts;
 
 use job::{instant_of, Job};
-use scripts::{ACK_SCRIPT, HISTORY_SCRIPT, POSITION_SCRIPT, PUBLISH_SCRIPT};
 
 /// What shards ask of Redis.
 #[derive(Debug)]
@@ -234,8 +233,8 @@ impl Bridge {
         let mut connection = client.get_multiplexed_async_connection_with_config(&config).await?;
         // Loaded up front: a script loaded on first use could let a later command of the
         // same publisher overtake an earlier one that is still being retried.
-        for script in [PUBLISH_SCRIPT, POSITION_SCRIPT, HISTORY_SCRIPT, ACK_SCRIPT] {
-            Script::new(script).prepare_invoke().load_async(&mut connection).await?;
+        for script in scripts::all() {
+            script.prepare_invoke().load_async(&mut connection).await?;
         }
         for channel in &self.listening {
             connection.subscribe(self.keys(channel).pubsub).await?;

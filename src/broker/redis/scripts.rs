@@ -1,13 +1,36 @@
-//! The Lua scripts that make each Redis step atomic.
+//! The Lua scripts that make each Redis step atomic, built (and hashed for EVALSHA) once.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Shared by the scripts that may be a channel's first use: its epoch, created when missing
+/// (KEYS[1] is the channel's meta hash).
+const ENSURE_EPOCH: &str = r#"
+local function ensure_epoch(new_epoch)
+  local epoch = redis.call('HGET', KEYS[1], 'epoch')
+  if not epoch then
+    epoch = new_epoch
+    redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'ms', 0)
+  end
+  return epoch
+end
+"#;
+
+pub(super) static PUBLISH: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{ENSURE_EPOCH}{PUBLISH_BODY}")));
+pub(super) static POSITION: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{ENSURE_EPOCH}{POSITION_BODY}")));
+pub(super) static HISTORY: LazyLock<Script> = LazyLock::new(|| Script::new(HISTORY_BODY));
+pub(super) static ACK: LazyLock<Script> = LazyLock::new(|| Script::new(ACK_BODY));
+
+/// Every script, for loading them when a connection opens.
+pub(super) fn all() -> [&'static Script; 4] {
+    [&PUBLISH, &POSITION, &HISTORY, &ACK]
+}
 
 /// KEYS: meta, history. ARGV: pubsub channel, update without offset, history size, history
 /// ttl ms, epoch for a new channel, meta ttl ms, update type. Returns {epoch, offset}.
-pub(super) const PUBLISH_SCRIPT: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[5]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'ms', 0)
-end
+const PUBLISH_BODY: &str = r#"
+local epoch = ensure_epoch(ARGV[5])
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -34,12 +57,8 @@ return {epoch, offset}
 /// KEYS: meta, history, acked. ARGV: epoch for a new channel, since epoch ('' = none), since
 /// offset, most entries to return, identity to resume ('' = none), meta ttl ms.
 /// Returns {epoch, offset, since epoch, since offset, entries newest first}.
-pub(super) const POSITION_SCRIPT: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'ms', 0)
-end
+const POSITION_BODY: &str = r#"
+local epoch = ensure_epoch(ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
 local since_epoch = ARGV[2]
@@ -60,7 +79,7 @@ return {epoch, offset, since_epoch, since, entries}
 "#;
 
 /// KEYS: meta, history. ARGV: since. Returns {epoch, offset, entries newest first}.
-pub(super) const HISTORY_SCRIPT: &str = r#"
+const HISTORY_BODY: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
 local entries = {}
@@ -72,7 +91,7 @@ return {epoch, offset, entries}
 "#;
 
 /// KEYS: acked. ARGV: identity, offset, most identities, ttl ms. The highest offset wins.
-pub(super) const ACK_SCRIPT: &str = r#"
+const ACK_BODY: &str = r#"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current then
   if tonumber(ARGV[2]) > tonumber(current) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
