@@ -13,6 +13,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+mod security;
+pub use security::{Auth, AuthMode, Bucket, Cleanup, Heartbeat, RateLimits, Tls};
+
 /// Everything the server can be told. Every field documents its default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -44,6 +47,16 @@ pub struct Config {
     pub broker: String,
     /// The Redis broker.
     pub redis: Redis,
+    /// Who may connect, and to what.
+    pub auth: Auth,
+    /// Requests per connection, user and IP address.
+    pub rate_limits: RateLimits,
+    /// Liveness checks of idle connections.
+    pub heartbeat: Heartbeat,
+    /// Forgetting departed clients.
+    pub cleanup: Cleanup,
+    /// `wss://`.
+    pub tls: Tls,
 }
 
 /// Settings of the Redis broker (used when `broker` is a Redis URL).
@@ -79,14 +92,20 @@ pub struct Limits {
     pub max_frames_per_message: usize,
     /// Largest number of subscriptions one connection holds. Over it: `Error` 413. Default 512.
     pub max_subscriptions_per_connection: usize,
-    /// Connections one shard holds; further ones are answered 503 and closed. Default 50000.
+    /// Connections one shard holds; further upgrades are answered 503. Default 50000.
     pub max_connections_per_shard: usize,
+    /// Connections the whole server holds; further upgrades are answered 503. Default 1000000.
+    pub max_connections: usize,
+    /// Connections from one IP address; further upgrades are answered 503. Default 5000
+    /// (carrier NAT puts many phones behind one address).
+    pub max_connections_per_ip: usize,
     /// Largest HTTP request head (request line and headers), in bytes. Over it: 431. Default 8192.
     pub max_request_header_bytes: usize,
     /// Largest number of HTTP request headers. Over it: 431. Default 32.
     pub max_request_headers: usize,
-    /// Bytes queued for one connection before it counts as a slow consumer and is closed
-    /// with 4001. Default 1048576 (1 MiB).
+    /// Bytes queued for one connection. When full, queued lower-priority updates are dropped
+    /// to make room for high-priority ones; when even those do not fit the connection is a
+    /// slow consumer, closed with 4001. Default 1048576 (1 MiB).
     pub max_outbox_bytes: usize,
     /// Time a new socket has to send a complete HTTP request head. Default `10s`.
     #[serde(with = "humantime_serde")]
@@ -112,6 +131,12 @@ pub struct Delivery {
     pub batch_size: usize,
     /// Capacity of each shard's inbox (messages from other shards). Default 65536.
     pub inbox_capacity: usize,
+    /// Update types that are never conflated or dropped for a slow connection, and leave its
+    /// queue ahead of the others. Default `["ROUTE", "WEATHER"]`.
+    pub priority_types: Vec<String>,
+    /// Past this many queued bytes, a lower-priority update replaces a queued one with the
+    /// same subscription and `key` (conflation). Default 262144 (a quarter of the outbox).
+    pub conflate_above_bytes: usize,
 }
 
 /// What each channel remembers, and what a reconnecting client may recover.
@@ -190,6 +215,11 @@ impl Default for Config {
             acks: Acks::default(),
             broker: "memory".into(),
             redis: Redis::default(),
+            auth: Auth::default(),
+            rate_limits: RateLimits::default(),
+            heartbeat: Heartbeat::default(),
+            cleanup: Cleanup::default(),
+            tls: Tls::default(),
         }
     }
 }
@@ -201,6 +231,8 @@ impl Default for Limits {
             max_frames_per_message: 100,
             max_subscriptions_per_connection: 512,
             max_connections_per_shard: 50_000,
+            max_connections: 1_000_000,
+            max_connections_per_ip: 5000,
             max_request_header_bytes: 8192,
             max_request_headers: 32,
             max_outbox_bytes: 1024 * 1024,
@@ -227,7 +259,12 @@ impl Default for History {
 
 impl Default for Delivery {
     fn default() -> Self {
-        Self { batch_size: 100, inbox_capacity: 65536 }
+        Self {
+            batch_size: 100,
+            inbox_capacity: 65536,
+            priority_types: vec!["ROUTE".into(), "WEATHER".into()],
+            conflate_above_bytes: 256 * 1024,
+        }
     }
 }
 
@@ -322,6 +359,18 @@ impl Config {
         if self.delivery.inbox_capacity < 1024 {
             return Err(invalid("delivery.inbox_capacity", "must be at least 1024"));
         }
+        for name in &self.delivery.priority_types {
+            if crate::protocol::pb::UpdateType::from_str_name(name).is_none_or(|t| t as i32 == 0) {
+                return Err(invalid(
+                    "delivery.priority_types",
+                    format!("`{name}` is not an update type (ROUTE, WEATHER, TRAFFIC, INCIDENT, POI)"),
+                ));
+            }
+        }
+        if self.delivery.conflate_above_bytes > l.max_outbox_bytes {
+            return Err(invalid("delivery.conflate_above_bytes", "must not exceed limits.max_outbox_bytes"));
+        }
+        self.validate_security()?;
         let h = &self.history;
         if h.size > 1_000_000 {
             return Err(invalid("history.size", "at most 1000000 publications per channel"));
@@ -353,6 +402,56 @@ impl Config {
         }
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(invalid("log_level", format!("not a log filter: {err}")));
+        }
+        Ok(())
+    }
+
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid { setting, reason: reason.into() }
+        }
+        let a = &self.auth;
+        for file in &a.public_key_files {
+            if !file.is_file() {
+                return Err(invalid("auth.public_key_files", format!("{} is not a readable file", file.display())));
+            }
+        }
+        if !a.hmac_secret.is_empty() && a.hmac_secret.len() < 32 {
+            return Err(invalid("auth.hmac_secret", "must be at least 32 bytes (256 bits) long"));
+        }
+        if a.expiry_grace > Duration::from_secs(3600) {
+            return Err(invalid("auth.expiry_grace", "at most 1h"));
+        }
+        for pattern in a.default_subscribe.iter().chain(&a.default_publish) {
+            if let Err(err) = crate::auth::ChannelPattern::parse(pattern) {
+                return Err(invalid("auth.default_subscribe/default_publish", format!("`{pattern}`: {err}")));
+            }
+        }
+        let r = &self.rate_limits;
+        let buckets = [
+            ("rate_limits.connection_commands", r.connection_commands),
+            ("rate_limits.connection_publishes", r.connection_publishes),
+            ("rate_limits.user_commands", r.user_commands),
+            ("rate_limits.user_publishes", r.user_publishes),
+            ("rate_limits.connection_attempts_per_ip", r.connection_attempts_per_ip),
+        ];
+        for (setting, bucket) in buckets {
+            if bucket.requests > 0 && (bucket.window.is_zero() || bucket.burst == 0) {
+                return Err(invalid(setting, "a limit needs a window longer than zero and a burst of at least 1"));
+            }
+        }
+        let h = &self.heartbeat;
+        if h.interval < Duration::from_millis(100) {
+            return Err(invalid("heartbeat.interval", "must be at least 100ms"));
+        }
+        if h.timeout <= h.interval {
+            return Err(invalid("heartbeat.timeout", "must be longer than heartbeat.interval"));
+        }
+        if self.cleanup.interval.is_zero() {
+            return Err(invalid("cleanup.interval", "must be longer than zero"));
+        }
+        if self.tls.cert_file.as_os_str().is_empty() != self.tls.key_file.as_os_str().is_empty() {
+            return Err(invalid("tls", "set both tls.cert_file and tls.key_file, or neither"));
         }
         Ok(())
     }

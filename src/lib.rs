@@ -8,6 +8,7 @@
 //! - [`shard`]: a compio runtime per core with its own listener, connections and inbox.
 //! - [`session`]: one connection's protocol state machine, sans I/O.
 //! - [`outbox`]: a connection's bounded outbound queue, packing frames into batches.
+//! - [`auth`]: JWT verification and channel permissions from claims.
 //! - [`acks`]: acknowledged delivery of one subscription: resend when overdue, then fail.
 //! - [`router`]: a shard's index of local subscribers per channel.
 //! - [`broker`]: channels, offsets and epochs; the embedded in-memory broker.
@@ -15,6 +16,7 @@
 //! - [`client`]: a client library (used by the tests and the loadtest).
 
 pub mod acks;
+pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod config;

@@ -113,6 +113,7 @@ pub fn accept_publish(
         confidence: publish.confidence,
         timestamp_us: unix_us,
         payload: publish.payload,
+        skipped: 0,
     };
     Ok((Arc::from(publish.channel), update))
 }

@@ -61,12 +61,23 @@ pub enum CloseCode {
     Resubscribe,
     /// 4004: no `Connect` within `limits.connect_timeout` of the upgrade.
     ConnectTimeout,
+    /// 4005: nothing heard from the client within `heartbeat.timeout` (pings unanswered).
+    HeartbeatTimeout,
+    /// 4006: the token expired and no `Refresh` came within `auth.expiry_grace`; reconnect
+    /// with a fresh token.
+    TokenExpired,
     /// 4500: a message that does not decode as the protocol's protobuf (or bad zstd).
     BadMessage,
     /// 4501: a first command other than `Connect`, or a second `Connect`.
     BadLifecycle,
     /// 4502: more frames in one message than `limits.max_frames_per_message`.
     TooManyFrames,
+    /// 4503: the token in `Connect` was refused (missing, malformed, `alg: none`, wrong
+    /// algorithm, bad signature, expired, not yet valid, wrong audience or issuer); the
+    /// `Disconnect` reason says which.
+    Unauthorized,
+    /// 4504: requests kept coming after `rate_limits.max_refusals` refusals in a row.
+    RateLimitAbuse,
 }
 
 impl CloseCode {
@@ -82,9 +93,13 @@ impl CloseCode {
             CloseCode::ConnectionLimit => 4002,
             CloseCode::Resubscribe => 4003,
             CloseCode::ConnectTimeout => 4004,
+            CloseCode::HeartbeatTimeout => 4005,
+            CloseCode::TokenExpired => 4006,
             CloseCode::BadMessage => 4500,
             CloseCode::BadLifecycle => 4501,
             CloseCode::TooManyFrames => 4502,
+            CloseCode::Unauthorized => 4503,
+            CloseCode::RateLimitAbuse => 4504,
         }
     }
 
@@ -99,6 +114,8 @@ impl CloseCode {
                 | CloseCode::ConnectionLimit
                 | CloseCode::Resubscribe
                 | CloseCode::ConnectTimeout
+                | CloseCode::HeartbeatTimeout
+                | CloseCode::TokenExpired
         )
     }
 
@@ -115,13 +132,17 @@ impl CloseCode {
             CloseCode::ConnectionLimit => "connection_limit",
             CloseCode::Resubscribe => "resubscribe",
             CloseCode::ConnectTimeout => "connect_timeout",
+            CloseCode::HeartbeatTimeout => "heartbeat_timeout",
+            CloseCode::TokenExpired => "token_expired",
             CloseCode::BadMessage => "bad_message",
             CloseCode::BadLifecycle => "bad_lifecycle",
             CloseCode::TooManyFrames => "too_many_frames",
+            CloseCode::Unauthorized => "unauthorized",
+            CloseCode::RateLimitAbuse => "rate_limit_abuse",
         }
     }
 
-    pub const ALL: [CloseCode; 13] = [
+    pub const ALL: [CloseCode; 17] = [
         CloseCode::Normal,
         CloseCode::ProtocolError,
         CloseCode::UnsupportedData,
@@ -132,8 +153,12 @@ impl CloseCode {
         CloseCode::ConnectionLimit,
         CloseCode::Resubscribe,
         CloseCode::ConnectTimeout,
+        CloseCode::HeartbeatTimeout,
+        CloseCode::TokenExpired,
         CloseCode::BadMessage,
         CloseCode::BadLifecycle,
         CloseCode::TooManyFrames,
+        CloseCode::Unauthorized,
+        CloseCode::RateLimitAbuse,
     ];
 }

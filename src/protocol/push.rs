@@ -97,6 +97,7 @@ mod tests {
             confidence: 0.5,
             timestamp_us: 1_700_000_000_000_000,
             payload: Bytes::from(vec![3u8; 300]),
+            skipped: 0,
         }
     }
 

@@ -45,6 +45,7 @@ impl Session {
             max_message_size: limits.max_message_size as u32,
             max_frames_per_message: limits.max_frames_per_message as u32,
             max_subscriptions: limits.max_subscriptions as u32,
+            ..Default::default()
         };
         self.reply(id, reply::Result::Connect(result));
     }
