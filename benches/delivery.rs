@@ -27,6 +27,7 @@ fn update(payload: usize) -> pb::Update {
         confidence: 0.93,
         timestamp_us: 1_800_000_000_000_000,
         payload: Bytes::from(vec![b'x'; payload]),
+        skipped: 0,
     }
 }
 
