@@ -10,6 +10,7 @@
 //! - [`outbox`]: a connection's bounded outbound queue, packing frames into batches.
 //! - [`auth`]: JWT verification and channel permissions from claims.
 //! - [`acks`]: acknowledged delivery of one subscription: resend when overdue, then fail.
+//! - [`ratelimit`]: token buckets per connection, user and IP address.
 //! - [`router`]: a shard's index of local subscribers per channel.
 //! - [`broker`]: channels, offsets and epochs; the embedded in-memory broker.
 //! - [`protocol`]: protobuf types, zstd envelope, shared pushes, WebSocket and HTTP framing.
@@ -22,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod outbox;
 pub mod protocol;
+pub mod ratelimit;
 pub mod router;
 pub mod session;
 pub mod shard;
