@@ -52,11 +52,13 @@ impl TokenBucket {
 /// refilled are forgotten by [`KeyedBuckets::sweep`], so memory follows active keys only.
 pub struct KeyedBuckets<K, const N: usize> {
     limits: [Bucket; N],
-    stripes: Box<[Mutex<HashMap<K, [TokenBucket; N]>>]>,
+    stripes: Box<[Stripe<K, N>]>,
     hasher: std::collections::hash_map::RandomState,
 }
 
 const STRIPES: usize = 64;
+
+type Stripe<K, const N: usize> = Mutex<HashMap<K, [TokenBucket; N]>>;
 
 impl<K: Hash + Eq + Clone, const N: usize> KeyedBuckets<K, N> {
     /// One bucket per limit for each key.
@@ -95,7 +97,7 @@ impl<K: Hash + Eq + Clone, const N: usize> KeyedBuckets<K, N> {
         self.len() == 0
     }
 
-    fn stripe(&self, key: &K) -> &Mutex<HashMap<K, [TokenBucket; N]>> {
+    fn stripe(&self, key: &K) -> &Stripe<K, N> {
         &self.stripes[self.hasher.hash_one(key) as usize % STRIPES]
     }
 }
