@@ -16,6 +16,7 @@ use routopia_realtime::outbox::{OutItem, Outbox};
 use routopia_realtime::protocol::envelope;
 use routopia_realtime::protocol::pb::{self, client_frame::Command};
 use routopia_realtime::protocol::push::encode_update_body;
+use routopia_realtime::ratelimit::KeyedBuckets;
 use routopia_realtime::session::{Session, SessionLimits};
 
 fn update(payload: usize) -> pb::Update {
@@ -58,7 +59,9 @@ fn protocol(c: &mut Criterion) {
 }
 
 fn fan_out(c: &mut Criterion) {
-    let limits = Rc::new(SessionLimits::from_config(&Config::default()));
+    let config = Config::default();
+    let users = Arc::new(KeyedBuckets::new([config.rate_limits.user_commands, config.rate_limits.user_publishes]));
+    let limits = Rc::new(SessionLimits::from_config(&config, None, users));
     let mut sessions: Vec<Session> =
         (0..10_000).map(|i| Session::new(Arc::from(format!("c{i}")), limits.clone(), Instant::now())).collect();
     let publication = publication(64);

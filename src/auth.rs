@@ -226,6 +226,19 @@ pub struct Verifier {
     default_publish: Arc<[ChannelPattern]>,
 }
 
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys themselves.
+        f.debug_struct("Verifier")
+            .field("hmac", &self.hmac.is_some())
+            .field("rsa_keys", &self.rsa.len())
+            .field("ec_keys", &self.ec.len())
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .finish()
+    }
+}
+
 /// The verifier and, when no key was configured, the development token it made.
 pub struct AuthSetup {
     pub verifier: Option<Arc<Verifier>>,

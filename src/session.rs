@@ -10,21 +10,23 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
 
 use crate::acks::{AckPolicy, AckTracker};
+use crate::auth::{AuthFailure, Grant, Verifier};
 use crate::broker::memory::{HistoryPage, Position, Recovery, RecoveryFailure};
 use crate::broker::{validate_channel, Publication};
-use crate::config::Config;
+use crate::config::{Bucket, Config};
 use crate::outbox::{OutItem, Outbox};
 use crate::protocol::envelope::{self, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
 use crate::protocol::push::write_frame;
 use crate::protocol::ws::{WsEndpoint, WsEvent};
 use crate::protocol::{CloseCode, ErrorCode};
+use crate::ratelimit::{KeyedBuckets, TokenBucket};
 
 /// Publications in a `History` reply when the client names no limit, and at most.
 const HISTORY_DEFAULT_PAGE: usize = 100;
@@ -64,6 +66,10 @@ pub enum SessionEvent {
     Unsubscribe { channel: Arc<str>, sub_id: u32, was_active: bool },
     /// Publish through the channel's owner; answer with `on_published`.
     Publish { channel: Arc<str>, req_id: u32, update: pb::Update },
+    /// Count a refused token (the shard keeps the figures).
+    AuthFailed(AuthFailure),
+    /// Count a request refused by a rate limit.
+    RateLimited,
 }
 
 /// Where the connection is in its life.
@@ -95,12 +101,58 @@ pub struct SessionLimits {
     pub max_payload_size: usize,
     pub batch_size: usize,
     pub acks: Rc<AckPolicy>,
-    pub connect_timeout: std::time::Duration,
+    pub connect_timeout: Duration,
+    /// `None`: auth is disabled and every client may do everything.
+    pub verifier: Option<Arc<Verifier>>,
+    pub refresh_reminder: Duration,
+    pub expiry_grace: Duration,
+    pub ping_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    /// `None`: rate limits are off.
+    pub rate_limits: Option<RatePolicy>,
+    /// Bit `t` set: update type `t` is high priority.
+    pub priority_types: u32,
+    pub conflate_above_bytes: usize,
+}
+
+/// Which buckets a session takes tokens from.
+#[derive(Clone)]
+pub struct RatePolicy {
+    pub commands: Bucket,
+    pub publishes: Bucket,
+    /// Per-user buckets shared by every shard: `[commands, publishes]`.
+    pub users: Arc<KeyedBuckets<Arc<str>, 2>>,
+    pub max_refusals: u32,
+}
+
+impl std::fmt::Debug for RatePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RatePolicy").field("commands", &self.commands).field("publishes", &self.publishes).finish()
+    }
+}
+
+/// Which bucket a command draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RateClass {
+    Command = 0,
+    Publish = 1,
 }
 
 impl SessionLimits {
-    pub fn from_config(config: &Config) -> Self {
+    /// The limits of `config`; `verifier` and `users` are shared by every shard.
+    pub fn from_config(
+        config: &Config,
+        verifier: Option<Arc<Verifier>>,
+        users: Arc<KeyedBuckets<Arc<str>, 2>>,
+    ) -> Self {
         let l = &config.limits;
+        let r = &config.rate_limits;
+        let priority_types = config
+            .delivery
+            .priority_types
+            .iter()
+            .filter_map(|name| pb::UpdateType::from_str_name(name))
+            .fold(0u32, |bits, t| bits | 1 << (t as u32 & 31));
         Self {
             max_message_size: l.max_message_size,
             max_frames_per_message: l.max_frames_per_message,
@@ -111,6 +163,19 @@ impl SessionLimits {
             batch_size: config.delivery.batch_size,
             acks: Rc::new(config.ack_policy()),
             connect_timeout: l.connect_timeout,
+            verifier,
+            refresh_reminder: config.auth.refresh_reminder,
+            expiry_grace: config.auth.expiry_grace,
+            ping_interval: config.heartbeat.interval,
+            heartbeat_timeout: config.heartbeat.timeout,
+            rate_limits: r.enabled.then_some(RatePolicy {
+                commands: r.connection_commands,
+                publishes: r.connection_publishes,
+                users,
+                max_refusals: r.max_refusals,
+            }),
+            priority_types,
+            conflate_above_bytes: config.delivery.conflate_above_bytes,
         }
     }
 }
@@ -135,11 +200,30 @@ pub struct Session {
     acked_subs: usize,
     /// Why the session closed, once it has: for logs and metrics.
     close_detail: Option<String>,
+    /// What the token allows (everything until `Connect`, which nothing precedes).
+    grant: Grant,
+    /// When the token expires, on the monotonic clock.
+    expires_at: Option<Instant>,
+    /// `TokenExpiring` was sent for the current token.
+    reminded: bool,
+    /// Last time anything arrived from the client, and the last ping sent.
+    last_heard: Instant,
+    last_ping: Instant,
+    /// Per-connection buckets: `[commands, publishes]`.
+    buckets: [TokenBucket; 2],
+    /// Requests refused by a rate limit since the last one accepted.
+    refusals_in_a_row: u32,
 }
 
 impl Session {
     /// A session for a connection upgraded at `opened_at`.
     pub fn new(client_id: Arc<str>, limits: Rc<SessionLimits>, opened_at: Instant) -> Self {
+        let buckets = match &limits.rate_limits {
+            Some(rates) => {
+                [TokenBucket::new(&rates.commands, opened_at), TokenBucket::new(&rates.publishes, opened_at)]
+            }
+            None => [TokenBucket::new(&Bucket::new(0, 1, 0), opened_at); 2],
+        };
         Self {
             opened_at,
             client_id,
@@ -155,6 +239,13 @@ impl Session {
             identity: None,
             acked_subs: 0,
             close_detail: None,
+            grant: Grant::unrestricted(),
+            expires_at: None,
+            reminded: false,
+            last_heard: opened_at,
+            last_ping: opened_at,
+            buckets,
+            refusals_in_a_row: 0,
         }
     }
 
@@ -188,6 +279,7 @@ impl Session {
         if self.is_closing() {
             return;
         }
+        self.last_heard = now.instant;
         self.ws.feed(bytes);
         while !self.is_closing() {
             match self.ws.next_event() {
@@ -339,6 +431,8 @@ impl Session {
             let detail = format!("no Connect within {:?}", self.limits.connect_timeout);
             self.close(CloseCode::ConnectTimeout, detail);
         }
+        self.check_heartbeat(now);
+        self.check_expiry(now);
         if self.acked_subs == 0 || self.is_closing() {
             return 0;
         }
@@ -355,6 +449,39 @@ impl Session {
             self.enqueue(OutItem::Push { sub_id, publication });
         }
         failed
+    }
+
+    /// Pings when the interval passed; closes a connection silent for too long.
+    fn check_heartbeat(&mut self, now: Instant) {
+        if self.is_closing() {
+            return;
+        }
+        let silent = now.saturating_duration_since(self.last_heard);
+        if silent >= self.limits.heartbeat_timeout {
+            let detail = format!("nothing heard for {:?}", self.limits.heartbeat_timeout);
+            return self.close(CloseCode::HeartbeatTimeout, detail);
+        }
+        if now.saturating_duration_since(self.last_ping) >= self.limits.ping_interval {
+            self.last_ping = now;
+            self.ws.ping(Bytes::new());
+            self.collect_ws_output();
+        }
+    }
+
+    /// Reminds ahead of the token's expiry; after the grace period, closes with 4006.
+    fn check_expiry(&mut self, now: Instant) {
+        let Some(expires_at) = self.expires_at else { return };
+        if self.is_closing() {
+            return;
+        }
+        if now >= expires_at + self.limits.expiry_grace {
+            return self.close(CloseCode::TokenExpired, "the token expired and was not refreshed".into());
+        }
+        if !self.reminded && now + self.limits.refresh_reminder >= expires_at {
+            self.reminded = true;
+            let expiring = pb::TokenExpiring { expires_at_unix: self.grant.expires_at_unix };
+            self.frame(pb::ServerFrame { kind: Some(Kind::TokenExpiring(expiring)) });
+        }
     }
 
     /// Closes the session with `code`: a `Disconnect` frame, then the WebSocket close frame.
@@ -407,6 +534,40 @@ impl Session {
             }
             self.handle_frame(now, frame);
         }
+    }
+
+    /// Takes a token for a request of `class`; refused, answers 429 (and after too many
+    /// refusals in a row closes the connection). Returns whether the request may go on.
+    fn admit(&mut self, id: u32, class: RateClass, now: Instant) -> bool {
+        let limits = Rc::clone(&self.limits);
+        let Some(rates) = &limits.rate_limits else { return true };
+        let index = class as usize;
+        let limit = if class == RateClass::Command { rates.commands } else { rates.publishes };
+        let mut result = self.buckets[index].take(&limit, now);
+        if result.is_ok() {
+            if let Some(user) = &self.grant.subject {
+                result = rates.users.take(user, index, now);
+            }
+        }
+        let Err(wait) = result else {
+            self.refusals_in_a_row = 0;
+            return true;
+        };
+        self.refusals_in_a_row += 1;
+        self.events.push_back(SessionEvent::RateLimited);
+        if self.refusals_in_a_row > rates.max_refusals {
+            let detail = format!("{} requests in a row over the rate limit", self.refusals_in_a_row);
+            self.close(CloseCode::RateLimitAbuse, detail);
+            return false;
+        }
+        let retry_after_ms = wait.as_millis().max(1) as u64;
+        let error = pb::Error {
+            code: ErrorCode::RateLimited.code(),
+            message: format!("rate limited; retry in {retry_after_ms} ms"),
+            retry_after_ms,
+        };
+        self.reply(id, reply::Result::Error(error));
+        false
     }
 
     fn reply(&mut self, id: u32, result: reply::Result) {

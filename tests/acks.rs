@@ -4,7 +4,7 @@
 mod common;
 
 use common::{payload, within, TestServer};
-use routopia_realtime::client::{Client, ConnectOptions};
+use routopia_realtime::client::Client;
 use routopia_realtime::protocol::pb::{self, UpdateType};
 
 async fn subscribe_acked(client: &mut Client, channel: &str) -> pb::SubscribeResult {
@@ -63,7 +63,7 @@ async fn an_update_is_given_up_after_max_redeliveries() {
 async fn a_client_without_state_resumes_from_its_last_ack() {
     let server = TestServer::start(2, &[]);
     let mut publisher = server.client().await;
-    let named = ConnectOptions { name: "phone-7".into(), ..Default::default() };
+    let named = common::options("phone-7");
     let (mut phone, _) = Client::connect(server.addr, named.clone()).await.unwrap();
     let sub = subscribe_acked(&mut phone, "route:u7").await;
     assert!(!sub.recovered, "nothing acknowledged yet");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{payload, within, TestServer};
 use routopia_realtime::client::resilient::{Backoff, Event, ResilientClient};
-use routopia_realtime::client::{ClientError, ConnectOptions};
+use routopia_realtime::client::ClientError;
 use routopia_realtime::protocol::pb::{RecoveryFailure, UpdateType};
 
 fn quick_backoff(max_retries: Option<u32>) -> Backoff {
@@ -25,8 +25,7 @@ async fn next_update(client: &mut ResilientClient) -> (String, u64) {
 async fn interrupted_client_reconnects_and_recovers_everything_missed() {
     let server = TestServer::start(2, &[]);
     let mut publisher = server.client().await;
-    let mut phone =
-        ResilientClient::connect(server.addr, ConnectOptions::default(), quick_backoff(None)).await.unwrap();
+    let mut phone = ResilientClient::connect(server.addr, common::options("phone"), quick_backoff(None)).await.unwrap();
     for channel in ["route:r1", "traffic:t1"] {
         phone.subscribe(channel).await.unwrap();
         for n in 1..=5 {
@@ -69,7 +68,7 @@ async fn interrupted_client_reconnects_and_recovers_everything_missed() {
 async fn restarted_server_is_reached_again_and_the_epoch_change_is_reported() {
     let server = TestServer::start(1, &[]);
     let addr = server.addr;
-    let mut phone = ResilientClient::connect(addr, ConnectOptions::default(), quick_backoff(None)).await.unwrap();
+    let mut phone = ResilientClient::connect(addr, common::options("phone"), quick_backoff(None)).await.unwrap();
     phone.subscribe("weather:rome").await.unwrap();
     server.client().await.publish("weather:rome", UpdateType::Weather, "w", payload(1)).await.unwrap();
     assert_eq!(next_update(&mut phone).await.1, 1);
@@ -94,7 +93,7 @@ async fn restarted_server_is_reached_again_and_the_epoch_change_is_reported() {
 async fn gives_up_after_max_retries_when_the_server_stays_away() {
     let server = TestServer::start(1, &[]);
     let mut phone =
-        ResilientClient::connect(server.addr, ConnectOptions::default(), quick_backoff(Some(3))).await.unwrap();
+        ResilientClient::connect(server.addr, common::options("phone"), quick_backoff(Some(3))).await.unwrap();
     phone.subscribe("poi:gone").await.unwrap();
     drop(server);
     let err = within("giving up", phone.next_event()).await.unwrap_err();

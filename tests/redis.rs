@@ -172,14 +172,14 @@ async fn backend_items_queued_while_the_server_was_down_are_all_published() {
 #[compio::test]
 async fn a_node_killed_mid_stream_the_client_moves_to_the_other_and_recovers_everything() {
     use routopia_realtime::client::resilient::{Backoff, Event, ResilientClient};
-    use routopia_realtime::client::ConnectOptions;
+
     use std::time::Duration;
     let redis = RedisServer::start();
     let (a, b) = (node(&redis), node(&redis));
     let backoff =
         Backoff { initial: Duration::from_millis(20), factor: 2.0, max: Duration::from_millis(200), max_retries: None };
     let mut phone =
-        ResilientClient::connect_any(vec![a.addr, b.addr], ConnectOptions::default(), backoff).await.unwrap();
+        ResilientClient::connect_any(vec![a.addr, b.addr], common::options("phone"), backoff).await.unwrap();
     assert_eq!(phone.node(), a.addr);
     phone.subscribe("route:failover").await.unwrap();
     let mut publisher = b.client().await;
@@ -217,11 +217,11 @@ async fn a_node_killed_mid_stream_the_client_moves_to_the_other_and_recovers_eve
 
 #[compio::test]
 async fn an_acked_position_kept_in_redis_resumes_a_client_on_another_node() {
-    use routopia_realtime::client::{Client, ConnectOptions};
+    use routopia_realtime::client::Client;
     use routopia_realtime::protocol::pb;
     let redis = RedisServer::start();
     let (a, b) = (node(&redis), node(&redis));
-    let named = ConnectOptions { name: "truck-12".into(), ..Default::default() };
+    let named = common::options("truck-12");
     let acked = pb::Subscribe { channel: "route:truck-12".into(), ack: true, ..Default::default() };
     let (mut truck, _) = Client::connect(a.addr, named.clone()).await.unwrap();
     let sub = truck.subscribe_with(acked.clone()).await.unwrap();
@@ -250,10 +250,10 @@ async fn an_acked_position_kept_in_redis_resumes_a_client_on_another_node() {
 #[compio::test]
 async fn the_resilient_client_recovers_a_channel_by_itself_when_it_sees_a_gap() {
     use routopia_realtime::client::resilient::{Backoff, Event, ResilientClient};
-    use routopia_realtime::client::ConnectOptions;
+
     let redis = RedisServer::start();
     let server = node(&redis);
-    let mut phone = ResilientClient::connect(server.addr, ConnectOptions::default(), Backoff::default()).await.unwrap();
+    let mut phone = ResilientClient::connect(server.addr, common::options("phone"), Backoff::default()).await.unwrap();
     let epoch = phone.subscribe("traffic:gap").await.unwrap().epoch;
     let mut publisher = server.client().await;
     for n in 1..=3 {

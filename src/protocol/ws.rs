@@ -114,6 +114,17 @@ impl WsEndpoint {
         self.ws.send(Message::Binary(data))
     }
 
+    /// Sends a ping; the peer answers with a pong carrying the same payload.
+    pub fn ping(&mut self, payload: Bytes) {
+        // Writing into memory cannot fail; an error only says the connection is closing.
+        let _ = self.ws.send(Message::Ping(payload));
+    }
+
+    /// Sends a pong (a client answering the server's ping).
+    pub fn pong(&mut self, payload: Bytes) {
+        let _ = self.ws.send(Message::Pong(payload));
+    }
+
     /// Starts the closing handshake with `code` and `reason`.
     pub fn close(&mut self, code: u16, reason: &str) {
         let frame = CloseFrame { code: WsCloseCode::from(code), reason: reason.to_owned().into() };

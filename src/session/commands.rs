@@ -15,8 +15,18 @@ impl Session {
         if self.phase == Phase::AwaitingConnect && !matches!(command, Command::Connect(_)) {
             return self.close(CloseCode::BadLifecycle, "the first command must be Connect".into());
         }
+        let class = match command {
+            Command::Connect(_) | Command::Ack(_) => None,
+            Command::Publish(_) => Some(RateClass::Publish),
+            _ => Some(RateClass::Command),
+        };
+        if let Some(class) = class {
+            if !self.admit(id, class, now.instant) {
+                return;
+            }
+        }
         match command {
-            Command::Connect(connect) => self.handle_connect(id, connect),
+            Command::Connect(connect) => self.handle_connect(now, id, connect),
             Command::Subscribe(subscribe) => self.handle_subscribe(id, subscribe),
             Command::Unsubscribe(unsubscribe) => self.handle_unsubscribe(id, unsubscribe.sub_id),
             Command::Publish(publish) => self.handle_publish(now, id, publish),
@@ -24,20 +34,31 @@ impl Session {
                 self.frame(pb::ServerFrame { kind: Some(Kind::Pong(pb::Pong { timestamp_us: ping.timestamp_us })) })
             }
             Command::Ack(ack) => self.handle_ack(id, ack),
-            Command::Refresh(_) => {
-                self.error(id, ErrorCode::NotImplemented, "token refresh is not available yet".into())
-            }
+            Command::Refresh(refresh) => self.handle_refresh(now, id, refresh),
             Command::History(history) => self.handle_history(id, history),
         }
     }
 
-    fn handle_connect(&mut self, id: u32, connect: pb::Connect) {
+    fn handle_connect(&mut self, now: Now, id: u32, connect: pb::Connect) {
         if self.phase != Phase::AwaitingConnect {
             return self.error(id, ErrorCode::BadRequest, "already connected".into());
         }
+        match self.limits.verifier.clone() {
+            Some(verifier) => match verifier.verify(&connect.token, now.unix_us / 1_000_000) {
+                Ok(grant) => {
+                    self.identity = grant.subject.clone();
+                    self.set_grant(now, grant);
+                }
+                Err(refusal) => {
+                    self.events.push_back(SessionEvent::AuthFailed(refusal.failure));
+                    return self.close(CloseCode::Unauthorized, refusal.to_string());
+                }
+            },
+            // Without auth, the client's name is the best identity there is.
+            None => self.identity = (!connect.name.is_empty()).then(|| Arc::from(connect.name)),
+        }
         self.phase = Phase::Connected;
         self.accepts_zstd = connect.accept_zstd;
-        self.identity = (!connect.name.is_empty()).then(|| Arc::from(connect.name));
         let limits = &self.limits;
         let result = pb::ConnectResult {
             client_id: self.client_id.to_string(),
@@ -45,14 +66,54 @@ impl Session {
             max_message_size: limits.max_message_size as u32,
             max_frames_per_message: limits.max_frames_per_message as u32,
             max_subscriptions: limits.max_subscriptions as u32,
-            ..Default::default()
+            expires_at_unix: self.grant.expires_at_unix,
+            ping_interval_ms: limits.ping_interval.as_millis() as u32,
+            heartbeat_timeout_ms: limits.heartbeat_timeout.as_millis() as u32,
         };
         self.reply(id, reply::Result::Connect(result));
+    }
+
+    /// A new token for the same subject: new expiry, new permissions, no reconnect.
+    fn handle_refresh(&mut self, now: Now, id: u32, refresh: pb::Refresh) {
+        let Some(verifier) = self.limits.verifier.clone() else {
+            return self.reply(id, reply::Result::Refresh(pb::RefreshResult { expires_at_unix: 0 }));
+        };
+        let grant = match verifier.verify(&refresh.token, now.unix_us / 1_000_000) {
+            Ok(grant) if grant.subject != self.grant.subject => {
+                self.events.push_back(SessionEvent::AuthFailed(AuthFailure::SubjectChanged));
+                let message = "the new token names another subject; reconnect to change users".into();
+                return self.error(id, ErrorCode::Forbidden, message);
+            }
+            Ok(grant) => grant,
+            Err(refusal) => {
+                self.events.push_back(SessionEvent::AuthFailed(refusal.failure));
+                // The current token stays in force until it expires.
+                return self.error(id, ErrorCode::NotConnected, refusal.to_string());
+            }
+        };
+        self.set_grant(now, grant);
+        let result = pb::RefreshResult { expires_at_unix: self.grant.expires_at_unix };
+        self.reply(id, reply::Result::Refresh(result));
+    }
+
+    fn set_grant(&mut self, now: Now, grant: Grant) {
+        let now_unix = now.unix_us / 1_000_000;
+        let left = Duration::from_secs(grant.expires_at_unix.saturating_sub(now_unix));
+        self.expires_at = (grant.expires_at_unix > 0).then(|| now.instant + left);
+        self.reminded = false;
+        self.grant = grant;
     }
 
     fn handle_subscribe(&mut self, id: u32, subscribe: pb::Subscribe) {
         if let Err(err) = validate_channel(&subscribe.channel, self.limits.max_channel_length) {
             return self.error(id, ErrorCode::BadRequest, err.to_string());
+        }
+        if !self.grant.may_subscribe(&subscribe.channel) {
+            return self.error(
+                id,
+                ErrorCode::Forbidden,
+                format!("the token does not allow subscribing to {}", subscribe.channel),
+            );
         }
         if self.by_channel.contains_key(subscribe.channel.as_str()) {
             return self.error(
@@ -99,6 +160,13 @@ impl Session {
         if let Err(err) = validate_channel(&history.channel, self.limits.max_channel_length) {
             return self.error(id, ErrorCode::BadRequest, err.to_string());
         }
+        if !self.grant.may_subscribe(&history.channel) {
+            return self.error(
+                id,
+                ErrorCode::Forbidden,
+                format!("the token does not allow reading {}", history.channel),
+            );
+        }
         let limit = match history.limit {
             0 => HISTORY_DEFAULT_PAGE,
             n => (n as usize).min(HISTORY_MAX_PAGE),
@@ -120,6 +188,13 @@ impl Session {
     }
 
     fn handle_publish(&mut self, now: Now, id: u32, publish: pb::Publish) {
+        if !self.grant.may_publish(&publish.channel) {
+            return self.error(
+                id,
+                ErrorCode::Forbidden,
+                format!("the token does not allow publishing on {}", publish.channel),
+            );
+        }
         let limits = &self.limits;
         match accept_publish(publish, now.unix_us, limits.max_channel_length, limits.max_payload_size) {
             Ok((channel, update)) => self.events.push_back(SessionEvent::Publish { channel, req_id: id, update }),

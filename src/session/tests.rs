@@ -10,8 +10,22 @@ fn now() -> Now {
     Now { instant: Instant::now(), unix_us: 1_800_000_000_000_000 }
 }
 
+/// A config without auth: these tests are about the protocol, not tokens.
+fn open_config() -> Config {
+    let mut config = Config::default();
+    config.auth.mode = crate::config::AuthMode::Disabled;
+    config
+}
+
+fn limits(config: &Config) -> Rc<SessionLimits> {
+    let verifier = crate::auth::Verifier::setup(&config.auth, now().unix_us / 1_000_000).unwrap().verifier;
+    let r = &config.rate_limits;
+    let users = Arc::new(KeyedBuckets::new([r.user_commands, r.user_publishes]));
+    Rc::new(SessionLimits::from_config(config, verifier, users))
+}
+
 fn session() -> Session {
-    Session::new(Arc::from("0-1-1"), Rc::new(SessionLimits::from_config(&Config::default())), Instant::now())
+    Session::new(Arc::from("0-1-1"), limits(&open_config()), Instant::now())
 }
 
 /// A client-side WebSocket that encodes commands and decodes what the session sends.
@@ -139,10 +153,11 @@ fn errors_are_reported_even_for_fire_and_forget_commands() {
 
 #[test]
 fn slow_consumer_is_closed_with_4001_and_nothing_else_is_queued() {
-    let mut config = Config::default();
+    let mut config = open_config();
     config.limits.max_outbox_bytes = 4096;
     config.limits.max_payload_size = 1000;
-    let mut session = Session::new(Arc::from("s"), Rc::new(SessionLimits::from_config(&config)), Instant::now());
+    config.delivery.conflate_above_bytes = 1024;
+    let mut session = Session::new(Arc::from("s"), limits(&config), Instant::now());
     let mut peer = Peer::new();
     peer.command(&mut session, 1, Command::Connect(pb::Connect::default()));
     peer.receive(&mut session);
@@ -202,7 +217,7 @@ fn client_close_is_answered_and_ends_the_session() {
 #[test]
 fn a_connection_that_never_connects_is_closed_after_the_timeout() {
     let opened = Instant::now();
-    let mut session = Session::new(Arc::from("idle"), Rc::new(SessionLimits::from_config(&Config::default())), opened);
+    let mut session = Session::new(Arc::from("idle"), limits(&open_config()), opened);
     let timeout = Config::default().limits.connect_timeout;
     session.handle_timeout(opened + timeout / 2);
     assert_eq!(session.phase(), Phase::AwaitingConnect);
@@ -210,6 +225,191 @@ fn a_connection_that_never_connects_is_closed_after_the_timeout() {
     assert_eq!(session.phase(), Phase::Closing(CloseCode::ConnectTimeout));
     let (connected, _) = connected();
     let mut connected = connected;
-    connected.handle_timeout(opened + timeout * 10);
+    connected.handle_timeout(opened + timeout * 3);
     assert_eq!(connected.phase(), Phase::Connected, "a connected session is not timed out");
+}
+
+mod security {
+    use super::*;
+    use serde_json::json;
+
+    const SECRET: &str = "session-test-secret-0123456789abcdef";
+    const UNIX: u64 = 1_800_000_000;
+
+    fn jwt_config() -> Config {
+        let mut config = Config::default();
+        config.auth.hmac_secret = SECRET.into();
+        // Long enough that the clock jumps below never trip the heartbeat.
+        config.heartbeat.interval = Duration::from_secs(3600);
+        config.heartbeat.timeout = Duration::from_secs(7200);
+        config
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+    }
+
+    /// `now` shifted by `secs` on both clocks.
+    fn at(base: Instant, secs: u64) -> Now {
+        Now { instant: base + Duration::from_secs(secs), unix_us: (UNIX + secs) * 1_000_000 }
+    }
+
+    fn connect(config: &Config, token: String, base: Instant) -> (Session, Peer, Vec<pb::ServerFrame>, Option<u16>) {
+        let mut session = Session::new(Arc::from("c"), limits(config), base);
+        let mut peer = Peer::new();
+        let frames = vec![pb::ClientFrame {
+            id: 1,
+            command: Some(Command::Connect(pb::Connect { token, ..Default::default() })),
+        }];
+        let bytes = envelope::encode::<ClientMessage>(frames, None);
+        peer.ws.send_binary(bytes.into()).unwrap();
+        session.handle_bytes(at(base, 0), &peer.ws.take_output());
+        let (frames, close) = peer.receive(&mut session);
+        (session, peer, frames, close)
+    }
+
+    fn send(peer: &mut Peer, session: &mut Session, now: Now, id: u32, command: Command) {
+        let bytes = envelope::encode::<ClientMessage>(vec![pb::ClientFrame { id, command: Some(command) }], None);
+        peer.ws.send_binary(bytes.into()).unwrap();
+        session.handle_bytes(now, &peer.ws.take_output());
+    }
+
+    #[test]
+    fn a_bad_token_closes_with_4503_and_counts_its_reason() {
+        let base = Instant::now();
+        let expired = token(json!({"sub": "u", "exp": UNIX - 60}));
+        let (mut session, _, frames, close) = connect(&jwt_config(), expired, base);
+        assert_eq!(close, Some(4503));
+        assert!(
+            matches!(&frames[..], [pb::ServerFrame { kind: Some(Kind::Disconnect(d)) }] if d.reason.starts_with("expired"))
+        );
+        assert_eq!(session.poll_event(), Some(SessionEvent::AuthFailed(AuthFailure::Expired)));
+    }
+
+    #[test]
+    fn connect_result_says_when_the_token_expires_and_how_often_pings_come() {
+        let base = Instant::now();
+        let (_, _, frames, close) = connect(&jwt_config(), token(json!({"sub": "u", "exp": UNIX + 600})), base);
+        assert_eq!(close, None);
+        let Some(Kind::Reply(pb::Reply { result: Some(reply::Result::Connect(result)), .. })) = &frames[0].kind else {
+            panic!("{frames:?}")
+        };
+        assert_eq!(result.expires_at_unix, UNIX + 600);
+        assert_eq!(result.ping_interval_ms, 3_600_000);
+        assert_eq!(result.heartbeat_timeout_ms, 7_200_000);
+    }
+
+    #[test]
+    fn subscribing_outside_the_grant_is_forbidden() {
+        let base = Instant::now();
+        let (mut session, mut peer, _, _) =
+            connect(&jwt_config(), token(json!({"sub": "alice", "exp": UNIX + 600})), base);
+        let subscribe =
+            |channel: &str| Command::Subscribe(pb::Subscribe { channel: channel.into(), ..Default::default() });
+        send(&mut peer, &mut session, at(base, 1), 2, subscribe("route:bob"));
+        send(&mut peer, &mut session, at(base, 1), 3, subscribe("route:alice"));
+        let (frames, _) = peer.receive(&mut session);
+        assert_eq!(frames.iter().map(error_code).collect::<Vec<_>>(), vec![Some(403)]);
+        assert!(
+            matches!(session.poll_event(), Some(SessionEvent::Subscribe { channel, .. }) if &*channel == "route:alice")
+        );
+    }
+
+    #[test]
+    fn reminder_then_grace_then_4006_unless_refreshed() {
+        let base = Instant::now();
+        let config = jwt_config();
+        let (mut session, mut peer, _, _) = connect(&config, token(json!({"sub": "u", "exp": UNIX + 120})), base);
+        session.handle_timeout(at(base, 30).instant);
+        assert!(peer.receive(&mut session).0.is_empty(), "no reminder yet");
+        session.handle_timeout(at(base, 61).instant);
+        let (frames, _) = peer.receive(&mut session);
+        assert!(
+            matches!(&frames[..], [pb::ServerFrame { kind: Some(Kind::TokenExpiring(pb::TokenExpiring { expires_at_unix })) }] if *expires_at_unix == UNIX + 120)
+        );
+        session.handle_timeout(at(base, 62).instant);
+        assert!(peer.receive(&mut session).0.is_empty(), "one reminder per token");
+        // Refreshed inside the grace period: the connection lives on with the new expiry.
+        session.handle_timeout(at(base, 125).instant);
+        assert_eq!(session.phase(), Phase::Connected);
+        let refresh = Command::Refresh(pb::Refresh { token: token(json!({"sub": "u", "exp": UNIX + 900})) });
+        send(&mut peer, &mut session, at(base, 126), 7, refresh);
+        let (frames, _) = peer.receive(&mut session);
+        assert!(
+            matches!(&frames[..], [pb::ServerFrame { kind: Some(Kind::Reply(pb::Reply { id: 7, result: Some(reply::Result::Refresh(r)) })) }] if r.expires_at_unix == UNIX + 900)
+        );
+        session.handle_timeout(at(base, 300).instant);
+        assert_eq!(session.phase(), Phase::Connected);
+        // Never refreshed again: closed once the grace after the new expiry is over.
+        session.handle_timeout(at(base, 930).instant);
+        assert_eq!(session.phase(), Phase::Closing(CloseCode::TokenExpired));
+    }
+
+    #[test]
+    fn refresh_for_another_subject_or_with_a_bad_token_is_refused_and_the_connection_stays() {
+        let base = Instant::now();
+        let (mut session, mut peer, _, _) = connect(&jwt_config(), token(json!({"sub": "u", "exp": UNIX + 600})), base);
+        let other = Command::Refresh(pb::Refresh { token: token(json!({"sub": "v", "exp": UNIX + 900})) });
+        send(&mut peer, &mut session, at(base, 1), 2, other);
+        let bad = Command::Refresh(pb::Refresh { token: "garbage".into() });
+        send(&mut peer, &mut session, at(base, 1), 3, bad);
+        let (frames, close) = peer.receive(&mut session);
+        assert_eq!(frames.iter().map(error_code).collect::<Vec<_>>(), vec![Some(403), Some(401)]);
+        assert_eq!(close, None);
+    }
+
+    #[test]
+    fn pings_on_the_interval_and_closes_when_nothing_is_heard() {
+        let base = Instant::now();
+        let mut config = open_config();
+        config.heartbeat.interval = Duration::from_secs(15);
+        config.heartbeat.timeout = Duration::from_secs(45);
+        let mut session = Session::new(Arc::from("h"), limits(&config), base);
+        let mut peer = Peer::new();
+        send(&mut peer, &mut session, at(base, 0), 1, Command::Connect(pb::Connect::default()));
+        peer.receive(&mut session);
+        session.handle_timeout(at(base, 16).instant);
+        let mut wire = Vec::new();
+        session.poll_transmit(&mut wire);
+        assert_eq!(wire, [0x89, 0x00], "an empty ping frame");
+        // Anything from the client (here a ping command at 40 s) counts as heard.
+        send(&mut peer, &mut session, at(base, 40), 0, Command::Ping(pb::Ping::default()));
+        session.handle_timeout(at(base, 80).instant);
+        assert_eq!(session.phase(), Phase::Connected);
+        session.handle_timeout(at(base, 85).instant);
+        assert_eq!(session.phase(), Phase::Closing(CloseCode::HeartbeatTimeout));
+    }
+
+    #[test]
+    fn over_the_rate_limit_gets_429_with_retry_after_then_abuse_closes() {
+        let base = Instant::now();
+        let mut config = open_config();
+        config.rate_limits.connection_commands = crate::config::Bucket::new(60, 60, 2);
+        config.rate_limits.max_refusals = 3;
+        let mut session = Session::new(Arc::from("r"), limits(&config), base);
+        let mut peer = Peer::new();
+        send(&mut peer, &mut session, at(base, 0), 1, Command::Connect(pb::Connect::default()));
+        peer.receive(&mut session);
+        for id in 2..=4 {
+            send(&mut peer, &mut session, at(base, 0), id, Command::Ping(pb::Ping::default()));
+        }
+        let (frames, _) = peer.receive(&mut session);
+        let errors: Vec<&pb::Error> = frames
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Some(Kind::Reply(pb::Reply { result: Some(reply::Result::Error(e)), .. })) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(errors.len(), 1, "{frames:?}");
+        assert_eq!((errors[0].code, errors[0].retry_after_ms), (429, 1000));
+        // A second later a token is back.
+        send(&mut peer, &mut session, at(base, 1), 5, Command::Ping(pb::Ping::default()));
+        assert!(peer.receive(&mut session).0.iter().all(|f| error_code(f).is_none()));
+        for id in 6..=10 {
+            send(&mut peer, &mut session, at(base, 1), id, Command::Ping(pb::Ping::default()));
+        }
+        assert_eq!(session.phase(), Phase::Closing(CloseCode::RateLimitAbuse));
+    }
 }

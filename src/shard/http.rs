@@ -33,6 +33,24 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         "channels": total(|s| &s.channels),
         "history_size": total(|s| &s.history_size),
     });
+    let by_reason = |counters: fn(&super::ShardStats) -> &[std::sync::atomic::AtomicU64], labels: &[&str]| {
+        let mut map = serde_json::Map::new();
+        for (index, label) in labels.iter().enumerate() {
+            let count: u64 = cluster.stats.iter().map(|s| counters(s)[index].load(Ordering::Relaxed)).sum();
+            map.insert((*label).to_owned(), count.into());
+        }
+        serde_json::Value::Object(map)
+    };
+    let auth_labels: Vec<&str> = crate::auth::AuthFailure::ALL.iter().map(|f| f.label()).collect();
+    let close_labels: Vec<&str> = crate::protocol::CloseCode::ALL.iter().map(|c| c.label()).collect();
+    let protection = serde_json::json!({
+        "auth": if cluster.verifier.is_some() { "jwt" } else { "disabled" },
+        "auth_failures": by_reason(|s| &s.auth_failures, &auth_labels),
+        "rate_limited": total(|s| &s.rate_limited),
+        "closed": by_reason(|s| &s.closed, &close_labels),
+        "conflated": total(|s| &s.conflated),
+        "dropped": total(|s| &s.dropped),
+    });
     let mut drivers: Vec<&str> = cluster.stats.iter().map(|s| s.driver_name()).collect();
     drivers.dedup();
     let driver = if drivers.len() == 1 { drivers[0] } else { "mixed" };
@@ -58,6 +76,7 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         "per_shard": shards,
         "broker": broker,
         "delivery": delivery,
+        "protection": protection,
     })
     .to_string()
 }

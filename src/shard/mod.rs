@@ -24,12 +24,14 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 pub use inbox::Inbox;
 
+use crate::auth::Verifier;
 use crate::broker::memory::{HistoryPage, Position, Recovery};
 use crate::broker::redis::BridgeHandle;
 use crate::broker::{Joining, Publication};
 use crate::config::{Config, Driver};
 use crate::protocol::pb;
 use crate::protocol::{CloseCode, ErrorCode};
+use crate::ratelimit::KeyedBuckets;
 use crate::router::ConnId;
 use state::ShardState;
 
@@ -99,6 +101,15 @@ pub struct ShardStats {
     pub history_size: AtomicU64,
     pub ack_failures: AtomicU64,
     pub bad_requests: AtomicU64,
+    /// Refused tokens, by `AuthFailure::index`.
+    pub auth_failures: [AtomicU64; crate::auth::AuthFailure::ALL.len()],
+    /// Requests refused by a rate limit.
+    pub rate_limited: AtomicU64,
+    /// Connections closed, by close code (`CloseCode::ALL` order).
+    pub closed: [AtomicU64; CloseCode::ALL.len()],
+    /// Lower-priority updates replaced by newer ones with the same key, and dropped to make room.
+    pub conflated: AtomicU64,
+    pub dropped: AtomicU64,
     /// 0 = not started, 1 = io_uring, 2 = epoll.
     pub driver: AtomicU8,
 }
@@ -123,6 +134,10 @@ pub struct Cluster {
     pub local_addr: SocketAddr,
     /// The Redis bridge, when Redis is the broker.
     pub redis: Option<BridgeHandle>,
+    /// Verifies tokens; `None` when auth is disabled.
+    pub verifier: Option<Arc<Verifier>>,
+    /// Rate-limit buckets per user (`[commands, publishes]`), across every shard.
+    pub users: Arc<KeyedBuckets<Arc<str>, 2>>,
 }
 
 /// A running server: its shards and the address they listen on.
@@ -145,7 +160,26 @@ impl Server {
             }
             None => (None, None),
         };
+        let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let auth =
+            Verifier::setup(&config.auth, now_unix).map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+        if auth.verifier.is_none() {
+            tracing::warn!(
+                "auth.mode = \"disabled\": every client may subscribe and publish anywhere; local development only"
+            );
+        }
+        if let Some(token) = &auth.development_token {
+            tracing::warn!(
+                token = %token,
+                "no auth key configured: tokens are signed with a random secret that lasts until this process stops; \
+                 this development token (subject `developer`, every channel) is valid for 24h"
+            );
+        }
+        let r = &config.rate_limits;
+        let users = Arc::new(KeyedBuckets::new([r.user_commands, r.user_publishes]));
         let cluster = Arc::new(Cluster {
+            verifier: auth.verifier,
+            users,
             inboxes: (0..shards).map(|_| Inbox::new(config.delivery.inbox_capacity)).collect(),
             stats: (0..shards).map(|_| ShardStats::default()).collect(),
             config: Arc::new(config),
@@ -397,9 +431,11 @@ async fn backlog_flusher(state: Rc<RefCell<ShardState>>) {
 
 /// Lets every session act on the passing of time (overdue acknowledgements).
 async fn timeout_loop(state: Rc<RefCell<ShardState>>) {
-    let ack_timeout = state.borrow().cluster.config.acks.timeout;
-    // A quarter of the timeout keeps resends within 25 % of their deadline.
-    let period = (ack_timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+    let config = state.borrow().cluster.config.clone();
+    // A quarter of the shortest timeout keeps resends and pings within 25 % of their deadline.
+    let shortest =
+        config.acks.timeout.min(config.heartbeat.interval).min(config.auth.expiry_grace.max(Duration::from_millis(20)));
+    let period = (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
     let mut interval = compio::time::interval(period);
     loop {
         interval.tick().await;

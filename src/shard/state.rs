@@ -53,7 +53,11 @@ impl ShardState {
         let channels = ChannelTable::new(shards, max_channels, cluster.config.history_policy());
         Self {
             id,
-            limits: Rc::new(SessionLimits::from_config(&cluster.config)),
+            limits: Rc::new(SessionLimits::from_config(
+                &cluster.config,
+                cluster.verifier.clone(),
+                cluster.users.clone(),
+            )),
             cluster,
             conns: Slab::new(),
             next_generation: 0,
@@ -119,6 +123,12 @@ impl ShardState {
     fn handle_event(&mut self, id: ConnId, event: SessionEvent) {
         let shards = self.backlog.len();
         match event {
+            SessionEvent::AuthFailed(failure) => {
+                self.stats().auth_failures[failure.index()].fetch_add(1, Ordering::Relaxed);
+            }
+            SessionEvent::RateLimited => {
+                self.stats().rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
             SessionEvent::Subscribe { channel, sub_id, req_id, since, resume } => {
                 let owner = owner_shard(&channel, shards);
                 let msg =
@@ -361,6 +371,11 @@ impl ShardState {
             return;
         }
         let conn = self.conns.remove(id.index as usize);
+        if let Some((code, _)) = conn.session.close_reason() {
+            if let Some(index) = CloseCode::ALL.iter().position(|&c| c == code) {
+                self.stats().closed[index].fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let shards = self.backlog.len();
         for (channel, sub_id, active) in conn.session.subscriptions() {
             if active {
@@ -379,6 +394,10 @@ impl ShardState {
 
     /// Expires history and forgets idle owned channels.
     pub fn sweep(&mut self) {
+        if self.id == 0 {
+            // The per-user buckets are shared; one shard sweeps them.
+            self.cluster.users.sweep(Instant::now());
+        }
         self.channels.sweep(Instant::now());
         self.stats().channels.store(self.channels.len() as u64, Ordering::Relaxed);
         self.stats().history_size.store(self.channels.history_len() as u64, Ordering::Relaxed);

@@ -23,11 +23,15 @@ impl TestServer {
     }
 
     /// Starts the binary listening on `listen` (e.g. the address of a server that stopped).
+    /// Tokens signed with [`SECRET`] are accepted; rate limits are off unless `env` turns them
+    /// on (tests that are not about them publish far faster than a phone would).
     pub fn start_at(listen: &str, shards: usize, env: &[(&str, &str)]) -> TestServer {
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--listen", listen, "--shards", &shards.to_string()])
             .env("RUST_LOG", "warn")
+            .env("ROUTOPIA_AUTH__HMAC_SECRET", SECRET)
+            .env("ROUTOPIA_RATE_LIMITS__ENABLED", "false")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -55,9 +59,9 @@ impl TestServer {
         self.child.wait().expect("wait for the server")
     }
 
-    /// A connected protocol client.
+    /// A connected protocol client, as user `tester`, allowed every channel.
     pub async fn client(&self) -> Client {
-        let (client, _) = Client::connect(self.addr, ConnectOptions::default()).await.expect("connect");
+        let (client, _) = Client::connect(self.addr, options("tester")).await.expect("connect");
         client
     }
 
@@ -79,6 +83,30 @@ impl Drop for TestServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The HS256 secret every test server accepts.
+pub const SECRET: &str = "routopia-test-secret-0123456789abcdef";
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Signs `claims` with [`SECRET`] (HS256).
+pub fn sign(claims: serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("sign a token")
+}
+
+/// A token for `user`, valid for an hour, allowed every channel.
+pub fn token(user: &str) -> String {
+    sign(serde_json::json!({"sub": user, "exp": unix_now() + 3600, "subscribe": ["*"], "publish": ["*"]}))
+}
+
+/// Connect options carrying a token for `user` (also the client's name).
+pub fn options(user: &str) -> ConnectOptions {
+    ConnectOptions { token: token(user), name: user.into(), ..ConnectOptions::default() }
 }
 
 /// Sends `request` as written and reads the response until the server closes.
