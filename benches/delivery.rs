@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use prost::Message;
 use routopia_realtime::broker::Publication;
 use routopia_realtime::config::Config;
-use routopia_realtime::outbox::{OutItem, Outbox};
+use routopia_realtime::outbox::{OutItem, Outbox, Pressure};
 use routopia_realtime::protocol::envelope;
 use routopia_realtime::protocol::pb::{self, client_frame::Command};
 use routopia_realtime::protocol::push::encode_update_body;
@@ -92,7 +92,8 @@ fn batching(c: &mut Criterion) {
         group.bench_function(format!("drain_100_updates_batch_{batch_size}"), |b| {
             b.iter_batched_ref(
                 || {
-                    let mut outbox = Outbox::new(1 << 20);
+                    let mut outbox =
+                        Outbox::new(1 << 20, Pressure { priority_types: 1 << 1 | 1 << 2, conflate_above: 1 << 18 });
                     for _ in 0..100 {
                         let _ = outbox.push(OutItem::Push { sub_id: 3, publication: publication.clone() });
                     }

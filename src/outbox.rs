@@ -1,12 +1,19 @@
 //! A connection's bounded outbound queue. Items wait here while a write is in flight and
 //! leave together: runs of frames are packed into one WebSocket message (up to `batch_size`
 //! frames each), so a busy connection pays one syscall and one WebSocket header per batch.
+//!
+//! Two lanes: replies, control frames and high-priority updates (ROUTE, WEATHER by default)
+//! leave first; lower-priority updates follow. A high-priority update queues behind lower ones
+//! of its own subscription, so each subscription's updates keep their order. Under pressure
+//! the low lane gives way: past `conflate_above` bytes an update replaces a queued one with
+//! the same subscription and key; when full, lower-priority updates are dropped, oldest first.
+//! The next update sent on such a subscription says how many before it were skipped.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use crate::broker::Publication;
-use crate::protocol::push::{push_len, write_push};
+use crate::protocol::push::{push_len, push_len_skipped, write_push_skipped};
 use crate::protocol::ws::write_binary_header;
 
 /// One thing to send.
@@ -30,85 +37,304 @@ impl OutItem {
     }
 }
 
-/// The queue would exceed its byte limit: the connection is a slow consumer.
+/// What a slot of the low lane the queue keeps accounts for, besides its item: a conflated
+/// or dropped slot stays as a tombstone until drained, and each skipped offset is remembered
+/// until reported. Both count against the byte limit, so memory stays bounded.
+const TOMBSTONE_BYTES: usize = 8;
+const SKIPPED_BYTES: usize = 16;
+
+/// The queue would exceed its byte limit even after giving way: the connection is a slow
+/// consumer.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Overflow;
 
+/// How the queue gives way under pressure.
+#[derive(Debug, Clone, Copy)]
+pub struct Pressure {
+    /// Bit `t` set: update type `t` is high priority.
+    pub priority_types: u32,
+    pub conflate_above: usize,
+}
+
+/// Updates that did not go out as themselves, for the shard's counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GaveWay {
+    pub conflated: u64,
+    pub dropped: u64,
+}
+
 #[derive(Debug)]
 pub struct Outbox {
-    items: VecDeque<OutItem>,
+    high: VecDeque<OutItem>,
+    /// `None`: a tombstone of a conflated or dropped update.
+    low: VecDeque<Option<OutItem>>,
+    /// Sequence number of `low.front()`, so positions survive pops.
+    low_head: u64,
+    /// Live low-lane items per subscription (a high-priority update behind them queues there).
+    low_per_sub: HashMap<u32, u32>,
+    /// Low-lane position of the queued update per (subscription, key hash).
+    by_key: HashMap<(u32, u64), u64>,
+    /// Offsets not sent, as inclusive ranges per subscription, until the next update sent on
+    /// it reports them. (No queued offset ever lies inside a range: every offset in it was
+    /// skipped.)
+    skipped: HashMap<u32, Vec<(u64, u64)>>,
     bytes: usize,
     max_bytes: usize,
+    pressure: Pressure,
+    gave_way: GaveWay,
+    scratch: Vec<OutItem>,
 }
 
 impl Outbox {
-    pub fn new(max_bytes: usize) -> Self {
-        Self { items: VecDeque::new(), bytes: 0, max_bytes }
+    pub fn new(max_bytes: usize, pressure: Pressure) -> Self {
+        Self {
+            high: VecDeque::new(),
+            low: VecDeque::new(),
+            low_head: 0,
+            low_per_sub: HashMap::new(),
+            by_key: HashMap::new(),
+            skipped: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+            pressure,
+            gave_way: GaveWay::default(),
+            scratch: Vec::new(),
+        }
     }
 
-    /// Queues `item` unless that would take the queue over its byte limit.
+    /// Queues `item`, giving way as described above; `Overflow` when even that is not enough.
     pub fn push(&mut self, item: OutItem) -> Result<(), Overflow> {
         let len = item.len();
-        if self.bytes + len > self.max_bytes {
-            return Err(Overflow);
+        let (sub_id, publication) = match &item {
+            OutItem::Push { sub_id, publication } => (*sub_id, publication),
+            _ => {
+                self.make_room(len)?;
+                self.bytes += len;
+                self.high.push_back(item);
+                return Ok(());
+            }
+        };
+        let high_priority = self.pressure.priority_types & (1 << (publication.update_type as u32 & 31)) != 0;
+        if high_priority {
+            self.make_room(len)?;
+            self.bytes += len;
+            if !self.low.is_empty() && self.low_per_sub.contains_key(&sub_id) {
+                self.push_low(sub_id, 0, item);
+            } else {
+                self.high.push_back(item);
+            }
+            return Ok(());
+        }
+        let (offset, key_hash) = (publication.offset, publication.key_hash);
+        if key_hash != 0 && self.bytes + len > self.pressure.conflate_above {
+            if let Some(&position) = self.by_key.get(&(sub_id, key_hash)) {
+                self.bury(position)?;
+                self.gave_way.conflated += 1;
+            }
+        }
+        // The newest information matters most: older lower-priority updates give way first;
+        // only when none is left does this one.
+        if self.make_room(len).is_err() {
+            self.gave_way.dropped += 1;
+            return self.skip(sub_id, offset);
         }
         self.bytes += len;
-        self.items.push_back(item);
+        self.push_low(sub_id, key_hash, item);
         Ok(())
     }
 
-    /// Queues `item` whatever the limit (the last words of a closing connection).
+    /// Queues `item` whatever the limit (the last words of a closing connection), after
+    /// everything queued, in both lanes.
     pub fn push_unbounded(&mut self, item: OutItem) {
         self.bytes += item.len();
-        self.items.push_back(item);
+        let low = std::mem::take(&mut self.low);
+        self.high.extend(low.into_iter().flatten());
+        self.low_head = 0;
+        self.low_per_sub.clear();
+        self.by_key.clear();
+        self.high.push_back(item);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.high.is_empty() && self.low.is_empty()
     }
 
-    /// Bytes queued.
+    /// Bytes queued (and accounted for tombstones and skipped offsets).
     pub fn queued_bytes(&self) -> usize {
         self.bytes
     }
 
+    /// Updates conflated and dropped since the last call.
+    pub fn take_gave_way(&mut self) -> GaveWay {
+        std::mem::take(&mut self.gave_way)
+    }
+
     /// Drops everything queued.
     pub fn clear(&mut self) {
-        self.items.clear();
+        self.high.clear();
+        self.low.clear();
+        self.low_head = 0;
+        self.low_per_sub.clear();
+        self.by_key.clear();
+        self.skipped.clear();
         self.bytes = 0;
+    }
+
+    /// Forgets what was skipped on a subscription that ended.
+    pub fn forget_subscription(&mut self, sub_id: u32) {
+        if let Some(ranges) = self.skipped.remove(&sub_id) {
+            self.bytes -= ranges.len() * SKIPPED_BYTES;
+        }
     }
 
     /// Moves everything queued into `out` as wire bytes, packing up to `batch_size` frames per
     /// WebSocket message. Returns the number of frames written.
     pub fn drain_into(&mut self, out: &mut Vec<u8>, batch_size: usize) -> usize {
+        let mut items = std::mem::take(&mut self.scratch);
+        items.extend(self.high.drain(..));
+        items.extend(self.low.drain(..).flatten());
+        self.low_head = 0;
+        self.low_per_sub.clear();
+        self.by_key.clear();
         let mut frames = 0;
-        while let Some(front) = self.items.front() {
-            if let OutItem::Raw(_) = front {
-                if let Some(OutItem::Raw(bytes)) = self.items.pop_front() {
-                    self.bytes -= bytes.len();
-                    out.extend_from_slice(&bytes);
-                }
+        let mut rest = &mut items[..];
+        while let Some(front) = rest.first() {
+            if let OutItem::Raw(bytes) = front {
+                out.extend_from_slice(bytes);
+                rest = &mut rest[1..];
                 continue;
             }
-            let (count, len) = self
-                .items
+            let run = rest.iter().take_while(|item| !matches!(item, OutItem::Raw(_))).take(batch_size).count();
+            let (batch, after) = rest.split_at_mut(run);
+            // Only a connection that fell behind has skips to report.
+            let skips: Option<Vec<u32>> =
+                (!self.skipped.is_empty()).then(|| batch.iter().map(|item| self.take_skipped(item)).collect());
+            let skipped_at = |i: usize| skips.as_ref().map_or(0, |s| s[i]);
+            let len: usize = batch
                 .iter()
-                .take_while(|item| !matches!(item, OutItem::Raw(_)))
-                .take(batch_size)
-                .fold((0, 0), |(count, len), item| (count + 1, len + item.len()));
+                .enumerate()
+                .map(|(i, item)| match item {
+                    OutItem::Push { sub_id, publication } => {
+                        push_len_skipped(*sub_id, skipped_at(i), publication.body.len())
+                    }
+                    other => other.len(),
+                })
+                .sum();
             out.reserve(len + 10);
             write_binary_header(out, len);
-            for item in self.items.drain(..count) {
+            for (i, item) in batch.iter().enumerate() {
+                let skipped = skipped_at(i);
                 match item {
-                    OutItem::Push { sub_id, publication } => write_push(out, sub_id, &publication.body),
-                    OutItem::Frame(bytes) => out.extend_from_slice(&bytes),
+                    OutItem::Push { sub_id, publication } => {
+                        write_push_skipped(out, *sub_id, skipped, &publication.body)
+                    }
+                    OutItem::Frame(bytes) => out.extend_from_slice(bytes),
                     OutItem::Raw(_) => unreachable!("runs stop before raw items"),
                 }
             }
-            self.bytes -= len;
-            frames += count;
+            frames += run;
+            rest = after;
         }
+        items.clear();
+        self.scratch = items;
+        self.bytes = self.skipped.values().map(|ranges| ranges.len() * SKIPPED_BYTES).sum();
         frames
+    }
+
+    /// How many skipped offsets `item` reports (those below its own, on its subscription).
+    fn take_skipped(&mut self, item: &OutItem) -> u32 {
+        if self.skipped.is_empty() {
+            return 0;
+        }
+        let OutItem::Push { sub_id, publication } = item else { return 0 };
+        let Some(ranges) = self.skipped.get_mut(sub_id) else { return 0 };
+        let mut reported = 0;
+        ranges.retain(|&(first, last)| {
+            let below = last < publication.offset;
+            if below {
+                reported += last - first + 1;
+            }
+            !below
+        });
+        if ranges.is_empty() {
+            self.skipped.remove(sub_id);
+        }
+        reported.min(u64::from(u32::MAX)) as u32
+    }
+
+    fn push_low(&mut self, sub_id: u32, key_hash: u64, item: OutItem) {
+        let position = self.low_head + self.low.len() as u64;
+        *self.low_per_sub.entry(sub_id).or_insert(0) += 1;
+        if key_hash != 0 {
+            self.by_key.insert((sub_id, key_hash), position);
+        }
+        self.low.push_back(Some(item));
+    }
+
+    /// Turns the low-lane update at `position` into a tombstone and remembers its offset.
+    fn bury(&mut self, position: u64) -> Result<(), Overflow> {
+        let index = (position - self.low_head) as usize;
+        let Some(OutItem::Push { sub_id, publication }) = self.low.get_mut(index).and_then(Option::take) else {
+            return Ok(());
+        };
+        self.bytes -= push_len(sub_id, publication.body.len());
+        self.bytes += TOMBSTONE_BYTES;
+        if publication.key_hash != 0 {
+            self.by_key.remove(&(sub_id, publication.key_hash));
+        }
+        if let Some(count) = self.low_per_sub.get_mut(&sub_id) {
+            *count -= 1;
+            if *count == 0 {
+                self.low_per_sub.remove(&sub_id);
+            }
+        }
+        self.skip(sub_id, publication.offset)
+    }
+
+    fn skip(&mut self, sub_id: u32, offset: u64) -> Result<(), Overflow> {
+        let ranges = self.skipped.entry(sub_id).or_default();
+        if let Some(last) = ranges.last_mut() {
+            if offset == last.1 + 1 {
+                last.1 = offset;
+                return Ok(());
+            }
+            if offset + 1 == last.0 {
+                last.0 = offset;
+                return Ok(());
+            }
+        }
+        if self.bytes + SKIPPED_BYTES > self.max_bytes {
+            return Err(Overflow);
+        }
+        self.bytes += SKIPPED_BYTES;
+        ranges.push((offset, offset));
+        Ok(())
+    }
+
+    /// Drops lower-priority updates, oldest first, until `len` more bytes fit.
+    fn make_room(&mut self, len: usize) -> Result<(), Overflow> {
+        let mut index: usize = 0;
+        while self.bytes + len > self.max_bytes {
+            while self.low.front().is_some_and(Option::is_none) {
+                self.low.pop_front();
+                self.low_head += 1;
+                self.bytes -= TOMBSTONE_BYTES;
+                index = index.saturating_sub(1);
+            }
+            let Some(slot) = self.low.get(index) else { return Err(Overflow) };
+            let droppable = match slot {
+                Some(OutItem::Push { publication, .. }) => {
+                    self.pressure.priority_types & (1 << (publication.update_type as u32 & 31)) == 0
+                }
+                _ => false,
+            };
+            if droppable {
+                self.bury(self.low_head + index as u64)?;
+                self.gave_way.dropped += 1;
+            }
+            index += 1;
+        }
+        Ok(())
     }
 }
 
@@ -122,9 +348,120 @@ mod tests {
     use std::sync::Arc;
     use std::time::Instant;
 
+    /// ROUTE and WEATHER first; conflate past `conflate_above`.
+    fn pressure(conflate_above: usize) -> Pressure {
+        Pressure { priority_types: 1 << 1 | 1 << 2, conflate_above }
+    }
+
     fn publication(offset: u64) -> Rc<Publication> {
-        let body = encode_update_body(&Update { offset, r#type: 1, ..Default::default() });
-        Rc::new(Publication::new(Arc::from("route:1"), offset, 1, body, Instant::now()))
+        typed(offset, 1, "")
+    }
+
+    fn typed(offset: u64, update_type: i32, key: &str) -> Rc<Publication> {
+        let update =
+            Update { offset, r#type: update_type, key: key.into(), payload: vec![7; 40].into(), ..Default::default() };
+        Rc::new(Publication::new(Arc::from("c"), offset, update_type, encode_update_body(&update), Instant::now()))
+    }
+
+    fn updates(wire: &[u8]) -> Vec<Update> {
+        messages(wire)
+            .into_iter()
+            .flat_map(|m| m.frames)
+            .filter_map(|f| match f.kind {
+                Some(Kind::Update(u)) => Some(u),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const TRAFFIC: i32 = 3;
+    const ROUTE: i32 = 1;
+
+    #[test]
+    fn high_priority_leaves_first_but_never_ahead_of_its_own_subscription() {
+        let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(1, TRAFFIC, "") }).unwrap();
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(2, TRAFFIC, "") }).unwrap();
+        outbox.push(OutItem::Push { sub_id: 2, publication: typed(1, ROUTE, "") }).unwrap();
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(3, ROUTE, "") }).unwrap();
+        let mut wire = Vec::new();
+        outbox.drain_into(&mut wire, 100);
+        let order: Vec<(u32, u64)> = updates(&wire).iter().map(|u| (u.sub_id, u.offset)).collect();
+        assert_eq!(order, vec![(2, 1), (1, 1), (1, 2), (1, 3)]);
+    }
+
+    #[test]
+    fn under_pressure_a_newer_update_with_the_same_key_replaces_the_queued_one() {
+        let mut outbox = Outbox::new(1 << 20, pressure(0));
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(1, TRAFFIC, "a1") }).unwrap();
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(2, TRAFFIC, "b2") }).unwrap();
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(3, TRAFFIC, "a1") }).unwrap();
+        assert_eq!(outbox.take_gave_way(), GaveWay { conflated: 1, dropped: 0 });
+        let mut wire = Vec::new();
+        outbox.drain_into(&mut wire, 100);
+        let got: Vec<(u64, u32, String)> = updates(&wire).into_iter().map(|u| (u.offset, u.skipped, u.key)).collect();
+        assert_eq!(got, vec![(2, 1, "b2".into()), (3, 0, "a1".into())]);
+        assert_eq!(outbox.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn a_full_queue_drops_lower_priority_updates_and_stays_bounded() {
+        let one = push_len(1, typed(1, TRAFFIC, "").body.len());
+        let max = one * 10;
+        let mut outbox = Outbox::new(max, pressure(max));
+        // A flood of keyless TRAFFIC on two subscriptions, with ROUTE updates among them.
+        // The reader takes what is queued only every 25 updates.
+        let mut offsets = [0u64; 3];
+        let mut wire = Vec::new();
+        for round in 0..200 {
+            let sub_id = 1 + (round % 2) as u32;
+            offsets[sub_id as usize] += 1;
+            let kind = if round % 10 == 0 { ROUTE } else { TRAFFIC };
+            outbox
+                .push(OutItem::Push { sub_id, publication: typed(offsets[sub_id as usize], kind, "") })
+                .unwrap_or_else(|_| panic!("round {round}: {outbox:?}"));
+            assert!(outbox.queued_bytes() <= max, "round {round}: {} bytes", outbox.queued_bytes());
+            if round % 25 == 24 {
+                outbox.drain_into(&mut wire, 100);
+            }
+        }
+        outbox.drain_into(&mut wire, 100);
+        assert!(outbox.take_gave_way().dropped > 80);
+        let received = updates(&wire);
+        // Every ROUTE update made it, and per subscription the offsets add up exactly.
+        assert_eq!(received.iter().filter(|u| u.r#type == ROUTE).count(), 20);
+        let mut last = [0u64; 3];
+        for u in &received {
+            let sub = u.sub_id as usize;
+            assert_eq!(u.offset, last[sub] + 1 + u64::from(u.skipped), "{u:?}");
+            last[sub] = u.offset;
+        }
+    }
+
+    #[test]
+    fn when_high_priority_updates_alone_do_not_fit_it_overflows() {
+        let one = push_len(1, typed(1, ROUTE, "").body.len());
+        let mut outbox = Outbox::new(one * 3 + TOMBSTONE_BYTES + SKIPPED_BYTES, pressure(0));
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(1, TRAFFIC, "k") }).unwrap();
+        for offset in 2..=4 {
+            outbox.push(OutItem::Push { sub_id: 1, publication: typed(offset, ROUTE, "") }).unwrap();
+        }
+        assert_eq!(outbox.push(OutItem::Push { sub_id: 1, publication: typed(5, ROUTE, "") }), Err(Overflow));
+    }
+
+    #[test]
+    fn a_reader_that_never_reads_overflows_even_on_lower_priority_updates() {
+        let mut outbox = Outbox::new(4096, pressure(0));
+        let mut overflowed = false;
+        // Offsets every other one, so the skipped offsets never merge into ranges.
+        for offset in (1..100_000).step_by(2) {
+            if outbox.push(OutItem::Push { sub_id: 1, publication: typed(offset, TRAFFIC, "") }).is_err() {
+                overflowed = true;
+                break;
+            }
+            assert!(outbox.queued_bytes() <= 4096);
+        }
+        assert!(overflowed);
     }
 
     fn messages(wire: &[u8]) -> Vec<ServerMessage> {
@@ -142,7 +479,7 @@ mod tests {
 
     #[test]
     fn frames_are_batched_up_to_batch_size() {
-        let mut outbox = Outbox::new(1 << 20);
+        let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
         for offset in 1..=250 {
             outbox.push(OutItem::Push { sub_id: 3, publication: publication(offset) }).unwrap();
         }
@@ -169,7 +506,7 @@ mod tests {
     #[test]
     fn byte_limit_refuses_and_keeps_what_was_queued() {
         let one = push_len(1, publication(1).body.len());
-        let mut outbox = Outbox::new(one * 2);
+        let mut outbox = Outbox::new(one * 2, pressure(0));
         outbox.push(OutItem::Push { sub_id: 1, publication: publication(1) }).unwrap();
         outbox.push(OutItem::Push { sub_id: 1, publication: publication(2) }).unwrap();
         assert_eq!(outbox.push(OutItem::Push { sub_id: 1, publication: publication(3) }), Err(Overflow));

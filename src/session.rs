@@ -20,7 +20,7 @@ use crate::auth::{AuthFailure, Grant, Verifier};
 use crate::broker::memory::{HistoryPage, Position, Recovery, RecoveryFailure};
 use crate::broker::{validate_channel, Publication};
 use crate::config::{Bucket, Config};
-use crate::outbox::{OutItem, Outbox};
+use crate::outbox::{GaveWay, OutItem, Outbox, Pressure};
 use crate::protocol::envelope::{self, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
 use crate::protocol::push::write_frame;
@@ -228,7 +228,10 @@ impl Session {
             opened_at,
             client_id,
             ws: WsEndpoint::server(limits.max_message_size),
-            outbox: Outbox::new(limits.max_outbox_bytes),
+            outbox: Outbox::new(
+                limits.max_outbox_bytes,
+                Pressure { priority_types: limits.priority_types, conflate_above: limits.conflate_above_bytes },
+            ),
             limits,
             phase: Phase::AwaitingConnect,
             subs: HashMap::new(),
@@ -314,6 +317,11 @@ impl Session {
     /// Appends everything queued to `out` as wire bytes; returns the number of frames.
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> usize {
         self.outbox.drain_into(out, self.limits.batch_size)
+    }
+
+    /// Updates conflated or dropped for this slow connection since the last call.
+    pub fn take_gave_way(&mut self) -> GaveWay {
+        self.outbox.take_gave_way()
     }
 
     /// Bytes waiting to be sent.
@@ -589,8 +597,8 @@ impl Session {
         self.enqueue(OutItem::Frame(bytes));
     }
 
-    /// Queues `item`; a connection whose outbox is full is closed as a slow consumer (what it
-    /// had queued is dropped: it could not take it anyway).
+    /// Queues `item`; a connection whose outbox is full even after lower-priority updates gave
+    /// way is closed as a slow consumer (what it had queued is dropped: it could not take it).
     fn enqueue(&mut self, item: OutItem) {
         if self.outbox.push(item).is_err() {
             self.outbox.clear();

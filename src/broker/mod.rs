@@ -24,11 +24,14 @@ pub struct Publication {
     pub body: Bytes,
     /// When the server accepted the publication, for publish→write latency.
     pub accepted_at: Instant,
+    /// A hash of the update's `key` (0: none), for conflating a slow connection's queue.
+    pub key_hash: u64,
 }
 
 impl Publication {
     pub fn new(channel: Arc<str>, offset: u64, update_type: i32, body: Bytes, accepted_at: Instant) -> Self {
-        Self { channel, offset, update_type, body, accepted_at }
+        let key_hash = crate::protocol::push::key_hash(&body);
+        Self { channel, offset, update_type, body, accepted_at, key_hash }
     }
 }
 

@@ -38,16 +38,31 @@ pub fn body_with_offset(offset: u64, rest: &[u8]) -> Bytes {
     body.into()
 }
 
+/// Key of `Update.skipped` (field 8, varint).
+const UPDATE_SKIPPED_KEY: u8 = 0x40;
+/// Key of `Update.key` (field 4, length-delimited).
+const UPDATE_KEY_TAG: u32 = 4;
+
 /// Bytes a push of `body_len` body bytes to `sub_id` takes inside a `ServerMessage`.
 pub fn push_len(sub_id: u32, body_len: usize) -> usize {
-    let update_len = sub_id_field_len(sub_id) + body_len;
+    push_len_skipped(sub_id, 0, body_len)
+}
+
+/// `push_len` of a push that also says how many updates before it were `skipped`.
+pub fn push_len_skipped(sub_id: u32, skipped: u32, body_len: usize) -> usize {
+    let update_len = sub_id_field_len(sub_id) + body_len + skipped_field_len(skipped);
     let frame_len = 1 + encoded_len_varint(update_len as u64) + update_len;
     1 + encoded_len_varint(frame_len as u64) + frame_len
 }
 
 /// Appends one push (prefix and shared body) as an element of `ServerMessage.frames`.
 pub fn write_push(out: &mut Vec<u8>, sub_id: u32, body: &[u8]) {
-    let update_len = sub_id_field_len(sub_id) + body.len();
+    write_push_skipped(out, sub_id, 0, body)
+}
+
+/// `write_push`, with `Update.skipped` written after the body when nonzero.
+pub fn write_push_skipped(out: &mut Vec<u8>, sub_id: u32, skipped: u32, body: &[u8]) {
+    let update_len = sub_id_field_len(sub_id) + body.len() + skipped_field_len(skipped);
     let frame_len = 1 + encoded_len_varint(update_len as u64) + update_len;
     out.push(SERVER_MESSAGE_FRAMES_KEY);
     encode_varint(frame_len as u64, out);
@@ -58,6 +73,42 @@ pub fn write_push(out: &mut Vec<u8>, sub_id: u32, body: &[u8]) {
         encode_varint(sub_id as u64, out);
     }
     out.extend_from_slice(body);
+    if skipped != 0 {
+        out.push(UPDATE_SKIPPED_KEY);
+        encode_varint(u64::from(skipped), out);
+    }
+}
+
+fn skipped_field_len(skipped: u32) -> usize {
+    if skipped == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(u64::from(skipped))
+    }
+}
+
+/// A hash of the `key` field of an encoded update body (0 when it has none), found by
+/// walking the top-level fields without decoding the rest.
+pub fn key_hash(body: &[u8]) -> u64 {
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let mut buf = body;
+    while !buf.is_empty() {
+        let Ok((tag, wire_type)) = decode_key(&mut buf) else { return 0 };
+        if tag == UPDATE_KEY_TAG && wire_type == WireType::LengthDelimited {
+            let Ok(len) = decode_varint(&mut buf) else { return 0 };
+            let Some(key) = buf.get(..len as usize) else { return 0 };
+            if key.is_empty() {
+                return 0;
+            }
+            // Never 0, which means "no key".
+            return BuildHasherDefault::<DefaultHasher>::default().hash_one(key) | 1;
+        }
+        if skip_field(wire_type, tag, &mut buf, DecodeContext::default()).is_err() {
+            return 0;
+        }
+    }
+    0
 }
 
 /// Appends any frame as an element of `ServerMessage.frames`.
@@ -131,6 +182,30 @@ mod tests {
         let rest = encode_update_body(&Update { offset: 0, ..update(0) });
         let body = body_with_offset(7, &rest);
         assert_eq!(Update::decode(body).unwrap(), update(0));
+    }
+
+    #[test]
+    fn skipped_is_written_per_copy_and_decodes() {
+        let body = encode_update_body(&update(0));
+        let mut message = Vec::new();
+        write_push_skipped(&mut message, 9, 300, &body);
+        assert_eq!(message.len(), push_len_skipped(9, 300, body.len()));
+        let decoded = ServerMessage::decode(message.as_slice()).unwrap();
+        let Some(Kind::Update(got)) = &decoded.frames[0].kind else { panic!() };
+        assert_eq!(got, &Update { sub_id: 9, skipped: 300, ..update(0) });
+    }
+
+    #[test]
+    fn key_hash_finds_the_key_or_says_none() {
+        let with_key = encode_update_body(&update(0));
+        let same_key = encode_update_body(&Update { offset: 99, payload: Bytes::new(), ..update(0) });
+        let other = encode_update_body(&Update { key: "segment-13".into(), ..update(0) });
+        let none = encode_update_body(&Update { key: String::new(), ..update(0) });
+        assert_ne!(key_hash(&with_key), 0);
+        assert_eq!(key_hash(&with_key), key_hash(&same_key));
+        assert_ne!(key_hash(&with_key), key_hash(&other));
+        assert_eq!(key_hash(&none), 0);
+        assert_eq!(key_hash(&[0xff, 0xff]), 0, "garbage has no key");
     }
 
     #[test]

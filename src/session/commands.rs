@@ -181,6 +181,7 @@ impl Session {
         };
         self.acked_subs -= usize::from(sub.acks.is_some());
         self.by_channel.remove(&sub.channel);
+        self.outbox.forget_subscription(sub_id);
         self.events.push_back(SessionEvent::Unsubscribe { channel: sub.channel, sub_id, was_active: sub.active });
         if id != 0 {
             self.reply(id, reply::Result::Unsubscribe(pb::UnsubscribeResult { sub_id }));

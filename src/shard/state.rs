@@ -352,8 +352,12 @@ impl ShardState {
     /// Time passed: sessions resend overdue acknowledged updates.
     pub fn on_tick(&mut self, now: Instant) {
         let mut failures = 0u64;
+        let (mut conflated, mut dropped) = (0, 0);
         for (_, conn) in self.conns.iter_mut() {
             failures += u64::from(conn.session.handle_timeout(now));
+            let gave_way = conn.session.take_gave_way();
+            conflated += gave_way.conflated;
+            dropped += gave_way.dropped;
             if conn.session.wants_write() {
                 if let Some(waker) = conn.writer.take() {
                     waker.wake();
@@ -363,6 +367,8 @@ impl ShardState {
         if failures > 0 {
             self.stats().ack_failures.fetch_add(failures, Ordering::Relaxed);
         }
+        self.stats().conflated.fetch_add(conflated, Ordering::Relaxed);
+        self.stats().dropped.fetch_add(dropped, Ordering::Relaxed);
     }
 
     /// Forgets a finished connection and takes back its subscriptions.
