@@ -19,7 +19,11 @@
 pub mod resilient;
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use compio::buf::BufResult;
@@ -55,11 +59,54 @@ pub enum ClientError {
 }
 
 /// What `Connect` says about this client.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ConnectOptions {
     pub token: String,
     pub name: String,
     pub accept_zstd: bool,
+    /// Where fresh tokens come from. With it, [`resilient::ResilientClient`] asks for a new
+    /// token before every (re)connect and refreshes in-band `refresh_threshold` before expiry.
+    pub token_source: Option<TokenSource>,
+    /// How long before expiry to refresh. Default 5 minutes.
+    pub refresh_threshold: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            token: String::new(),
+            name: String::new(),
+            accept_zstd: false,
+            token_source: None,
+            refresh_threshold: Duration::from_secs(300),
+        }
+    }
+}
+
+type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>>>>;
+
+/// A callback that fetches a fresh token (from the app's auth backend).
+#[derive(Clone)]
+pub struct TokenSource(Rc<dyn Fn() -> TokenFuture>);
+
+impl TokenSource {
+    pub fn new<F, Fut>(fetch: F) -> Self
+    where
+        F: Fn() -> Fut + 'static,
+        Fut: Future<Output = Result<String, String>> + 'static,
+    {
+        Self(Rc::new(move || Box::pin(fetch())))
+    }
+
+    pub async fn fetch(&self) -> Result<String, String> {
+        (self.0)().await
+    }
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSource")
+    }
 }
 
 /// A connection to the server. Requests wait for their reply; frames that arrive meanwhile
@@ -69,19 +116,29 @@ pub struct Client {
     receiver: Receiver,
 }
 
-/// The sending half of a connection.
-pub struct Sender {
+/// The socket's write side, shared by the sender and the receiver (which answers pings).
+struct Writer {
     stream: TcpStream,
     ws: WsEndpoint,
+}
+
+type SharedWriter = Rc<futures_util::lock::Mutex<Writer>>;
+
+/// The sending half of a connection.
+pub struct Sender {
+    writer: SharedWriter,
     next_id: u32,
 }
 
-/// The receiving half of a connection.
+/// The receiving half of a connection. It answers the server's pings by itself, so a
+/// connection stays alive as long as someone reads it.
 pub struct Receiver {
     stream: TcpStream,
     reader: MessageReader,
     buffer: Vec<u8>,
     frames: VecDeque<ServerFrame>,
+    writer: SharedWriter,
+    pings: u64,
 }
 
 impl Client {
@@ -93,13 +150,19 @@ impl Client {
         let mut reader = MessageReader::new(MAX_INCOMING);
         reader.feed(&leftover);
         let (read_half, write_half) = stream.into_split();
+        let writer = Rc::new(futures_util::lock::Mutex::new(Writer {
+            stream: write_half,
+            ws: WsEndpoint::client(MAX_INCOMING),
+        }));
         Ok(Client {
-            sender: Sender { stream: write_half, ws: WsEndpoint::client(MAX_INCOMING), next_id: 1 },
+            sender: Sender { writer: writer.clone(), next_id: 1 },
             receiver: Receiver {
                 stream: read_half,
                 reader,
                 buffer: Vec::with_capacity(READ_BUFFER),
                 frames: VecDeque::new(),
+                writer,
+                pings: 0,
             },
         })
     }
@@ -168,6 +231,19 @@ impl Client {
     pub async fn ack(&mut self, sub_id: u32, offset: u64) -> Result<(), ClientError> {
         let frame = ClientFrame { id: 0, command: Some(Command::Ack(pb::Ack { sub_id, offset })) };
         self.send_frames(vec![frame]).await
+    }
+
+    /// Replaces the connection's token without reconnecting; returns the new expiry.
+    pub async fn refresh(&mut self, token: String) -> Result<pb::RefreshResult, ClientError> {
+        match self.request(Command::Refresh(pb::Refresh { token })).await? {
+            reply::Result::Refresh(result) => Ok(result),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Pings received from the server (and answered) so far.
+    pub fn pings(&self) -> u64 {
+        self.receiver.pings()
     }
 
     /// Up to `limit` publications of `channel` after offset `since`.
@@ -245,24 +321,41 @@ impl Sender {
     }
 
     pub async fn send_binary(&mut self, data: Bytes) -> Result<(), ClientError> {
-        self.ws.send_binary(data)?;
-        let wire = self.ws.take_output();
-        self.send_wire(wire).await
+        let mut writer = self.writer.lock().await;
+        writer.ws.send_binary(data)?;
+        let wire = writer.ws.take_output();
+        let BufResult(result, _) = writer.stream.write_all(wire).await;
+        Ok(result?)
     }
 
     pub async fn send_wire(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {
-        let BufResult(result, _) = self.stream.write_all(bytes).await;
+        let mut writer = self.writer.lock().await;
+        let BufResult(result, _) = writer.stream.write_all(bytes).await;
         Ok(result?)
     }
 }
 
 impl Receiver {
+    /// Pings received from the server (and answered) so far.
+    pub fn pings(&self) -> u64 {
+        self.pings
+    }
+
     /// The next binary message, undecoded.
     pub async fn next_message(&mut self) -> Result<Bytes, ClientError> {
         loop {
             match self.reader.next_event()? {
                 Some(ServerEvent::Binary(data)) => return Ok(data),
-                Some(ServerEvent::Text(_) | ServerEvent::Ping(_)) => continue,
+                Some(ServerEvent::Text(_)) => continue,
+                Some(ServerEvent::Ping(payload)) => {
+                    self.pings += 1;
+                    let mut writer = self.writer.lock().await;
+                    writer.ws.pong(payload);
+                    let wire = writer.ws.take_output();
+                    let BufResult(result, _) = writer.stream.write_all(wire).await;
+                    result?;
+                    continue;
+                }
                 Some(ServerEvent::Close(code)) => return Err(ClientError::Closed(code)),
                 None => {}
             }

@@ -58,6 +58,8 @@ pub enum Event {
     Reconnected { attempts: u32, channels: Vec<ChannelRecovery> },
     /// A gap in offsets was seen on a channel and recovery was attempted.
     GapRecovered(ChannelRecovery),
+    /// The token was replaced in-band; it now expires at this Unix time.
+    TokenRefreshed { expires_at_unix: u64 },
 }
 
 /// Counters for the application's own metrics.
@@ -67,6 +69,8 @@ pub struct ResilienceStats {
     pub gaps_detected: u64,
     pub recoveries_succeeded: u64,
     pub recoveries_failed: u64,
+    pub refreshes: u64,
+    pub refresh_failures: u64,
 }
 
 /// Where an arriving offset stands relative to the last one seen.
@@ -77,11 +81,12 @@ pub enum Sequence {
     Gap,
 }
 
-/// Classifies `offset` after `last` (offsets of a channel are consecutive within an epoch).
-pub fn sequence(last: u64, offset: u64) -> Sequence {
+/// Classifies `offset` after `last` (offsets of a channel are consecutive within an epoch),
+/// given that the server said it `skipped` that many lower-priority updates before this one.
+pub fn sequence(last: u64, offset: u64, skipped: u32) -> Sequence {
     if offset <= last {
         Sequence::Duplicate
-    } else if offset == last + 1 {
+    } else if offset == last + 1 + u64::from(skipped) {
         Sequence::Next
     } else {
         Sequence::Gap
@@ -107,6 +112,10 @@ pub struct ResilientClient {
     events: VecDeque<Event>,
     stats: ResilienceStats,
     ever_connected: bool,
+    /// When the current token expires (Unix seconds; 0 = never).
+    expires_at_unix: u64,
+    /// No refresh is tried before this Unix time (after a failed one).
+    refresh_not_before: u64,
 }
 
 impl ResilientClient {
@@ -136,6 +145,8 @@ impl ResilientClient {
             events: VecDeque::new(),
             stats: ResilienceStats::default(),
             ever_connected: false,
+            expires_at_unix: 0,
+            refresh_not_before: 0,
         };
         this.reconnect().await?;
         Ok(this)
@@ -197,6 +208,10 @@ impl ResilientClient {
                     continue;
                 }
             };
+            let reminded = matches!(frame.kind, Some(Kind::TokenExpiring(_)));
+            if let Some(event) = self.refresh_if_due(reminded).await {
+                self.events.push_back(event);
+            }
             match frame.kind {
                 Some(Kind::Update(update)) => {
                     if let Some(event) = self.on_update(update).await? {
@@ -216,10 +231,43 @@ impl ResilientClient {
         }
     }
 
+    /// Refreshes the token in-band when it is within the threshold of expiring (or the server
+    /// reminded), if the options give a token source.
+    async fn refresh_if_due(&mut self, reminded: bool) -> Option<Event> {
+        let source = self.options.token_source.clone()?;
+        if self.expires_at_unix == 0 {
+            return None;
+        }
+        let now = unix_now();
+        let due = now + self.options.refresh_threshold.as_secs() >= self.expires_at_unix;
+        if !(due || reminded) || now < self.refresh_not_before {
+            return None;
+        }
+        let refreshed = match source.fetch().await {
+            Ok(token) => match self.client.as_mut()?.refresh(token).await {
+                Ok(result) => Some(result.expires_at_unix),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        match refreshed {
+            Some(expires_at_unix) => {
+                self.stats.refreshes += 1;
+                self.expires_at_unix = expires_at_unix;
+                Some(Event::TokenRefreshed { expires_at_unix })
+            }
+            None => {
+                self.stats.refresh_failures += 1;
+                self.refresh_not_before = now + 5;
+                None
+            }
+        }
+    }
+
     async fn on_update(&mut self, update: pb::Update) -> Result<Option<Event>, ClientError> {
         let Some(channel) = self.by_sub.get(&update.sub_id).cloned() else { return Ok(None) };
         let Some(tracked) = self.channels.get_mut(&channel) else { return Ok(None) };
-        match sequence(tracked.offset, update.offset) {
+        match sequence(tracked.offset, update.offset, update.skipped) {
             Sequence::Next => {
                 tracked.offset = update.offset;
                 Ok(Some(Event::Update { channel, update }))
@@ -313,13 +361,18 @@ impl ResilientClient {
 
     async fn try_reconnect(&mut self) -> Result<Vec<ChannelRecovery>, ClientError> {
         let node = self.nodes[self.next_node % self.nodes.len()];
-        let (client, _) = match Client::connect(node, self.options.clone()).await {
+        if let Some(source) = &self.options.token_source {
+            self.options.token = source.fetch().await.map_err(ClientError::Handshake)?;
+        }
+        let (client, info) = match Client::connect(node, self.options.clone()).await {
             Ok(connected) => connected,
             Err(err) => {
                 self.next_node = self.next_node.wrapping_add(1);
                 return Err(err);
             }
         };
+        self.expires_at_unix = info.expires_at_unix;
+        self.refresh_not_before = 0;
         self.client = Some(client);
         self.by_sub.clear();
         let channels: Vec<Arc<str>> = self.channels.keys().cloned().collect();
@@ -329,6 +382,10 @@ impl ResilientClient {
         }
         Ok(outcomes)
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -347,10 +404,13 @@ mod tests {
 
     #[test]
     fn offsets_classify_as_next_duplicate_or_gap() {
-        assert_eq!(sequence(10, 11), Sequence::Next);
-        assert_eq!(sequence(10, 10), Sequence::Duplicate);
-        assert_eq!(sequence(10, 3), Sequence::Duplicate);
-        assert_eq!(sequence(10, 12), Sequence::Gap);
-        assert_eq!(sequence(0, 1), Sequence::Next);
+        assert_eq!(sequence(10, 11, 0), Sequence::Next);
+        assert_eq!(sequence(10, 10, 0), Sequence::Duplicate);
+        assert_eq!(sequence(10, 3, 0), Sequence::Duplicate);
+        assert_eq!(sequence(10, 12, 0), Sequence::Gap);
+        assert_eq!(sequence(0, 1, 0), Sequence::Next);
+        // Updates the server skipped for a slow connection are not a gap.
+        assert_eq!(sequence(10, 14, 3), Sequence::Next);
+        assert_eq!(sequence(10, 14, 2), Sequence::Gap);
     }
 }
