@@ -4,9 +4,9 @@
 mod common;
 
 use bytes::Bytes;
-use common::{payload, within, TestServer};
+use common::{expect_disconnect, payload, within, TestServer};
 use prost::Message;
-use routopia_realtime::client::{Client, ClientError};
+use routopia_realtime::client::Client;
 use routopia_realtime::protocol::pb::{self, client_frame::Command, server_frame::Kind, UpdateType};
 
 /// A subscriber and a publisher on an unrelated channel, checked after every bad input.
@@ -32,23 +32,6 @@ impl Bystander {
 }
 
 /// Expects a `Disconnect` with `code`, then a WebSocket close with the same code.
-async fn expect_disconnect(client: &mut Client, code: u16) -> pb::Disconnect {
-    let disconnect = loop {
-        match within("disconnect frame", client.next_frame()).await {
-            Ok(pb::ServerFrame { kind: Some(Kind::Disconnect(d)) }) => break d,
-            Ok(_) => continue,
-            Err(err) => panic!("expected a Disconnect frame with {code}, got {err}"),
-        }
-    };
-    assert_eq!(disconnect.code, code as u32, "{disconnect:?}");
-    assert!(!disconnect.reason.is_empty());
-    match within("close frame", client.next_message()).await {
-        Err(ClientError::Closed(Some(close))) => assert_eq!(close, code),
-        other => panic!("expected close {code}, got {other:?}"),
-    }
-    disconnect
-}
-
 /// A client-to-server frame built by hand: `opcode`, masked or not.
 fn wire_frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     assert!(payload.len() < 126);

@@ -6,7 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use routopia_realtime::client::{Client, ConnectOptions};
+use routopia_realtime::client::{Client, ClientError, ConnectOptions};
+use routopia_realtime::protocol::pb::{self, server_frame::Kind};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_routopia-realtime");
 
@@ -220,4 +221,22 @@ pub fn wait_for_health(server: &TestServer, what: &str, check: impl Fn(&serde_js
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("health never showed {what}: {}", server.health());
+}
+
+/// Reads until a `Disconnect` frame with `code`, then checks the close frame carries it too.
+pub async fn expect_disconnect(client: &mut Client, code: u16) -> pb::Disconnect {
+    let disconnect = loop {
+        match within("disconnect frame", client.next_frame()).await {
+            Ok(pb::ServerFrame { kind: Some(Kind::Disconnect(d)) }) => break d,
+            Ok(_) => continue,
+            Err(err) => panic!("expected a Disconnect frame with {code}, got {err}"),
+        }
+    };
+    assert_eq!(disconnect.code, code as u32, "{disconnect:?}");
+    assert!(!disconnect.reason.is_empty());
+    match within("close frame", client.next_message()).await {
+        Err(ClientError::Closed(Some(close))) => assert_eq!(close, code),
+        other => panic!("expected close {code}, got {other:?}"),
+    }
+    disconnect
 }
