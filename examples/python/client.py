@@ -41,7 +41,7 @@ def publishes(channel, n):
 async def run(args):
     async with websockets.connect(args.url, max_size=16 << 20, compression=None) as ws:
         # Connect must be the first frame; frames run in order, so Subscribe can share its message.
-        await ws.send(encode(pb.ClientFrame(id=1, connect=pb.Connect(name="python-example", accept_zstd=False)),
+        await ws.send(encode(pb.ClientFrame(id=1, connect=pb.Connect(token=args.token, name="python-example", accept_zstd=False)),
                              pb.ClientFrame(id=2, subscribe=pb.Subscribe(channel=args.channel))))
         received, expected = 0, None
         async for data in ws:
@@ -77,6 +77,7 @@ async def run(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="ws://127.0.0.1:3000/ws")
+    p.add_argument("--token", default=os.environ.get("ROUTOPIA_TOKEN", ""), help="JWT for Connect (or $ROUTOPIA_TOKEN)")
     p.add_argument("--channel", default="route:42")
     p.add_argument("--publish", type=int, default=0, metavar="N", help="also publish N ROUTE updates")
     p.add_argument("--count", type=int, default=0, help="stop after this many updates (0 = never)")

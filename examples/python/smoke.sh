@@ -22,7 +22,20 @@ PYTHON="$venv/bin/python" timeout 60 "$here/generate.sh"
 
 # The server's first stdout line is "listening on 127.0.0.1:PORT".
 mkfifo "$work/stdout"
-timeout 120 "$server" serve --listen 127.0.0.1:0 --shards 2 >"$work/stdout" 2>"$work/server.log" &
+# A secret for this run, and a token signed with it (HS256 with the standard library).
+secret="smoke-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+token="$(SECRET="$secret" "$venv/bin/python" - <<'PY'
+import base64, hashlib, hmac, json, os, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b64(json.dumps({"sub": "python-smoke", "exp": int(time.time()) + 600,
+                       "subscribe": ["route:*"], "publish": ["route:*"]}).encode())
+sig = hmac.new(os.environ["SECRET"].encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+print(f"{head}.{body}.{b64(sig)}")
+PY
+)"
+ROUTOPIA_AUTH__HMAC_SECRET="$secret" \
+    timeout 120 "$server" serve --listen 127.0.0.1:0 --shards 2 >"$work/stdout" 2>"$work/server.log" &
 server_pid=$!
 exec 3<"$work/stdout"
 read -r -t 20 line <&3 || { echo "FAIL: server printed no address" >&2; cat "$work/server.log" >&2; exit 1; }
@@ -30,7 +43,7 @@ addr="${line#listening on }"
 echo "server: $line"
 
 status=0
-timeout 30 "$venv/bin/python" "$here/client.py" --url "ws://$addr/ws" --channel route:42 \
+timeout 30 "$venv/bin/python" "$here/client.py" --url "ws://$addr/ws" --token "$token" --channel route:42 \
     --publish 5 --count 5 --timeout 20 | tee "$work/client.out" || status=$?
 offsets="$(sed -n 's/^update .*offset=\([0-9]*\) .*/\1/p' "$work/client.out" | tr '\n' ' ')"
 if [[ $status -ne 0 || "$offsets" != "1 2 3 4 5 " ]]; then

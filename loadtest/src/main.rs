@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// WebSocket path in raw mode (routopia mode always uses /ws).
     #[arg(long, default_value = "/")]
     pub path: String,
+    /// JWT sent in Connect (routopia mode), allowed to publish and subscribe on the channels
+    /// used; empty for a server with `auth.mode = "disabled"`.
+    #[arg(long, env = "ROUTOPIA_TOKEN", default_value = "")]
+    pub token: String,
     /// Subscriber connections (N).
     #[arg(short = 'n', long, default_value_t = 1000)]
     pub subscribers: usize,

@@ -172,7 +172,11 @@ async fn open(args: &RunArgs, subscribe_to: Option<&str>) -> Result<Client, Clie
     match args.mode {
         Mode::Raw => Client::connect_raw(args.addr, &args.path).await,
         Mode::Routopia => {
-            let options = ConnectOptions { name: "routopia-loadtest".into(), ..ConnectOptions::default() };
+            let options = ConnectOptions {
+                name: "routopia-loadtest".into(),
+                token: args.token.clone(),
+                ..ConnectOptions::default()
+            };
             let (mut client, _info) = Client::connect(args.addr, options).await?;
             if let Some(channel) = subscribe_to {
                 client.subscribe(channel).await?;
