@@ -43,7 +43,7 @@ fn stalled_subscriber(server: &TestServer, channel: &str) -> tungstenite::WebSoc
 
 fn publication(n: u64) -> pb::Publish {
     // Every tenth is a ROUTE update; the rest TRAFFIC on eight road segments.
-    let (kind, key) = if n % 10 == 0 {
+    let (kind, key) = if n.is_multiple_of(10) {
         (UpdateType::Route, "route".into())
     } else {
         (UpdateType::Traffic, format!("segment-{}", n % 8))
