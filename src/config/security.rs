@@ -22,8 +22,8 @@ pub enum AuthMode {
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     /// `jwt` or `disabled`. Default `jwt`. With `jwt` and no key configured, the server makes a
-    /// random HS256 secret for this run only and logs a development token, so nothing is ever
-    /// open by accident.
+    /// random HS256 secret for this run only and, started from a terminal, logs a development
+    /// token; nothing is ever open by accident.
     pub mode: AuthMode,
     /// Shared secret for HS256 tokens. Default empty (none).
     pub hmac_secret: String,
@@ -153,18 +153,14 @@ impl Default for Heartbeat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Cleanup {
-    /// How often per-user and per-IP state is swept. Default `30s`.
+    /// How often per-user and per-IP state of departed clients is swept. Default `30s`.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Acknowledged positions of an identity not used for this long are forgotten (its
-    /// next acknowledged subscription starts from the channel's latest). Default `24h`.
-    #[serde(with = "humantime_serde")]
-    pub max_inactive: Duration,
 }
 
 impl Default for Cleanup {
     fn default() -> Self {
-        Self { interval: Duration::from_secs(30), max_inactive: Duration::from_secs(24 * 3600) }
+        Self { interval: Duration::from_secs(30) }
     }
 }
 

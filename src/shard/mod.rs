@@ -169,11 +169,18 @@ impl Server {
             );
         }
         if let Some(token) = &auth.development_token {
-            tracing::warn!(
-                token = %token,
-                "no auth key configured: tokens are signed with a random secret that lasts until this process stops; \
-                 this development token (subject `developer`, every channel) is valid for 24h"
-            );
+            // Only someone at a terminal gets the token; a service's logs never hold one.
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                tracing::warn!(
+                    token = %token,
+                    "no auth key configured: tokens are signed with a random secret that lasts until this process \
+                     stops; this development token (subject `developer`, every channel) is valid for 24h"
+                );
+            } else {
+                tracing::warn!(
+                    "no auth key configured (auth.hmac_secret or auth.public_key_files): every client token is refused"
+                );
+            }
         }
         let r = &config.rate_limits;
         let users = Arc::new(KeyedBuckets::new([r.user_commands, r.user_publishes]));
@@ -366,6 +373,10 @@ fn run_shard(id: usize, cluster: Arc<Cluster>, listener: std::net::TcpListener, 
         let state = Rc::new(RefCell::new(ShardState::new(id, cluster)));
         compio::runtime::spawn(sweep_loop(state.clone())).detach();
         compio::runtime::spawn(timeout_loop(state.clone())).detach();
+        if id == 0 {
+            // State shared by every shard is swept by one.
+            compio::runtime::spawn(cleanup_loop(state.borrow().cluster.clone())).detach();
+        }
         let accepting = Box::pin(accept_loop(listener, state.clone()));
         let inbox = Box::pin(inbox_loop(state.clone()));
         if let Either::Left(_) = select(accepting, inbox).await {
@@ -440,6 +451,15 @@ async fn timeout_loop(state: Rc<RefCell<ShardState>>) {
     loop {
         interval.tick().await;
         state.borrow_mut().on_tick(Instant::now());
+    }
+}
+
+/// Forgets the rate-limit buckets of users who left (or calmed down).
+async fn cleanup_loop(cluster: Arc<Cluster>) {
+    let mut interval = compio::time::interval(cluster.config.cleanup.interval);
+    loop {
+        interval.tick().await;
+        cluster.users.sweep(Instant::now());
     }
 }
 

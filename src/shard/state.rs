@@ -400,10 +400,6 @@ impl ShardState {
 
     /// Expires history and forgets idle owned channels.
     pub fn sweep(&mut self) {
-        if self.id == 0 {
-            // The per-user buckets are shared; one shard sweeps them.
-            self.cluster.users.sweep(Instant::now());
-        }
         self.channels.sweep(Instant::now());
         self.stats().channels.store(self.channels.len() as u64, Ordering::Relaxed);
         self.stats().history_size.store(self.channels.history_len() as u64, Ordering::Relaxed);
