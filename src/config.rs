@@ -473,6 +473,7 @@ impl Config {
             max_recovery_bytes: self.limits.max_outbox_bytes / 2,
             idle_ttl: h.channel_idle_ttl,
             max_positions: self.acks.max_positions_per_channel,
+            position_ttl: self.cleanup.max_inactive,
         }
     }
 

@@ -1,16 +1,21 @@
 //! Everything a client can send after the upgrade: WebSocket framing (unmasking, fragments,
-//! control frames, limits), the envelope, and every command, through one session.
+//! control frames, limits), the envelope, and every command, through one session. Auth is off
+//! so every command is reachable (the `token` target covers tokens); rate limits are on.
 #![no_main]
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use routopia_realtime::config::Config;
+use routopia_realtime::config::{AuthMode, Config};
+use routopia_realtime::ratelimit::KeyedBuckets;
 use routopia_realtime::session::{Now, Session, SessionLimits};
 
 fuzz_target!(|data: &[u8]| {
-    let limits = Rc::new(SessionLimits::from_config(&Config::default()));
+    let mut config = Config::default();
+    config.auth.mode = AuthMode::Disabled;
+    let users = Arc::new(KeyedBuckets::new([config.rate_limits.user_commands, config.rate_limits.user_publishes]));
+    let limits = Rc::new(SessionLimits::from_config(&config, None, users));
     let now = Now { instant: Instant::now(), unix_us: 1 };
     let mut session = Session::new(Arc::from("fuzz"), limits, now.instant);
     // Feed in uneven pieces, as TCP would.

@@ -25,6 +25,8 @@ pub struct HistoryPolicy {
     pub idle_ttl: Duration,
     /// Identities whose acknowledged position a channel remembers.
     pub max_positions: usize,
+    /// An identity's position not acknowledged for this long is forgotten.
+    pub position_ttl: Duration,
 }
 
 /// Where a channel stands: its epoch and the offset of its latest publication (0 = none).
@@ -91,7 +93,8 @@ struct Channel {
     /// The latest publications, oldest first, offsets consecutive and ending at `offset`.
     history: VecDeque<Arc<Publication>>,
     /// The last offset each identity acknowledged, for resuming without client state.
-    acked: HashMap<Arc<str>, u64>,
+    /// Per identity: the highest acknowledged offset and when it was last acknowledged.
+    acked: HashMap<Arc<str>, (u64, Instant)>,
     /// With an external broker: whether `epoch` and `offset` are the broker's (not local).
     mirrored: bool,
     last_used: Instant,
@@ -163,7 +166,7 @@ impl ChannelTable {
         let policy = self.policy.clone();
         let channel = self.channel(name, now)?;
         channel.subscribers[shard] += 1;
-        let acked = resume.and_then(|identity| channel.acked.get(identity)).copied();
+        let acked = resume.and_then(|identity| channel.acked.get(identity)).map(|&(offset, _)| offset);
         let resumed = acked.map(|offset| Position { epoch: channel.epoch.clone(), offset });
         let recovery = since
             .or(resumed.as_ref())
@@ -172,14 +175,14 @@ impl ChannelTable {
     }
 
     /// Remembers that `identity` processed `name` up to `offset` (the highest wins).
-    pub fn ack(&mut self, name: &str, identity: &Arc<str>, offset: u64) {
+    pub fn ack(&mut self, name: &str, identity: &Arc<str>, offset: u64, now: Instant) {
         let Some(channel) = self.channels.get_mut(name) else { return };
         let offset = offset.min(channel.offset);
         let room = channel.acked.len() < self.policy.max_positions;
         match channel.acked.get_mut(identity) {
-            Some(acked) => *acked = (*acked).max(offset),
+            Some(acked) => *acked = (acked.0.max(offset), now),
             None if room => {
-                channel.acked.insert(identity.clone(), offset);
+                channel.acked.insert(identity.clone(), (offset, now));
             }
             None => {}
         }
@@ -337,9 +340,10 @@ impl ChannelTable {
     /// Drops expired history and forgets idle channels. Returns how many were forgotten.
     pub fn sweep(&mut self, now: Instant) -> usize {
         let before = self.channels.len();
-        let (ttl, idle_ttl) = (self.policy.ttl, self.policy.idle_ttl);
+        let (ttl, idle_ttl, position_ttl) = (self.policy.ttl, self.policy.idle_ttl, self.policy.position_ttl);
         self.channels.retain(|_, c| {
             c.expire(now, ttl);
+            c.acked.retain(|_, &mut (_, at)| now.saturating_duration_since(at) < position_ttl);
             c.subscribers.iter().any(|&n| n > 0)
                 || !c.history.is_empty()
                 || now.saturating_duration_since(c.last_used) < idle_ttl

@@ -156,11 +156,17 @@ pub struct Cleanup {
     /// How often per-user and per-IP state of departed clients is swept. Default `30s`.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// An identity's acknowledged position on a channel that it has not acknowledged for this
+    /// long is forgotten (its next acknowledged subscription starts from the channel's
+    /// latest). With Redis, a channel's positions expire together, this long after its last
+    /// acknowledgement. Default `24h`.
+    #[serde(with = "humantime_serde")]
+    pub max_inactive: Duration,
 }
 
 impl Default for Cleanup {
     fn default() -> Self {
-        Self { interval: Duration::from_secs(30) }
+        Self { interval: Duration::from_secs(30), max_inactive: Duration::from_secs(24 * 3600) }
     }
 }
 

@@ -247,7 +247,9 @@ impl ShardState {
                     self.wake_writer(conn);
                 }
             }
-            ShardMsg::Acked { channel, identity, offset } => self.channels.ack(&channel, &identity, offset),
+            ShardMsg::Acked { channel, identity, offset } => {
+                self.channels.ack(&channel, &identity, offset, Instant::now())
+            }
             ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Err(code), .. } => {
                 if let Some(c) = self.conn(conn) {
                     c.session.on_subscribe_failed(sub_id, req_id, code, format!("cannot subscribe to {channel} now"));

@@ -10,6 +10,7 @@ fn policy() -> HistoryPolicy {
         max_recovery_bytes: 1 << 20,
         idle_ttl: Duration::from_secs(300),
         max_positions: 2,
+        position_ttl: Duration::from_secs(600),
     }
 }
 
@@ -183,14 +184,32 @@ fn acknowledged_positions_resume_a_client_without_state() {
         publish(&mut table, &channel, now);
     }
     let (alice, bob, carol): (Arc<str>, Arc<str>, Arc<str>) = (name("alice"), name("bob"), name("carol"));
-    table.ack(&channel, &alice, 2);
-    table.ack(&channel, &alice, 1);
-    table.ack(&channel, &bob, 99);
-    table.ack(&channel, &carol, 1);
+    table.ack(&channel, &alice, 2, now);
+    table.ack(&channel, &alice, 1, now);
+    table.ack(&channel, &bob, 99, now);
+    table.ack(&channel, &carol, 1, now);
     assert_eq!(recovered(table.subscribe(&channel, 0, now, None, Some("alice")).unwrap().1), vec![3, 4]);
     assert_eq!(recovered(table.subscribe(&channel, 0, now, None, Some("bob")).unwrap().1), Vec::<u64>::new());
     assert!(table.subscribe(&channel, 0, now, None, Some("carol")).unwrap().1.is_none(), "over max_positions");
     assert!(table.subscribe(&channel, 0, now, None, Some("dave")).unwrap().1.is_none());
+}
+
+#[test]
+fn positions_not_acknowledged_for_position_ttl_are_forgotten() {
+    let now = Instant::now();
+    let mut table = ChannelTable::new(1, 100, policy());
+    let channel = name("route:8");
+    for _ in 0..3 {
+        publish(&mut table, &channel, now);
+    }
+    let (alice, bob): (Arc<str>, Arc<str>) = (name("alice"), name("bob"));
+    table.ack(&channel, &alice, 1, now);
+    table.ack(&channel, &bob, 1, now);
+    let later = now + Duration::from_secs(200);
+    table.ack(&channel, &bob, 2, later);
+    table.sweep(now + Duration::from_secs(700));
+    assert!(table.subscribe(&channel, 0, later, None, Some("alice")).unwrap().1.is_none(), "alice was forgotten");
+    assert_eq!(recovered(table.subscribe(&channel, 0, later, None, Some("bob")).unwrap().1), vec![3]);
 }
 
 #[test]

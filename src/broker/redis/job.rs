@@ -68,7 +68,7 @@ impl Job {
                     .arg(&*identity)
                     .arg(offset)
                     .arg(self.max_positions)
-                    .arg(META_TTL.as_millis() as u64)
+                    .arg(self.policy.position_ttl.as_millis() as u64)
                     .invoke_async(&mut self.connection)
                     .await;
                 if let Err(err) = result {

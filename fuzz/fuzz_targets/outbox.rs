@@ -1,0 +1,70 @@
+//! A slow connection's queue under any mix of updates, replies and drains: it never holds
+//! more than its limit, never drops a high-priority update (it overflows instead), and every
+//! subscription's offsets add up with `skipped`.
+#![no_main]
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+use routopia_realtime::broker::Publication;
+use routopia_realtime::outbox::{OutItem, Outbox, Pressure};
+use routopia_realtime::protocol::pb::{server_frame::Kind, ServerMessage, Update};
+use routopia_realtime::protocol::push::encode_update_body;
+use routopia_realtime::protocol::ws::{WsEndpoint, WsEvent};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&limit, ops)) = data.split_first() else { return };
+    let max = 256 + usize::from(limit) * 32;
+    let mut outbox = Outbox::new(max, Pressure { priority_types: 1 << 1, conflate_above: max / 2 });
+    let mut offsets = [0u64; 4];
+    let mut routes: Vec<(u32, u64)> = Vec::new();
+    let mut wire = Vec::new();
+    let mut overflowed = false;
+    for op in ops.chunks(2) {
+        let (a, b) = (op[0], op.get(1).copied().unwrap_or(0));
+        let sub = usize::from(a & 3);
+        if a & 0xC0 == 0xC0 {
+            outbox.drain_into(&mut wire, 1 + usize::from(b % 8));
+            continue;
+        }
+        offsets[sub] += 1;
+        let update_type = if a & 0x20 != 0 { 1 } else { 3 };
+        if update_type == 1 {
+            routes.push((sub as u32 + 1, offsets[sub]));
+        }
+        let key = if b & 1 != 0 { format!("k{}", b >> 5) } else { String::new() };
+        let update = Update { offset: offsets[sub], r#type: update_type, key, payload: vec![0; usize::from(b)].into(), ..Default::default() };
+        let body = encode_update_body(&update);
+        let publication = Rc::new(Publication::new(Arc::from("c"), offsets[sub], update_type, body, Instant::now()));
+        if outbox.push(OutItem::Push { sub_id: sub as u32 + 1, publication }).is_err() {
+            overflowed = true;
+            break;
+        }
+        assert!(outbox.queued_bytes() <= max);
+    }
+    if overflowed {
+        return;
+    }
+    outbox.drain_into(&mut wire, 100);
+    let mut client = WsEndpoint::client(1 << 24);
+    client.feed(&wire);
+    let mut last = [0u64; 5];
+    let mut routes_received = Vec::new();
+    while let Ok(Some(WsEvent::Binary(message))) = client.next_event() {
+        for frame in ServerMessage::decode(message).unwrap().frames {
+            if let Some(Kind::Update(u)) = frame.kind {
+                let sub = u.sub_id as usize;
+                assert_eq!(u.offset, last[sub] + 1 + u64::from(u.skipped), "{u:?}");
+                last[sub] = u.offset;
+                if u.r#type == 1 {
+                    routes_received.push((u.sub_id, u.offset));
+                }
+            }
+        }
+    }
+    routes.sort_unstable();
+    routes_received.sort_unstable();
+    assert_eq!(routes, routes_received, "every high-priority update arrives");
+});
