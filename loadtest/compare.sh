@@ -166,8 +166,11 @@ start_server() {
   case $name in
     routopia)
       [ -x "$server_bin" ] || die "$server_bin missing"
-      # The server pins its shard to the first core taskset allows.
+      # The server pins its shard to the first core taskset allows. Every generated connection
+      # comes from 127.0.0.1, so the per-address admission limits are lifted.
       ROUTOPIA_LOG_LEVEL=${ROUTOPIA_LOG_LEVEL:-warn} \
+        ROUTOPIA_RATE_LIMITS__CONNECTION_ATTEMPTS_PER_IP__REQUESTS=0 \
+        ROUTOPIA_LIMITS__MAX_CONNECTIONS_PER_IP=1000000 \
         taskset -c "$server_core" "$server_bin" serve --listen "127.0.0.1:$port" --shards 1 >"$logfile" 2>&1 &
       ;;
     bun) taskset -c "$server_core" "$bun_bin" "$peers_dir/node/bun_server.js" "$port" broadcast >"$logfile" 2>&1 & ;;

@@ -2,10 +2,12 @@
 //! io_uring cannot be set up) with its own `SO_REUSEPORT` listener, its connections, and an
 //! inbox through which the other shards reach it. The only module that knows about compio.
 
+pub mod admission;
 mod conn;
 mod http;
 mod inbox;
 mod state;
+mod transport;
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -31,6 +33,8 @@ use crate::config::{Config, Driver};
 use crate::protocol::pb;
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::router::ConnId;
+use crate::tls::ServerCertificate;
+use admission::{Admission, Refusal};
 use state::ShardState;
 
 /// How often a shard expires history and forgets idle channels.
@@ -99,11 +103,29 @@ pub struct ShardStats {
     pub history_size: AtomicU64,
     pub ack_failures: AtomicU64,
     pub bad_requests: AtomicU64,
+    /// Upgrades refused before the answer, by reason.
+    pub refused_attempts_per_ip: AtomicU64,
+    pub refused_max_connections: AtomicU64,
+    pub refused_per_shard: AtomicU64,
+    pub refused_per_ip: AtomicU64,
+    /// Sockets whose TLS handshake failed or did not finish in time.
+    pub tls_handshake_failures: AtomicU64,
     /// 0 = not started, 1 = io_uring, 2 = epoll.
     pub driver: AtomicU8,
 }
 
 impl ShardStats {
+    /// Counts one refused upgrade under its reason.
+    pub fn count_refusal(&self, refusal: Refusal) {
+        let counter = match refusal {
+            Refusal::AttemptsPerIp { .. } => &self.refused_attempts_per_ip,
+            Refusal::MaxConnections => &self.refused_max_connections,
+            Refusal::PerShard => &self.refused_per_shard,
+            Refusal::PerIp => &self.refused_per_ip,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn driver_name(&self) -> &'static str {
         match self.driver.load(Ordering::Relaxed) {
             1 => "io_uring",
@@ -123,6 +145,10 @@ pub struct Cluster {
     pub local_addr: SocketAddr,
     /// The Redis bridge, when Redis is the broker.
     pub redis: Option<BridgeHandle>,
+    /// Who may open one more connection.
+    pub admission: Arc<Admission>,
+    /// The certificate when the listener speaks TLS.
+    pub tls: Option<ServerCertificate>,
 }
 
 /// A running server: its shards and the address they listen on.
@@ -135,6 +161,12 @@ impl Server {
     /// Binds one listener per shard and starts the shards.
     pub fn start(config: Config) -> io::Result<Server> {
         let shards = config.shard_count();
+        let tls = match config.tls.enabled() {
+            true => Some(
+                ServerCertificate::load(&config.tls).map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?,
+            ),
+            false => None,
+        };
         let listeners = bind_listeners(config.listen, shards)?;
         let local_addr = listeners[0].local_addr()?;
         let redis_url = config.redis_url().map(str::to_owned);
@@ -148,6 +180,8 @@ impl Server {
         let cluster = Arc::new(Cluster {
             inboxes: (0..shards).map(|_| Inbox::new(config.delivery.inbox_capacity)).collect(),
             stats: (0..shards).map(|_| ShardStats::default()).collect(),
+            admission: Arc::new(Admission::new(&config, shards)),
+            tls,
             config: Arc::new(config),
             started_at: Instant::now(),
             draining: AtomicBool::new(false),
@@ -189,6 +223,24 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.cluster.local_addr
+    }
+
+    /// Loads the TLS certificate and key again (SIGHUP): new connections use the new pair,
+    /// open ones keep theirs; a pair that does not load leaves the old one in use.
+    pub fn reload_tls(&self) {
+        let Some(tls) = &self.cluster.tls else {
+            tracing::info!("reload asked for, but TLS is off; nothing to reload");
+            return;
+        };
+        match tls.reload() {
+            Ok(()) => tracing::info!(
+                cert_file = %tls.cert_file().display(),
+                key_file = %tls.key_file().display(),
+                reloads = tls.reloads(),
+                "TLS certificate reloaded; new connections use it"
+            ),
+            Err(err) => tracing::error!(error = %err, "TLS certificate not reloaded; the previous one stays in use"),
+        }
     }
 
     /// Asks every shard to close its connections and stop, then waits for them.
@@ -331,6 +383,11 @@ fn run_shard(id: usize, cluster: Arc<Cluster>, listener: std::net::TcpListener, 
         let _ = started.send(Ok(()));
         let state = Rc::new(RefCell::new(ShardState::new(id, cluster)));
         compio::runtime::spawn(sweep_loop(state.clone())).detach();
+        if id == 0 {
+            // The admission state is shared: one shard sweeps it for all.
+            let cluster = state.borrow().cluster.clone();
+            compio::runtime::spawn(admission_sweep_loop(cluster)).detach();
+        }
         compio::runtime::spawn(timeout_loop(state.clone())).detach();
         let accepting = Box::pin(accept_loop(listener, state.clone()));
         let inbox = Box::pin(inbox_loop(state.clone()));
@@ -412,6 +469,15 @@ async fn sweep_loop(state: Rc<RefCell<ShardState>>) {
     loop {
         interval.tick().await;
         state.borrow_mut().sweep();
+    }
+}
+
+/// Forgets the connection-attempt buckets of addresses that went quiet.
+async fn admission_sweep_loop(cluster: Arc<Cluster>) {
+    let mut interval = compio::time::interval(cluster.config.cleanup.interval);
+    loop {
+        interval.tick().await;
+        cluster.admission.sweep(Instant::now());
     }
 }
 

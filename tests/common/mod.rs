@@ -28,6 +28,9 @@ impl TestServer {
         command
             .args(["serve", "--listen", listen, "--shards", &shards.to_string()])
             .env("RUST_LOG", "warn")
+            // Tests open many connections from one address in a burst; the ones about admission
+            // set the attempts limit themselves (later `env` wins).
+            .env("ROUTOPIA_RATE_LIMITS__CONNECTION_ATTEMPTS_PER_IP__REQUESTS", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
