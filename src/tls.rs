@@ -43,17 +43,18 @@ pub fn load(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsE
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|err| TlsError::Mismatch {
-            cert_file: cert_file.into(),
-            key_file: key_file.into(),
-            reason: err.to_string(),
-        })?
+        .expect("the ring provider supports the default protocol versions")
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|err| TlsError::Mismatch {
-            cert_file: cert_file.into(),
-            key_file: key_file.into(),
-            reason: err.to_string(),
+        .map_err(|err| match err {
+            rustls::Error::InvalidCertificate(_) => {
+                TlsError::BadCertificate { file: cert_file.into(), reason: err.to_string() }
+            }
+            rustls::Error::InconsistentKeys(_) => {
+                TlsError::Mismatch { cert_file: cert_file.into(), key_file: key_file.into(), reason: err.to_string() }
+            }
+            // What remains is a key the provider cannot use.
+            _ => TlsError::BadKey { file: key_file.into(), reason: err.to_string() },
         })?;
     Ok(Arc::new(config))
 }
@@ -117,5 +118,60 @@ impl ServerCertificate {
     /// Refused reloads since start.
     pub fn reload_failures(&self) -> u64 {
         self.reload_failures.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `localhost` and its key, as PEM.
+    fn pair() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn files(cert: &str, key: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_file, cert).unwrap();
+        std::fs::write(&key_file, key).unwrap();
+        (dir, cert_file, key_file)
+    }
+
+    #[test]
+    fn a_matching_pair_loads() {
+        let (cert, key) = pair();
+        let (_dir, cert_file, key_file) = files(&cert, &key);
+        load(&cert_file, &key_file).unwrap();
+    }
+
+    #[test]
+    fn each_kind_of_bad_file_is_named() {
+        let (cert, key) = pair();
+        let (_other_cert, other_key) = pair();
+        let (dir, cert_file, key_file) = files(&cert, &other_key);
+        let err = load(&cert_file, &key_file).unwrap_err();
+        assert!(matches!(err, TlsError::Mismatch { .. }), "{err}");
+
+        let missing = dir.path().join("missing.pem");
+        let err = load(&missing, &key_file).unwrap_err();
+        assert!(matches!(err, TlsError::Read { .. }) && err.to_string().contains("missing.pem"), "{err}");
+
+        std::fs::write(&cert_file, "no PEM here\n").unwrap();
+        let err = load(&cert_file, &key_file).unwrap_err();
+        assert!(matches!(err, TlsError::NoCertificate { .. }), "{err}");
+
+        let garbled = "-----BEGIN CERTIFICATE-----\nnotbase64atall\n-----END CERTIFICATE-----\n";
+        std::fs::write(&cert_file, garbled).unwrap();
+        std::fs::write(&key_file, &key).unwrap();
+        let err = load(&cert_file, &key_file).unwrap_err();
+        assert!(matches!(err, TlsError::BadCertificate { .. }) && err.to_string().contains("cert.pem"), "{err}");
+
+        std::fs::write(&cert_file, &cert).unwrap();
+        std::fs::write(&key_file, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        let err = load(&cert_file, &key_file).unwrap_err();
+        assert!(matches!(err, TlsError::BadKey { .. }) && err.to_string().contains("key.pem"), "{err}");
     }
 }

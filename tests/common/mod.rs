@@ -58,6 +58,12 @@ impl TestServer {
         self.child.wait().expect("wait for the server")
     }
 
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the server process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     /// A connected protocol client.
     pub async fn client(&self) -> Client {
         let (client, _) = Client::connect(self.addr, ConnectOptions::default()).await.expect("connect");
