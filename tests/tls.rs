@@ -99,8 +99,12 @@ fn client_config(trusted: &[&Identity]) -> Arc<ClientConfig> {
 
 /// A completed TLS handshake with the server.
 fn tls_connect(addr: SocketAddr, config: &Arc<ClientConfig>) -> TlsSocket {
-    let tcp = TcpStream::connect(addr).unwrap();
+    tls_over(TcpStream::connect(addr).unwrap(), config)
+}
+
+fn tls_over(tcp: TcpStream, config: &Arc<ClientConfig>) -> TlsSocket {
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
     let name = ServerName::try_from("localhost").unwrap();
     let connection = ClientConnection::new(config.clone(), name).unwrap();
     let mut socket = StreamOwned::new(connection, tcp);
@@ -145,7 +149,10 @@ fn wait_for_tls_health(
 
 /// A WebSocket over TLS, upgraded through tungstenite's client handshake.
 fn wss_connect(addr: SocketAddr, config: &Arc<ClientConfig>) -> tungstenite::WebSocket<TlsSocket> {
-    let socket = tls_connect(addr, config);
+    wss_over(tls_connect(addr, config))
+}
+
+fn wss_over(socket: TlsSocket) -> tungstenite::WebSocket<TlsSocket> {
     let request = "wss://localhost/ws".into_client_request().unwrap();
     let (websocket, response) = tungstenite::client(request, socket).expect("WebSocket upgrade over TLS");
     assert_eq!(response.status(), 101);
@@ -185,6 +192,32 @@ fn wss_upgrade_and_health_over_tls() {
         }
     }
     wait_for_tls_health(server.addr, &config, "the connection gone", |h| h["connections"] == 0);
+}
+
+#[test]
+fn a_connection_keeps_reading_while_its_writes_wait() {
+    let identity = Identity::new("routopia test");
+    let files = TlsFiles::new(&identity);
+    let server = files.start_server();
+    let config = client_config(&[&identity]);
+    // A small receive buffer on the client fills quickly, so the server's writes wait on the
+    // socket while its reader must go on taking pings.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut websocket = wss_over(tls_over(socket.into(), &config));
+    const PINGS: usize = 3000;
+    let payload = |n: usize| format!("{n:0>120}").into_bytes();
+    for n in 0..PINGS {
+        websocket.send(Message::Ping(payload(n).into())).expect("ping");
+    }
+    for n in 0..PINGS {
+        match websocket.read().expect("a pong") {
+            Message::Pong(got) => assert_eq!(got.as_ref(), payload(n), "pong {n} in order"),
+            other => panic!("expected pong {n}, got {other:?}"),
+        }
+    }
+    assert_eq!(tls_health(server.addr, &config)["connections"], 1);
 }
 
 #[test]
