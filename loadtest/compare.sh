@@ -167,8 +167,10 @@ start_server() {
     routopia)
       [ -x "$server_bin" ] || die "$server_bin missing"
       # The server pins its shard to the first core taskset allows. The peers check no
-      # tokens and limit nothing, so for a like-for-like run neither does routopia-realtime.
+      # tokens and limit nothing, so for a like-for-like run neither does routopia-realtime;
+      # every generated connection comes from 127.0.0.1, so the per-address limit is lifted.
       ROUTOPIA_LOG_LEVEL=${ROUTOPIA_LOG_LEVEL:-warn} ROUTOPIA_AUTH__MODE=disabled ROUTOPIA_RATE_LIMITS__ENABLED=false \
+        ROUTOPIA_LIMITS__MAX_CONNECTIONS_PER_IP=1000000 \
         taskset -c "$server_core" "$server_bin" serve --listen "127.0.0.1:$port" --shards 1 >"$logfile" 2>&1 &
       ;;
     bun) taskset -c "$server_core" "$bun_bin" "$peers_dir/node/bun_server.js" "$port" broadcast >"$logfile" 2>&1 & ;;

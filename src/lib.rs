@@ -14,6 +14,7 @@
 //! - [`router`]: a shard's index of local subscribers per channel.
 //! - [`broker`]: channels, offsets and epochs; the embedded in-memory broker.
 //! - [`protocol`]: protobuf types, zstd envelope, shared pushes, WebSocket and HTTP framing.
+//! - [`tls`]: the server's certificate and key for `wss://`, reloadable.
 //! - [`client`]: a client library (used by the tests and the loadtest).
 
 pub mod acks;
@@ -27,3 +28,4 @@ pub mod ratelimit;
 pub mod router;
 pub mod session;
 pub mod shard;
+pub mod tls;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use routopia_realtime::config::{Config, LogFormat, Overrides};
 use routopia_realtime::shard::Server;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -53,7 +53,7 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(Some(&file), &Overrides::default()) {
+        Command::CheckConfig { file } => match load_checked(Some(&file), &Overrides::default()) {
             Ok(config) => {
                 println!("# {} is valid; effective configuration:", file.display());
                 print!("{}", config.to_toml());
@@ -71,7 +71,7 @@ fn main() -> ExitCode {
 fn serve(args: ServeArgs) -> ExitCode {
     let overrides =
         Overrides { listen: args.listen, shards: args.shards, log_level: args.log_level, broker: args.broker };
-    let config = match Config::load(args.config.as_deref(), &overrides) {
+    let config = match load_checked(args.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("error: {err}");
@@ -79,7 +79,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     init_logging(&config);
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(err) => {
             tracing::error!(error = %err, "cannot install signal handlers");
@@ -98,12 +98,28 @@ fn serve(args: ServeArgs) -> ExitCode {
     // One machine-readable line on stdout, for supervisors and tests that listen on port 0.
     println!("listening on {}", server.local_addr());
     let _ = std::io::stdout().flush();
-    if let Some(signal) = signals.forever().next() {
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            server.reload_tls();
+            continue;
+        }
         tracing::info!(signal, "shutting down");
+        break;
     }
     server.shutdown();
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// The configuration, with the files it names (the TLS certificate and key) checked too, so a
+/// bad file is refused like any other bad setting.
+fn load_checked(file: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
+    let config = Config::load(file, overrides).map_err(|err| err.to_string())?;
+    if config.tls.enabled() {
+        routopia_realtime::tls::load(&config.tls.cert_file, &config.tls.key_file)
+            .map_err(|err| format!("invalid setting `tls`: {err}"))?;
+    }
+    Ok(config)
 }
 
 fn init_logging(config: &Config) {

@@ -49,23 +49,6 @@ fn oversized_or_malformed_heads_are_refused_and_closed() {
 }
 
 #[compio::test]
-async fn connection_limit_closes_with_4002() {
-    let server = TestServer::start(1, &[("ROUTOPIA_LIMITS__MAX_CONNECTIONS_PER_SHARD", "2")]);
-    let _first = server.client().await;
-    let _second = server.client().await;
-    let mut third = Client::connect_raw(server.addr, "/ws").await.unwrap();
-    let frame = within("disconnect", third.next_frame()).await.unwrap();
-    match frame.kind {
-        Some(routopia_realtime::protocol::pb::server_frame::Kind::Disconnect(d)) => {
-            assert_eq!(d.code, 4002);
-            assert!(d.reconnect);
-        }
-        other => panic!("expected Disconnect 4002, got {other:?}"),
-    }
-    assert!(matches!(third.next_message().await, Err(ClientError::Closed(Some(4002)))));
-}
-
-#[compio::test]
 async fn sigterm_tells_clients_to_reconnect_elsewhere_and_exits_zero() {
     let server = TestServer::start(2, &[]);
     let mut client = server.client().await;

@@ -54,8 +54,6 @@ pub enum CloseCode {
     Shutdown,
     /// 4001: the connection could not keep up with its updates (outbox over its byte limit).
     SlowConsumer,
-    /// 4002: the shard is over `limits.max_connections_per_shard`.
-    ConnectionLimit,
     /// 4003: a subscribed channel's history changed under the server (the broker lost it or
     /// this node missed publications while Redis was away): reconnect and recover.
     Resubscribe,
@@ -90,7 +88,6 @@ impl CloseCode {
             CloseCode::InternalError => 1011,
             CloseCode::Shutdown => 4000,
             CloseCode::SlowConsumer => 4001,
-            CloseCode::ConnectionLimit => 4002,
             CloseCode::Resubscribe => 4003,
             CloseCode::ConnectTimeout => 4004,
             CloseCode::HeartbeatTimeout => 4005,
@@ -111,7 +108,6 @@ impl CloseCode {
                 | CloseCode::InternalError
                 | CloseCode::Shutdown
                 | CloseCode::SlowConsumer
-                | CloseCode::ConnectionLimit
                 | CloseCode::Resubscribe
                 | CloseCode::ConnectTimeout
                 | CloseCode::HeartbeatTimeout
@@ -129,7 +125,6 @@ impl CloseCode {
             CloseCode::InternalError => "internal_error",
             CloseCode::Shutdown => "shutdown",
             CloseCode::SlowConsumer => "slow_consumer",
-            CloseCode::ConnectionLimit => "connection_limit",
             CloseCode::Resubscribe => "resubscribe",
             CloseCode::ConnectTimeout => "connect_timeout",
             CloseCode::HeartbeatTimeout => "heartbeat_timeout",
@@ -142,7 +137,7 @@ impl CloseCode {
         }
     }
 
-    pub const ALL: [CloseCode; 17] = [
+    pub const ALL: [CloseCode; 16] = [
         CloseCode::Normal,
         CloseCode::ProtocolError,
         CloseCode::UnsupportedData,
@@ -150,7 +145,6 @@ impl CloseCode {
         CloseCode::InternalError,
         CloseCode::Shutdown,
         CloseCode::SlowConsumer,
-        CloseCode::ConnectionLimit,
         CloseCode::Resubscribe,
         CloseCode::ConnectTimeout,
         CloseCode::HeartbeatTimeout,

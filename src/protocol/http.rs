@@ -100,8 +100,14 @@ pub fn upgrade_response(key: &str) -> Vec<u8> {
 
 /// A complete response that closes the connection after it.
 pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    response_with_header(status, content_type, None, body)
+}
+
+/// A complete response with one extra header line (`name: value`), closing the connection.
+fn response_with_header(status: u16, content_type: &str, header: Option<(&str, &str)>, body: &[u8]) -> Vec<u8> {
+    let extra = header.map(|(name, value)| format!("{name}: {value}\r\n")).unwrap_or_default();
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n",
         reason_phrase(status),
         body.len()
     )
@@ -115,6 +121,14 @@ pub fn error_response(status: u16, message: &str) -> Vec<u8> {
     response(status, "text/plain; charset=utf-8", format!("{message}\n").as_bytes())
 }
 
+/// A plain-text error response that tells the client how many seconds to wait
+/// (`Retry-After`).
+pub fn retry_after_response(status: u16, retry_after_secs: u64, message: &str) -> Vec<u8> {
+    let seconds = retry_after_secs.to_string();
+    let body = format!("{message}\n");
+    response_with_header(status, "text/plain; charset=utf-8", Some(("Retry-After", &seconds)), body.as_bytes())
+}
+
 fn reason_phrase(status: u16) -> &'static str {
     match status {
         200 => "OK",
@@ -122,6 +136,7 @@ fn reason_phrase(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",

@@ -1,22 +1,26 @@
-//! The I/O driver of one socket: read the HTTP request head, answer plain HTTP or upgrade to
-//! WebSocket, then run a reader (socket → session) and a writer (session → socket) until the
-//! connection ends. All protocol decisions are the session's; this file only moves bytes.
+//! The I/O driver of one socket: the TLS handshake when the listener speaks TLS, the HTTP
+//! request head, admission of a WebSocket upgrade, then a reader (socket → session) and a
+//! writer (session → socket) until the connection ends. All protocol decisions are the
+//! session's; this file only moves bytes.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use compio::buf::BufResult;
-use compio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use compio::io::{AsyncRead, AsyncWriteExt};
 use compio::net::TcpStream;
+use compio::tls::{TlsAcceptor, TlsStream};
 
+use super::admission::{retry_after_secs, Refusal, Ticket};
 use super::state::ShardState;
+use super::transport::Transport;
 use crate::protocol::http::{self, HeadError, RequestHead};
-use crate::protocol::CloseCode;
 use crate::router::ConnId;
 
 /// A connection's receive buffer starts small (most clients send little, and an idle
@@ -29,9 +33,31 @@ const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 /// How long a closing connection may take to accept its last bytes.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(super) async fn serve(state: Rc<RefCell<ShardState>>, mut stream: TcpStream, peer: SocketAddr) {
+pub(super) async fn serve(state: Rc<RefCell<ShardState>>, stream: TcpStream, peer: SocketAddr) {
     // Updates are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
+    let fd = stream.as_raw_fd();
+    // Read once per accept: a reload affects connections accepted after it.
+    let tls = state.borrow().cluster.tls.as_ref().map(|tls| tls.current());
+    let Some(tls) = tls else {
+        return serve_http(state, stream, fd, peer).await;
+    };
+    let timeout = state.borrow().cluster.config.limits.handshake_timeout;
+    match compio::time::timeout(timeout, TlsAcceptor::from(tls).accept(stream)).await {
+        Ok(Ok(stream)) => serve_http::<TlsStream<TcpStream>>(state, stream, fd, peer).await,
+        failed => {
+            let shard = state.borrow();
+            shard.cluster.stats[shard.id].tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+            match failed {
+                Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+                _ => tracing::debug!(%peer, "TLS handshake not finished in time"),
+            }
+        }
+    }
+}
+
+/// Reads the request head and answers it: plain HTTP, a refusal, or the WebSocket upgrade.
+async fn serve_http<S: Transport>(state: Rc<RefCell<ShardState>>, mut stream: S, fd: RawFd, peer: SocketAddr) {
     let config = state.borrow().cluster.config.clone();
     let limits = &config.limits;
     let mut head_bytes = Vec::new();
@@ -57,11 +83,15 @@ pub(super) async fn serve(state: Rc<RefCell<ShardState>>, mut stream: TcpStream,
     match head.path.as_str() {
         "/ws" => match head.websocket_key.clone() {
             Some(key) => {
+                let ticket = match admit(&state, peer) {
+                    Ok(ticket) => ticket,
+                    Err(refusal) => return respond_and_close(stream, refusal_response(refusal)).await,
+                };
                 // Only what followed the head stays; the head's buffer is not kept for the
                 // connection's lifetime.
                 let early = head_bytes.split_off(consumed);
                 drop(head_bytes);
-                websocket(state, stream, peer, &key, &early).await
+                websocket(state, stream, fd, peer, &key, &early, ticket).await
             }
             None => {
                 let problem = head.upgrade_problem.unwrap_or("not a WebSocket upgrade");
@@ -69,7 +99,28 @@ pub(super) async fn serve(state: Rc<RefCell<ShardState>>, mut stream: TcpStream,
             }
         },
         "/health" => respond_and_close(stream, health(&state, &head)).await,
+        "/config/limits" => respond_and_close(stream, config_limits(&state, &head)).await,
         _ => respond_and_close(stream, http::error_response(404, "no such path; try /ws or /health")).await,
+    }
+}
+
+/// Admission of one upgrade; a refusal is counted on this shard and logged.
+fn admit(state: &Rc<RefCell<ShardState>>, peer: SocketAddr) -> Result<Ticket, Refusal> {
+    let shard = state.borrow();
+    let admitted = shard.cluster.admission.admit(peer.ip(), shard.id, Instant::now());
+    if let Err(refusal) = admitted {
+        shard.cluster.stats[shard.id].count_refusal(refusal);
+        tracing::debug!(%peer, ?refusal, "upgrade refused");
+    }
+    admitted
+}
+
+fn refusal_response(refusal: Refusal) -> Vec<u8> {
+    match refusal {
+        Refusal::AttemptsPerIp { retry_after } => {
+            http::retry_after_response(refusal.status(), retry_after_secs(retry_after), &refusal.message())
+        }
+        _ => http::error_response(refusal.status(), &refusal.message()),
     }
 }
 
@@ -81,9 +132,17 @@ fn health(state: &Rc<RefCell<ShardState>>, head: &RequestHead) -> Vec<u8> {
     http::response(200, "application/json", body.as_bytes())
 }
 
+fn config_limits(state: &Rc<RefCell<ShardState>>, head: &RequestHead) -> Vec<u8> {
+    if head.method != "GET" {
+        return http::error_response(405, "use GET");
+    }
+    let body = super::http::limits_json(&state.borrow().cluster.config);
+    http::response(200, "application/json", body.as_bytes())
+}
+
 /// Reads until a complete request head (`Ok(None)`: the peer left first).
-async fn read_head(
-    stream: &mut TcpStream,
+async fn read_head<S: AsyncRead>(
+    stream: &mut S,
     bytes: &mut Vec<u8>,
     max_bytes: usize,
     max_headers: usize,
@@ -102,24 +161,30 @@ async fn read_head(
     }
 }
 
-async fn respond_and_close(mut stream: TcpStream, response: Vec<u8>) {
-    let _ = stream.write_all(response).await;
+async fn respond_and_close<S: Transport>(mut stream: S, response: Vec<u8>) {
+    if let BufResult(Ok(()), _) = stream.write_all(response).await {
+        let _ = stream.flush().await;
+    }
     let _ = stream.shutdown().await;
 }
 
-async fn websocket(state: Rc<RefCell<ShardState>>, mut stream: TcpStream, peer: SocketAddr, key: &str, early: &[u8]) {
+async fn websocket<S: Transport>(
+    state: Rc<RefCell<ShardState>>,
+    mut stream: S,
+    fd: RawFd,
+    peer: SocketAddr,
+    key: &str,
+    early: &[u8],
+    ticket: Ticket,
+) {
     let BufResult(written, _) = stream.write_all(http::upgrade_response(key)).await;
-    if written.is_err() {
+    if written.is_err() || stream.flush().await.is_err() {
         return;
     }
     let id = {
         let mut shard = state.borrow_mut();
-        let over_limit = shard.connection_count() >= shard.cluster.config.limits.max_connections_per_shard;
         let id = shard.add_conn();
         if let Some(conn) = shard.conn(id) {
-            if over_limit {
-                conn.session.close(CloseCode::ConnectionLimit, "this server holds all the connections it may".into());
-            }
             tracing::debug!(client = %conn.session.client_id(), %peer, "connection upgraded");
         }
         if !early.is_empty() {
@@ -127,12 +192,12 @@ async fn websocket(state: Rc<RefCell<ShardState>>, mut stream: TcpStream, peer: 
         }
         id
     };
-    let (reader, writer) = stream.into_split();
-    compio::runtime::spawn(write_loop(state.clone(), writer, id)).detach();
-    read_loop(&state, reader, id).await;
+    let (reader, writer) = stream.into_halves();
+    compio::runtime::spawn(write_loop::<S>(state.clone(), writer, fd, id, ticket)).detach();
+    read_loop(&state, reader, fd, id).await;
 }
 
-async fn read_loop(state: &Rc<RefCell<ShardState>>, mut reader: TcpStream, id: ConnId) {
+async fn read_loop<R: AsyncRead>(state: &Rc<RefCell<ShardState>>, mut reader: R, fd: RawFd, id: ConnId) {
     let mut buffer = Vec::with_capacity(READ_BUFFER);
     let peer_gone = loop {
         if state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing()) {
@@ -154,7 +219,7 @@ async fn read_loop(state: &Rc<RefCell<ShardState>>, mut reader: TcpStream, id: C
     };
     if peer_gone {
         // Nothing more can reach the peer: fail any write in flight so the writer ends.
-        shutdown(&reader);
+        shutdown(fd);
     }
     let mut shard = state.borrow_mut();
     if let Some(conn) = shard.conn(id) {
@@ -170,7 +235,15 @@ enum Next {
     Finish,
 }
 
-async fn write_loop(state: Rc<RefCell<ShardState>>, mut writer: TcpStream, id: ConnId) {
+/// Sends what the session queues until the connection ends; `_ticket` holds the connection's
+/// admitted place until then.
+async fn write_loop<S: Transport>(
+    state: Rc<RefCell<ShardState>>,
+    mut writer: S::Writer,
+    fd: RawFd,
+    id: ConnId,
+    _ticket: Ticket,
+) {
     let mut out = Vec::new();
     loop {
         let next = poll_fn(|cx| {
@@ -216,12 +289,13 @@ async fn write_loop(state: Rc<RefCell<ShardState>>, mut writer: TcpStream, id: C
             out = Vec::new();
         }
     }
-    finish(&state, &writer, id).await;
+    S::say_goodbye(&mut writer).await;
+    finish(&state, fd, id).await;
 }
 
 /// Ends the connection once the writer is done: stop the reader, wait for it, forget the conn.
-async fn finish(state: &Rc<RefCell<ShardState>>, socket: &TcpStream, id: ConnId) {
-    shutdown(socket);
+async fn finish(state: &Rc<RefCell<ShardState>>, fd: RawFd, id: ConnId) {
+    shutdown(fd);
     poll_fn(|cx| {
         let mut shard = state.borrow_mut();
         match shard.conn(id) {
@@ -248,9 +322,10 @@ async fn finish(state: &Rc<RefCell<ShardState>>, socket: &TcpStream, id: ConnId)
 }
 
 /// Shuts the socket down both ways, which completes any read or write in flight on it.
-fn shutdown(socket: &TcpStream) {
-    // SAFETY: shutdown(2) on a descriptor this connection owns; it only changes socket state.
+fn shutdown(fd: RawFd) {
+    // SAFETY: shutdown(2) on a descriptor this connection owns (its reader or writer still
+    // holds the stream, so it is open); it only changes socket state.
     unsafe {
-        libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR);
+        libc::shutdown(fd, libc::SHUT_RDWR);
     }
 }

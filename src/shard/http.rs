@@ -1,8 +1,12 @@
 //! Answers of the plain-HTTP routes served on the WebSocket port.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Serialize;
 
 use super::Cluster;
+use crate::config::{AuthMode, Config};
 
 /// `GET /health`: status, version, driver per shard, shard count, connections, uptime.
 pub(super) fn health_json(cluster: &Cluster) -> String {
@@ -51,6 +55,26 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         "conflated": total(|s| &s.conflated),
         "dropped": total(|s| &s.dropped),
     });
+    let refused = serde_json::json!({
+        "attempts_per_ip": total(|s| &s.refused_attempts_per_ip),
+        "max_connections": total(|s| &s.refused_max_connections),
+        "per_shard": total(|s| &s.refused_per_shard),
+        "per_ip": total(|s| &s.refused_per_ip),
+    });
+    let admission = serde_json::json!({
+        "connections": cluster.admission.connections(),
+        "addresses": cluster.admission.addresses(),
+        "attempt_buckets": cluster.admission.attempt_buckets(),
+    });
+    let tls = match &cluster.tls {
+        Some(tls) => serde_json::json!({
+            "enabled": true,
+            "reloads": tls.reloads(),
+            "reload_failures": tls.reload_failures(),
+            "handshake_failures": total(|s| &s.tls_handshake_failures),
+        }),
+        None => serde_json::json!({"enabled": false}),
+    };
     let mut drivers: Vec<&str> = cluster.stats.iter().map(|s| s.driver_name()).collect();
     drivers.dedup();
     let driver = if drivers.len() == 1 { drivers[0] } else { "mixed" };
@@ -77,6 +101,49 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         "broker": broker,
         "delivery": delivery,
         "protection": protection,
+        "refused_connections": refused,
+        "admission": admission,
+        "tls": tls,
+    })
+    .to_string()
+}
+
+/// The authentication settings a client may know; the secret and key files stay out.
+#[derive(Serialize)]
+struct PublicAuth<'a> {
+    mode: AuthMode,
+    #[serde(with = "humantime_serde")]
+    leeway: Duration,
+    #[serde(with = "humantime_serde")]
+    refresh_reminder: Duration,
+    #[serde(with = "humantime_serde")]
+    expiry_grace: Duration,
+    default_subscribe: &'a [String],
+    default_publish: &'a [String],
+}
+
+/// `GET /config/limits`: the limits in force, durations written as in the config (`"1m"`).
+/// Only named settings are copied, so a secret added to the config later cannot leak here.
+pub(super) fn limits_json(config: &Config) -> String {
+    let auth = &config.auth;
+    let public_auth = PublicAuth {
+        mode: auth.mode,
+        leeway: auth.leeway,
+        refresh_reminder: auth.refresh_reminder,
+        expiry_grace: auth.expiry_grace,
+        default_subscribe: &auth.default_subscribe,
+        default_publish: &auth.default_publish,
+    };
+    serde_json::json!({
+        "limits": config.limits,
+        "rate_limits": config.rate_limits,
+        "heartbeat": config.heartbeat,
+        "delivery": {
+            "priority_types": config.delivery.priority_types,
+            "conflate_above_bytes": config.delivery.conflate_above_bytes,
+            "batch_size": config.delivery.batch_size,
+        },
+        "auth": public_auth,
     })
     .to_string()
 }

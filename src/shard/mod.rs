@@ -2,10 +2,12 @@
 //! io_uring cannot be set up) with its own `SO_REUSEPORT` listener, its connections, and an
 //! inbox through which the other shards reach it. The only module that knows about compio.
 
+pub mod admission;
 mod conn;
 mod http;
 mod inbox;
 mod state;
+mod transport;
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -33,6 +35,8 @@ use crate::protocol::pb;
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::KeyedBuckets;
 use crate::router::ConnId;
+use crate::tls::ServerCertificate;
+use admission::{Admission, Refusal};
 use state::ShardState;
 
 /// How often a shard expires history and forgets idle channels.
@@ -110,11 +114,29 @@ pub struct ShardStats {
     /// Lower-priority updates replaced by newer ones with the same key, and dropped to make room.
     pub conflated: AtomicU64,
     pub dropped: AtomicU64,
+    /// Upgrades refused before the answer, by reason.
+    pub refused_attempts_per_ip: AtomicU64,
+    pub refused_max_connections: AtomicU64,
+    pub refused_per_shard: AtomicU64,
+    pub refused_per_ip: AtomicU64,
+    /// Sockets whose TLS handshake failed or did not finish in time.
+    pub tls_handshake_failures: AtomicU64,
     /// 0 = not started, 1 = io_uring, 2 = epoll.
     pub driver: AtomicU8,
 }
 
 impl ShardStats {
+    /// Counts one refused upgrade under its reason.
+    pub fn count_refusal(&self, refusal: Refusal) {
+        let counter = match refusal {
+            Refusal::AttemptsPerIp { .. } => &self.refused_attempts_per_ip,
+            Refusal::MaxConnections => &self.refused_max_connections,
+            Refusal::PerShard => &self.refused_per_shard,
+            Refusal::PerIp => &self.refused_per_ip,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn driver_name(&self) -> &'static str {
         match self.driver.load(Ordering::Relaxed) {
             1 => "io_uring",
@@ -138,6 +160,10 @@ pub struct Cluster {
     pub verifier: Option<Arc<Verifier>>,
     /// Rate-limit buckets per user (`[commands, publishes]`), across every shard.
     pub users: Arc<KeyedBuckets<Arc<str>, 2>>,
+    /// Who may open one more connection.
+    pub admission: Arc<Admission>,
+    /// The certificate when the listener speaks TLS.
+    pub tls: Option<ServerCertificate>,
 }
 
 /// A running server: its shards and the address they listen on.
@@ -150,6 +176,12 @@ impl Server {
     /// Binds one listener per shard and starts the shards.
     pub fn start(config: Config) -> io::Result<Server> {
         let shards = config.shard_count();
+        let tls = match config.tls.enabled() {
+            true => Some(
+                ServerCertificate::load(&config.tls).map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?,
+            ),
+            false => None,
+        };
         let listeners = bind_listeners(config.listen, shards)?;
         let local_addr = listeners[0].local_addr()?;
         let redis_url = config.redis_url().map(str::to_owned);
@@ -189,6 +221,8 @@ impl Server {
             users,
             inboxes: (0..shards).map(|_| Inbox::new(config.delivery.inbox_capacity)).collect(),
             stats: (0..shards).map(|_| ShardStats::default()).collect(),
+            admission: Arc::new(Admission::new(&config, shards)),
+            tls,
             config: Arc::new(config),
             started_at: Instant::now(),
             draining: AtomicBool::new(false),
@@ -230,6 +264,24 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.cluster.local_addr
+    }
+
+    /// Loads the TLS certificate and key again (SIGHUP): new connections use the new pair,
+    /// open ones keep theirs; a pair that does not load leaves the old one in use.
+    pub fn reload_tls(&self) {
+        let Some(tls) = &self.cluster.tls else {
+            tracing::info!("reload asked for, but TLS is off; nothing to reload");
+            return;
+        };
+        match tls.reload() {
+            Ok(()) => tracing::info!(
+                cert_file = %tls.cert_file().display(),
+                key_file = %tls.key_file().display(),
+                reloads = tls.reloads(),
+                "TLS certificate reloaded; new connections use it"
+            ),
+            Err(err) => tracing::error!(error = %err, "TLS certificate not reloaded; the previous one stays in use"),
+        }
     }
 
     /// Asks every shard to close its connections and stop, then waits for them.
@@ -454,12 +506,13 @@ async fn timeout_loop(state: Rc<RefCell<ShardState>>) {
     }
 }
 
-/// Forgets the rate-limit buckets of users who left (or calmed down).
+/// Forgets the rate-limit buckets of users and addresses that left (or calmed down).
 async fn cleanup_loop(cluster: Arc<Cluster>) {
     let mut interval = compio::time::interval(cluster.config.cleanup.interval);
     loop {
         interval.tick().await;
         cluster.users.sweep(Instant::now());
+        cluster.admission.sweep(Instant::now());
     }
 }
 

@@ -33,6 +33,9 @@ impl TestServer {
             .env("RUST_LOG", "warn")
             .env("ROUTOPIA_AUTH__HMAC_SECRET", SECRET)
             .env("ROUTOPIA_RATE_LIMITS__ENABLED", "false")
+            // Tests open many connections from one address in a burst; the ones about admission
+            // set the attempts limit themselves (later `env` wins).
+            .env("ROUTOPIA_RATE_LIMITS__CONNECTION_ATTEMPTS_PER_IP__REQUESTS", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -69,6 +72,12 @@ impl TestServer {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         self.child.wait().expect("wait for the server")
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the server process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
     /// A connected protocol client, as user `tester`, allowed every channel.
