@@ -7,7 +7,7 @@ mod common;
 use std::io::ErrorKind;
 use std::time::Duration;
 
-use common::{within, TestServer};
+use common::{within, Retrying, TestServer};
 use prost::Message as _;
 use routopia_realtime::protocol::envelope;
 use routopia_realtime::protocol::pb::{self, client_frame::Command, server_frame::Kind, UpdateType};
@@ -17,13 +17,13 @@ const UPDATES: u64 = 30_000;
 const PAYLOAD: usize = 1000;
 
 /// A WebSocket over a socket with a tiny receive buffer, connected and subscribed.
-fn stalled_subscriber(server: &TestServer, channel: &str) -> tungstenite::WebSocket<std::net::TcpStream> {
+fn stalled_subscriber(server: &TestServer, channel: &str) -> tungstenite::WebSocket<Retrying<std::net::TcpStream>> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket.connect(&server.addr.into()).unwrap();
     let stream: std::net::TcpStream = socket.into();
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let (mut ws, _) = tungstenite::client::client(format!("ws://{}/ws", server.addr), stream).unwrap();
+    let (mut ws, _) = tungstenite::client::client(format!("ws://{}/ws", server.addr), Retrying(stream)).unwrap();
     let connect = pb::Connect { token: common::token("stalled"), ..Default::default() };
     let subscribe = pb::Subscribe { channel: channel.into(), ..Default::default() };
     let frames = vec![

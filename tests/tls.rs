@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{http_request, TestServer, BIN};
+use routopia_realtime::protocol::envelope;
+use routopia_realtime::protocol::pb::{self, client_frame::Command as Cmd, reply, server_frame::Kind};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use tungstenite::client::IntoClientRequest;
@@ -291,4 +293,72 @@ fn a_bad_certificate_at_start_is_refused_with_exit_2_naming_the_file() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&files.key().display().to_string()), "{stderr}");
     assert!(output.stdout.is_empty(), "nothing may start: {}", String::from_utf8_lossy(&output.stdout));
+}
+
+/// Sends `frames` as one `ClientMessage` over a WebSocket.
+fn send_frames(websocket: &mut tungstenite::WebSocket<TlsSocket>, frames: Vec<pb::ClientFrame>) {
+    let message = envelope::encode::<pb::ClientMessage>(frames, None);
+    websocket.send(Message::Binary(message.into())).expect("send");
+}
+
+/// The frames of the next binary message from the server.
+fn next_frames(websocket: &mut tungstenite::WebSocket<TlsSocket>) -> Vec<pb::ServerFrame> {
+    loop {
+        if let Message::Binary(data) = websocket.read().expect("a message from the server") {
+            return envelope::decode::<pb::ServerMessage>(data, 1 << 24).expect("a server message");
+        }
+    }
+}
+
+#[test]
+fn pub_sub_over_wss_with_tokens() {
+    let identity = Identity::new("routopia test");
+    let files = TlsFiles::new(&identity);
+    let server = files.start_server();
+    let config = client_config(&[&identity]);
+    let connect = |user: &str| pb::ClientFrame {
+        id: 1,
+        command: Some(Cmd::Connect(pb::Connect { token: common::token(user), ..Default::default() })),
+    };
+    let mut phone = wss_connect(server.addr, &config);
+    let subscribe = pb::Subscribe { channel: "route:42".into(), ..Default::default() };
+    send_frames(
+        &mut phone,
+        vec![connect("phone"), pb::ClientFrame { id: 2, command: Some(Cmd::Subscribe(subscribe)) }],
+    );
+    let sub_id = loop {
+        let reply = next_frames(&mut phone).into_iter().find_map(|frame| match frame.kind {
+            Some(Kind::Reply(pb::Reply { id: 2, result: Some(reply::Result::Subscribe(result)) })) => {
+                Some(result.sub_id)
+            }
+            Some(Kind::Reply(pb::Reply { result: Some(reply::Result::Error(error)), .. })) => panic!("{error:?}"),
+            _ => None,
+        });
+        if let Some(sub_id) = reply {
+            break sub_id;
+        }
+    };
+    let mut backend = wss_connect(server.addr, &config);
+    let publishes = (1..=3u8).map(|n| pb::ClientFrame {
+        id: 10 + u32::from(n),
+        command: Some(Cmd::Publish(pb::Publish {
+            channel: "route:42".into(),
+            r#type: pb::UpdateType::Route as i32,
+            key: "leg".into(),
+            payload: vec![n; 3].into(),
+            ..Default::default()
+        })),
+    });
+    send_frames(&mut backend, std::iter::once(connect("backend")).chain(publishes).collect());
+    let mut offsets = Vec::new();
+    while offsets.len() < 3 {
+        for frame in next_frames(&mut phone) {
+            if let Some(Kind::Update(update)) = frame.kind {
+                assert_eq!(update.sub_id, sub_id);
+                assert_eq!(update.payload.as_ref(), [update.offset as u8; 3]);
+                offsets.push(update.offset);
+            }
+        }
+    }
+    assert_eq!(offsets, vec![1, 2, 3]);
 }

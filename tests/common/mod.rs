@@ -260,3 +260,34 @@ pub async fn expect_disconnect(client: &mut Client, code: u16) -> pb::Disconnect
     }
     disconnect
 }
+
+/// A blocking stream that retries reads and writes interrupted by `EINTR`. Inside a compio
+/// test the thread's io_uring completions interrupt blocking socket calls that have a timeout,
+/// which the kernel then does not restart.
+pub struct Retrying<S>(pub S);
+
+impl<S: Read> Read for Retrying<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                result => return result,
+            }
+        }
+    }
+}
+
+impl<S: Write> Write for Retrying<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                result => return result,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
