@@ -5,7 +5,8 @@
 //! use routopia_realtime::client::{Client, ConnectOptions};
 //! use routopia_realtime::protocol::pb::UpdateType;
 //! let addr = "127.0.0.1:3000".parse().unwrap();
-//! let (mut client, _info) = Client::connect(addr, ConnectOptions::default()).await?;
+//! let options = ConnectOptions { token: "eyJhbGciOi…".into(), ..ConnectOptions::default() };
+//! let (mut client, _info) = Client::connect(addr, options).await?;
 //! let sub = client.subscribe("route:42").await?;
 //! client.publish("route:42", UpdateType::Route, "leg-1", b"{\"eta\":300}".to_vec()).await?;
 //! let update = client.next_update().await?;
