@@ -63,43 +63,40 @@ pub struct GaveWay {
     pub dropped: u64,
 }
 
+// Declaration order: the fields every push and drain touch come first.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Outbox {
+    /// Replies, control frames and high-priority updates.
     high: VecDeque<OutItem>,
+    /// Lower-priority updates and the state giving way needs; made when the first one comes,
+    /// so connections that only get high-priority updates stay small and fast.
+    low: Option<Box<LowLane>>,
+    bytes: usize,
+    max_bytes: usize,
+    pressure: Pressure,
+    gave_way: GaveWay,
+}
+
+#[derive(Debug, Default)]
+struct LowLane {
     /// `None`: a tombstone of a conflated or dropped update.
-    low: VecDeque<Option<OutItem>>,
-    /// Sequence number of `low.front()`, so positions survive pops.
-    low_head: u64,
-    /// Live low-lane items per subscription (a high-priority update behind them queues there).
-    low_per_sub: HashMap<u32, u32>,
-    /// Low-lane position of the queued update per (subscription, key hash).
+    items: VecDeque<Option<OutItem>>,
+    /// Sequence number of `items.front()`, so positions survive pops.
+    head: u64,
+    /// Live items per subscription (a high-priority update behind them queues here).
+    per_sub: HashMap<u32, u32>,
+    /// Position of the queued update per (subscription, key hash).
     by_key: HashMap<(u32, u64), u64>,
     /// Offsets not sent, as inclusive ranges per subscription, until the next update sent on
     /// it reports them. (No queued offset ever lies inside a range: every offset in it was
     /// skipped.)
     skipped: HashMap<u32, Vec<(u64, u64)>>,
-    bytes: usize,
-    max_bytes: usize,
-    pressure: Pressure,
-    gave_way: GaveWay,
-    scratch: Vec<OutItem>,
 }
 
 impl Outbox {
     pub fn new(max_bytes: usize, pressure: Pressure) -> Self {
-        Self {
-            high: VecDeque::new(),
-            low: VecDeque::new(),
-            low_head: 0,
-            low_per_sub: HashMap::new(),
-            by_key: HashMap::new(),
-            skipped: HashMap::new(),
-            bytes: 0,
-            max_bytes,
-            pressure,
-            gave_way: GaveWay::default(),
-            scratch: Vec::new(),
-        }
+        Self { high: VecDeque::new(), low: None, bytes: 0, max_bytes, pressure, gave_way: GaveWay::default() }
     }
 
     /// Queues `item`, giving way as described above; `Overflow` when even that is not enough.
@@ -114,21 +111,22 @@ impl Outbox {
                 return Ok(());
             }
         };
-        let high_priority = self.pressure.priority_types & (1 << (publication.update_type as u32 & 31)) != 0;
-        if high_priority {
+        if self.is_high_priority(publication) {
             self.make_room(len)?;
             self.bytes += len;
-            if !self.low.is_empty() && self.low_per_sub.contains_key(&sub_id) {
-                self.push_low(sub_id, 0, item);
-            } else {
-                self.high.push_back(item);
+            match self.low.as_deref_mut() {
+                Some(lane) if !lane.items.is_empty() && lane.per_sub.contains_key(&sub_id) => {
+                    lane.push(sub_id, 0, item)
+                }
+                _ => self.high.push_back(item),
             }
             return Ok(());
         }
         let (offset, key_hash) = (publication.offset, publication.key_hash);
+        let lane = self.low.get_or_insert_with(Box::default);
         if key_hash != 0 && self.bytes + len > self.pressure.conflate_above {
-            if let Some(&position) = self.by_key.get(&(sub_id, key_hash)) {
-                self.bury(position);
+            if let Some((freed, added)) = lane.by_key.get(&(sub_id, key_hash)).copied().and_then(|p| lane.bury(p)) {
+                self.bytes = self.bytes - freed + added;
                 self.gave_way.conflated += 1;
             }
         }
@@ -136,11 +134,12 @@ impl Outbox {
         // only when none is left does this one.
         if self.make_room(len).is_err() {
             self.gave_way.dropped += 1;
-            self.skip(sub_id, offset);
+            let lane = self.low.get_or_insert_with(Box::default);
+            self.bytes += lane.skip(sub_id, offset);
             return if self.bytes > self.max_bytes { Err(Overflow) } else { Ok(()) };
         }
         self.bytes += len;
-        self.push_low(sub_id, key_hash, item);
+        self.low.get_or_insert_with(Box::default).push(sub_id, key_hash, item);
         Ok(())
     }
 
@@ -148,16 +147,16 @@ impl Outbox {
     /// everything queued, in both lanes.
     pub fn push_unbounded(&mut self, item: OutItem) {
         self.bytes += item.len();
-        let low = std::mem::take(&mut self.low);
-        self.high.extend(low.into_iter().flatten());
-        self.low_head = 0;
-        self.low_per_sub.clear();
-        self.by_key.clear();
+        if let Some(lane) = self.low.as_deref_mut() {
+            self.high.extend(lane.items.drain(..).flatten());
+            lane.per_sub.clear();
+            lane.by_key.clear();
+        }
         self.high.push_back(item);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.high.is_empty() && self.low.is_empty()
+        self.high.is_empty() && self.low.as_ref().is_none_or(|lane| lane.items.is_empty())
     }
 
     /// Bytes queued (and accounted for tombstones and skipped offsets).
@@ -173,168 +172,199 @@ impl Outbox {
     /// Drops everything queued.
     pub fn clear(&mut self) {
         self.high.clear();
-        self.low.clear();
-        self.low_head = 0;
-        self.low_per_sub.clear();
-        self.by_key.clear();
-        self.skipped.clear();
+        self.low = None;
         self.bytes = 0;
     }
 
     /// Forgets what was skipped on a subscription that ended.
     pub fn forget_subscription(&mut self, sub_id: u32) {
-        if let Some(ranges) = self.skipped.remove(&sub_id) {
+        if let Some(ranges) = self.low.as_mut().and_then(|lane| lane.skipped.remove(&sub_id)) {
             self.bytes -= ranges.len() * SKIPPED_BYTES;
         }
     }
 
     /// Moves everything queued into `out` as wire bytes, packing up to `batch_size` frames per
-    /// WebSocket message. Returns the number of frames written.
+    /// WebSocket message: the high lane first, then the low one. Returns the number of frames.
     pub fn drain_into(&mut self, out: &mut Vec<u8>, batch_size: usize) -> usize {
-        let mut items = std::mem::take(&mut self.scratch);
-        items.extend(self.high.drain(..));
-        items.extend(self.low.drain(..).flatten());
-        self.low_head = 0;
-        self.low_per_sub.clear();
-        self.by_key.clear();
-        let mut frames = 0;
-        let mut rest = &mut items[..];
-        while let Some(front) = rest.first() {
-            if let OutItem::Raw(bytes) = front {
-                out.extend_from_slice(bytes);
-                rest = &mut rest[1..];
-                continue;
-            }
-            let run = rest.iter().take_while(|item| !matches!(item, OutItem::Raw(_))).take(batch_size).count();
-            let (batch, after) = rest.split_at_mut(run);
-            // Only a connection that fell behind has skips to report.
-            let skips: Option<Vec<u32>> =
-                (!self.skipped.is_empty()).then(|| batch.iter().map(|item| self.take_skipped(item)).collect());
-            let skipped_at = |i: usize| skips.as_ref().map_or(0, |s| s[i]);
-            let len: usize = batch
-                .iter()
-                .enumerate()
-                .map(|(i, item)| match item {
-                    OutItem::Push { sub_id, publication } => {
-                        push_len_skipped(*sub_id, skipped_at(i), publication.body.len())
-                    }
-                    other => other.len(),
-                })
-                .sum();
-            out.reserve(len + 10);
-            write_binary_header(out, len);
-            for (i, item) in batch.iter().enumerate() {
-                let skipped = skipped_at(i);
-                match item {
-                    OutItem::Push { sub_id, publication } => {
-                        write_push_skipped(out, *sub_id, skipped, &publication.body)
-                    }
-                    OutItem::Frame(bytes) => out.extend_from_slice(bytes),
-                    OutItem::Raw(_) => unreachable!("runs stop before raw items"),
-                }
-            }
-            frames += run;
-            rest = after;
-        }
-        items.clear();
-        self.scratch = items;
-        self.bytes = self.skipped.values().map(|ranges| ranges.len() * SKIPPED_BYTES).sum();
+        let Some(lane) = self.low.as_deref_mut() else {
+            let frames = write_batches(out, self.high.iter(), batch_size, None);
+            self.high.clear();
+            self.bytes = 0;
+            return frames;
+        };
+        let mut frames = write_batches(out, self.high.iter(), batch_size, Some(&mut lane.skipped));
+        self.high.clear();
+        frames += write_batches(out, lane.items.iter().flatten(), batch_size, Some(&mut lane.skipped));
+        lane.items.clear();
+        lane.head = 0;
+        lane.per_sub.clear();
+        lane.by_key.clear();
+        self.bytes = lane.skipped.values().map(|ranges| ranges.len() * SKIPPED_BYTES).sum();
         frames
     }
 
-    /// How many skipped offsets `item` reports (those below its own, on its subscription).
-    fn take_skipped(&mut self, item: &OutItem) -> u32 {
-        if self.skipped.is_empty() {
-            return 0;
-        }
-        let OutItem::Push { sub_id, publication } = item else { return 0 };
-        let Some(ranges) = self.skipped.get_mut(sub_id) else { return 0 };
-        let mut reported = 0;
-        ranges.retain(|&(first, last)| {
-            let below = last < publication.offset;
-            if below {
-                reported += last - first + 1;
-            }
-            !below
-        });
-        if ranges.is_empty() {
-            self.skipped.remove(sub_id);
-        }
-        reported.min(u64::from(u32::MAX)) as u32
-    }
-
-    fn push_low(&mut self, sub_id: u32, key_hash: u64, item: OutItem) {
-        let position = self.low_head + self.low.len() as u64;
-        *self.low_per_sub.entry(sub_id).or_insert(0) += 1;
-        if key_hash != 0 {
-            self.by_key.insert((sub_id, key_hash), position);
-        }
-        self.low.push_back(Some(item));
-    }
-
-    /// Turns the low-lane update at `position` into a tombstone and remembers its offset. The
-    /// record may take the queue past its limit (a tiny update frees less than its tombstone
-    /// and range cost); callers go on making room, or overflow.
-    fn bury(&mut self, position: u64) {
-        let index = (position - self.low_head) as usize;
-        let Some(OutItem::Push { sub_id, publication }) = self.low.get_mut(index).and_then(Option::take) else {
-            return;
-        };
-        self.bytes -= push_len(sub_id, publication.body.len());
-        self.bytes += TOMBSTONE_BYTES;
-        if publication.key_hash != 0 {
-            self.by_key.remove(&(sub_id, publication.key_hash));
-        }
-        if let Some(count) = self.low_per_sub.get_mut(&sub_id) {
-            *count -= 1;
-            if *count == 0 {
-                self.low_per_sub.remove(&sub_id);
-            }
-        }
-        self.skip(sub_id, publication.offset);
-    }
-
-    /// Remembers that `offset` on `sub_id` was not sent, merging with the latest range.
-    fn skip(&mut self, sub_id: u32, offset: u64) {
-        let ranges = self.skipped.entry(sub_id).or_default();
-        if let Some(last) = ranges.last_mut() {
-            if offset == last.1 + 1 {
-                last.1 = offset;
-                return;
-            }
-            if offset + 1 == last.0 {
-                last.0 = offset;
-                return;
-            }
-        }
-        self.bytes += SKIPPED_BYTES;
-        ranges.push((offset, offset));
+    fn is_high_priority(&self, publication: &Publication) -> bool {
+        self.pressure.priority_types & (1 << (publication.update_type as u32 & 31)) != 0
     }
 
     /// Drops lower-priority updates, oldest first, until `len` more bytes fit.
+    #[inline]
     fn make_room(&mut self, len: usize) -> Result<(), Overflow> {
+        if self.bytes + len <= self.max_bytes {
+            return Ok(());
+        }
+        self.give_way(len)
+    }
+
+    #[cold]
+    fn give_way(&mut self, len: usize) -> Result<(), Overflow> {
+        let priority_types = self.pressure.priority_types;
+        let Some(lane) = self.low.as_deref_mut() else { return Err(Overflow) };
         let mut index: usize = 0;
         while self.bytes + len > self.max_bytes {
-            while self.low.front().is_some_and(Option::is_none) {
-                self.low.pop_front();
-                self.low_head += 1;
+            while lane.items.front().is_some_and(Option::is_none) {
+                lane.items.pop_front();
+                lane.head += 1;
                 self.bytes -= TOMBSTONE_BYTES;
                 index = index.saturating_sub(1);
             }
-            let Some(slot) = self.low.get(index) else { return Err(Overflow) };
-            let droppable = match slot {
-                Some(OutItem::Push { publication, .. }) => {
-                    self.pressure.priority_types & (1 << (publication.update_type as u32 & 31)) == 0
-                }
-                _ => false,
-            };
+            let Some(slot) = lane.items.get(index) else { return Err(Overflow) };
+            let droppable = matches!(slot, Some(OutItem::Push { publication, .. })
+                if priority_types & (1 << (publication.update_type as u32 & 31)) == 0);
             if droppable {
-                self.bury(self.low_head + index as u64);
-                self.gave_way.dropped += 1;
+                if let Some((freed, added)) = lane.bury(lane.head + index as u64) {
+                    self.bytes = self.bytes - freed + added;
+                    self.gave_way.dropped += 1;
+                }
             }
             index += 1;
         }
         Ok(())
+    }
+}
+
+impl LowLane {
+    fn push(&mut self, sub_id: u32, key_hash: u64, item: OutItem) {
+        let position = self.head + self.items.len() as u64;
+        *self.per_sub.entry(sub_id).or_insert(0) += 1;
+        if key_hash != 0 {
+            self.by_key.insert((sub_id, key_hash), position);
+        }
+        self.items.push_back(Some(item));
+    }
+
+    /// Turns the update at `position` into a tombstone and remembers its offset. Returns the
+    /// bytes freed and the bytes the tombstone and skip record add (a tiny update may free
+    /// less than that; callers go on making room, or overflow).
+    fn bury(&mut self, position: u64) -> Option<(usize, usize)> {
+        let index = (position - self.head) as usize;
+        let Some(OutItem::Push { sub_id, publication }) = self.items.get_mut(index).and_then(Option::take) else {
+            return None;
+        };
+        if publication.key_hash != 0 {
+            self.by_key.remove(&(sub_id, publication.key_hash));
+        }
+        if let Some(count) = self.per_sub.get_mut(&sub_id) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_sub.remove(&sub_id);
+            }
+        }
+        let freed = push_len(sub_id, publication.body.len());
+        Some((freed, TOMBSTONE_BYTES + self.skip(sub_id, publication.offset)))
+    }
+
+    /// Remembers that `offset` on `sub_id` was not sent, merging with the latest range;
+    /// returns the bytes a new range costs.
+    fn skip(&mut self, sub_id: u32, offset: u64) -> usize {
+        let ranges = self.skipped.entry(sub_id).or_default();
+        if let Some(last) = ranges.last_mut() {
+            if offset == last.1 + 1 {
+                last.1 = offset;
+                return 0;
+            }
+            if offset + 1 == last.0 {
+                last.0 = offset;
+                return 0;
+            }
+        }
+        ranges.push((offset, offset));
+        SKIPPED_BYTES
+    }
+}
+
+/// How many skipped offsets `item` reports (those below its own, on its subscription).
+fn take_skipped(skipped: &mut HashMap<u32, Vec<(u64, u64)>>, item: &OutItem) -> u32 {
+    let OutItem::Push { sub_id, publication } = item else { return 0 };
+    let Some(ranges) = skipped.get_mut(sub_id) else { return 0 };
+    let mut reported = 0;
+    ranges.retain(|&(first, last)| {
+        let below = last < publication.offset;
+        if below {
+            reported += last - first + 1;
+        }
+        !below
+    });
+    if ranges.is_empty() {
+        skipped.remove(sub_id);
+    }
+    reported.min(u64::from(u32::MAX)) as u32
+}
+
+/// Writes `items` as WebSocket messages of up to `batch_size` frames (raw items go out as
+/// they are, between batches). Updates on subscriptions with skipped offsets report them.
+#[inline]
+fn write_batches<'a, I>(
+    out: &mut Vec<u8>,
+    mut items: I,
+    batch_size: usize,
+    mut skipped: Option<&mut HashMap<u32, Vec<(u64, u64)>>>,
+) -> usize
+where
+    I: Iterator<Item = &'a OutItem> + Clone,
+{
+    let mut frames = 0;
+    let mut skips = Vec::new();
+    loop {
+        match items.clone().next() {
+            None => return frames,
+            Some(OutItem::Raw(bytes)) => {
+                out.extend_from_slice(bytes);
+                items.next();
+                continue;
+            }
+            Some(_) => {}
+        }
+        let run = items.clone().take_while(|item| !matches!(item, OutItem::Raw(_))).take(batch_size);
+        // Only a connection that fell behind has skips to report.
+        skips.clear();
+        let (count, len) = match skipped.as_deref_mut().filter(|s| !s.is_empty()) {
+            None => run.fold((0, 0), |(count, len), item| (count + 1, len + item.len())),
+            Some(skipped) => {
+                skips.extend(run.clone().map(|item| take_skipped(skipped, item)));
+                let len = run
+                    .zip(&skips)
+                    .map(|(item, &n)| match item {
+                        OutItem::Push { sub_id, publication } => push_len_skipped(*sub_id, n, publication.body.len()),
+                        other => other.len(),
+                    })
+                    .sum();
+                (skips.len(), len)
+            }
+        };
+        out.reserve(len + 10);
+        write_binary_header(out, len);
+        for i in 0..count {
+            let skipped = skips.get(i).copied().unwrap_or(0);
+            match items.next() {
+                Some(OutItem::Push { sub_id, publication }) => {
+                    write_push_skipped(out, *sub_id, skipped, &publication.body)
+                }
+                Some(OutItem::Frame(bytes)) => out.extend_from_slice(bytes),
+                Some(OutItem::Raw(_)) | None => unreachable!("runs stop before raw items"),
+            }
+        }
+        frames += count;
     }
 }
 

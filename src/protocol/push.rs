@@ -49,6 +49,7 @@ pub fn push_len(sub_id: u32, body_len: usize) -> usize {
 }
 
 /// `push_len` of a push that also says how many updates before it were `skipped`.
+#[inline]
 pub fn push_len_skipped(sub_id: u32, skipped: u32, body_len: usize) -> usize {
     let update_len = sub_id_field_len(sub_id) + body_len + skipped_field_len(skipped);
     let frame_len = 1 + encoded_len_varint(update_len as u64) + update_len;
@@ -61,6 +62,7 @@ pub fn write_push(out: &mut Vec<u8>, sub_id: u32, body: &[u8]) {
 }
 
 /// `write_push`, with `Update.skipped` written after the body when nonzero.
+#[inline]
 pub fn write_push_skipped(out: &mut Vec<u8>, sub_id: u32, skipped: u32, body: &[u8]) {
     let update_len = sub_id_field_len(sub_id) + body.len() + skipped_field_len(skipped);
     let frame_len = 1 + encoded_len_varint(update_len as u64) + update_len;
