@@ -7,9 +7,9 @@
 pub enum ErrorCode {
     /// The command is malformed: a missing or invalid field, or a bad channel name.
     BadRequest = 400,
-    /// The command needs a completed `Connect` first.
-    NotConnected = 401,
-    /// The claims do not allow this channel or command.
+    /// A token was refused (`Refresh`); the reason says why.
+    TokenRefused = 401,
+    /// The token does not allow this channel, or a `Refresh` names another subject.
     Forbidden = 403,
     /// No such subscription on this connection.
     NotFound = 404,

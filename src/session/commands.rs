@@ -88,7 +88,7 @@ impl Session {
             Err(refusal) => {
                 self.events.push_back(SessionEvent::AuthFailed(refusal.failure));
                 // The current token stays in force until it expires.
-                return self.error(id, ErrorCode::NotConnected, refusal.to_string());
+                return self.error(id, ErrorCode::TokenRefused, refusal.to_string());
             }
         };
         self.set_grant(now, grant);
