@@ -278,9 +278,6 @@ impl Verifier {
         } else {
             None
         };
-        let patterns = |list: &[String]| -> Result<Arc<[ChannelPattern]>, String> {
-            list.iter().map(|p| ChannelPattern::parse(p)).collect::<Result<Vec<_>, _>>().map(Arc::from)
-        };
         let verifier = Verifier {
             hmac,
             rsa,
@@ -288,8 +285,8 @@ impl Verifier {
             audience: (!config.audience.is_empty()).then(|| config.audience.clone()),
             issuer: (!config.issuer.is_empty()).then(|| config.issuer.clone()),
             leeway: config.leeway.as_secs(),
-            default_subscribe: patterns(&config.default_subscribe)?,
-            default_publish: patterns(&config.default_publish)?,
+            default_subscribe: parse_patterns(&config.default_subscribe)?,
+            default_publish: parse_patterns(&config.default_publish)?,
         };
         Ok(AuthSetup { verifier: Some(Arc::new(verifier)), development_token })
     }
@@ -362,13 +359,7 @@ impl Verifier {
         let patterns = |list: Option<Vec<String>>, default: &Arc<[ChannelPattern]>| match list {
             None => Ok(default.clone()),
             Some(list) if list.len() > 256 => Err(Refusal::new(AuthFailure::BadClaim, "at most 256 channel patterns")),
-            Some(list) => list
-                .iter()
-                .map(|p| {
-                    ChannelPattern::parse(p).map_err(|e| Refusal::new(AuthFailure::BadClaim, format!("`{p}`: {e}")))
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map(Arc::from),
+            Some(list) => parse_patterns(&list).map_err(|e| Refusal::new(AuthFailure::BadClaim, e)),
         };
         Ok(Grant {
             subject: Some(subject),
@@ -377,6 +368,14 @@ impl Verifier {
             publish: Some(patterns(claims.publish, &self.default_publish)?),
         })
     }
+}
+
+/// Parses every pattern of `list`; the error names the one refused.
+fn parse_patterns(list: &[String]) -> Result<Arc<[ChannelPattern]>, String> {
+    list.iter()
+        .map(|p| ChannelPattern::parse(p).map_err(|e| format!("`{p}`: {e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Arc::from)
 }
 
 fn refusal(kind: &ErrorKind) -> Refusal {

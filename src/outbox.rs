@@ -56,6 +56,12 @@ pub struct Pressure {
     pub conflate_above: usize,
 }
 
+impl Pressure {
+    fn is_priority(&self, publication: &Publication) -> bool {
+        self.priority_types & (1 << (publication.update_type as u32 & 31)) != 0
+    }
+}
+
 /// Updates that did not go out as themselves, for the shard's counters.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GaveWay {
@@ -87,7 +93,10 @@ struct LowLane {
     /// Live items per subscription (a high-priority update behind them queues here).
     per_sub: HashMap<u32, u32>,
     /// Position of the queued update per (subscription, key hash).
+    /// Kept only under pressure (`keyed`): built from `items` the first time conflation is
+    /// needed, so pushes below the threshold pay no key bookkeeping.
     by_key: HashMap<(u32, u64), u64>,
+    keyed: bool,
     /// Offsets not sent, as inclusive ranges per subscription, until the next update sent on
     /// it reports them. (No queued offset ever lies inside a range: every offset in it was
     /// skipped.)
@@ -125,6 +134,7 @@ impl Outbox {
         let (offset, key_hash) = (publication.offset, publication.key_hash);
         let lane = self.low.get_or_insert_with(Box::default);
         if key_hash != 0 && self.bytes + len > self.pressure.conflate_above {
+            lane.index_keys();
             if let Some((freed, added)) = lane.by_key.get(&(sub_id, key_hash)).copied().and_then(|p| lane.bury(p)) {
                 self.bytes = self.bytes - freed + added;
                 self.gave_way.conflated += 1;
@@ -150,7 +160,7 @@ impl Outbox {
         if let Some(lane) = self.low.as_deref_mut() {
             self.high.extend(lane.items.drain(..).flatten());
             lane.per_sub.clear();
-            lane.by_key.clear();
+            lane.unindex_keys();
         }
         self.high.push_back(item);
     }
@@ -198,13 +208,13 @@ impl Outbox {
         lane.items.clear();
         lane.head = 0;
         lane.per_sub.clear();
-        lane.by_key.clear();
+        lane.unindex_keys();
         self.bytes = lane.skipped.values().map(|ranges| ranges.len() * SKIPPED_BYTES).sum();
         frames
     }
 
     fn is_high_priority(&self, publication: &Publication) -> bool {
-        self.pressure.priority_types & (1 << (publication.update_type as u32 & 31)) != 0
+        self.pressure.is_priority(publication)
     }
 
     /// Drops lower-priority updates, oldest first, until `len` more bytes fit.
@@ -218,7 +228,7 @@ impl Outbox {
 
     #[cold]
     fn give_way(&mut self, len: usize) -> Result<(), Overflow> {
-        let priority_types = self.pressure.priority_types;
+        let pressure = self.pressure;
         let Some(lane) = self.low.as_deref_mut() else { return Err(Overflow) };
         let mut index: usize = 0;
         while self.bytes + len > self.max_bytes {
@@ -230,7 +240,7 @@ impl Outbox {
             }
             let Some(slot) = lane.items.get(index) else { return Err(Overflow) };
             let droppable = matches!(slot, Some(OutItem::Push { publication, .. })
-                if priority_types & (1 << (publication.update_type as u32 & 31)) == 0);
+                if !pressure.is_priority(publication));
             if droppable {
                 if let Some((freed, added)) = lane.bury(lane.head + index as u64) {
                     self.bytes = self.bytes - freed + added;
@@ -247,10 +257,30 @@ impl LowLane {
     fn push(&mut self, sub_id: u32, key_hash: u64, item: OutItem) {
         let position = self.head + self.items.len() as u64;
         *self.per_sub.entry(sub_id).or_insert(0) += 1;
-        if key_hash != 0 {
+        if self.keyed && key_hash != 0 {
             self.by_key.insert((sub_id, key_hash), position);
         }
         self.items.push_back(Some(item));
+    }
+
+    /// Indexes the queued updates by (subscription, key), latest position winning.
+    fn index_keys(&mut self) {
+        if self.keyed {
+            return;
+        }
+        self.keyed = true;
+        for (position, slot) in (self.head..).zip(&self.items) {
+            if let Some(OutItem::Push { sub_id, publication }) = slot {
+                if publication.key_hash != 0 {
+                    self.by_key.insert((*sub_id, publication.key_hash), position);
+                }
+            }
+        }
+    }
+
+    fn unindex_keys(&mut self) {
+        self.by_key.clear();
+        self.keyed = false;
     }
 
     /// Turns the update at `position` into a tombstone and remembers its offset. Returns the
@@ -261,7 +291,8 @@ impl LowLane {
         let Some(OutItem::Push { sub_id, publication }) = self.items.get_mut(index).and_then(Option::take) else {
             return None;
         };
-        if publication.key_hash != 0 {
+        // Only if it is the one indexed: a newer update with the key may be.
+        if self.by_key.get(&(sub_id, publication.key_hash)) == Some(&position) {
             self.by_key.remove(&(sub_id, publication.key_hash));
         }
         if let Some(count) = self.per_sub.get_mut(&sub_id) {

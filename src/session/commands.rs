@@ -104,16 +104,23 @@ impl Session {
         self.grant = grant;
     }
 
-    fn handle_subscribe(&mut self, id: u32, subscribe: pb::Subscribe) {
-        if let Err(err) = validate_channel(&subscribe.channel, self.limits.max_channel_length) {
-            return self.error(id, ErrorCode::BadRequest, err.to_string());
+    /// Whether `channel` is a valid name the token may read (subscribe to, or read history
+    /// of); if not, the client has been told why.
+    fn may_read(&mut self, id: u32, channel: &str) -> bool {
+        if let Err(err) = validate_channel(channel, self.limits.max_channel_length) {
+            self.error(id, ErrorCode::BadRequest, err.to_string());
+            return false;
         }
-        if !self.grant.may_subscribe(&subscribe.channel) {
-            return self.error(
-                id,
-                ErrorCode::Forbidden,
-                format!("the token does not allow subscribing to {}", subscribe.channel),
-            );
+        if !self.grant.may_subscribe(channel) {
+            self.error(id, ErrorCode::Forbidden, format!("the token does not allow reading {channel}"));
+            return false;
+        }
+        true
+    }
+
+    fn handle_subscribe(&mut self, id: u32, subscribe: pb::Subscribe) {
+        if !self.may_read(id, &subscribe.channel) {
+            return;
         }
         if self.by_channel.contains_key(subscribe.channel.as_str()) {
             return self.error(
@@ -157,15 +164,8 @@ impl Session {
     }
 
     fn handle_history(&mut self, id: u32, history: pb::History) {
-        if let Err(err) = validate_channel(&history.channel, self.limits.max_channel_length) {
-            return self.error(id, ErrorCode::BadRequest, err.to_string());
-        }
-        if !self.grant.may_subscribe(&history.channel) {
-            return self.error(
-                id,
-                ErrorCode::Forbidden,
-                format!("the token does not allow reading {}", history.channel),
-            );
+        if !self.may_read(id, &history.channel) {
+            return;
         }
         let limit = match history.limit {
             0 => HISTORY_DEFAULT_PAGE,
