@@ -134,7 +134,7 @@ impl Outbox {
         let (offset, key_hash) = (publication.offset, publication.key_hash);
         let lane = self.low.get_or_insert_with(Box::default);
         if key_hash != 0 && self.bytes + len > self.pressure.conflate_above {
-            lane.index_keys();
+            lane.index_keys(&self.pressure);
             if let Some((freed, added)) = lane.by_key.get(&(sub_id, key_hash)).copied().and_then(|p| lane.bury(p)) {
                 self.bytes = self.bytes - freed + added;
                 self.gave_way.conflated += 1;
@@ -263,15 +263,16 @@ impl LowLane {
         self.items.push_back(Some(item));
     }
 
-    /// Indexes the queued updates by (subscription, key), latest position winning.
-    fn index_keys(&mut self) {
+    /// Indexes the queued lower-priority updates by (subscription, key), latest position
+    /// winning (high-priority ones queued here are never conflated).
+    fn index_keys(&mut self, pressure: &Pressure) {
         if self.keyed {
             return;
         }
         self.keyed = true;
         for (position, slot) in (self.head..).zip(&self.items) {
             if let Some(OutItem::Push { sub_id, publication }) = slot {
-                if publication.key_hash != 0 {
+                if publication.key_hash != 0 && !pressure.is_priority(publication) {
                     self.by_key.insert((*sub_id, publication.key_hash), position);
                 }
             }
@@ -607,5 +608,21 @@ mod tests {
             last[sub] = u.offset;
         }
         assert_eq!(last[3], 2, "sub 3's second update arrived, reporting the first as skipped");
+    }
+
+    /// Found by the `outbox` fuzz target (input `AwhNNFsITTQAjSmNHy1bCE00`): the conflation index,
+    /// built late, took in a high-priority update queued in the low lane, which was then replaced.
+    #[test]
+    fn a_high_priority_update_in_the_low_lane_is_never_conflated() {
+        let one = push_len(1, typed(1, TRAFFIC, "k").body.len());
+        let mut outbox = Outbox::new(1 << 20, pressure(one * 2));
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(1, TRAFFIC, "k") }).unwrap();
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(2, ROUTE, "k") }).unwrap();
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(3, TRAFFIC, "k") }).unwrap();
+        assert_eq!(outbox.take_gave_way().conflated, 1);
+        let mut wire = Vec::new();
+        outbox.drain_into(&mut wire, 100);
+        let got: Vec<(u64, i32, u32)> = updates(&wire).iter().map(|u| (u.offset, u.r#type, u.skipped)).collect();
+        assert_eq!(got, vec![(2, ROUTE, 1), (3, TRAFFIC, 0)]);
     }
 }
