@@ -51,7 +51,7 @@ fn protocol(c: &mut Criterion) {
     )
     .into();
     group.bench_function("decode_publish_64B", |b| {
-        b.iter(|| envelope::decode::<pb::ClientMessage>(black_box(message.clone()), 65536))
+        b.iter(|| envelope::decode::<pb::ClientMessage>(black_box(message.clone()), 65536, &Default::default()))
     });
     let up = update(64);
     group.bench_function("encode_update_body_64B", |b| b.iter(|| encode_update_body(black_box(&up))));
@@ -99,7 +99,7 @@ fn batching(c: &mut Criterion) {
                     }
                     (outbox, Vec::with_capacity(16 * 1024))
                 },
-                |(outbox, wire)| outbox.drain_into(wire, batch_size),
+                |(outbox, wire)| outbox.drain_into(wire, batch_size, None),
                 BatchSize::SmallInput,
             )
         });
@@ -115,7 +115,7 @@ fn compression(c: &mut Criterion) {
         let frames = vec![pb::ServerFrame {
             kind: Some(pb::server_frame::Kind::Update(pb::Update { payload: text.into(), ..update(0) })),
         }];
-        let plain = pb::ServerMessage { frames: frames.clone(), zstd: Bytes::new() }.encoded_len();
+        let plain = pb::ServerMessage { frames: frames.clone(), zstd: Bytes::new(), sub_id: 0 }.encoded_len();
         let packed = envelope::encode::<pb::ServerMessage>(frames.clone(), Some(3)).len();
         println!("zstd level 3, {payload} B payload: {plain} B plain -> {packed} B");
         group.throughput(Throughput::Bytes(plain as u64));

@@ -137,6 +137,32 @@ pub struct Delivery {
     /// Past this many queued bytes, a lower-priority update replaces a queued one with the
     /// same subscription and `key` (conflation). Default 262144 (a quarter of the outbox).
     pub conflate_above_bytes: usize,
+    /// Longest a busy connection's updates wait to leave together. A connection whose socket
+    /// is idle sends at once; while its shard is loaded, its writes are spaced up to this far
+    /// apart so that each carries more updates (see "Adaptive batching"). Default `50ms`.
+    #[serde(with = "humantime_serde")]
+    pub batch_interval: Duration,
+    /// A `ServerMessage` of at least this many bytes goes out zstd-compressed to a client that
+    /// accepts zstd (0: never compress). Default 1024.
+    pub compression_threshold: usize,
+    /// zstd level (1 fastest .. 19; negative: faster still). Default 1.
+    pub compression_level: i32,
+    /// Trained zstd dictionaries, at most one per update type:
+    /// `[{ type = "ROUTE", file = "/etc/routopia-realtime/route.dict" }]`. Default none.
+    pub zstd_dictionaries: Vec<DictionaryFile>,
+}
+
+/// A zstd dictionary for one update type (made by `routopia-realtime train-dict`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DictionaryFile {
+    pub r#type: String,
+    pub file: std::path::PathBuf,
+}
+
+/// The wire number of an update type named as in the protocol (`ROUTE`, ...).
+pub fn parse_update_type(name: &str) -> Option<i32> {
+    crate::protocol::pb::UpdateType::from_str_name(name).map(|t| t as i32).filter(|&t| t != 0)
 }
 
 /// What each channel remembers, and what a reconnecting client may recover.
@@ -264,6 +290,10 @@ impl Default for Delivery {
             inbox_capacity: 65536,
             priority_types: vec!["ROUTE".into(), "WEATHER".into()],
             conflate_above_bytes: 256 * 1024,
+            batch_interval: Duration::from_millis(50),
+            compression_threshold: 1024,
+            compression_level: 1,
+            zstd_dictionaries: Vec::new(),
         }
     }
 }
@@ -359,8 +389,26 @@ impl Config {
         if self.delivery.inbox_capacity < 1024 {
             return Err(invalid("delivery.inbox_capacity", "must be at least 1024"));
         }
+        if self.delivery.batch_interval > Duration::from_secs(1) {
+            return Err(invalid("delivery.batch_interval", "must be at most 1s"));
+        }
+        let levels = zstd::compression_level_range();
+        if !levels.contains(&self.delivery.compression_level) {
+            return Err(invalid(
+                "delivery.compression_level",
+                format!("must be between {} and {}", levels.start(), levels.end()),
+            ));
+        }
+        for entry in &self.delivery.zstd_dictionaries {
+            if parse_update_type(&entry.r#type).is_none() {
+                return Err(invalid(
+                    "delivery.zstd_dictionaries",
+                    format!("`{}` is not an update type (ROUTE, WEATHER, TRAFFIC, INCIDENT, POI)", entry.r#type),
+                ));
+            }
+        }
         for name in &self.delivery.priority_types {
-            if crate::protocol::pb::UpdateType::from_str_name(name).is_none_or(|t| t as i32 == 0) {
+            if parse_update_type(name).is_none() {
                 return Err(invalid(
                     "delivery.priority_types",
                     format!("`{name}` is not an update type (ROUTE, WEATHER, TRAFFIC, INCIDENT, POI)"),

@@ -8,6 +8,7 @@
 //! - [`shard`]: a compio runtime per core with its own listener, connections and inbox.
 //! - [`session`]: one connection's protocol state machine, sans I/O.
 //! - [`outbox`]: a connection's bounded outbound queue, packing frames into batches.
+//! - [`compression`]: zstd for outgoing batches, shared by subscribers; trained dictionaries.
 //! - [`auth`]: JWT verification and channel permissions from claims.
 //! - [`acks`]: acknowledged delivery of one subscription: resend when overdue, then fail.
 //! - [`ratelimit`]: token buckets per connection, user and IP address.
@@ -21,6 +22,7 @@ pub mod acks;
 pub mod auth;
 pub mod broker;
 pub mod client;
+pub mod compression;
 pub mod config;
 pub mod outbox;
 pub mod protocol;

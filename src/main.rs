@@ -29,6 +29,31 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Train a zstd dictionary from sample payloads of one update type, for
+    /// `delivery.zstd_dictionaries`; prints what it saves on held-out samples.
+    TrainDict(TrainDictArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainDictArgs {
+    /// The update type the samples are payloads of (ROUTE, WEATHER, TRAFFIC, INCIDENT, POI).
+    #[arg(long = "type")]
+    update_type: String,
+    /// Where to write the dictionary.
+    #[arg(long)]
+    out: PathBuf,
+    /// Largest dictionary size, bytes (every client downloads it once).
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_size: usize,
+    /// zstd level to report the savings at (use `delivery.compression_level`).
+    #[arg(long, default_value_t = 1)]
+    level: i32,
+    /// Each line of each file is one sample (JSON lines), instead of each file.
+    #[arg(long)]
+    lines: bool,
+    /// Sample files, or directories of them (one sample per file unless `--lines`).
+    #[arg(required = true)]
+    samples: Vec<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -65,7 +90,54 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => serve(args),
+        Command::TrainDict(args) => match train_dict(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(2)
+            }
+        },
     }
+}
+
+fn train_dict(args: &TrainDictArgs) -> Result<(), String> {
+    use routopia_realtime::compression;
+    let update_type = routopia_realtime::config::parse_update_type(&args.update_type).ok_or_else(|| {
+        format!("`{}` is not an update type (ROUTE, WEATHER, TRAFFIC, INCIDENT, POI)", args.update_type)
+    })?;
+    let samples = compression::read_samples(&args.samples, args.lines).map_err(|err| err.to_string())?;
+    // Every tenth sample is held out, so the figures printed are for payloads it never saw.
+    let (held_out, training): (Vec<_>, Vec<_>) = samples.into_iter().enumerate().partition(|(i, _)| i % 10 == 9);
+    let training: Vec<Vec<u8>> = training.into_iter().map(|(_, s)| s).collect();
+    let held_out: Vec<Vec<u8>> = held_out.into_iter().map(|(_, s)| s).collect();
+    if training.len() < 20 {
+        return Err(format!("{} samples to train on; give at least 20 (a few hundred is better)", training.len()));
+    }
+    let trained = compression::train(&training, args.max_size).map_err(|err| format!("zstd training failed: {err}"))?;
+    let dictionary = compression::Dictionary::from_bytes(trained.clone().into(), update_type, args.level)?;
+    std::fs::write(&args.out, &trained).map_err(|err| format!("{}: {err}", args.out.display()))?;
+    let report = compression::dictionary_savings(&dictionary, &held_out, args.level);
+    println!(
+        "wrote {} ({} bytes, id {}) from {} samples",
+        args.out.display(),
+        trained.len(),
+        dictionary.id,
+        training.len()
+    );
+    println!(
+        "held-out samples: {}; plain {} B, zstd level {} {} B, with the dictionary {} B (mean per sample)",
+        held_out.len(),
+        report.plain,
+        args.level,
+        report.without_dictionary,
+        report.with_dictionary
+    );
+    println!(
+        "config: [[delivery.zstd_dictionaries]]\ntype = \"{}\"\nfile = \"{}\"",
+        args.update_type.to_uppercase(),
+        args.out.display()
+    );
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
@@ -119,6 +191,8 @@ fn load_checked(file: Option<&std::path::Path>, overrides: &Overrides) -> Result
         routopia_realtime::tls::load(&config.tls.cert_file, &config.tls.key_file)
             .map_err(|err| format!("invalid setting `tls`: {err}"))?;
     }
+    routopia_realtime::compression::ZstdSettings::from_config(&config.delivery)
+        .map_err(|err| format!("invalid setting `delivery.zstd_dictionaries`: {err}"))?;
     Ok(config)
 }
 

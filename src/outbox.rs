@@ -12,7 +12,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
+use prost::encoding::{encode_varint, encoded_len_varint};
+
 use crate::broker::Publication;
+use crate::compression::BatchCompressor;
 use crate::protocol::push::{push_len, push_len_skipped, write_push_skipped};
 use crate::protocol::ws::write_binary_header;
 
@@ -195,16 +198,18 @@ impl Outbox {
 
     /// Moves everything queued into `out` as wire bytes, packing up to `batch_size` frames per
     /// WebSocket message: the high lane first, then the low one. Returns the number of frames.
-    pub fn drain_into(&mut self, out: &mut Vec<u8>, batch_size: usize) -> usize {
+    /// With `compress`, large messages go out zstd-compressed.
+    pub fn drain_into(&mut self, out: &mut Vec<u8>, batch_size: usize, mut compress: Option<Compress<'_>>) -> usize {
         let Some(lane) = self.low.as_deref_mut() else {
-            let frames = write_batches(out, self.high.iter(), batch_size, None);
+            let frames = write_batches(out, self.high.iter(), batch_size, None, compress.as_mut());
             self.high.clear();
             self.bytes = 0;
             return frames;
         };
-        let mut frames = write_batches(out, self.high.iter(), batch_size, Some(&mut lane.skipped));
+        let mut frames = write_batches(out, self.high.iter(), batch_size, Some(&mut lane.skipped), compress.as_mut());
         self.high.clear();
-        frames += write_batches(out, lane.items.iter().flatten(), batch_size, Some(&mut lane.skipped));
+        frames +=
+            write_batches(out, lane.items.iter().flatten(), batch_size, Some(&mut lane.skipped), compress.as_mut());
         lane.items.clear();
         lane.head = 0;
         lane.per_sub.clear();
@@ -343,14 +348,24 @@ fn take_skipped(skipped: &mut HashMap<u32, Vec<(u64, u64)>>, item: &OutItem) -> 
     reported.min(u64::from(u32::MAX)) as u32
 }
 
+/// A connection that accepts zstd: the shard's compressor and the dictionaries it holds.
+pub struct Compress<'a> {
+    pub compressor: &'a mut BatchCompressor,
+    /// Bit `i`: the connection holds the server's dictionary `i`.
+    pub held: u32,
+}
+
 /// Writes `items` as WebSocket messages of up to `batch_size` frames (raw items go out as
 /// they are, between batches). Updates on subscriptions with skipped offsets report them.
+/// With `compress`, a message over the threshold goes out as a zstd envelope: shared by every
+/// subscriber when it holds one subscription's updates and nothing per copy, else its own.
 #[inline]
 fn write_batches<'a, I>(
     out: &mut Vec<u8>,
     mut items: I,
     batch_size: usize,
     mut skipped: Option<&mut HashMap<u32, Vec<(u64, u64)>>>,
+    mut compress: Option<&mut Compress<'_>>,
 ) -> usize
 where
     I: Iterator<Item = &'a OutItem> + Clone,
@@ -371,10 +386,11 @@ where
         // Only a connection that fell behind has skips to report.
         skips.clear();
         let (count, len) = match skipped.as_deref_mut().filter(|s| !s.is_empty()) {
-            None => run.fold((0, 0), |(count, len), item| (count + 1, len + item.len())),
+            None => run.clone().fold((0, 0), |(count, len), item| (count + 1, len + item.len())),
             Some(skipped) => {
                 skips.extend(run.clone().map(|item| take_skipped(skipped, item)));
                 let len = run
+                    .clone()
                     .zip(&skips)
                     .map(|(item, &n)| match item {
                         OutItem::Push { sub_id, publication } => push_len_skipped(*sub_id, n, publication.body.len()),
@@ -384,19 +400,85 @@ where
                 (skips.len(), len)
             }
         };
-        out.reserve(len + 10);
-        write_binary_header(out, len);
-        for i in 0..count {
-            let skipped = skips.get(i).copied().unwrap_or(0);
-            match items.next() {
-                Some(OutItem::Push { sub_id, publication }) => {
-                    write_push_skipped(out, *sub_id, skipped, &publication.body)
-                }
-                Some(OutItem::Frame(bytes)) => out.extend_from_slice(bytes),
-                Some(OutItem::Raw(_)) | None => unreachable!("runs stop before raw items"),
+        frames += count;
+        if let Some(compress) = compress.as_deref_mut().filter(|c| c.compressor.threshold() != 0) {
+            if len >= compress.compressor.threshold() && write_compressed(out, run.clone(), &skips, len, compress) {
+                items.nth(count - 1);
+                continue;
             }
         }
-        frames += count;
+        out.reserve(len + 10);
+        write_binary_header(out, len);
+        write_run(out, &mut items, count, &skips);
+    }
+}
+
+/// Appends the next `count` items as elements of `ServerMessage.frames`.
+fn write_run<'a>(out: &mut Vec<u8>, items: &mut impl Iterator<Item = &'a OutItem>, count: usize, skips: &[u32]) {
+    for i in 0..count {
+        let skipped = skips.get(i).copied().unwrap_or(0);
+        match items.next() {
+            Some(OutItem::Push { sub_id, publication }) => write_push_skipped(out, *sub_id, skipped, &publication.body),
+            Some(OutItem::Frame(bytes)) => out.extend_from_slice(bytes),
+            Some(OutItem::Raw(_)) | None => unreachable!("runs stop before raw items"),
+        }
+    }
+}
+
+/// Key of `ServerMessage.zstd` (field 2, length-delimited) and `ServerMessage.sub_id` (field 3).
+const SERVER_MESSAGE_ZSTD_KEY: u8 = 0x12;
+const SERVER_MESSAGE_SUB_ID_KEY: u8 = 0x18;
+
+/// Writes `run` (of `len` bytes plain) as one zstd envelope; false when compressing would not
+/// make it smaller (nothing written then).
+fn write_compressed<'a>(
+    out: &mut Vec<u8>,
+    run: impl Iterator<Item = &'a OutItem> + Clone,
+    skips: &[u32],
+    len: usize,
+    compress: &mut Compress<'_>,
+) -> bool {
+    let held = compress.held;
+    let mut pushes = run.clone().map(|item| match item {
+        OutItem::Push { sub_id, publication } => Some((*sub_id, publication)),
+        _ => None,
+    });
+    let first_sub = pushes.clone().next().flatten().map(|(sub_id, _)| sub_id);
+    let shareable = skips.iter().all(|&n| n == 0) && pushes.clone().all(|p| p.map(|(s, _)| s) == first_sub);
+    if let (true, Some(sub_id)) = (shareable, first_sub) {
+        let publications: Vec<&Rc<Publication>> = pushes.by_ref().flatten().map(|(_, p)| p).collect();
+        let Some(compressed) = compress.compressor.shared(&publications, held) else { return false };
+        write_envelope(out, &compressed, sub_id);
+        return true;
+    }
+    let mut plain = Vec::with_capacity(len);
+    write_run(&mut plain, &mut run.clone(), skips.len(), skips);
+    let types = run.clone().map(|item| match item {
+        OutItem::Push { publication, .. } => publication.update_type,
+        _ => -1,
+    });
+    let update_type = {
+        let mut types = types.clone();
+        let first = types.next();
+        first.filter(|&t| t >= 0 && types.all(|other| other == t))
+    };
+    let Some(compressed) = compress.compressor.own(&plain, update_type, held) else { return false };
+    write_envelope(out, &compressed, 0);
+    true
+}
+
+/// A `ServerMessage` holding only `zstd` (and the `sub_id` its updates lack, if shared).
+fn write_envelope(out: &mut Vec<u8>, compressed: &[u8], sub_id: u32) {
+    let sub_id_len = if sub_id == 0 { 0 } else { 1 + encoded_len_varint(u64::from(sub_id)) };
+    let len = 1 + encoded_len_varint(compressed.len() as u64) + compressed.len() + sub_id_len;
+    out.reserve(len + 10);
+    write_binary_header(out, len);
+    out.push(SERVER_MESSAGE_ZSTD_KEY);
+    encode_varint(compressed.len() as u64, out);
+    out.extend_from_slice(compressed);
+    if sub_id != 0 {
+        out.push(SERVER_MESSAGE_SUB_ID_KEY);
+        encode_varint(u64::from(sub_id), out);
     }
 }
 
@@ -447,7 +529,7 @@ mod tests {
         outbox.push(OutItem::Push { sub_id: 2, publication: typed(1, ROUTE, "") }).unwrap();
         outbox.push(OutItem::Push { sub_id: 1, publication: typed(3, ROUTE, "") }).unwrap();
         let mut wire = Vec::new();
-        outbox.drain_into(&mut wire, 100);
+        outbox.drain_into(&mut wire, 100, None);
         let order: Vec<(u32, u64)> = updates(&wire).iter().map(|u| (u.sub_id, u.offset)).collect();
         assert_eq!(order, vec![(2, 1), (1, 1), (1, 2), (1, 3)]);
     }
@@ -460,7 +542,7 @@ mod tests {
         outbox.push(OutItem::Push { sub_id: 1, publication: typed(3, TRAFFIC, "a1") }).unwrap();
         assert_eq!(outbox.take_gave_way(), GaveWay { conflated: 1, dropped: 0 });
         let mut wire = Vec::new();
-        outbox.drain_into(&mut wire, 100);
+        outbox.drain_into(&mut wire, 100, None);
         let got: Vec<(u64, u32, String)> = updates(&wire).into_iter().map(|u| (u.offset, u.skipped, u.key)).collect();
         assert_eq!(got, vec![(2, 1, "b2".into()), (3, 0, "a1".into())]);
         assert_eq!(outbox.queued_bytes(), 0);
@@ -484,10 +566,10 @@ mod tests {
                 .unwrap_or_else(|_| panic!("round {round}: {outbox:?}"));
             assert!(outbox.queued_bytes() <= max, "round {round}: {} bytes", outbox.queued_bytes());
             if round % 25 == 24 {
-                outbox.drain_into(&mut wire, 100);
+                outbox.drain_into(&mut wire, 100, None);
             }
         }
-        outbox.drain_into(&mut wire, 100);
+        outbox.drain_into(&mut wire, 100, None);
         assert!(outbox.take_gave_way().dropped > 80);
         let received = updates(&wire);
         // Every ROUTE update made it, and per subscription the offsets add up exactly.
@@ -546,7 +628,7 @@ mod tests {
             outbox.push(OutItem::Push { sub_id: 3, publication: publication(offset) }).unwrap();
         }
         let mut wire = Vec::new();
-        assert_eq!(outbox.drain_into(&mut wire, 100), 250);
+        assert_eq!(outbox.drain_into(&mut wire, 100, None), 250);
         assert!(outbox.is_empty());
         assert_eq!(outbox.queued_bytes(), 0);
         let batches = messages(&wire);
@@ -600,7 +682,7 @@ mod tests {
         push(&mut outbox, 2, 1, "", 0).unwrap();
         assert!(outbox.queued_bytes() <= 256);
         let mut wire = Vec::new();
-        outbox.drain_into(&mut wire, 100);
+        outbox.drain_into(&mut wire, 100, None);
         let mut last = [0u64; 5];
         for u in updates(&wire) {
             let sub = u.sub_id as usize;
@@ -621,7 +703,7 @@ mod tests {
         outbox.push(OutItem::Push { sub_id: 1, publication: typed(3, TRAFFIC, "k") }).unwrap();
         assert_eq!(outbox.take_gave_way().conflated, 1);
         let mut wire = Vec::new();
-        outbox.drain_into(&mut wire, 100);
+        outbox.drain_into(&mut wire, 100, None);
         let got: Vec<(u64, i32, u32)> = updates(&wire).iter().map(|u| (u.offset, u.r#type, u.skipped)).collect();
         assert_eq!(got, vec![(2, ROUTE, 1), (3, TRAFFIC, 0)]);
     }

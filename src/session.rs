@@ -19,9 +19,10 @@ use crate::acks::{AckPolicy, AckTracker};
 use crate::auth::{AuthFailure, Grant, Verifier};
 use crate::broker::memory::{HistoryPage, Position, Recovery, RecoveryFailure};
 use crate::broker::{validate_channel, Publication};
+use crate::compression::{BatchCompressor, ZstdSettings};
 use crate::config::{Bucket, Config};
-use crate::outbox::{GaveWay, OutItem, Outbox, Pressure};
-use crate::protocol::envelope::{self, EnvelopeError};
+use crate::outbox::{Compress, GaveWay, OutItem, Outbox, Pressure};
+use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
 use crate::protocol::push::write_frame;
 use crate::protocol::ws::{WsEndpoint, WsEvent};
@@ -113,6 +114,8 @@ pub struct SessionLimits {
     /// Bit `t` set: update type `t` is high priority.
     pub priority_types: u32,
     pub conflate_above_bytes: usize,
+    /// Compression of large messages for clients that accept zstd.
+    pub zstd: Arc<ZstdSettings>,
 }
 
 /// Which buckets a session takes tokens from.
@@ -176,6 +179,12 @@ impl SessionLimits {
             }),
             priority_types,
             conflate_above_bytes: config.delivery.conflate_above_bytes,
+            // Dictionaries are files: the server loads them once and sets them here.
+            zstd: Arc::new(ZstdSettings {
+                threshold: config.delivery.compression_threshold,
+                level: config.delivery.compression_level,
+                dictionaries: Vec::new(),
+            }),
         }
     }
 }
@@ -189,6 +198,8 @@ pub struct Session {
     acked_subs: usize,
     phase: Phase,
     accepts_zstd: bool,
+    /// Bit `i`: the client holds the server's zstd dictionary `i`.
+    zstd_dictionaries: u32,
     /// `TokenExpiring` was sent for the current token.
     reminded: bool,
     /// Requests refused by a rate limit since the last one accepted.
@@ -242,6 +253,7 @@ impl Session {
             next_sub_id: 1,
             events: VecDeque::new(),
             accepts_zstd: false,
+            zstd_dictionaries: 0,
             identity: None,
             acked_subs: 0,
             close_detail: None,
@@ -319,7 +331,13 @@ impl Session {
 
     /// Appends everything queued to `out` as wire bytes; returns the number of frames.
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> usize {
-        self.outbox.drain_into(out, self.limits.batch_size)
+        self.outbox.drain_into(out, self.limits.batch_size, None)
+    }
+
+    /// `poll_transmit`, compressing large messages with `compressor` if the client accepts zstd.
+    pub fn poll_transmit_compressed(&mut self, out: &mut Vec<u8>, compressor: &mut BatchCompressor) -> usize {
+        let compress = self.accepts_zstd.then_some(Compress { compressor, held: self.zstd_dictionaries });
+        self.outbox.drain_into(out, self.limits.batch_size, compress)
     }
 
     /// Updates conflated or dropped for this slow connection since the last call.
@@ -529,11 +547,12 @@ impl Session {
     }
 
     fn handle_message(&mut self, now: Now, data: Bytes) {
-        let frames = match envelope::decode::<ClientMessage>(data, self.limits.max_message_size) {
-            Ok(frames) => frames,
-            Err(err @ EnvelopeError::Zstd { .. }) => return self.close(CloseCode::MessageTooBig, err.to_string()),
-            Err(err) => return self.close(CloseCode::BadMessage, err.to_string()),
-        };
+        let frames =
+            match envelope::decode::<ClientMessage>(data, self.limits.max_message_size, &Dictionaries::default()) {
+                Ok(frames) => frames,
+                Err(err @ EnvelopeError::Zstd { .. }) => return self.close(CloseCode::MessageTooBig, err.to_string()),
+                Err(err) => return self.close(CloseCode::BadMessage, err.to_string()),
+            };
         if frames.len() > self.limits.max_frames_per_message {
             let detail =
                 format!("{} frames in one message, the limit is {}", frames.len(), self.limits.max_frames_per_message);

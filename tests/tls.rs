@@ -305,7 +305,8 @@ fn send_frames(websocket: &mut tungstenite::WebSocket<TlsSocket>, frames: Vec<pb
 fn next_frames(websocket: &mut tungstenite::WebSocket<TlsSocket>) -> Vec<pb::ServerFrame> {
     loop {
         if let Message::Binary(data) = websocket.read().expect("a message from the server") {
-            return envelope::decode::<pb::ServerMessage>(data, 1 << 24).expect("a server message");
+            return envelope::decode::<pb::ServerMessage>(data, 1 << 24, &Default::default())
+                .expect("a server message");
         }
     }
 }

@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         let (a, b) = (op[0], op.get(1).copied().unwrap_or(0));
         let sub = usize::from(a & 3);
         if a & 0xC0 == 0xC0 {
-            outbox.drain_into(&mut wire, 1 + usize::from(b % 8));
+            outbox.drain_into(&mut wire, 1 + usize::from(b % 8), None);
             continue;
         }
         offsets[sub] += 1;
@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     if overflowed {
         return;
     }
-    outbox.drain_into(&mut wire, 100);
+    outbox.drain_into(&mut wire, 100, None);
     let mut client = WsEndpoint::client(1 << 24);
     client.feed(&wire);
     let mut last = [0u64; 5];

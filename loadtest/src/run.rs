@@ -249,7 +249,7 @@ async fn subscriber_reader(shared: Rc<Shared>, mode: Mode, sub: usize, mut recei
                 }
             }
             Mode::Routopia => {
-                let frames = match envelope::decode::<pb::ServerMessage>(message, MAX_MESSAGE) {
+                let frames = match envelope::decode::<pb::ServerMessage>(message, MAX_MESSAGE, &Default::default()) {
                     Ok(frames) => frames,
                     Err(err) => {
                         shared.error("decode", format!("subscriber {sub}: {err}"));
@@ -299,7 +299,7 @@ async fn publisher_reader(shared: Rc<Shared>, mode: Mode, publisher: usize, mut 
                 }
             }
             Mode::Routopia => {
-                match envelope::decode::<pb::ServerMessage>(message, MAX_MESSAGE) {
+                match envelope::decode::<pb::ServerMessage>(message, MAX_MESSAGE, &Default::default()) {
                     Err(err) => shared.error("decode", format!("publisher {publisher}: {err}")),
                     Ok(frames) => {
                         for frame in frames {

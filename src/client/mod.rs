@@ -31,7 +31,7 @@ use compio::buf::BufResult;
 use compio::io::{AsyncRead, AsyncWriteExt};
 use compio::net::TcpStream;
 
-use crate::protocol::envelope::{self, EnvelopeError};
+use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientFrame, ServerFrame};
 use crate::protocol::ws::{MessageReader, ServerEvent, WsEndpoint};
 
@@ -70,6 +70,9 @@ pub struct ConnectOptions {
     pub token_source: Option<TokenSource>,
     /// How long before expiry to refresh. Default 5 minutes.
     pub refresh_threshold: Duration,
+    /// The server's zstd dictionaries this client holds (from [`fetch_zstd_dictionaries`]);
+    /// their ids go in `Connect`, and compressed messages naming them are decoded.
+    pub zstd_dictionaries: Vec<Bytes>,
 }
 
 impl Default for ConnectOptions {
@@ -80,6 +83,7 @@ impl Default for ConnectOptions {
             accept_zstd: false,
             token_source: None,
             refresh_threshold: Duration::from_secs(300),
+            zstd_dictionaries: Vec::new(),
         }
     }
 }
@@ -140,6 +144,50 @@ pub struct Receiver {
     frames: VecDeque<ServerFrame>,
     writer: SharedWriter,
     pings: u64,
+    /// zstd dictionaries named in `Connect`.
+    dictionaries: Rc<Dictionaries>,
+}
+
+/// Fetches every zstd dictionary the server at `addr` compresses with
+/// (`GET /zstd/dictionaries`, then `GET /zstd/dictionaries/{id}` each), for
+/// [`ConnectOptions::zstd_dictionaries`].
+pub async fn fetch_zstd_dictionaries(addr: SocketAddr) -> Result<Vec<Bytes>, ClientError> {
+    let list = http_get(addr, "/zstd/dictionaries").await?;
+    let list: serde_json::Value =
+        serde_json::from_slice(&list).map_err(|err| ClientError::Unexpected(format!("dictionary list: {err}")))?;
+    let ids =
+        list["dictionaries"].as_array().map(Vec::as_slice).unwrap_or_default().iter().filter_map(|d| d["id"].as_u64());
+    let mut dictionaries = Vec::new();
+    for id in ids {
+        dictionaries.push(http_get(addr, &format!("/zstd/dictionaries/{id}")).await?);
+    }
+    Ok(dictionaries)
+}
+
+/// A plain HTTP/1.1 GET whose answer must be 200; returns the body.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<Bytes, ClientError> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let BufResult(result, _) = stream.write_all(request.into_bytes()).await;
+    result?;
+    let mut response = Vec::new();
+    loop {
+        let BufResult(result, chunk) = stream.read(Vec::with_capacity(16 * 1024)).await;
+        match result? {
+            0 => break,
+            _ => response.extend_from_slice(&chunk),
+        }
+    }
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n");
+    let (head, body) = match split {
+        Some(at) => (String::from_utf8_lossy(&response[..at]).into_owned(), response[at + 4..].to_vec()),
+        None => return Err(ClientError::Unexpected(format!("GET {path}: no complete response"))),
+    };
+    if !head.starts_with("HTTP/1.1 200") {
+        let status = head.lines().next().unwrap_or_default().to_owned();
+        return Err(ClientError::Unexpected(format!("GET {path}: {status}")));
+    }
+    Ok(body.into())
 }
 
 impl Client {
@@ -164,6 +212,7 @@ impl Client {
                 frames: VecDeque::new(),
                 writer,
                 pings: 0,
+                dictionaries: Rc::default(),
             },
         })
     }
@@ -174,12 +223,18 @@ impl Client {
         options: ConnectOptions,
     ) -> Result<(Client, pb::ConnectResult), ClientError> {
         let mut client = Client::connect_raw(addr, "/ws").await?;
+        let mut dictionaries = Dictionaries::default();
+        for dictionary in &options.zstd_dictionaries {
+            dictionaries.add(dictionary);
+        }
         let connect = pb::Connect {
             token: options.token,
             name: options.name,
             version: env!("CARGO_PKG_VERSION").into(),
             accept_zstd: options.accept_zstd,
+            zstd_dictionaries: dictionaries.ids(),
         };
+        client.receiver.dictionaries = Rc::new(dictionaries);
         match client.request(Command::Connect(connect)).await? {
             reply::Result::Connect(result) => Ok((client, result)),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -377,7 +432,7 @@ impl Receiver {
                 return Ok(frame);
             }
             let message = self.next_message().await?;
-            self.frames.extend(envelope::decode::<pb::ServerMessage>(message, MAX_INCOMING)?);
+            self.frames.extend(envelope::decode::<pb::ServerMessage>(message, MAX_INCOMING, &self.dictionaries)?);
         }
     }
 

@@ -1,10 +1,14 @@
 //! The message envelope: one protobuf `ClientMessage`/`ServerMessage` per WebSocket message,
 //! holding frames either directly or inside a zstd-compressed copy of the same message type.
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use prost::Message;
+use zstd::dict::DecoderDictionary;
+use zstd::zstd_safe;
 
-use super::pb::{ClientFrame, ClientMessage, ServerFrame, ServerMessage};
+use super::pb::{server_frame, ClientFrame, ClientMessage, ServerFrame, ServerMessage};
 
 /// Why a WebSocket message did not decode.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -17,20 +21,51 @@ pub enum EnvelopeError {
     Ambiguous,
     #[error("a zstd envelope holds another zstd envelope")]
     Nested,
+    #[error("zstd envelope needs dictionary {0}, which this side does not have")]
+    UnknownDictionary(u32),
+}
+
+/// zstd dictionaries a decoder holds, by the id zstd writes into each frame.
+#[derive(Default)]
+pub struct Dictionaries {
+    by_id: HashMap<u32, DecoderDictionary<'static>>,
+}
+
+impl Dictionaries {
+    /// Adds a dictionary (as served at `GET /zstd/dictionaries/{id}`); returns its id, or
+    /// `None` when the bytes are not a zstd dictionary.
+    pub fn add(&mut self, dictionary: &[u8]) -> Option<u32> {
+        let id = zstd_safe::get_dict_id_from_dict(dictionary)?.get();
+        self.by_id.insert(id, DecoderDictionary::copy(dictionary));
+        Some(id)
+    }
+
+    pub fn ids(&self) -> Vec<u32> {
+        self.by_id.keys().copied().collect()
+    }
+}
+
+impl std::fmt::Debug for Dictionaries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.by_id.keys()).finish()
+    }
 }
 
 /// A message type that carries frames or a zstd envelope of itself.
 pub trait Envelope: Message + Default {
     type Frame;
-    fn parts(self) -> (Vec<Self::Frame>, Bytes);
+    fn take_parts(&mut self) -> (Vec<Self::Frame>, Bytes);
+    /// After decompressing: what the envelope says of the frames inside (the server's
+    /// `sub_id` of shared batches).
+    fn adopt(&self, _frames: &mut [Self::Frame]) {}
     fn from_frames(frames: Vec<Self::Frame>) -> Self;
     fn from_zstd(compressed: Bytes) -> Self;
 }
 
 impl Envelope for ClientMessage {
     type Frame = ClientFrame;
-    fn parts(self) -> (Vec<ClientFrame>, Bytes) {
-        (self.frames, self.zstd)
+    fn take_parts(&mut self) -> (Vec<ClientFrame>, Bytes) {
+        (std::mem::take(&mut self.frames), std::mem::take(&mut self.zstd))
     }
     fn from_frames(frames: Vec<ClientFrame>) -> Self {
         Self { frames, zstd: Bytes::new() }
@@ -42,34 +77,63 @@ impl Envelope for ClientMessage {
 
 impl Envelope for ServerMessage {
     type Frame = ServerFrame;
-    fn parts(self) -> (Vec<ServerFrame>, Bytes) {
-        (self.frames, self.zstd)
+    fn take_parts(&mut self) -> (Vec<ServerFrame>, Bytes) {
+        (std::mem::take(&mut self.frames), std::mem::take(&mut self.zstd))
     }
     fn from_frames(frames: Vec<ServerFrame>) -> Self {
-        Self { frames, zstd: Bytes::new() }
+        Self { frames, zstd: Bytes::new(), sub_id: 0 }
     }
     fn from_zstd(zstd: Bytes) -> Self {
-        Self { frames: Vec::new(), zstd }
+        Self { frames: Vec::new(), zstd, sub_id: 0 }
+    }
+    fn adopt(&self, frames: &mut [ServerFrame]) {
+        if self.sub_id == 0 {
+            return;
+        }
+        for frame in frames {
+            if let Some(server_frame::Kind::Update(update)) = &mut frame.kind {
+                if update.sub_id == 0 {
+                    update.sub_id = self.sub_id;
+                }
+            }
+        }
     }
 }
 
 /// Decodes one WebSocket message into its frames, unwrapping a zstd envelope whose content
 /// may be at most `max_decompressed` bytes.
-pub fn decode<M: Envelope>(bytes: Bytes, max_decompressed: usize) -> Result<Vec<M::Frame>, EnvelopeError> {
-    let (frames, compressed) = M::decode(bytes)?.parts();
+/// `dictionaries` are those the frame may name.
+pub fn decode<M: Envelope>(
+    bytes: Bytes,
+    max_decompressed: usize,
+    dictionaries: &Dictionaries,
+) -> Result<Vec<M::Frame>, EnvelopeError> {
+    let mut outer = M::decode(bytes)?;
+    let (frames, compressed) = outer.take_parts();
     if compressed.is_empty() {
         return Ok(frames);
     }
     if !frames.is_empty() {
         return Err(EnvelopeError::Ambiguous);
     }
-    let inner = zstd::bulk::decompress(&compressed, max_decompressed)
-        .map_err(|err| EnvelopeError::Zstd { limit: max_decompressed, reason: err.to_string() })?;
-    let (frames, nested) = M::decode(inner.as_slice())?.parts();
+    let inner = decompress(&compressed, max_decompressed, dictionaries)?;
+    let (mut frames, nested) = M::decode(inner.as_slice())?.take_parts();
     if !nested.is_empty() {
         return Err(EnvelopeError::Nested);
     }
+    outer.adopt(&mut frames);
     Ok(frames)
+}
+
+fn decompress(compressed: &[u8], limit: usize, dictionaries: &Dictionaries) -> Result<Vec<u8>, EnvelopeError> {
+    let failed = |reason: String| EnvelopeError::Zstd { limit, reason };
+    let Some(id) = zstd_safe::get_dict_id_from_frame(compressed) else {
+        return zstd::bulk::decompress(compressed, limit).map_err(|err| failed(err.to_string()));
+    };
+    let dictionary = dictionaries.by_id.get(&id.get()).ok_or(EnvelopeError::UnknownDictionary(id.get()))?;
+    zstd::bulk::Decompressor::with_prepared_dictionary(dictionary)
+        .and_then(|mut decompressor| decompressor.decompress(compressed, limit))
+        .map_err(|err| failed(err.to_string()))
 }
 
 /// Encodes frames as one message, compressed with zstd at `level` when `compress` is set.
@@ -98,8 +162,8 @@ mod tests {
         let plain = encode::<ClientMessage>(ping_frames(20), None);
         let packed = encode::<ClientMessage>(ping_frames(20), Some(3));
         assert_ne!(plain, packed);
-        let a = decode::<ClientMessage>(plain.into(), 1 << 16).unwrap();
-        let b = decode::<ClientMessage>(packed.into(), 1 << 16).unwrap();
+        let a = decode::<ClientMessage>(plain.into(), 1 << 16, &Dictionaries::default()).unwrap();
+        let b = decode::<ClientMessage>(packed.into(), 1 << 16, &Dictionaries::default()).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.len(), 20);
     }
@@ -108,20 +172,22 @@ mod tests {
     fn zstd_bomb_is_refused_at_the_limit() {
         let big = ClientMessage::from_frames(ping_frames(5000)).encode_to_vec();
         let packed = ClientMessage::from_zstd(zstd::bulk::compress(&big, 1).unwrap().into()).encode_to_vec();
-        let err = decode::<ClientMessage>(packed.into(), 1024).unwrap_err();
+        let err = decode::<ClientMessage>(packed.into(), 1024, &Dictionaries::default()).unwrap_err();
         assert!(matches!(err, EnvelopeError::Zstd { limit: 1024, .. }), "{err}");
     }
 
     #[test]
     fn garbage_is_a_decode_error() {
-        let err = decode::<ClientMessage>(Bytes::from_static(&[0xff, 0xff, 0xff, 0x01]), 1024).unwrap_err();
+        let err =
+            decode::<ClientMessage>(Bytes::from_static(&[0xff, 0xff, 0xff, 0x01]), 1024, &Dictionaries::default())
+                .unwrap_err();
         assert!(matches!(err, EnvelopeError::Decode(_)));
     }
 
     #[test]
     fn frames_and_zstd_together_are_ambiguous() {
         let msg = ClientMessage { frames: ping_frames(1), zstd: Bytes::from_static(b"x") };
-        let err = decode::<ClientMessage>(msg.encode_to_vec().into(), 1024).unwrap_err();
+        let err = decode::<ClientMessage>(msg.encode_to_vec().into(), 1024, &Dictionaries::default()).unwrap_err();
         assert_eq!(err, EnvelopeError::Ambiguous);
     }
 }

@@ -59,6 +59,18 @@ impl Session {
         }
         self.phase = Phase::Connected;
         self.accepts_zstd = connect.accept_zstd;
+        let zstd = &self.limits.zstd;
+        self.zstd_dictionaries = if connect.accept_zstd { zstd.held_mask(&connect.zstd_dictionaries) } else { 0 };
+        let zstd_dictionaries = zstd
+            .dictionaries
+            .iter()
+            .enumerate()
+            .map(|(i, d)| pb::ZstdDictionary {
+                id: d.id,
+                r#type: d.update_type,
+                in_use: self.zstd_dictionaries & (1 << i) != 0,
+            })
+            .collect();
         let limits = &self.limits;
         let result = pb::ConnectResult {
             client_id: self.client_id.to_string(),
@@ -69,6 +81,7 @@ impl Session {
             expires_at_unix: self.grant.expires_at_unix,
             ping_interval_ms: limits.ping_interval.as_millis() as u32,
             heartbeat_timeout_ms: limits.heartbeat_timeout.as_millis() as u32,
+            zstd_dictionaries,
         };
         self.reply(id, reply::Result::Connect(result));
     }

@@ -100,6 +100,10 @@ async fn serve_http<S: Transport>(state: Rc<RefCell<ShardState>>, mut stream: S,
         },
         "/health" => respond_and_close(stream, health(&state, &head)).await,
         "/config/limits" => respond_and_close(stream, config_limits(&state, &head)).await,
+        path if path.starts_with("/zstd/dictionaries") => {
+            let response = super::http::zstd_dictionaries(&state.borrow().cluster, &head);
+            respond_and_close(stream, response).await
+        }
         _ => respond_and_close(stream, http::error_response(404, "no such path; try /ws or /health")).await,
     }
 }
@@ -252,7 +256,7 @@ async fn write_loop<S: Transport>(
                 return Poll::Ready(Next::Finish);
             };
             if conn.session.wants_write() {
-                conn.session.poll_transmit(&mut out);
+                shard.transmit(id, &mut out);
                 return Poll::Ready(Next::Write);
             }
             if conn.session.is_closing() || conn.reader_done {

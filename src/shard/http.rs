@@ -7,6 +7,8 @@ use serde::Serialize;
 
 use super::Cluster;
 use crate::config::{AuthMode, Config};
+use crate::protocol::http::{self, RequestHead};
+use crate::protocol::pb;
 
 /// `GET /health`: status, version, driver per shard, shard count, connections, uptime.
 pub(super) fn health_json(cluster: &Cluster) -> String {
@@ -55,6 +57,16 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         "conflated": total(|s| &s.conflated),
         "dropped": total(|s| &s.dropped),
     });
+    let compression = serde_json::json!({
+        "threshold_bytes": cluster.zstd.threshold,
+        "level": cluster.zstd.level,
+        "messages": total(|s| &s.compressed_messages),
+        "plain_bytes": total(|s| &s.compressed_plain_bytes),
+        "compressed_bytes": total(|s| &s.compressed_bytes),
+        "compressions": total(|s| &s.compressions),
+        "with_dictionary": total(|s| &s.compressed_with_dictionary),
+        "dictionaries": cluster.zstd.dictionaries.len(),
+    });
     let refused = serde_json::json!({
         "attempts_per_ip": total(|s| &s.refused_attempts_per_ip),
         "max_connections": total(|s| &s.refused_max_connections),
@@ -100,6 +112,7 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         "per_shard": shards,
         "broker": broker,
         "delivery": delivery,
+        "compression": compression,
         "protection": protection,
         "refused_connections": refused,
         "admission": admission,
@@ -146,4 +159,34 @@ pub(super) fn limits_json(config: &Config) -> String {
         "auth": public_auth,
     })
     .to_string()
+}
+
+/// `GET /zstd/dictionaries`: the dictionaries (id, update type, size);
+/// `GET /zstd/dictionaries/{id}`: one, as the bytes a client decompresses with.
+pub(super) fn zstd_dictionaries(cluster: &Cluster, head: &RequestHead) -> Vec<u8> {
+    if head.method != "GET" {
+        return http::error_response(405, "use GET");
+    }
+    let dictionaries = &cluster.zstd.dictionaries;
+    match head.path.strip_prefix("/zstd/dictionaries") {
+        Some("" | "/") => {
+            let list: Vec<serde_json::Value> = dictionaries
+                .iter()
+                .map(|d| {
+                    let name = pb::UpdateType::try_from(d.update_type).map_or("UNKNOWN", |t| t.as_str_name());
+                    serde_json::json!({"id": d.id, "type": name, "bytes": d.bytes.len()})
+                })
+                .collect();
+            let body = serde_json::json!({"dictionaries": list}).to_string();
+            http::response(200, "application/json", body.as_bytes())
+        }
+        Some(rest) => match rest.strip_prefix('/').and_then(|id| id.parse::<u32>().ok()) {
+            Some(id) => match dictionaries.iter().find(|d| d.id == id) {
+                Some(d) => http::response(200, "application/zstd-dictionary", &d.bytes),
+                None => http::error_response(404, "no zstd dictionary with that id"),
+            },
+            None => http::error_response(404, "no such path; try /zstd/dictionaries"),
+        },
+        None => http::error_response(404, "no such path; try /zstd/dictionaries"),
+    }
 }

@@ -15,6 +15,7 @@ use super::{Cluster, ShardMsg};
 use crate::broker::memory::{ChannelTable, Mirrored, Position, Recovery};
 use crate::broker::redis::BridgeRequest;
 use crate::broker::{owner_shard, Joining, Publication};
+use crate::compression::{BatchCompressor, CompressionCounters};
 use crate::protocol::push::encode_update_body;
 use crate::protocol::{pb, CloseCode, ErrorCode};
 use crate::router::{ConnId, Router, Subscriber};
@@ -44,6 +45,7 @@ pub(crate) struct ShardState {
     backlog: Vec<VecDeque<ShardMsg>>,
     pub backlog_flusher_running: bool,
     targets: Vec<usize>,
+    compressor: BatchCompressor,
 }
 
 impl ShardState {
@@ -53,11 +55,11 @@ impl ShardState {
         let channels = ChannelTable::new(shards, max_channels, cluster.config.history_policy());
         Self {
             id,
-            limits: Rc::new(SessionLimits::from_config(
-                &cluster.config,
-                cluster.verifier.clone(),
-                cluster.users.clone(),
-            )),
+            limits: Rc::new(SessionLimits {
+                zstd: cluster.zstd.clone(),
+                ..SessionLimits::from_config(&cluster.config, cluster.verifier.clone(), cluster.users.clone())
+            }),
+            compressor: BatchCompressor::new(cluster.zstd.clone()),
             cluster,
             conns: Slab::new(),
             next_generation: 0,
@@ -351,8 +353,32 @@ impl ShardState {
         }
     }
 
+    /// Moves what connection `id` has queued into `out` as wire bytes (compressed where the
+    /// client accepts it); false when the connection is gone.
+    pub fn transmit(&mut self, id: ConnId, out: &mut Vec<u8>) -> bool {
+        let Some(conn) = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation) else {
+            return false;
+        };
+        if !conn.session.accepts_zstd() {
+            conn.session.poll_transmit(out);
+            return true;
+        }
+        conn.session.poll_transmit_compressed(out, &mut self.compressor);
+        let counters = self.compressor.take_counters();
+        if counters != CompressionCounters::default() {
+            let stats = &self.cluster.stats[self.id];
+            stats.compressed_messages.fetch_add(counters.messages, Ordering::Relaxed);
+            stats.compressed_plain_bytes.fetch_add(counters.plain_bytes, Ordering::Relaxed);
+            stats.compressed_bytes.fetch_add(counters.compressed_bytes, Ordering::Relaxed);
+            stats.compressions.fetch_add(counters.compressions, Ordering::Relaxed);
+            stats.compressed_with_dictionary.fetch_add(counters.with_dictionary, Ordering::Relaxed);
+        }
+        true
+    }
+
     /// Time passed: sessions resend overdue acknowledged updates.
     pub fn on_tick(&mut self, now: Instant) {
+        self.compressor.forget_shared();
         let mut failures = 0u64;
         let (mut conflated, mut dropped) = (0, 0);
         for (_, conn) in self.conns.iter_mut() {
