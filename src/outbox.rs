@@ -85,6 +85,8 @@ pub struct Outbox {
     max_bytes: usize,
     pressure: Pressure,
     gave_way: GaveWay,
+    /// Replies and control frames queued (not updates).
+    frames: u32,
 }
 
 #[derive(Debug, Default)]
@@ -108,7 +110,15 @@ struct LowLane {
 
 impl Outbox {
     pub fn new(max_bytes: usize, pressure: Pressure) -> Self {
-        Self { high: VecDeque::new(), low: None, bytes: 0, max_bytes, pressure, gave_way: GaveWay::default() }
+        Self {
+            high: VecDeque::new(),
+            low: None,
+            bytes: 0,
+            max_bytes,
+            pressure,
+            gave_way: GaveWay::default(),
+            frames: 0,
+        }
     }
 
     /// Queues `item`, giving way as described above; `Overflow` when even that is not enough.
@@ -119,6 +129,7 @@ impl Outbox {
             _ => {
                 self.make_room(len)?;
                 self.bytes += len;
+                self.frames += 1;
                 self.high.push_back(item);
                 return Ok(());
             }
@@ -160,12 +171,23 @@ impl Outbox {
     /// everything queued, in both lanes.
     pub fn push_unbounded(&mut self, item: OutItem) {
         self.bytes += item.len();
+        self.frames += 1;
         if let Some(lane) = self.low.as_deref_mut() {
             self.high.extend(lane.items.drain(..).flatten());
             lane.per_sub.clear();
             lane.unindex_keys();
         }
         self.high.push_back(item);
+    }
+
+    /// Items queued (tombstones included).
+    pub fn len(&self) -> usize {
+        self.high.len() + self.low.as_ref().map_or(0, |lane| lane.items.len())
+    }
+
+    /// Whether replies or control frames (not only updates) are queued.
+    pub fn has_frames(&self) -> bool {
+        self.frames != 0
     }
 
     pub fn is_empty(&self) -> bool {
@@ -184,6 +206,7 @@ impl Outbox {
 
     /// Drops everything queued.
     pub fn clear(&mut self) {
+        self.frames = 0;
         self.high.clear();
         self.low = None;
         self.bytes = 0;
@@ -200,6 +223,7 @@ impl Outbox {
     /// WebSocket message: the high lane first, then the low one. Returns the number of frames.
     /// With `compress`, large messages go out zstd-compressed.
     pub fn drain_into(&mut self, out: &mut Vec<u8>, batch_size: usize, mut compress: Option<Compress<'_>>) -> usize {
+        self.frames = 0;
         let Some(lane) = self.low.as_deref_mut() else {
             let frames = write_batches(out, self.high.iter(), batch_size, None, compress.as_mut());
             self.high.clear();

@@ -329,6 +329,15 @@ impl Session {
         !self.outbox.is_empty()
     }
 
+    /// Whether what is queued should leave now rather than wait for company: replies or
+    /// control frames, a full batch, or a quarter of the outbox (waiting must never turn a
+    /// healthy connection into a slow consumer).
+    pub fn has_urgent(&self) -> bool {
+        self.outbox.has_frames()
+            || self.outbox.len() >= self.limits.batch_size
+            || self.outbox.queued_bytes() >= self.limits.max_outbox_bytes / 4
+    }
+
     /// Appends everything queued to `out` as wire bytes; returns the number of frames.
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> usize {
         self.outbox.drain_into(out, self.limits.batch_size, None)

@@ -252,10 +252,22 @@ async fn write_loop<S: Transport>(
     loop {
         let next = poll_fn(|cx| {
             let mut shard = state.borrow_mut();
+            let epoch = shard.pacing.epoch();
+            let linger = shard.pacing.should_wait(epoch, false);
             let Some(conn) = shard.conn(id) else {
                 return Poll::Ready(Next::Finish);
             };
             if conn.session.wants_write() {
+                let ending = conn.session.is_closing() || conn.reader_done;
+                if linger && !ending && conn.last_write_epoch == epoch && !conn.session.has_urgent() {
+                    // The shard is busy and this connection wrote this tick: wait for the next.
+                    conn.writer = Some(cx.waker().clone());
+                    if !std::mem::replace(&mut conn.paced, true) {
+                        shard.pacing.wait(id);
+                    }
+                    return Poll::Pending;
+                }
+                conn.last_write_epoch = epoch;
                 shard.transmit(id, &mut out);
                 return Poll::Ready(Next::Write);
             }

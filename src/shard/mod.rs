@@ -6,6 +6,7 @@ pub mod admission;
 mod conn;
 mod http;
 mod inbox;
+mod pacing;
 mod state;
 mod transport;
 
@@ -129,6 +130,8 @@ pub struct ShardStats {
     pub compressed_bytes: AtomicU64,
     pub compressions: AtomicU64,
     pub compressed_with_dictionary: AtomicU64,
+    /// How long busy connections' writes currently wait for company (adaptive batching), µs.
+    pub linger_us: AtomicU64,
     /// 0 = not started, 1 = io_uring, 2 = epoll.
     pub driver: AtomicU8,
 }
@@ -440,6 +443,9 @@ fn run_shard(id: usize, cluster: Arc<Cluster>, listener: std::net::TcpListener, 
         let state = Rc::new(RefCell::new(ShardState::new(id, cluster)));
         compio::runtime::spawn(sweep_loop(state.clone())).detach();
         compio::runtime::spawn(timeout_loop(state.clone())).detach();
+        if state.borrow().pacing.enabled() {
+            compio::runtime::spawn(pacing_loop(state.clone())).detach();
+        }
         if id == 0 {
             // State shared by every shard is swept by one.
             compio::runtime::spawn(cleanup_loop(state.borrow().cluster.clone())).detach();
@@ -504,6 +510,15 @@ async fn backlog_flusher(state: Rc<RefCell<ShardState>>) {
             shard.backlog_flusher_running = false;
             return;
         }
+    }
+}
+
+/// Ticks the shard's adaptive batching: samples the load, releases waiting writers.
+async fn pacing_loop(state: Rc<RefCell<ShardState>>) {
+    loop {
+        let period = state.borrow().pacing.period();
+        compio::time::sleep(period).await;
+        state.borrow_mut().on_pacing_tick(Instant::now(), pacing::thread_cpu_time());
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use slab::Slab;
 
+use super::pacing::Pacing;
 use super::{Cluster, ShardMsg};
 use crate::broker::memory::{ChannelTable, Mirrored, Position, Recovery};
 use crate::broker::redis::BridgeRequest;
@@ -31,6 +32,10 @@ pub(crate) struct Conn {
     pub writer: Option<Waker>,
     /// The reader task has ended (peer closed, error, or the session is closing).
     pub reader_done: bool,
+    /// The pacing epoch of the connection's last write.
+    pub last_write_epoch: u64,
+    /// The writer waits for the next pacing tick; new updates do not wake it.
+    pub paced: bool,
 }
 
 pub(crate) struct ShardState {
@@ -46,6 +51,7 @@ pub(crate) struct ShardState {
     pub backlog_flusher_running: bool,
     targets: Vec<usize>,
     compressor: BatchCompressor,
+    pub pacing: Pacing,
 }
 
 impl ShardState {
@@ -60,6 +66,7 @@ impl ShardState {
                 ..SessionLimits::from_config(&cluster.config, cluster.verifier.clone(), cluster.users.clone())
             }),
             compressor: BatchCompressor::new(cluster.zstd.clone()),
+            pacing: Pacing::new(cluster.config.delivery.batch_interval),
             cluster,
             conns: Slab::new(),
             next_generation: 0,
@@ -83,7 +90,7 @@ impl ShardState {
         let index = entry.key() as u32;
         let client_id: Arc<str> = Arc::from(format!("{}-{}-{}", self.id, index, generation));
         let session = Session::new(client_id, self.limits.clone(), Instant::now());
-        entry.insert(Conn { generation, session, writer: None, reader_done: false });
+        entry.insert(Conn { generation, session, writer: None, reader_done: false, last_write_epoch: 0, paced: false });
         self.stats().connections.fetch_add(1, Ordering::Relaxed);
         self.stats().accepted.fetch_add(1, Ordering::Relaxed);
         ConnId { index, generation }
@@ -343,8 +350,12 @@ impl ShardState {
             }
             ack_failures += u64::from(conn.session.push_update(subscriber.sub_id, &local, now));
             delivered += 1;
-            if let Some(waker) = conn.writer.take() {
-                waker.wake();
+            // A paced writer goes at the next tick with whatever has come by then, or when
+            // its batch fills.
+            if !conn.paced || conn.session.has_urgent() {
+                if let Some(waker) = conn.writer.take() {
+                    waker.wake();
+                }
             }
         }
         self.stats().delivered.fetch_add(delivered, Ordering::Relaxed);
@@ -374,6 +385,20 @@ impl ShardState {
             stats.compressed_with_dictionary.fetch_add(counters.with_dictionary, Ordering::Relaxed);
         }
         true
+    }
+
+    /// A pacing tick: writers that waited for it may write now.
+    pub fn on_pacing_tick(&mut self, now: Instant, thread_cpu: std::time::Duration) {
+        for id in self.pacing.tick(now, thread_cpu) {
+            if let Some(conn) = self.conn(id) {
+                conn.paced = false;
+                if let Some(waker) = conn.writer.take() {
+                    waker.wake();
+                }
+            }
+        }
+        let linger = self.pacing.linger().as_micros() as u64;
+        self.stats().linger_us.store(linger, Ordering::Relaxed);
     }
 
     /// Time passed: sessions resend overdue acknowledged updates.

@@ -1,0 +1,173 @@
+//! Adaptive batching: how long a busy connection's updates wait to leave together.
+//!
+//! A connection whose socket is idle writes at once. Under load every write costs the shard a
+//! syscall's worth of work and the client a read, so writing each update alone wastes most of
+//! the core. The shard measures how busy its thread is; while it is more than half busy it
+//! *lingers*: a connection that already wrote in the current tick waits for the next one, so
+//! what arrives meanwhile leaves in one write (and subscribers of one channel drain together,
+//! so their compressed batches are shared). The linger doubles while the shard stays busy, up
+//! to `delivery.batch_interval`, and halves back to zero when it calms down. Replies and
+//! control frames never wait. Sans I/O: the caller passes the time and the thread's CPU time.
+
+use std::time::{Duration, Instant};
+
+use crate::router::ConnId;
+
+/// How often the load is sampled while nothing lingers.
+pub const SAMPLE_PERIOD: Duration = Duration::from_millis(10);
+/// The shortest linger worth a timer.
+const MIN_LINGER: Duration = Duration::from_millis(1);
+/// Busy fractions of the shard's thread above which the linger grows, below which it shrinks.
+const BUSY_HIGH: f64 = 0.5;
+const BUSY_LOW: f64 = 0.25;
+
+#[derive(Debug)]
+pub struct Pacing {
+    max: Duration,
+    linger: Duration,
+    /// Ticks so far; a connection that wrote in the current one waits for the next.
+    epoch: u64,
+    /// The last load sample: when, and the thread's CPU time then.
+    sampled: Option<(Instant, Duration)>,
+    /// Connections waiting for the next tick.
+    waiting: Vec<ConnId>,
+}
+
+impl Pacing {
+    /// `max` is `delivery.batch_interval` (zero: never linger).
+    pub fn new(max: Duration) -> Self {
+        Self { max, linger: Duration::ZERO, epoch: 1, sampled: None, waiting: Vec::new() }
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.max.is_zero()
+    }
+
+    pub fn linger(&self) -> Duration {
+        self.linger
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether a connection that last wrote in `last_epoch` should wait for the next tick
+    /// instead of writing now (`urgent`: it has replies or control frames queued).
+    pub fn should_wait(&self, last_epoch: u64, urgent: bool) -> bool {
+        !self.linger.is_zero() && last_epoch == self.epoch && !urgent
+    }
+
+    /// Remembers a connection to wake at the next tick.
+    pub fn wait(&mut self, conn: ConnId) {
+        self.waiting.push(conn);
+    }
+
+    /// Time until the next tick.
+    pub fn period(&self) -> Duration {
+        if self.linger.is_zero() {
+            SAMPLE_PERIOD
+        } else {
+            self.linger
+        }
+    }
+
+    /// A tick: a new epoch begins and the waiting connections (returned) may write. With the
+    /// CPU time the shard's thread has used so far, the linger is adjusted to the load.
+    pub fn tick(&mut self, now: Instant, thread_cpu: Duration) -> Vec<ConnId> {
+        self.epoch += 1;
+        match self.sampled {
+            Some((at, cpu)) if now.duration_since(at) >= SAMPLE_PERIOD => {
+                let busy = thread_cpu.saturating_sub(cpu).as_secs_f64() / now.duration_since(at).as_secs_f64();
+                self.adjust(busy);
+                self.sampled = Some((now, thread_cpu));
+            }
+            Some(_) => {}
+            None => self.sampled = Some((now, thread_cpu)),
+        }
+        std::mem::take(&mut self.waiting)
+    }
+
+    fn adjust(&mut self, busy: f64) {
+        if busy > BUSY_HIGH {
+            self.linger = (self.linger * 2).max(MIN_LINGER).min(self.max);
+        } else if busy < BUSY_LOW {
+            self.linger /= 2;
+            if self.linger < MIN_LINGER {
+                self.linger = Duration::ZERO;
+            }
+        }
+    }
+}
+
+/// CPU time the calling thread has used.
+pub fn thread_cpu_time() -> Duration {
+    let mut spec = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec we own.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut spec) } == 0;
+    if ok {
+        Duration::new(spec.tv_sec as u64, spec.tv_nsec as u32)
+    } else {
+        Duration::ZERO
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Ticks `n` times at its own period with the thread `busy` that fraction of the time.
+    fn run(pacing: &mut Pacing, start: &mut Instant, cpu: &mut Duration, busy: f64, n: usize) {
+        for _ in 0..n {
+            let period = pacing.period();
+            *start += period;
+            *cpu += period.mul_f64(busy);
+            pacing.tick(*start, *cpu);
+        }
+    }
+
+    #[test]
+    fn linger_grows_under_load_up_to_the_interval_and_falls_back_when_calm() {
+        let mut pacing = Pacing::new(50 * MS);
+        let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
+        pacing.tick(now, cpu);
+        run(&mut pacing, &mut now, &mut cpu, 0.1, 5);
+        assert_eq!(pacing.linger(), Duration::ZERO, "a calm shard writes at once");
+        run(&mut pacing, &mut now, &mut cpu, 0.9, 3);
+        assert!(pacing.linger() >= MS, "{:?}", pacing.linger());
+        run(&mut pacing, &mut now, &mut cpu, 0.9, 40);
+        assert_eq!(pacing.linger(), 50 * MS, "capped at batch_interval");
+        run(&mut pacing, &mut now, &mut cpu, 0.4, 10);
+        assert_eq!(pacing.linger(), 50 * MS, "between the marks it holds");
+        run(&mut pacing, &mut now, &mut cpu, 0.05, 30);
+        assert_eq!(pacing.linger(), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_a_connection_that_wrote_this_tick_waits_and_never_for_replies() {
+        let mut pacing = Pacing::new(50 * MS);
+        let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
+        pacing.tick(now, cpu);
+        assert!(!pacing.should_wait(pacing.epoch(), false), "no linger yet");
+        run(&mut pacing, &mut now, &mut cpu, 1.0, 2);
+        let epoch = pacing.epoch();
+        assert!(!pacing.should_wait(epoch - 1, false), "first write of a tick goes at once");
+        assert!(pacing.should_wait(epoch, false));
+        assert!(!pacing.should_wait(epoch, true), "replies do not wait");
+        let conn = ConnId { index: 3, generation: 1 };
+        pacing.wait(conn);
+        assert_eq!(pacing.tick(now + pacing.period(), cpu), vec![conn]);
+        assert!(!pacing.should_wait(epoch, false), "a new tick lets it write");
+    }
+
+    #[test]
+    fn a_zero_interval_never_lingers() {
+        let mut pacing = Pacing::new(Duration::ZERO);
+        assert!(!pacing.enabled());
+        let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
+        pacing.tick(now, cpu);
+        run(&mut pacing, &mut now, &mut cpu, 1.0, 10);
+        assert_eq!(pacing.linger(), Duration::ZERO);
+    }
+}
