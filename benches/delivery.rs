@@ -11,8 +11,9 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use prost::Message;
 use routopia_realtime::broker::Publication;
+use routopia_realtime::compression::{BatchCompressor, ZstdSettings};
 use routopia_realtime::config::Config;
-use routopia_realtime::outbox::{OutItem, Outbox, Pressure};
+use routopia_realtime::outbox::{Compress, OutItem, Outbox, Pressure};
 use routopia_realtime::protocol::envelope;
 use routopia_realtime::protocol::pb::{self, client_frame::Command};
 use routopia_realtime::protocol::push::encode_update_body;
@@ -81,7 +82,53 @@ fn fan_out(c: &mut Criterion) {
             }
         })
     });
+    // The same at the outbox level, 2 KiB ROUTE payloads, every subscriber accepting zstd: the
+    // shard compresses the batch once and copies the compressed bytes to each.
+    let big = publication_with(route_like_payload(2048));
+    let pressure = Pressure { priority_types: 1 << 1 | 1 << 2, conflate_above: 1 << 18 };
+    let mut outboxes: Vec<Outbox> = (0..10_000).map(|_| Outbox::new(1 << 20, pressure)).collect();
+    let settings = Arc::new(ZstdSettings { threshold: 1024, level: 1, dictionaries: Vec::new() });
+    let mut compressor = BatchCompressor::new(settings.clone());
+    for (name, compress) in [("plain", false), ("zstd_shared", true)] {
+        group.bench_function(format!("one_2KiB_route_update_to_10k_subscribers_{name}"), |b| {
+            b.iter(|| {
+                for outbox in &mut outboxes {
+                    let _ = outbox.push(OutItem::Push { sub_id: 7, publication: big.clone() });
+                }
+                for outbox in &mut outboxes {
+                    wire.clear();
+                    let compress = compress.then_some(Compress { compressor: &mut compressor, held: 0 });
+                    outbox.drain_into(&mut wire, 100, compress);
+                    black_box(&wire);
+                }
+                compressor.forget_shared();
+            })
+        });
+    }
     group.finish();
+}
+
+/// A JSON ROUTE update of about `len` bytes, structured like a real one (steps with streets).
+fn route_like_payload(len: usize) -> Vec<u8> {
+    let streets = ["Main St", "Harbour Rd", "A10 ring", "Elm Avenue", "Station Sq", "Bridge Ln"];
+    let mut json = String::from(r#"{"route_id":"r-81","eta_s":642,"distance_m":8120,"steps":["#);
+    let mut i = 0;
+    while json.len() < len {
+        json.push_str(&format!(
+            r#"{{"instruction":"turn {} onto {}","distance_m":{}}},"#,
+            ["left", "right"][i % 2],
+            streets[(i * 7) % streets.len()],
+            120 + (i * 37) % 900
+        ));
+        i += 1;
+    }
+    json.push_str("{}]}");
+    json.into_bytes()
+}
+
+fn publication_with(payload: Vec<u8>) -> Rc<Publication> {
+    let update = pb::Update { payload: payload.into(), ..update(0) };
+    Rc::new(Publication::new(Arc::from("route:42"), 1234, 1, encode_update_body(&update), Instant::now()))
 }
 
 fn batching(c: &mut Criterion) {

@@ -27,7 +27,12 @@ def decode(data):
     """One WebSocket binary message = one ServerMessage; `zstd`, if set, is a compressed one."""
     msg = pb.ServerMessage.FromString(data)
     if msg.zstd:
-        msg = pb.ServerMessage.FromString(zstandard.ZstdDecompressor().decompressobj().decompress(msg.zstd))
+        inner = pb.ServerMessage.FromString(zstandard.ZstdDecompressor().decompressobj().decompress(msg.zstd))
+        # A batch compressed once for every subscriber names the subscription in the envelope.
+        for frame in inner.frames:
+            if frame.HasField("update") and frame.update.sub_id == 0:
+                frame.update.sub_id = msg.sub_id
+        return inner.frames
     return msg.frames
 
 
@@ -41,7 +46,7 @@ def publishes(channel, n):
 async def run(args):
     async with websockets.connect(args.url, max_size=16 << 20, compression=None) as ws:
         # Connect must be the first frame; frames run in order, so Subscribe can share its message.
-        await ws.send(encode(pb.ClientFrame(id=1, connect=pb.Connect(token=args.token, name="python-example", accept_zstd=False)),
+        await ws.send(encode(pb.ClientFrame(id=1, connect=pb.Connect(token=args.token, name="python-example", accept_zstd=True)),
                              pb.ClientFrame(id=2, subscribe=pb.Subscribe(channel=args.channel))))
         received, expected = 0, None
         async for data in ws:

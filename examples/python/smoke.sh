@@ -34,7 +34,8 @@ sig = hmac.new(os.environ["SECRET"].encode(), f"{head}.{body}".encode(), hashlib
 print(f"{head}.{body}.{b64(sig)}")
 PY
 )"
-ROUTOPIA_AUTH__HMAC_SECRET="$secret" \
+# A low compression threshold, so batches reach the client zstd-compressed too.
+ROUTOPIA_AUTH__HMAC_SECRET="$secret" ROUTOPIA_DELIVERY__COMPRESSION_THRESHOLD=64 \
     timeout 120 "$server" serve --listen 127.0.0.1:0 --shards 2 >"$work/stdout" 2>"$work/server.log" &
 server_pid=$!
 exec 3<"$work/stdout"

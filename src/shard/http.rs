@@ -22,6 +22,7 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
                 "driver": stats.driver_name(),
                 "connections": stats.connections.load(Ordering::Relaxed),
                 "inbox_depth": cluster.inboxes[id].len(),
+                "linger_us": stats.linger_us.load(Ordering::Relaxed),
             })
         })
         .collect();
