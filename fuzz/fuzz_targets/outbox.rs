@@ -1,15 +1,17 @@
 //! A slow connection's queue under any mix of updates, replies and drains: it never holds
 //! more than its limit, never drops a high-priority update (it overflows instead), and every
-//! subscription's offsets add up with `skipped`.
+//! subscription's offsets add up with `skipped` — also when batches go out zstd-compressed
+//! (shared between drains, as between subscribers).
 #![no_main]
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use prost::Message;
 use routopia_realtime::broker::Publication;
-use routopia_realtime::outbox::{OutItem, Outbox, Pressure};
+use routopia_realtime::compression::{BatchCompressor, ZstdSettings};
+use routopia_realtime::outbox::{Compress, OutItem, Outbox, Pressure};
+use routopia_realtime::protocol::envelope::{self, Dictionaries};
 use routopia_realtime::protocol::pb::{server_frame::Kind, ServerMessage, Update};
 use routopia_realtime::protocol::push::encode_update_body;
 use routopia_realtime::protocol::ws::{WsEndpoint, WsEvent};
@@ -22,11 +24,17 @@ fuzz_target!(|data: &[u8]| {
     let mut routes: Vec<(u32, u64)> = Vec::new();
     let mut wire = Vec::new();
     let mut overflowed = false;
+    let settings = Arc::new(ZstdSettings { threshold: 64, level: 1, dictionaries: Vec::new() });
+    let mut compressor = (limit & 1 == 1).then(|| BatchCompressor::new(settings));
     for op in ops.chunks(2) {
         let (a, b) = (op[0], op.get(1).copied().unwrap_or(0));
         let sub = usize::from(a & 3);
         if a & 0xC0 == 0xC0 {
-            outbox.drain_into(&mut wire, 1 + usize::from(b % 8), None);
+            let compress = compressor.as_mut().map(|compressor| Compress { compressor, held: 0 });
+            outbox.drain_into(&mut wire, 1 + usize::from(b % 8), compress);
+            if let (true, Some(compressor)) = (b & 0x80 != 0, compressor.as_mut()) {
+                compressor.forget_shared();
+            }
             continue;
         }
         offsets[sub] += 1;
@@ -47,13 +55,14 @@ fuzz_target!(|data: &[u8]| {
     if overflowed {
         return;
     }
-    outbox.drain_into(&mut wire, 100, None);
+    let compress = compressor.as_mut().map(|compressor| Compress { compressor, held: 0 });
+    outbox.drain_into(&mut wire, 100, compress);
     let mut client = WsEndpoint::client(1 << 24);
     client.feed(&wire);
     let mut last = [0u64; 5];
     let mut routes_received = Vec::new();
     while let Ok(Some(WsEvent::Binary(message))) = client.next_event() {
-        for frame in ServerMessage::decode(message).unwrap().frames {
+        for frame in envelope::decode::<ServerMessage>(message, 1 << 24, &Dictionaries::default()).unwrap() {
             if let Some(Kind::Update(u)) = frame.kind {
                 let sub = u.sub_id as usize;
                 assert_eq!(u.offset, last[sub] + 1 + u64::from(u.skipped), "{u:?}");
