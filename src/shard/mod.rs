@@ -465,9 +465,13 @@ fn refuse(started: &Started, id: usize, what: &str, err: io::Error) {
     let _ = started.send(Err(io::Error::new(err.kind(), format!("shard {id}: {what}: {err}"))));
 }
 
+/// Accepts with one multishot accept (io_uring keeps it armed: no submission per connection;
+/// the epoll driver accepts one at a time).
 async fn accept_loop(listener: TcpListener, state: Rc<RefCell<ShardState>>) {
-    loop {
-        match listener.accept().await {
+    use futures_util::StreamExt;
+    let mut incoming = listener.incoming();
+    while let Some(accepted) = incoming.next().await {
+        match accepted.and_then(|stream| stream.peer_addr().map(|peer| (stream, peer))) {
             Ok((stream, peer)) => {
                 compio::runtime::spawn(conn::serve(state.clone(), stream, peer)).detach();
             }
