@@ -35,12 +35,16 @@ impl Fatal {
     }
 }
 
-fn label(args: &RunArgs) -> String {
+pub fn label(args: &RunArgs) -> String {
     args.label.clone().unwrap_or_else(|| format!("{:?}", args.mode).to_lowercase())
 }
 
-fn params(args: &RunArgs) -> Value {
+pub fn params(args: &RunArgs) -> Value {
     json!({
+        "scenario": args.scenario.map_or_else(|| "fanout".to_string(), |s| s.name()),
+        "payload_kind": format!("{:?}", args.payload_kind).to_lowercase(),
+        "accept_zstd": args.accept_zstd,
+        "pin_generator": args.pin_generator,
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "addr": args.addr.to_string(),
         "subscribers": args.subscribers,
@@ -81,6 +85,10 @@ pub struct Report {
     pub echoes: u64,
     /// WebSocket messages the subscribers read in the window.
     pub messages: u64,
+    /// Their bytes on the wire (WebSocket payload, compressed if it was, plus frame headers).
+    pub wire_bytes: u64,
+    /// Mean size of the payloads the publishers sent (timing header included).
+    pub payload_bytes_mean: f64,
     pub seq_gaps: u64,
     pub seq_backwards: u64,
     pub window_seconds: f64,
@@ -209,6 +217,9 @@ impl Report {
             "echoes": self.echoes,
             "messages": self.messages,
             "updates_per_message": if self.messages > 0 { self.received as f64 / self.messages as f64 } else { 0.0 },
+            "wire_bytes": self.wire_bytes,
+            "wire_bytes_per_delivery": if self.received > 0 { self.wire_bytes as f64 / self.received as f64 } else { 0.0 },
+            "payload_bytes_mean": self.payload_bytes_mean,
             "seq_gaps": self.seq_gaps,
             "seq_backwards": self.seq_backwards,
             "window_s": self.window_seconds,
@@ -216,6 +227,7 @@ impl Report {
             "measured_s": self.measured_seconds,
             "elapsed_s": self.elapsed_seconds,
             "delivered_per_s": self.delivered_per_second(),
+            "throughput_per_s": self.delivered_per_second(),
             "latency_ms": latency.map(|[p50, p99, p999, max]| json!({
                 "p50": p50, "p99": p99, "p999": p999, "max": max,
                 "mean": self.latency.mean() / 1000.0, "count": self.latency.len(),
@@ -259,6 +271,16 @@ impl Report {
             a.duration,
             a.payload
         );
+        if a.scenario.is_some() || a.payload_kind != crate::PayloadKind::Synthetic || a.accept_zstd {
+            let _ = writeln!(
+                out,
+                "  scenario {}, payload {} (mean {:.0} B with header){}",
+                a.scenario.map_or_else(|| "fanout".to_string(), |s| s.name()),
+                format!("{:?}", a.payload_kind).to_lowercase(),
+                self.payload_bytes_mean,
+                if a.accept_zstd { ", zstd accepted" } else { "" }
+            );
+        }
         let mut line = |name: &str, value: String| {
             let _ = writeln!(out, "  {name:<18} {value}");
         };
@@ -307,6 +329,15 @@ impl Report {
                 self.seq_gaps,
                 self.seq_backwards,
                 if self.echoes > 0 { format!("; {} echoes to publishers", self.echoes) } else { String::new() }
+            ),
+        );
+        line(
+            "wire bytes",
+            format!(
+                "{} read by subscribers ({:.1} per delivery, payload {:.0} B)",
+                self.wire_bytes,
+                if self.received > 0 { self.wire_bytes as f64 / self.received as f64 } else { 0.0 },
+                self.payload_bytes_mean
             ),
         );
         line(
