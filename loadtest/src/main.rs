@@ -7,6 +7,7 @@
 #![recursion_limit = "256"]
 
 mod payloads;
+mod plot;
 mod procstat;
 mod report;
 mod run;
