@@ -450,7 +450,7 @@ fn header() -> Vec<String> {
         "server",
         "N",
         "rate/s",
-        "delivered/s",
+        "delivered/s (or replies, connects)",
         "loss",
         "gaps",
         "p50 ms",
@@ -460,7 +460,7 @@ fn header() -> Vec<String> {
         "pub lag max ms",
         "errors",
         "server CPU s",
-        "deliv/CPU-s",
+        "per server CPU-s",
         "gen CPU %",
         "verdict",
     ]
@@ -504,11 +504,19 @@ fn row(line: &str) -> Vec<String> {
     if v.get("generator_saturated").and_then(Value::as_bool) == Some(true) {
         verdict.push_str(" [generator saturated]");
     }
+    // Other scenarios than the fan-out report their own throughput and per-CPU figures.
+    if let Some(per_conn) = num(&["server_rss_per_connection_bytes"]) {
+        verdict.push_str(&format!(" (server RSS {per_conn:.0} B per connection)"));
+    }
+    let throughput = num(&["delivered_per_s"]).or(num(&["throughput_per_s"]));
+    let per_cpu = ["deliveries_per_server_cpu_s", "replies_per_server_cpu_s", "connects_per_server_cpu_s"]
+        .iter()
+        .find_map(|key| num(&[key]));
     vec![
         label,
         n,
         rate,
-        fmt(num(&["delivered_per_s"]), 0),
+        fmt(throughput, 0),
         loss,
         fmt(num(&["seq_gaps"]), 0),
         fmt(num(&["latency_ms", "p50"]), 2),
@@ -518,7 +526,7 @@ fn row(line: &str) -> Vec<String> {
         fmt(num(&["publisher_lag_ms", "max"]), 2),
         fmt(num(&["errors"]), 0),
         fmt(num(&["server_cpu_s"]), 2),
-        fmt(num(&["deliveries_per_server_cpu_s"]), 0),
+        fmt(per_cpu, 0),
         fmt(num(&["generator_cpu_pct"]), 1),
         verdict,
     ]
