@@ -425,6 +425,10 @@ pub fn run(args: &SweepArgs) -> Result<(), String> {
     println!();
     print_table(&results);
     println!("\nresults: {}  plot: {}", out.join("results.jsonl").display(), svg_path.display());
+    // A sweep in which nothing ran (e.g. a knob the server does not know) must not look fine.
+    if results.iter().all(|r| r.get("fatal").is_some()) {
+        return Err("no run of the sweep measured anything (see the table)".into());
+    }
     Ok(())
 }
 

@@ -90,28 +90,31 @@ struct Cost {
     decompress_us: f64,
 }
 
-/// Measures one message with one compressor; each step repeated so short ones are resolvable.
+/// Measures one message with one compressor. Each step runs `REPEAT` times after a warm-up
+/// and the fastest counts: on a shared machine the slower runs measure the neighbours.
 fn measure(
     plain: &[u8],
     compressor: &mut zstd::bulk::Compressor<'_>,
     decompressor: &mut zstd::bulk::Decompressor<'_>,
 ) -> Result<Cost, String> {
-    const REPEAT: u32 = 5;
-    let began = Instant::now();
-    let mut packed = Vec::new();
+    const REPEAT: usize = 7;
+    let mut packed = compressor.compress(plain).map_err(|err| format!("zstd compress: {err}"))?;
+    let mut compress_us = f64::INFINITY;
     for _ in 0..REPEAT {
+        let began = Instant::now();
         packed = compressor.compress(plain).map_err(|err| format!("zstd compress: {err}"))?;
+        compress_us = compress_us.min(began.elapsed().as_secs_f64() * 1e6);
     }
-    let compress_us = began.elapsed().as_secs_f64() * 1e6 / REPEAT as f64;
-    let began = Instant::now();
-    for _ in 0..REPEAT {
+    let mut decompress_us = f64::INFINITY;
+    for _ in 0..=REPEAT {
+        let began = Instant::now();
         let unpacked =
             decompressor.decompress(&packed, plain.len()).map_err(|err| format!("zstd decompress: {err}"))?;
-        if unpacked.len() != plain.len() {
+        decompress_us = decompress_us.min(began.elapsed().as_secs_f64() * 1e6);
+        if unpacked != plain {
             return Err("zstd round trip changed the message".into());
         }
     }
-    let decompress_us = began.elapsed().as_secs_f64() * 1e6 / REPEAT as f64;
     Ok(Cost { bytes: packed.len(), compress_us, decompress_us })
 }
 
