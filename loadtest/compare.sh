@@ -135,10 +135,14 @@ loadtest_bin="$root/target/release/routopia-loadtest"
 # ---- helpers
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Ports below the kernel's ephemeral range: runs with thousands of connections leave client
+# ports in TIME-WAIT all over that range, and a peer could not bind one of them.
+ephemeral_low=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[ "${ephemeral_low:-0}" -gt 10100 ] || ephemeral_low=32768
 free_port() {
   local port tries=0
   while [ $tries -lt 200 ]; do
-    port=$((20000 + RANDOM % 30000))
+    port=$((10000 + RANDOM % (ephemeral_low - 10000)))
     if ! port_in_use "$port"; then echo "$port"; return 0; fi
     tries=$((tries + 1))
   done
@@ -288,7 +292,7 @@ done
 
 echo
 if [ -n "$scenario" ]; then
-  echo "scenario $scenario (peers in $peer_mode mode), flags given: ${given:-none};" \
+  echo "scenario $scenario (peers in $peer_mode mode), flags given:${given:- none};" \
     "server on core $server_core, generator on core $generator_core; $(date -u +%Y-%m-%dT%H:%MZ)"
 else echo "1→N fan-out: N=$subscribers, C=$channels, P=$publishers, D=${duration}s, ${payload} B payload;" \
   "server on core $server_core, generator on core $generator_core; $(date -u +%Y-%m-%dT%H:%MZ)"

@@ -442,3 +442,36 @@ fn main() -> ExitCode {
     let _ = std::io::stdout().flush();
     std::process::exit(code);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> RunArgs {
+        let matches = Cli::command().try_get_matches_from(argv).unwrap();
+        let mut args = Cli::from_arg_matches(&matches).unwrap().run;
+        args.apply_scenario(|id| given(&matches, id));
+        args
+    }
+
+    #[test]
+    fn scenarios_preset_only_what_was_not_given() {
+        let args = parse(&["routopia-loadtest", "--scenario", "fanout-10k"]);
+        assert_eq!((args.subscribers, args.rate), (10_000, 100.0));
+        let args = parse(&["routopia-loadtest", "--scenario", "fanout-10k", "--rate", "50", "-n", "2000"]);
+        assert_eq!((args.subscribers, args.rate), (2000, 50.0));
+        let args = parse(&["routopia-loadtest", "--scenario", "many-channels"]);
+        assert_eq!((args.channels, args.subscribers, args.publishers), (1000, 3000, 4));
+        // No scenario: the flags' own defaults, as compare.sh relies on.
+        let args = parse(&["routopia-loadtest"]);
+        assert_eq!((args.subscribers, args.rate, args.channels), (1000, 2000.0, 1));
+    }
+
+    #[test]
+    fn idle_memory_needs_the_server_pid() {
+        let args = parse(&["routopia-loadtest", "--scenario", "idle-memory"]);
+        assert!(args.validate().unwrap_err().contains("--server-pid"));
+        let args = parse(&["routopia-loadtest", "--scenario", "idle-memory", "--server-pid", "1"]);
+        assert!(args.validate().is_ok());
+    }
+}

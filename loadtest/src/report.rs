@@ -488,7 +488,10 @@ fn row(line: &str) -> Vec<String> {
     };
     let label = v.get("label").and_then(Value::as_str).unwrap_or("?").to_string();
     let n = fmt(num(&["params", "subscribers"]), 0);
-    let rate = fmt(num(&["params", "rate"]), 0);
+    // Only the fan-outs publish at a rate.
+    let scenario = v.pointer("/params/scenario").and_then(Value::as_str).unwrap_or("fanout");
+    let open_loop = scenario == "fanout" || scenario.starts_with("fanout-") || scenario == "many-channels";
+    let rate = if open_loop { fmt(num(&["params", "rate"]), 0) } else { "-".into() };
     if let Some(fatal) = v.get("fatal").and_then(Value::as_str) {
         let mut cells = vec![label, n, rate];
         cells.extend(std::iter::repeat_n("-".to_string(), 12));

@@ -114,10 +114,25 @@ pub fn setting_label(knobs: &[Knob], combo: &[(usize, String)]) -> String {
     combo.iter().map(|(k, v)| format!("{}={v}", knobs[*k].name)).collect::<Vec<_>>().join(" ")
 }
 
+/// Lowest port the kernel hands out to outgoing connections.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+/// A free port below the ephemeral range: thousands of generator connections leave their
+/// local ports there in TIME-WAIT, and a server may not be able to bind one of those.
 fn free_port() -> Result<u16, String> {
-    // Binding port 0 lets the kernel pick a free one; it is free again once the listener drops.
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|err| format!("no free port: {err}"))?;
-    listener.local_addr().map(|a| a.port()).map_err(|err| err.to_string())
+    let high = ephemeral_low().max(10_001);
+    for _ in 0..200 {
+        let port = rand::random_range(10_000..high);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err("no free port below the ephemeral range".into())
 }
 
 fn tail(path: &Path, lines: usize) -> String {
