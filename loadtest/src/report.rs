@@ -13,6 +13,14 @@ use crate::RunArgs;
 /// about the server.
 const GENERATOR_SATURATED_PCT: f64 = 95.0;
 
+/// Share of the elapsed time from which waiting for a core says the machine was busy with
+/// other work: figures from such a run measure the neighbours too.
+const CONTENDED_FRACTION: f64 = 0.1;
+
+pub fn cpu_contended(generator_wait: Option<f64>, server_wait: Option<f64>, elapsed: f64) -> bool {
+    [generator_wait, server_wait].iter().flatten().any(|w| *w > CONTENDED_FRACTION * elapsed)
+}
+
 /// A run that could not measure anything (no connection, no publisher).
 pub struct Fatal {
     pub message: String,
@@ -104,6 +112,9 @@ pub struct Report {
     pub publishers: PublisherStats,
     pub errors: ErrorLog,
     pub generator_cpu_seconds: Option<f64>,
+    /// Seconds the generator's and the server's threads waited for a core (run-queue wait).
+    pub generator_wait_seconds: Option<f64>,
+    pub server_wait_seconds: Option<f64>,
     /// Server CPU seconds over the window and its thread count.
     pub server_cpu: Option<(f64, usize)>,
     pub server_rss_bytes: Option<u64>,
@@ -178,6 +189,11 @@ impl Report {
         }
     }
 
+    /// Whether the generator or the server waited for a core more than a tenth of the time.
+    pub fn cpu_contended(&self) -> bool {
+        cpu_contended(self.generator_wait_seconds, self.server_wait_seconds, self.elapsed_seconds)
+    }
+
     pub fn generator_saturated(&self) -> bool {
         self.generator_cpu_pct().is_some_and(|pct| pct >= GENERATOR_SATURATED_PCT)
     }
@@ -246,6 +262,9 @@ impl Report {
             "generator_cpu_s": self.generator_cpu_seconds,
             "generator_cpu_pct": self.generator_cpu_pct(),
             "generator_saturated": self.generator_saturated(),
+            "generator_cpu_wait_s": self.generator_wait_seconds,
+            "server_cpu_wait_s": self.server_wait_seconds,
+            "cpu_contended": self.cpu_contended(),
             "server_cpu_s": server_cpu_s,
             "server_cpu_pct": server_cpu_s.map(|s| 100.0 * s / self.elapsed_seconds.max(1e-9)),
             "server_threads": self.server_cpu.map(|(_, t)| t),
@@ -406,9 +425,25 @@ impl Report {
                 (_, None) => "not measured (give --server-pid)".into(),
             },
         );
+        line("CPU wait", contention_text(self.generator_wait_seconds, self.server_wait_seconds, self.elapsed_seconds));
         line("verdict", format!("{} (bound {} ms)", self.verdict(), a.bound_ms));
         out
     }
+}
+
+/// The text line about run-queue waits.
+pub fn contention_text(generator_wait: Option<f64>, server_wait: Option<f64>, elapsed: f64) -> String {
+    let fmt = |w: Option<f64>| w.map_or_else(|| "-".into(), |w| format!("{w:.2} s"));
+    format!(
+        "generator {}, server {} ready but not running{}",
+        fmt(generator_wait),
+        fmt(server_wait),
+        if cpu_contended(generator_wait, server_wait, elapsed) {
+            "  (CONTENDED: other work held the cores; the figures measure the neighbours too)"
+        } else {
+            ""
+        }
+    )
 }
 
 /// Prints a side-by-side table of the reports in `files` (one JSON object a line).
@@ -506,6 +541,9 @@ fn row(line: &str) -> Vec<String> {
     let mut verdict = v.get("verdict").and_then(Value::as_str).unwrap_or("?").to_string();
     if v.get("generator_saturated").and_then(Value::as_bool) == Some(true) {
         verdict.push_str(" [generator saturated]");
+    }
+    if v.get("cpu_contended").and_then(Value::as_bool) == Some(true) {
+        verdict.push_str(" [cpu contended]");
     }
     // Other scenarios than the fan-out report their own throughput and per-CPU figures.
     if let Some(per_conn) = num(&["server_rss_per_connection_bytes"]) {

@@ -604,6 +604,8 @@ pub async fn run(args: RunArgs) -> Result<Report, Fatal> {
     let payload_bytes_mean = pool.iter().map(Vec::len).sum::<usize>() as f64 / pool.len() as f64;
     let self_cpu_start = procstat::self_cpu_seconds();
     let server_cpu_start = args.server_pid.and_then(procstat::process_cpu_seconds);
+    let self_wait_start = procstat::wait_seconds(None);
+    let server_wait_start = args.server_pid.and_then(|pid| procstat::wait_seconds(Some(pid)));
     let start = Instant::now() + Duration::from_millis(1);
     let window = Duration::from_secs_f64(args.duration);
     let drain = Duration::from_secs_f64(args.drain_timeout);
@@ -651,6 +653,8 @@ pub async fn run(args: RunArgs) -> Result<Report, Fatal> {
     drop(keep_open);
     let self_cpu_end = procstat::self_cpu_seconds();
     let server_cpu_end = args.server_pid.and_then(procstat::process_cpu_seconds);
+    let self_wait_end = procstat::wait_seconds(None);
+    let server_wait_end = args.server_pid.and_then(|pid| procstat::wait_seconds(Some(pid)));
     let server_rss = args.server_pid.and_then(procstat::process_rss_bytes);
 
     // ---- the numbers
@@ -709,6 +713,8 @@ pub async fn run(args: RunArgs) -> Result<Report, Fatal> {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         },
+        generator_wait_seconds: self_wait_start.zip(self_wait_end).map(|(a, b)| (b - a).max(0.0)),
+        server_wait_seconds: server_wait_start.zip(server_wait_end).map(|(a, b)| (b - a).max(0.0)),
         server_cpu: match (server_cpu_start, server_cpu_end) {
             (Some((a, _)), Some((b, threads))) if b >= a => Some((b - a, threads)),
             _ => None,

@@ -12,7 +12,7 @@ use routopia_realtime::client::{Client, ClientError};
 use routopia_realtime::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind};
 use serde_json::{json, Value};
 
-use crate::report::{label, params, Fatal};
+use crate::report::{self, label, params, Fatal};
 use crate::run::{self, ErrorLog};
 use crate::{procstat, Mode, Request, RunArgs};
 
@@ -91,6 +91,8 @@ fn kind_of(err: &ClientError) -> &'static str {
 struct CpuMark {
     own: Option<f64>,
     server: Option<(f64, usize)>,
+    own_wait: Option<f64>,
+    server_wait: Option<f64>,
     at: Instant,
 }
 
@@ -99,6 +101,8 @@ impl CpuMark {
         Self {
             own: procstat::self_cpu_seconds(),
             server: args.server_pid.and_then(procstat::process_cpu_seconds),
+            own_wait: procstat::wait_seconds(None),
+            server_wait: args.server_pid.and_then(|pid| procstat::wait_seconds(Some(pid))),
             at: Instant::now(),
         }
     }
@@ -121,6 +125,11 @@ impl CpuMark {
         fields.insert("server_threads".into(), json!(server.map(|s| s.1)));
         let per = server.filter(|s| s.0 > 0.0).map(|s| count as f64 / s.0);
         fields.insert(per_name.into(), json!(per));
+        let own_wait = self.own_wait.zip(end.own_wait).map(|(a, b)| (b - a).max(0.0));
+        let server_wait = self.server_wait.zip(end.server_wait).map(|(a, b)| (b - a).max(0.0));
+        fields.insert("generator_cpu_wait_s".into(), json!(own_wait));
+        fields.insert("server_cpu_wait_s".into(), json!(server_wait));
+        fields.insert("cpu_contended".into(), json!(report::cpu_contended(own_wait, server_wait, elapsed)));
         let mut text = String::new();
         let _ = writeln!(
             text,
@@ -149,6 +158,7 @@ impl CpuMark {
                 (_, None) => "not measured (give --server-pid)".into(),
             }
         );
+        let _ = writeln!(text, "  {:<18} {}", "CPU wait", report::contention_text(own_wait, server_wait, elapsed));
         (fields, text)
     }
 }

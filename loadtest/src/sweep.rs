@@ -302,6 +302,9 @@ fn print_table(results: &[Value]) {
         if r.get("generator_saturated").and_then(Value::as_bool) == Some(true) {
             verdict.push_str(" [generator saturated]");
         }
+        if r.get("cpu_contended").and_then(Value::as_bool) == Some(true) {
+            verdict.push_str(" [cpu contended]");
+        }
         rows.push(vec![
             r.get("setting").and_then(Value::as_str).unwrap_or("?").to_string(),
             cell(num(r, &["sweep_rate"]).or(num(r, &["params", "rate"])), 0),
