@@ -231,7 +231,11 @@ run_flags() {
   local flags="--scenario $scenario"
   for g in $given; do
     case $g in
-      rate) flags="$flags --rate $1" ;;
+      rate)
+        flags="$flags --rate $1"
+        # A rate only means something to request/reply in open loop.
+        [ "$scenario" = request-reply ] && flags="$flags --open-loop"
+        ;;
       subscribers) flags="$flags --subscribers $subscribers --setup-timeout $setup_timeout" ;;
       channels) flags="$flags --channels $channels" ;;
       publishers) flags="$flags --publishers $publishers" ;;

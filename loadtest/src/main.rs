@@ -240,6 +240,10 @@ pub struct RunArgs {
     /// request-reply, routopia mode: which request the clients send.
     #[arg(long, value_enum, default_value_t = Request::Publish)]
     pub request: Request,
+    /// request-reply: send open loop at `--rate` requests/s over all clients (latency from the
+    /// intended send time) instead of one request in flight per client.
+    #[arg(long)]
+    pub open_loop: bool,
     /// idle-memory: longest wait for the server's RSS to stop moving after the connects, seconds.
     #[arg(long, default_value_t = 30.0)]
     pub rss_stable_timeout: f64,

@@ -2,13 +2,14 @@
 //! idle memory. Each returns one JSON object and its text rendering.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use compio::time::{sleep, timeout, timeout_at};
+use compio::time::{sleep, sleep_until, timeout, timeout_at};
 use hdrhistogram::Histogram;
-use routopia_realtime::client::{Client, ClientError};
+use routopia_realtime::client::{Client, ClientError, Receiver, Sender};
 use routopia_realtime::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind};
 use serde_json::{json, Value};
 
@@ -502,6 +503,255 @@ async fn requester(
     replies
 }
 
+/// What the open-loop clients share.
+struct OpenLoop {
+    rtt: RefCell<Histogram<u64>>,
+    errors: RefCell<ErrorLog>,
+    sent: Cell<u64>,
+    replies: Cell<u64>,
+    last_reply: Cell<Option<Instant>>,
+    /// Publish requests in flight, by request id: their intended send time (unix ns).
+    pending: RefCell<HashMap<(usize, u32), u64>>,
+}
+
+impl OpenLoop {
+    fn answered(&self, intended_ns: u64) {
+        let now = run::unix_ns();
+        record(&mut self.rtt.borrow_mut(), now.saturating_sub(intended_ns) / 1000);
+        self.replies.set(self.replies.get() + 1);
+        self.last_reply.set(Some(Instant::now()));
+    }
+}
+
+/// Reads one open-loop client's answers until its connection ends (or the process does).
+async fn open_loop_reader(args: Rc<RunArgs>, index: usize, mut receiver: Receiver, state: Rc<OpenLoop>) {
+    loop {
+        let outcome = match args.mode {
+            Mode::Raw => receiver.next_message().await.map(|message| {
+                // The echo carries the intended send time in its first 8 bytes.
+                if let Some(head) = message.get(..8) {
+                    state.answered(u64::from_le_bytes(head.try_into().unwrap_or_default()));
+                }
+            }),
+            Mode::Routopia => receiver.next_frame().await.and_then(|frame| match frame.kind {
+                Some(Kind::Pong(pong)) => {
+                    state.answered(pong.timestamp_us * 1000);
+                    Ok(())
+                }
+                Some(Kind::Reply(pb::Reply { id, result: Some(reply::Result::Publish(_)) })) => {
+                    if let Some(intended) = state.pending.borrow_mut().remove(&(index, id)) {
+                        state.answered(intended);
+                    }
+                    Ok(())
+                }
+                Some(Kind::Reply(pb::Reply { result: Some(reply::Result::Error(e)), .. })) => {
+                    Err(ClientError::Server(e))
+                }
+                Some(Kind::Disconnect(d)) => Err(ClientError::Disconnected(d)),
+                _ => Ok(()),
+            }),
+        };
+        if let Err(err) = outcome {
+            state.errors.borrow_mut().add(kind_of(&err), format!("client {index}: {err}"));
+            if !matches!(err, ClientError::Server(_)) {
+                return;
+            }
+        }
+    }
+}
+
+/// One open-loop client: request k (k ≡ index mod N) is due at `start + k / rate`; it never
+/// waits for an answer, and latency counts from the due time (coordinated omission corrected).
+#[allow(clippy::too_many_arguments)]
+async fn open_loop_sender(
+    args: Rc<RunArgs>,
+    index: usize,
+    mut sender: Sender,
+    start: Instant,
+    start_unix_ns: u64,
+    stop: Instant,
+    pool: Rc<Vec<Vec<u8>>>,
+    state: Rc<OpenLoop>,
+) {
+    let channel = format!("{}:rr:{}", args.channel_prefix, index % args.channels);
+    let total = (args.rate * args.duration).ceil() as u64;
+    let mut k = index as u64;
+    let mut id = 0u32;
+    while k < total {
+        let offset = Duration::from_secs_f64(k as f64 / args.rate);
+        let due = start + offset;
+        if due > Instant::now() {
+            sleep_until(due).await;
+        }
+        if Instant::now() >= stop {
+            break;
+        }
+        let intended_ns = start_unix_ns + offset.as_nanos() as u64;
+        let template = &pool[(k % pool.len() as u64) as usize];
+        let send = async {
+            match (args.mode, args.request) {
+                (Mode::Raw, _) => sender.send_binary(run::stamp(template, intended_ns, k)).await,
+                (Mode::Routopia, Request::Ping) => {
+                    let ping = Command::Ping(pb::Ping { timestamp_us: intended_ns / 1000 });
+                    sender.send_frames(vec![pb::ClientFrame { id: 0, command: Some(ping) }]).await
+                }
+                (Mode::Routopia, Request::Publish) => {
+                    // Our own ids (never 0, which asks for no reply), registered before the write so
+                    // that a fast answer finds its entry.
+                    id = id.checked_add(1).unwrap_or(1);
+                    state.pending.borrow_mut().insert((index, id), intended_ns);
+                    let publish = pb::Publish {
+                        channel: channel.clone(),
+                        r#type: pb::UpdateType::Route as i32,
+                        key: String::new(),
+                        confidence: 1.0,
+                        payload: run::stamp(template, intended_ns, k),
+                    };
+                    sender.send_frames(vec![pb::ClientFrame { id, command: Some(Command::Publish(publish)) }]).await
+                }
+            }
+        };
+        match timeout_at(stop, send).await {
+            Ok(Ok(())) => state.sent.set(state.sent.get() + 1),
+            Ok(Err(err)) => {
+                state.errors.borrow_mut().add(kind_of(&err), format!("client {index} send: {err}"));
+                return;
+            }
+            Err(_) => {
+                state
+                    .errors
+                    .borrow_mut()
+                    .add("stalled", format!("client {index}: a write outlived the drain deadline"));
+                return;
+            }
+        }
+        k += args.subscribers as u64;
+    }
+}
+
+/// Open-loop request/reply: `--rate` requests per second over all clients for `--duration`.
+async fn request_reply_open(args: Rc<RunArgs>, opened: Opened) -> Outcome {
+    let connected = opened.clients.len();
+    let pool = Rc::new(run::payload_pool(&args));
+    let payload_mean = pool.iter().map(Vec::len).sum::<usize>() as f64 / pool.len() as f64;
+    let state = Rc::new(OpenLoop {
+        rtt: RefCell::new(histogram()),
+        errors: RefCell::new(opened.errors),
+        sent: Cell::new(0),
+        replies: Cell::new(0),
+        last_reply: Cell::new(None),
+        pending: RefCell::new(HashMap::new()),
+    });
+    let mut senders = Vec::with_capacity(connected);
+    for (i, client) in opened.clients.into_iter().enumerate() {
+        let (sender, receiver) = client.split();
+        compio::runtime::spawn(open_loop_reader(args.clone(), i, receiver, state.clone())).detach();
+        senders.push(sender);
+    }
+    sleep(Duration::from_millis(args.settle_ms)).await;
+    let cpu = CpuMark::now(&args);
+    let start = Instant::now() + Duration::from_millis(1);
+    let start_unix_ns = run::unix_ns() + 1_000_000;
+    let window = Duration::from_secs_f64(args.duration);
+    let drain = Duration::from_secs_f64(args.drain_timeout);
+    let stop = start + window + drain;
+    let handles: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(i, sender)| {
+            compio::runtime::spawn(open_loop_sender(
+                args.clone(),
+                i,
+                sender,
+                start,
+                start_unix_ns,
+                stop,
+                pool.clone(),
+                state.clone(),
+            ))
+        })
+        .collect();
+    for handle in handles {
+        if timeout_at(stop + Duration::from_secs(1), handle).await.is_err() {
+            state.errors.borrow_mut().add("client_task", "a client task did not stop".into());
+        }
+    }
+    let published = Instant::now();
+    let drain_end = (published + drain).min(stop.max(published));
+    while Instant::now() < drain_end && state.replies.get() < state.sent.get() {
+        sleep(Duration::from_millis(2)).await;
+    }
+    let scheduled = (args.rate * args.duration).ceil() as u64;
+    let (sent, replies) = (state.sent.get(), state.replies.get());
+    let (cpu_fields, cpu_text) = cpu.since(&args, replies, "replies_per_server_cpu_s");
+    let last = state.last_reply.get().map_or(0.0, |t| t.saturating_duration_since(start).as_secs_f64());
+    let measured = last.max(published.saturating_duration_since(start).as_secs_f64().min(args.duration)).max(1e-9);
+    let per_s = replies as f64 / measured;
+    let rtt = state.rtt.borrow().clone();
+    let errors = std::mem::take(&mut *state.errors.borrow_mut());
+    let request = match args.mode {
+        Mode::Raw => "echo".to_string(),
+        Mode::Routopia => format!("{:?}", args.request).to_lowercase(),
+    };
+    let mut why = Vec::new();
+    if sent < scheduled {
+        why.push(format!("{} unsent", scheduled - sent));
+    }
+    if replies < sent {
+        why.push(format!("{} unanswered", sent - replies));
+    }
+    if errors.total > 0 {
+        why.push(format!("{} errors", errors.total));
+    }
+    match (!rtt.is_empty()).then(|| rtt.value_at_quantile(0.99) as f64 / 1000.0) {
+        None => why.push("no reply".into()),
+        Some(p99) if p99 > args.bound_ms => why.push(format!("p99 {p99:.1} ms > {} ms", args.bound_ms)),
+        _ => {}
+    }
+    let verdict = if why.is_empty() { "held".to_string() } else { format!("failed: {}", why.join(", ")) };
+    let mut value = json!({
+        "label": label(&args),
+        "params": params(&args),
+        "request": request,
+        "open_loop": true,
+        "clients": { "requested": args.subscribers, "connected": connected },
+        "setup_s": opened.seconds,
+        "window_s": args.duration,
+        "measured_s": measured,
+        "payload_bytes_mean": payload_mean,
+        "scheduled": scheduled,
+        "sent": sent,
+        "unsent": scheduled.saturating_sub(sent),
+        "replies": replies,
+        "unanswered": sent.saturating_sub(replies),
+        "replies_per_s": per_s,
+        "throughput_per_s": per_s,
+        "rtt_ms": latency_json(&rtt),
+        "latency_ms": latency_json(&rtt),
+        "errors": errors.total,
+        "errors_by_kind": errors_json(&errors),
+        "server_rss_bytes": args.server_pid.and_then(procstat::process_rss_bytes),
+        "verdict": verdict,
+    });
+    if let Value::Object(map) = &mut value {
+        map.extend(cpu_fields);
+    }
+    let mut text = header(
+        &args,
+        &format!(
+            "{connected} of {} clients, open loop at {} req/s ({request}, {payload_mean:.0} B) for {} s",
+            args.subscribers, args.rate, args.duration
+        ),
+    );
+    let _ = writeln!(text, "  {:<18} {sent} of {scheduled} scheduled", "sent");
+    let _ = writeln!(text, "  {:<18} {replies} = {per_s:.0}/s; unanswered {}", "replies", sent.saturating_sub(replies));
+    let _ = writeln!(text, "  {:<18} {}  (from the intended send time)", "round trip ms", latency_text(&rtt));
+    errors_text(&mut text, &errors);
+    text.push_str(&cpu_text);
+    let _ = writeln!(text, "  {:<18} {verdict} (bound {} ms)", "verdict", args.bound_ms);
+    Ok((value, text))
+}
+
 /// `--subscribers` clients in closed loop for `--duration` seconds: each sends one request
 /// and waits for its answer before the next (routopia: Publish with a request id or Ping;
 /// raw: a message the peer's `echo` mode sends back).
@@ -515,6 +765,9 @@ pub async fn request_reply(args: RunArgs) -> Outcome {
             format!("no client could connect to {} ({} errors)", args.addr, opened.errors.total),
             opened.errors.total as usize,
         ));
+    }
+    if args.open_loop {
+        return request_reply_open(args, opened).await;
     }
     let connected = opened.clients.len();
     let pool = Rc::new(run::payload_pool(&args));

@@ -25,7 +25,8 @@ pub struct SweepArgs {
     /// many-channels, request-reply, connect-storm).
     #[arg(long, value_enum, default_value_t = Scenario::Fanout1k)]
     pub scenario: Scenario,
-    /// Publish rates, msg/s, comma-separated (default: the scenario's own rate).
+    /// Publish rates, msg/s, comma-separated (default: the scenario's own rate); with
+    /// request-reply, request rates in open loop (`--open-loop`).
     #[arg(long, value_delimiter = ',')]
     pub rates: Vec<f64>,
     /// The server binary.
@@ -227,6 +228,10 @@ fn run_generator(
         .arg("--json");
     if let Some(rate) = rate {
         command.args(["--rate", &rate.to_string()]);
+        // A rate only means something to request/reply in open loop.
+        if args.scenario == Scenario::RequestReply {
+            command.arg("--open-loop");
+        }
     }
     command.args(&args.extra).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(err_file);
     let mut child = command.spawn().map_err(|err| format!("cannot start the generator: {err}"))?;
