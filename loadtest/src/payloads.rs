@@ -47,7 +47,7 @@ struct City {
     lat: f64,
     lon: f64,
     streets: &'static [&'static str],
-    postcode: &'static str,
+    postcodes: &'static [&'static str],
 }
 
 const CITIES: &[City] = &[
@@ -67,7 +67,7 @@ const CITIES: &[City] = &[
             "Boulevard périphérique",
             "Rue Oberkampf",
         ],
-        postcode: "750",
+        postcodes: &["75001", "75003", "75004", "75008", "75011", "75015", "75018", "75020"],
     },
     City {
         name: "Lyon",
@@ -82,7 +82,7 @@ const CITIES: &[City] = &[
             "Boulevard des Belges",
             "Tunnel de la Croix-Rousse",
         ],
-        postcode: "6900",
+        postcodes: &["69001", "69002", "69003", "69006", "69007", "69009"],
     },
     City {
         name: "Berlin",
@@ -98,7 +98,7 @@ const CITIES: &[City] = &[
             "Sonnenallee",
             "Prenzlauer Allee",
         ],
-        postcode: "101",
+        postcodes: &["10115", "10117", "10178", "10243", "10405", "12043", "10719"],
     },
     City {
         name: "Amsterdam",
@@ -113,7 +113,7 @@ const CITIES: &[City] = &[
             "Overtoom",
             "Ferdinand Bolstraat",
         ],
-        postcode: "10",
+        postcodes: &["1012 AB", "1017 CE", "1054 EX", "1073 KR", "1091 GR"],
     },
 ];
 
@@ -309,7 +309,7 @@ impl Generator {
             "address": {
                 "street": street,
                 "number": number.to_string(),
-                "postcode": format!("{}{:02}", city.postcode, self.rng.random_range(1..20u32)),
+                "postcode": self.pick(city.postcodes),
                 "city": city.name,
             },
             "rating": round(self.rng.random_range(2.5..5.0), 1),
