@@ -29,9 +29,10 @@ pub struct SweepArgs {
     /// request-reply, request rates in open loop (`--open-loop`).
     #[arg(long, value_delimiter = ',')]
     pub rates: Vec<f64>,
-    /// The server binary.
-    #[arg(long, default_value = "target/release/routopia-realtime")]
-    pub server_bin: PathBuf,
+    /// The server binary (default: routopia-realtime next to this binary, else
+    /// target/release/routopia-realtime).
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
     /// Shards the server runs (`serve --shards`).
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
@@ -53,6 +54,15 @@ pub struct SweepArgs {
     /// More flags for each generator run, after `--` (e.g. `-- -d 5 --payload-kind route`).
     #[arg(last = true)]
     pub extra: Vec<String>,
+}
+
+/// The server built alongside this binary (same target directory), else the workspace path.
+fn default_server_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("routopia-realtime")))
+        .filter(|path| path.exists())
+        .unwrap_or_else(|| PathBuf::from("target/release/routopia-realtime"))
 }
 
 /// One server setting to sweep: an environment variable and the values it takes.
@@ -159,7 +169,7 @@ impl Server {
         command
             .arg("-c")
             .arg(&args.server_core)
-            .arg(&args.server_bin)
+            .arg(args.server_bin.as_deref().unwrap_or(Path::new("routopia-realtime")))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--shards", &args.shards.to_string()])
             // Like compare.sh: the peers check nothing and limit nothing, and every generated
             // connection comes from 127.0.0.1.
@@ -173,8 +183,7 @@ impl Server {
         for (key, value) in env {
             command.env(key, value);
         }
-        let child =
-            command.spawn().map_err(|err| format!("cannot start taskset {}: {err}", args.server_bin.display()))?;
+        let child = command.spawn().map_err(|err| format!("cannot start taskset with {:?}: {err}", args.server_bin))?;
         let mut server = Server { child };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -352,12 +361,16 @@ pub fn run(args: &SweepArgs) -> Result<(), String> {
     if matches!(args.scenario, Scenario::IdleMemory) {
         return Err("sweep plots latency against throughput: idle-memory has neither".into());
     }
-    if !args.server_bin.exists() {
+    let mut args = args.clone();
+    let server_bin = args.server_bin.clone().unwrap_or_else(default_server_bin);
+    if !server_bin.exists() {
         return Err(format!(
             "{} not found (build it: cargo build --release -p routopia-realtime)",
-            args.server_bin.display()
+            server_bin.display()
         ));
     }
+    args.server_bin = Some(server_bin);
+    let args = &args;
     if args.rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
         return Err("--rates must be positive numbers".into());
     }
