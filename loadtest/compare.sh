@@ -6,6 +6,7 @@
 #   loadtest/compare.sh                               # N=1000, C=1, R=2000 msg/s, D=10 s, 64 B
 #   loadtest/compare.sh --rates "1000 2000 4000 8000" # capacity sweep
 #   loadtest/compare.sh --subscribers 10000 --rates 100 --servers "routopia bun"
+#   loadtest/compare.sh --scenario request-reply      # peers in echo mode, replies per server CPU-s
 #
 # See loadtest/README.md for every option and how to read the numbers.
 set -euo pipefail
@@ -29,6 +30,9 @@ server_core=1
 generator_core=0
 max_rss_mb=4096
 extra_args=""
+scenario=""
+# With --scenario, only the flags given here are passed on (the scenario presets the rest).
+given=""
 
 usage() {
   sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
@@ -50,17 +54,21 @@ Options:
   --generator-core N    core the load generator is pinned to (default: $generator_core)
   --max-server-rss-mb M kill a server whose RSS passes M MiB (default: $max_rss_mb)
   --loadtest-args "..." more flags for routopia-loadtest (e.g. "--drain-timeout 3")
+  --scenario NAME       a routopia-loadtest scenario (fanout-1k, fanout-10k, many-channels,
+                        request-reply, connect-storm, idle-memory); request-reply starts the
+                        peers in echo mode. Only the flags given here override its presets.
 EOF
 }
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --rates) rates=$2; shift 2 ;;
-    --subscribers|-n) subscribers=$2; shift 2 ;;
-    --channels|-c) channels=$2; shift 2 ;;
-    --publishers|-p) publishers=$2; shift 2 ;;
-    --duration|-d) duration=$2; shift 2 ;;
-    --payload|-s) payload=$2; shift 2 ;;
+    --rates) rates=$2; given="$given rate"; shift 2 ;;
+    --subscribers|-n) subscribers=$2; given="$given subscribers"; shift 2 ;;
+    --channels|-c) channels=$2; given="$given channels"; shift 2 ;;
+    --publishers|-p) publishers=$2; given="$given publishers"; shift 2 ;;
+    --duration|-d) duration=$2; given="$given duration"; shift 2 ;;
+    --payload|-s) payload=$2; given="$given payload"; shift 2 ;;
+    --scenario) scenario=$2; shift 2 ;;
     --servers) servers=$2; shift 2 ;;
     --bound-ms) bound_ms=$2; shift 2 ;;
     --peers-dir) peers_dir=$2; shift 2 ;;
@@ -127,10 +135,14 @@ loadtest_bin="$root/target/release/routopia-loadtest"
 # ---- helpers
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Ports below the kernel's ephemeral range: runs with thousands of connections leave client
+# ports in TIME-WAIT all over that range, and a peer could not bind one of them.
+ephemeral_low=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[ "${ephemeral_low:-0}" -gt 10100 ] || ephemeral_low=32768
 free_port() {
   local port tries=0
   while [ $tries -lt 200 ]; do
-    port=$((20000 + RANDOM % 30000))
+    port=$((10000 + RANDOM % (ephemeral_low - 10000)))
     if ! port_in_use "$port"; then echo "$port"; return 0; fi
     tries=$((tries + 1))
   done
@@ -173,9 +185,9 @@ start_server() {
         ROUTOPIA_LIMITS__MAX_CONNECTIONS_PER_IP=1000000 \
         taskset -c "$server_core" "$server_bin" serve --listen "127.0.0.1:$port" --shards 1 >"$logfile" 2>&1 &
       ;;
-    bun) taskset -c "$server_core" "$bun_bin" "$peers_dir/node/bun_server.js" "$port" broadcast >"$logfile" 2>&1 & ;;
-    tokio) taskset -c "$server_core" "$peers_dir/bin/peer-tokio-tungstenite" "$port" broadcast >"$logfile" 2>&1 & ;;
-    node) taskset -c "$server_core" node "$peers_dir/node/ws_server.js" "$port" broadcast >"$logfile" 2>&1 & ;;
+    bun) taskset -c "$server_core" "$bun_bin" "$peers_dir/node/bun_server.js" "$port" "$peer_mode" >"$logfile" 2>&1 & ;;
+    tokio) taskset -c "$server_core" "$peers_dir/bin/peer-tokio-tungstenite" "$port" "$peer_mode" >"$logfile" 2>&1 & ;;
+    node) taskset -c "$server_core" node "$peers_dir/node/ws_server.js" "$port" "$peer_mode" >"$logfile" 2>&1 & ;;
   esac
   server_pid=$!
   local deadline=$((SECONDS + 15))
@@ -206,9 +218,39 @@ start_server() {
   return 1
 }
 
+peer_mode=broadcast
+[ "$scenario" = request-reply ] && peer_mode=echo
+
+# The flags for one loadtest run at rate $1.
+run_flags() {
+  if [ -z "$scenario" ]; then
+    echo "--subscribers $subscribers --channels $channels --publishers $publishers --rate $1" \
+      "--duration $duration --payload $payload --setup-timeout $setup_timeout"
+    return
+  fi
+  local flags="--scenario $scenario"
+  for g in $given; do
+    case $g in
+      rate)
+        flags="$flags --rate $1"
+        # A rate only means something to request/reply in open loop.
+        [ "$scenario" = request-reply ] && flags="$flags --open-loop"
+        ;;
+      subscribers) flags="$flags --subscribers $subscribers --setup-timeout $setup_timeout" ;;
+      channels) flags="$flags --channels $channels" ;;
+      publishers) flags="$flags --publishers $publishers" ;;
+      duration) flags="$flags --duration $duration" ;;
+      payload) flags="$flags --payload $payload" ;;
+    esac
+  done
+  echo "$flags"
+}
+
 setup_timeout=$((30 + subscribers / 200))
 drain_timeout=5
 run_bound=$((setup_timeout + duration + drain_timeout + 30))
+# Scenarios may preset up to 10,000 connections with a 120 s setup bound.
+[ -n "$scenario" ] && [ $run_bound -lt 240 ] && run_bound=240
 
 log "results in $out"
 for rate in $rates; do
@@ -216,7 +258,7 @@ for rate in $rates; do
     if [ "$name" = routopia ]; then mode=routopia; else mode=raw; fi
     label=$name
     [ "$name" = routopia ] && label=routopia-realtime
-    if [ "$mode" = raw ] && [ "$channels" != 1 ]; then
+    if [ "$mode" = raw ] && { [ "$channels" != 1 ] || [ "$scenario" = many-channels ]; }; then
       log "skipping $name: the peers only broadcast (C=1)"
       continue
     fi
@@ -229,12 +271,10 @@ for rate in $rates; do
     fi
     log "$label: N=$subscribers C=$channels P=$publishers R=$rate D=${duration}s S=${payload}B (port $port, pid $server_pid)"
     report="$out/$name-r$rate.json"
-    # shellcheck disable=SC2086 # extra_args is a list of flags
+    # shellcheck disable=SC2086,SC2046 # flags are lists of words
     if timeout -k 5 "$run_bound" taskset -c "$generator_core" "$loadtest_bin" \
       --addr "127.0.0.1:$port" --mode "$mode" --label "$label" --server-pid "$server_pid" \
-      --subscribers "$subscribers" --channels "$channels" --publishers "$publishers" \
-      --rate "$rate" --duration "$duration" --payload "$payload" --bound-ms "$bound_ms" \
-      --setup-timeout "$setup_timeout" --drain-timeout "$drain_timeout" $extra_args --json \
+      $(run_flags "$rate") --bound-ms "$bound_ms" --drain-timeout "$drain_timeout" $extra_args --json \
       >"$report" 2>"$out/$name-r$rate.loadtest.err"; then
       :
     else
@@ -255,8 +295,12 @@ for rate in $rates; do
 done
 
 echo
-echo "1→N fan-out: N=$subscribers, C=$channels, P=$publishers, D=${duration}s, ${payload} B payload;" \
+if [ -n "$scenario" ]; then
+  echo "scenario $scenario (peers in $peer_mode mode), flags given:${given:- none};" \
+    "server on core $server_core, generator on core $generator_core; $(date -u +%Y-%m-%dT%H:%MZ)"
+else echo "1→N fan-out: N=$subscribers, C=$channels, P=$publishers, D=${duration}s, ${payload} B payload;" \
   "server on core $server_core, generator on core $generator_core; $(date -u +%Y-%m-%dT%H:%MZ)"
+fi
 "$loadtest_bin" table "$results"
 echo
 echo "reports and logs: $out"

@@ -56,6 +56,33 @@ pub fn process_cpu_seconds(pid: u32) -> Option<(f64, usize)> {
     (threads > 0).then_some((total, threads))
 }
 
+/// Seconds a task waited on a run queue (ready to run, but the core ran something else), from
+/// the text of /proc/.../schedstat: run time, wait time (both ns), timeslices.
+fn parse_schedstat_wait(text: &str) -> Option<f64> {
+    let ns: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some(ns as f64 / 1e9)
+}
+
+/// Run-queue wait summed over the threads of `pid` (`None`: this process). On a shared
+/// machine this is the time other work took the cores while we wanted them.
+pub fn wait_seconds(pid: Option<u32>) -> Option<f64> {
+    let dir = match pid {
+        Some(pid) => format!("/proc/{pid}/task"),
+        None => "/proc/self/task".into(),
+    };
+    let mut total = 0.0;
+    let mut threads = 0;
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        if let Some(wait) =
+            fs::read_to_string(entry.path().join("schedstat")).ok().and_then(|text| parse_schedstat_wait(&text))
+        {
+            total += wait;
+            threads += 1;
+        }
+    }
+    (threads > 0).then_some(total)
+}
+
 /// Resident set size of a process, in bytes (VmRSS from /proc/PID/status).
 pub fn process_rss_bytes(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -73,6 +100,12 @@ mod tests {
         let line = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 0 0";
         let cpu = parse_stat_cpu(line).unwrap();
         assert!((cpu - 300.0 / ticks_per_second()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn parses_schedstat() {
+        assert_eq!(parse_schedstat_wait("314740 5946832 2\n"), Some(0.005946832));
+        assert_eq!(parse_schedstat_wait("1"), None);
     }
 
     #[test]

@@ -13,6 +13,14 @@ use crate::RunArgs;
 /// about the server.
 const GENERATOR_SATURATED_PCT: f64 = 95.0;
 
+/// Share of the elapsed time from which waiting for a core says the machine was busy with
+/// other work: figures from such a run measure the neighbours too.
+const CONTENDED_FRACTION: f64 = 0.1;
+
+pub fn cpu_contended(generator_wait: Option<f64>, server_wait: Option<f64>, elapsed: f64) -> bool {
+    [generator_wait, server_wait].iter().flatten().any(|w| *w > CONTENDED_FRACTION * elapsed)
+}
+
 /// A run that could not measure anything (no connection, no publisher).
 pub struct Fatal {
     pub message: String,
@@ -35,12 +43,16 @@ impl Fatal {
     }
 }
 
-fn label(args: &RunArgs) -> String {
+pub fn label(args: &RunArgs) -> String {
     args.label.clone().unwrap_or_else(|| format!("{:?}", args.mode).to_lowercase())
 }
 
-fn params(args: &RunArgs) -> Value {
+pub fn params(args: &RunArgs) -> Value {
     json!({
+        "scenario": args.scenario.map_or_else(|| "fanout".to_string(), |s| s.name()),
+        "payload_kind": format!("{:?}", args.payload_kind).to_lowercase(),
+        "accept_zstd": args.accept_zstd,
+        "pin_generator": args.pin_generator,
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "addr": args.addr.to_string(),
         "subscribers": args.subscribers,
@@ -81,6 +93,10 @@ pub struct Report {
     pub echoes: u64,
     /// WebSocket messages the subscribers read in the window.
     pub messages: u64,
+    /// Their bytes on the wire (WebSocket payload, compressed if it was, plus frame headers).
+    pub wire_bytes: u64,
+    /// Mean size of the payloads the publishers sent (timing header included).
+    pub payload_bytes_mean: f64,
     pub seq_gaps: u64,
     pub seq_backwards: u64,
     pub window_seconds: f64,
@@ -96,6 +112,9 @@ pub struct Report {
     pub publishers: PublisherStats,
     pub errors: ErrorLog,
     pub generator_cpu_seconds: Option<f64>,
+    /// Seconds the generator's and the server's threads waited for a core (run-queue wait).
+    pub generator_wait_seconds: Option<f64>,
+    pub server_wait_seconds: Option<f64>,
     /// Server CPU seconds over the window and its thread count.
     pub server_cpu: Option<(f64, usize)>,
     pub server_rss_bytes: Option<u64>,
@@ -170,6 +189,11 @@ impl Report {
         }
     }
 
+    /// Whether the generator or the server waited for a core more than a tenth of the time.
+    pub fn cpu_contended(&self) -> bool {
+        cpu_contended(self.generator_wait_seconds, self.server_wait_seconds, self.elapsed_seconds)
+    }
+
     pub fn generator_saturated(&self) -> bool {
         self.generator_cpu_pct().is_some_and(|pct| pct >= GENERATOR_SATURATED_PCT)
     }
@@ -209,6 +233,9 @@ impl Report {
             "echoes": self.echoes,
             "messages": self.messages,
             "updates_per_message": if self.messages > 0 { self.received as f64 / self.messages as f64 } else { 0.0 },
+            "wire_bytes": self.wire_bytes,
+            "wire_bytes_per_delivery": if self.received > 0 { self.wire_bytes as f64 / self.received as f64 } else { 0.0 },
+            "payload_bytes_mean": self.payload_bytes_mean,
             "seq_gaps": self.seq_gaps,
             "seq_backwards": self.seq_backwards,
             "window_s": self.window_seconds,
@@ -216,6 +243,7 @@ impl Report {
             "measured_s": self.measured_seconds,
             "elapsed_s": self.elapsed_seconds,
             "delivered_per_s": self.delivered_per_second(),
+            "throughput_per_s": self.delivered_per_second(),
             "latency_ms": latency.map(|[p50, p99, p999, max]| json!({
                 "p50": p50, "p99": p99, "p999": p999, "max": max,
                 "mean": self.latency.mean() / 1000.0, "count": self.latency.len(),
@@ -234,6 +262,9 @@ impl Report {
             "generator_cpu_s": self.generator_cpu_seconds,
             "generator_cpu_pct": self.generator_cpu_pct(),
             "generator_saturated": self.generator_saturated(),
+            "generator_cpu_wait_s": self.generator_wait_seconds,
+            "server_cpu_wait_s": self.server_wait_seconds,
+            "cpu_contended": self.cpu_contended(),
             "server_cpu_s": server_cpu_s,
             "server_cpu_pct": server_cpu_s.map(|s| 100.0 * s / self.elapsed_seconds.max(1e-9)),
             "server_threads": self.server_cpu.map(|(_, t)| t),
@@ -259,6 +290,16 @@ impl Report {
             a.duration,
             a.payload
         );
+        if a.scenario.is_some() || a.payload_kind != crate::PayloadKind::Synthetic || a.accept_zstd {
+            let _ = writeln!(
+                out,
+                "  scenario {}, payload {} (mean {:.0} B with header){}",
+                a.scenario.map_or_else(|| "fanout".to_string(), |s| s.name()),
+                format!("{:?}", a.payload_kind).to_lowercase(),
+                self.payload_bytes_mean,
+                if a.accept_zstd { ", zstd accepted" } else { "" }
+            );
+        }
         let mut line = |name: &str, value: String| {
             let _ = writeln!(out, "  {name:<18} {value}");
         };
@@ -307,6 +348,15 @@ impl Report {
                 self.seq_gaps,
                 self.seq_backwards,
                 if self.echoes > 0 { format!("; {} echoes to publishers", self.echoes) } else { String::new() }
+            ),
+        );
+        line(
+            "wire bytes",
+            format!(
+                "{} read by subscribers ({:.1} per delivery, payload {:.0} B)",
+                self.wire_bytes,
+                if self.received > 0 { self.wire_bytes as f64 / self.received as f64 } else { 0.0 },
+                self.payload_bytes_mean
             ),
         );
         line(
@@ -375,9 +425,25 @@ impl Report {
                 (_, None) => "not measured (give --server-pid)".into(),
             },
         );
+        line("CPU wait", contention_text(self.generator_wait_seconds, self.server_wait_seconds, self.elapsed_seconds));
         line("verdict", format!("{} (bound {} ms)", self.verdict(), a.bound_ms));
         out
     }
+}
+
+/// The text line about run-queue waits.
+pub fn contention_text(generator_wait: Option<f64>, server_wait: Option<f64>, elapsed: f64) -> String {
+    let fmt = |w: Option<f64>| w.map_or_else(|| "-".into(), |w| format!("{w:.2} s"));
+    format!(
+        "generator {}, server {} ready but not running{}",
+        fmt(generator_wait),
+        fmt(server_wait),
+        if cpu_contended(generator_wait, server_wait, elapsed) {
+            "  (CONTENDED: other work held the cores; the figures measure the neighbours too)"
+        } else {
+            ""
+        }
+    )
 }
 
 /// Prints a side-by-side table of the reports in `files` (one JSON object a line).
@@ -419,7 +485,7 @@ fn header() -> Vec<String> {
         "server",
         "N",
         "rate/s",
-        "delivered/s",
+        "delivered/s (or replies, connects)",
         "loss",
         "gaps",
         "p50 ms",
@@ -429,7 +495,7 @@ fn header() -> Vec<String> {
         "pub lag max ms",
         "errors",
         "server CPU s",
-        "deliv/CPU-s",
+        "per server CPU-s",
         "gen CPU %",
         "verdict",
     ]
@@ -457,7 +523,10 @@ fn row(line: &str) -> Vec<String> {
     };
     let label = v.get("label").and_then(Value::as_str).unwrap_or("?").to_string();
     let n = fmt(num(&["params", "subscribers"]), 0);
-    let rate = fmt(num(&["params", "rate"]), 0);
+    // Only the fan-outs publish at a rate.
+    let scenario = v.pointer("/params/scenario").and_then(Value::as_str).unwrap_or("fanout");
+    let open_loop = scenario == "fanout" || scenario.starts_with("fanout-") || scenario == "many-channels";
+    let rate = if open_loop { fmt(num(&["params", "rate"]), 0) } else { "-".into() };
     if let Some(fatal) = v.get("fatal").and_then(Value::as_str) {
         let mut cells = vec![label, n, rate];
         cells.extend(std::iter::repeat_n("-".to_string(), 12));
@@ -473,11 +542,22 @@ fn row(line: &str) -> Vec<String> {
     if v.get("generator_saturated").and_then(Value::as_bool) == Some(true) {
         verdict.push_str(" [generator saturated]");
     }
+    if v.get("cpu_contended").and_then(Value::as_bool) == Some(true) {
+        verdict.push_str(" [cpu contended]");
+    }
+    // Other scenarios than the fan-out report their own throughput and per-CPU figures.
+    if let Some(per_conn) = num(&["server_rss_per_connection_bytes"]) {
+        verdict.push_str(&format!(" (server RSS {per_conn:.0} B per connection)"));
+    }
+    let throughput = num(&["delivered_per_s"]).or(num(&["throughput_per_s"]));
+    let per_cpu = ["deliveries_per_server_cpu_s", "replies_per_server_cpu_s", "connects_per_server_cpu_s"]
+        .iter()
+        .find_map(|key| num(&[key]));
     vec![
         label,
         n,
         rate,
-        fmt(num(&["delivered_per_s"]), 0),
+        fmt(throughput, 0),
         loss,
         fmt(num(&["seq_gaps"]), 0),
         fmt(num(&["latency_ms", "p50"]), 2),
@@ -487,7 +567,7 @@ fn row(line: &str) -> Vec<String> {
         fmt(num(&["publisher_lag_ms", "max"]), 2),
         fmt(num(&["errors"]), 0),
         fmt(num(&["server_cpu_s"]), 2),
-        fmt(num(&["deliveries_per_server_cpu_s"]), 0),
+        fmt(per_cpu, 0),
         fmt(num(&["generator_cpu_pct"]), 1),
         verdict,
     ]

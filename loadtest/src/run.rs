@@ -18,6 +18,7 @@ use routopia_realtime::client::{Client, ClientError, ConnectOptions, Receiver, S
 use routopia_realtime::protocol::envelope;
 use routopia_realtime::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind};
 
+use crate::payloads;
 use crate::procstat;
 use crate::report::{Fatal, Report};
 use crate::{Mode, RunArgs};
@@ -25,6 +26,10 @@ use crate::{Mode, RunArgs};
 /// Bytes at the head of every payload: intended send time (unix ns, little endian), then the
 /// message's sequence number. From byte 16 on, when the payload has room: the actual send time.
 pub const PAYLOAD_HEADER: usize = 16;
+/// The header with the actual send time, as realistic (JSON) payloads carry it before the JSON.
+pub const FULL_HEADER: usize = 24;
+/// Distinct realistic payloads the publishers cycle through.
+const PAYLOAD_POOL: usize = 256;
 /// Largest server message the generator decodes.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// Bound on one connection's setup.
@@ -54,7 +59,7 @@ pub struct ErrorLog {
 }
 
 impl ErrorLog {
-    fn add(&mut self, kind: &'static str, message: String) {
+    pub fn add(&mut self, kind: &'static str, message: String) {
         self.total += 1;
         let entry = self.by_kind.entry(kind).or_default();
         entry.0 += 1;
@@ -91,6 +96,8 @@ struct Shared {
     seq_backwards: Cell<u64>,
     /// WebSocket messages and their count of updates (routopia batches several).
     messages: Cell<u64>,
+    /// Bytes of those messages on the wire: payload (compressed, if it was) plus frame header.
+    wire_bytes: Cell<u64>,
     /// Receive time of the last delivery in the window, unix ns.
     last_delivery_ns: Cell<u64>,
     latency: RefCell<Histogram<u64>>,
@@ -167,14 +174,56 @@ fn channel_name(args: &RunArgs, channel: usize) -> String {
     format!("{}:{channel}", args.channel_prefix)
 }
 
+/// Bytes a server-to-client WebSocket message of `len` payload bytes takes on the wire
+/// (unmasked: 2-byte header, plus 2 or 8 bytes of extended length).
+pub fn ws_wire_len(len: usize) -> u64 {
+    let header = match len {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    };
+    (len + header) as u64
+}
+
+/// The payloads publishers cycle through: filler of `--payload` bytes, or realistic JSON of
+/// `--payload-kind` after room for the timing header.
+pub fn payload_pool(args: &RunArgs) -> Vec<Vec<u8>> {
+    match args.payload_kind.json_kind() {
+        None => vec![vec![0xA5u8; args.payload]],
+        Some(kind) => {
+            let mut generator = payloads::Generator::new(args.payload_seed);
+            (0..PAYLOAD_POOL)
+                .map(|_| {
+                    let mut payload = vec![0u8; FULL_HEADER];
+                    payload.extend_from_slice(&generator.next(kind));
+                    payload
+                })
+                .collect()
+        }
+    }
+}
+
+/// A payload from `template` stamped with its intended send time, sequence number and (when
+/// there is room) the actual send time.
+pub fn stamp(template: &[u8], intended_ns: u64, seq: u64) -> Bytes {
+    let mut payload = template.to_vec();
+    payload[..8].copy_from_slice(&intended_ns.to_le_bytes());
+    payload[8..16].copy_from_slice(&seq.to_le_bytes());
+    if payload.len() >= FULL_HEADER {
+        payload[16..24].copy_from_slice(&unix_ns().to_le_bytes());
+    }
+    Bytes::from(payload)
+}
+
 /// Opens one connection; in routopia mode also sends Connect and, for a subscriber, Subscribe.
-async fn open(args: &RunArgs, subscribe_to: Option<&str>) -> Result<Client, ClientError> {
+pub async fn open(args: &RunArgs, subscribe_to: Option<&str>) -> Result<Client, ClientError> {
     match args.mode {
         Mode::Raw => Client::connect_raw(args.addr, &args.path).await,
         Mode::Routopia => {
             let options = ConnectOptions {
                 name: "routopia-loadtest".into(),
                 token: args.token.clone(),
+                accept_zstd: args.accept_zstd,
                 ..ConnectOptions::default()
             };
             let (mut client, _info) = Client::connect(args.addr, options).await?;
@@ -237,6 +286,7 @@ async fn subscriber_reader(shared: Rc<Shared>, mode: Mode, sub: usize, mut recei
         stamped += 1;
         if shared.phase.get() == Phase::Measuring {
             shared.messages.set(shared.messages.get() + 1);
+            shared.wire_bytes.set(shared.wire_bytes.get() + ws_wire_len(message.len()));
         }
         let mut delivered = false;
         match mode {
@@ -375,10 +425,10 @@ async fn publisher(
     index: usize,
     mut sender: Sender,
     schedule: Schedule,
+    pool: Rc<Vec<Vec<u8>>>,
 ) -> PublisherStats {
     let mut outcome = PublisherStats::new();
     let channels: Vec<String> = (0..args.channels).map(|c| channel_name(&args, c)).collect();
-    let mut payload = vec![0xA5u8; args.payload];
     let mut k = index as u64;
     while k < schedule.total {
         let offset = schedule.due(k);
@@ -398,13 +448,8 @@ async fn publisher(
         }
         outcome.final_lag_us = lag_us;
         let intended_ns = schedule.start_unix_ns + offset.as_nanos() as u64;
-        payload[..8].copy_from_slice(&intended_ns.to_le_bytes());
-        payload[8..16].copy_from_slice(&k.to_le_bytes());
-        if payload.len() >= 24 {
-            payload[16..24].copy_from_slice(&unix_ns().to_le_bytes());
-        }
+        let data = stamp(&pool[(k % pool.len() as u64) as usize], intended_ns, k);
         let channel = (k % args.channels as u64) as usize;
-        let data = Bytes::copy_from_slice(&payload);
         let send = async {
             match args.mode {
                 Mode::Raw => sender.send_binary(data).await,
@@ -482,6 +527,7 @@ pub async fn run(args: RunArgs) -> Result<Report, Fatal> {
         seq_gaps: Cell::new(0),
         seq_backwards: Cell::new(0),
         messages: Cell::new(0),
+        wire_bytes: Cell::new(0),
         last_delivery_ns: Cell::new(0),
         latency: RefCell::new(histogram()),
         errors: RefCell::new(ErrorLog::default()),
@@ -554,8 +600,12 @@ pub async fn run(args: RunArgs) -> Result<Report, Fatal> {
     let subscribers_at_start = shared.subs.iter().filter(|s| s.connected.get()).count();
 
     // ---- the window
+    let pool = Rc::new(payload_pool(&args));
+    let payload_bytes_mean = pool.iter().map(Vec::len).sum::<usize>() as f64 / pool.len() as f64;
     let self_cpu_start = procstat::self_cpu_seconds();
     let server_cpu_start = args.server_pid.and_then(procstat::process_cpu_seconds);
+    let self_wait_start = procstat::wait_seconds(None);
+    let server_wait_start = args.server_pid.and_then(|pid| procstat::wait_seconds(Some(pid)));
     let start = Instant::now() + Duration::from_millis(1);
     let window = Duration::from_secs_f64(args.duration);
     let drain = Duration::from_secs_f64(args.drain_timeout);
@@ -570,7 +620,9 @@ pub async fn run(args: RunArgs) -> Result<Report, Fatal> {
     let handles: Vec<_> = publisher_senders
         .into_iter()
         .enumerate()
-        .map(|(index, sender)| compio::runtime::spawn(publisher(shared.clone(), args.clone(), index, sender, schedule)))
+        .map(|(index, sender)| {
+            compio::runtime::spawn(publisher(shared.clone(), args.clone(), index, sender, schedule, pool.clone()))
+        })
         .collect();
     let mut publishers = PublisherStats::new();
     for handle in handles {
@@ -601,6 +653,8 @@ pub async fn run(args: RunArgs) -> Result<Report, Fatal> {
     drop(keep_open);
     let self_cpu_end = procstat::self_cpu_seconds();
     let server_cpu_end = args.server_pid.and_then(procstat::process_cpu_seconds);
+    let self_wait_end = procstat::wait_seconds(None);
+    let server_wait_end = args.server_pid.and_then(|pid| procstat::wait_seconds(Some(pid)));
     let server_rss = args.server_pid.and_then(procstat::process_rss_bytes);
 
     // ---- the numbers
@@ -644,6 +698,8 @@ pub async fn run(args: RunArgs) -> Result<Report, Fatal> {
         outside_window: shared.outside_window.get(),
         echoes: shared.echoes.get(),
         messages: shared.messages.get(),
+        wire_bytes: shared.wire_bytes.get(),
+        payload_bytes_mean,
         seq_gaps: shared.seq_gaps.get(),
         seq_backwards: shared.seq_backwards.get(),
         window_seconds: window.as_secs_f64(),
@@ -657,6 +713,8 @@ pub async fn run(args: RunArgs) -> Result<Report, Fatal> {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         },
+        generator_wait_seconds: self_wait_start.zip(self_wait_end).map(|(a, b)| (b - a).max(0.0)),
+        server_wait_seconds: server_wait_start.zip(server_wait_end).map(|(a, b)| (b - a).max(0.0)),
         server_cpu: match (server_cpu_start, server_cpu_end) {
             (Some((a, _)), Some((b, threads))) if b >= a => Some((b - a, threads)),
             _ => None,
