@@ -321,7 +321,12 @@ impl Session {
 
     /// The next thing the shard must do, if any.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if event.is_none() && self.events.capacity() > 0 {
+            // Commands come in bursts; between them an idle session keeps no queue.
+            self.events = VecDeque::new();
+        }
+        event
     }
 
     /// Whether there are bytes to send.

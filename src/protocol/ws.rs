@@ -31,12 +31,9 @@ impl Read for MemStream {
         buf[..n].copy_from_slice(&available[..n]);
         self.read_pos += n;
         if self.read_pos == self.input.len() {
-            self.input.clear();
+            // Everything fed was taken: an idle connection keeps no input buffer at all.
+            self.input = Vec::new();
             self.read_pos = 0;
-            // An idle connection keeps no large buffer.
-            if self.input.capacity() > IDLE_BUFFER_CAPACITY {
-                self.input = Vec::new();
-            }
         }
         Ok(n)
     }
@@ -51,8 +48,6 @@ impl Write for MemStream {
         Ok(())
     }
 }
-
-const IDLE_BUFFER_CAPACITY: usize = 4096;
 
 /// One side of a WebSocket connection, fed bytes and drained of bytes by its owner.
 pub struct WsEndpoint {
@@ -310,6 +305,20 @@ mod tests {
             Some(WsEvent::Binary(data)) => assert_eq!(data.as_ref(), b"hello routopia"),
             other => panic!("expected binary, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_endpoint_keeps_no_input_buffer_once_its_input_is_taken() {
+        let mut client = WsEndpoint::client(1 << 20);
+        let mut server = WsEndpoint::server(1 << 20);
+        client.send_binary(Bytes::from(vec![5u8; 3000])).unwrap();
+        let wire = client.take_output();
+        server.feed(&wire[..100]);
+        assert!(server.next_event().unwrap().is_none());
+        server.feed(&wire[100..]);
+        assert!(matches!(server.next_event().unwrap(), Some(WsEvent::Binary(data)) if data.len() == 3000));
+        assert!(server.next_event().unwrap().is_none());
+        assert_eq!(server.ws.get_ref().input.capacity(), 0, "nothing is held between messages");
     }
 
     #[test]

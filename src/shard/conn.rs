@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -19,45 +20,85 @@ use compio::tls::{TlsAcceptor, TlsStream};
 
 use super::admission::{retry_after_secs, Refusal, Ticket};
 use super::state::ShardState;
-use super::transport::Transport;
+use super::transport::{Receive, Transport};
 use crate::protocol::http::{self, HeadError, RequestHead};
 use crate::router::ConnId;
 
-/// A connection's receive buffer starts small (most clients send little, and an idle
-/// connection should hold little) and doubles while reads fill it, up to the largest, so a
-/// busy publisher's commands are taken in large batches (which makes fan-out batches large).
-const READ_BUFFER: usize = 2048;
-const MAX_READ_BUFFER: usize = 256 * 1024;
 /// A write buffer that grew past this is released once sent, so idle connections stay small.
 const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 /// How long a closing connection may take to accept its last bytes.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
+// The task of a connection lives as long as the connection, at the size of its largest
+// state: the short-lived steps (TLS handshake, request head, answers) run boxed, so the
+// state an idle connection keeps is only its read loop's.
 pub(super) async fn serve(state: Rc<RefCell<ShardState>>, stream: TcpStream, peer: SocketAddr) {
     // Updates are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
     let fd = stream.as_raw_fd();
     // Read once per accept: a reload affects connections accepted after it.
     let tls = state.borrow().cluster.tls.as_ref().map(|tls| tls.current());
-    let Some(tls) = tls else {
-        return serve_http(state, stream, fd, peer).await;
-    };
-    let timeout = state.borrow().cluster.config.limits.handshake_timeout;
-    match compio::time::timeout(timeout, TlsAcceptor::from(tls).accept(stream)).await {
-        Ok(Ok(stream)) => serve_http::<TlsStream<TcpStream>>(state, stream, fd, peer).await,
-        failed => {
-            let shard = state.borrow();
-            shard.cluster.stats[shard.id].tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
-            match failed {
-                Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
-                _ => tracing::debug!(%peer, "TLS handshake not finished in time"),
+    match tls {
+        None => {
+            if let Some(upgrade) = Box::pin(serve_http(&state, stream, peer)).await {
+                websocket(state, upgrade, fd, peer).await;
             }
         }
+        // A TLS connection keeps its session state (kilobytes) anyway: its whole task stays
+        // boxed, so plain connections' tasks are not sized for it.
+        Some(tls) => Box::pin(serve_tls(state, tls, stream, fd, peer)).await,
     }
 }
 
-/// Reads the request head and answers it: plain HTTP, a refusal, or the WebSocket upgrade.
-async fn serve_http<S: Transport>(state: Rc<RefCell<ShardState>>, mut stream: S, fd: RawFd, peer: SocketAddr) {
+async fn serve_tls(
+    state: Rc<RefCell<ShardState>>,
+    tls: Arc<rustls::ServerConfig>,
+    stream: TcpStream,
+    fd: RawFd,
+    peer: SocketAddr,
+) {
+    let Some(stream) = accept_tls(&state, tls, stream, peer).await else { return };
+    if let Some(upgrade) = serve_http(&state, stream, peer).await {
+        websocket(state, upgrade, fd, peer).await;
+    }
+}
+
+async fn accept_tls(
+    state: &Rc<RefCell<ShardState>>,
+    tls: Arc<rustls::ServerConfig>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<TlsStream<TcpStream>> {
+    let timeout = state.borrow().cluster.config.limits.handshake_timeout;
+    let failed = match compio::time::timeout(timeout, TlsAcceptor::from(tls).accept(stream)).await {
+        Ok(Ok(stream)) => return Some(stream),
+        failed => failed,
+    };
+    let shard = state.borrow();
+    shard.cluster.stats[shard.id].tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+    match failed {
+        Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+        _ => tracing::debug!(%peer, "TLS handshake not finished in time"),
+    }
+    None
+}
+
+/// An admitted WebSocket upgrade, not answered yet.
+struct Upgrade<S> {
+    stream: S,
+    key: String,
+    /// What the client sent after its request head.
+    early: Vec<u8>,
+    ticket: Ticket,
+}
+
+/// Reads the request head and answers it: plain HTTP or a refusal here, the WebSocket upgrade
+/// by handing it back.
+async fn serve_http<S: Transport>(
+    state: &Rc<RefCell<ShardState>>,
+    mut stream: S,
+    peer: SocketAddr,
+) -> Option<Upgrade<S>> {
     let config = state.borrow().cluster.config.clone();
     let limits = &config.limits;
     let mut head_bytes = Vec::new();
@@ -68,44 +109,45 @@ async fn serve_http<S: Transport>(state: Rc<RefCell<ShardState>>, mut stream: S,
     .await;
     let (head, consumed) = match head {
         Ok(Ok(Some(parsed))) => parsed,
-        Ok(Ok(None)) => return,
+        Ok(Ok(None)) => return None,
         Ok(Err(err)) => {
             tracing::debug!(%peer, error = %err, "refused request head");
             state.borrow().cluster.stats[state.borrow().id]
                 .bad_requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return respond_and_close(stream, http::error_response(err.status(), &err.to_string())).await;
+            respond_and_close(stream, http::error_response(err.status(), &err.to_string())).await;
+            return None;
         }
         Err(_) => {
-            return respond_and_close(stream, http::error_response(408, "request head not received in time")).await
+            respond_and_close(stream, http::error_response(408, "request head not received in time")).await;
+            return None;
         }
     };
-    match head.path.as_str() {
-        "/ws" => match head.websocket_key.clone() {
-            Some(key) => {
-                let ticket = match admit(&state, peer) {
-                    Ok(ticket) => ticket,
-                    Err(refusal) => return respond_and_close(stream, refusal_response(refusal)).await,
-                };
-                // Only what followed the head stays; the head's buffer is not kept for the
-                // connection's lifetime.
-                let early = head_bytes.split_off(consumed);
-                drop(head_bytes);
-                websocket(state, stream, fd, peer, &key, &early, ticket).await
-            }
+    let response = match head.path.as_str() {
+        "/ws" => match head.websocket_key {
+            Some(key) => match admit(state, peer) {
+                Ok(ticket) => {
+                    // Only what followed the head stays; the head's buffer is not kept for the
+                    // connection's lifetime.
+                    let early = head_bytes.split_off(consumed);
+                    return Some(Upgrade { stream, key, early, ticket });
+                }
+                Err(refusal) => refusal_response(refusal),
+            },
             None => {
                 let problem = head.upgrade_problem.unwrap_or("not a WebSocket upgrade");
-                respond_and_close(stream, http::error_response(400, problem)).await
+                http::error_response(400, problem)
             }
         },
-        "/health" => respond_and_close(stream, health(&state, &head)).await,
-        "/config/limits" => respond_and_close(stream, config_limits(&state, &head)).await,
+        "/health" => health(state, &head),
+        "/config/limits" => config_limits(state, &head),
         path if path.starts_with("/zstd/dictionaries") => {
-            let response = super::http::zstd_dictionaries(&state.borrow().cluster, &head);
-            respond_and_close(stream, response).await
+            super::http::zstd_dictionaries(&state.borrow().cluster, &head)
         }
-        _ => respond_and_close(stream, http::error_response(404, "no such path; try /ws or /health")).await,
-    }
+        _ => http::error_response(404, "no such path; try /ws or /health"),
+    };
+    respond_and_close(stream, response).await;
+    None
 }
 
 /// Admission of one upgrade; a refusal is counted on this shard and logged.
@@ -172,19 +214,18 @@ async fn respond_and_close<S: Transport>(mut stream: S, response: Vec<u8>) {
     let _ = stream.shutdown().await;
 }
 
-async fn websocket<S: Transport>(
-    state: Rc<RefCell<ShardState>>,
-    mut stream: S,
-    fd: RawFd,
-    peer: SocketAddr,
-    key: &str,
-    early: &[u8],
-    ticket: Ticket,
-) {
-    let BufResult(written, _) = stream.write_all(http::upgrade_response(key)).await;
-    if written.is_err() || stream.flush().await.is_err() {
+async fn websocket<S: Transport>(state: Rc<RefCell<ShardState>>, upgrade: Upgrade<S>, fd: RawFd, peer: SocketAddr) {
+    let Upgrade { mut stream, key, early, ticket } = upgrade;
+    let answered = Box::pin(async {
+        let BufResult(written, _) = stream.write_all(http::upgrade_response(&key)).await;
+        written.is_ok() && stream.flush().await.is_ok()
+    })
+    .await;
+    drop(key);
+    if !answered {
         return;
     }
+    let Ok((reader, writer)) = stream.into_halves() else { return };
     let id = {
         let mut shard = state.borrow_mut();
         let id = shard.add_conn();
@@ -192,33 +233,22 @@ async fn websocket<S: Transport>(
             tracing::debug!(client = %conn.session.client_id(), %peer, "connection upgraded");
         }
         if !early.is_empty() {
-            shard.on_bytes(id, early);
+            shard.on_bytes(id, &early);
         }
         id
     };
-    let (reader, writer) = stream.into_halves();
+    drop(early);
     compio::runtime::spawn(write_loop::<S>(state.clone(), writer, fd, id, ticket)).detach();
     read_loop(&state, reader, fd, id).await;
 }
 
-async fn read_loop<R: AsyncRead>(state: &Rc<RefCell<ShardState>>, mut reader: R, fd: RawFd, id: ConnId) {
-    let mut buffer = Vec::with_capacity(READ_BUFFER);
+async fn read_loop<R: Receive>(state: &Rc<RefCell<ShardState>>, mut reader: R, fd: RawFd, id: ConnId) {
     let peer_gone = loop {
         if state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing()) {
             break false;
         }
-        let BufResult(result, returned) = reader.read(buffer).await;
-        buffer = returned;
-        match result {
-            Ok(0) | Err(_) => break true,
-            Ok(n) => {
-                state.borrow_mut().on_bytes(id, &buffer[..n]);
-                if n == buffer.capacity() && n < MAX_READ_BUFFER {
-                    buffer = Vec::with_capacity(n * 2);
-                } else if n < READ_BUFFER / 2 && buffer.capacity() > READ_BUFFER {
-                    buffer = Vec::with_capacity(READ_BUFFER);
-                }
-            }
+        if !reader.receive(|bytes| state.borrow_mut().on_bytes(id, bytes)).await {
+            break true;
         }
     };
     if peer_gone {
@@ -283,7 +313,8 @@ async fn write_loop<S: Transport>(
         }
         let closing = state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing());
         let written = if closing {
-            match compio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer.write_all(out)).await {
+            // Boxed: a closing write happens once, and an idle writer should not carry its timer.
+            match Box::pin(compio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer.write_all(out))).await {
                 Ok(BufResult(result, returned)) => {
                     out = returned;
                     result.is_ok()
@@ -305,7 +336,7 @@ async fn write_loop<S: Transport>(
             out = Vec::new();
         }
     }
-    S::say_goodbye(&mut writer).await;
+    Box::pin(S::say_goodbye(&mut writer)).await;
     finish(&state, fd, id).await;
 }
 

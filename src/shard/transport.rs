@@ -2,41 +2,98 @@
 //! reads and writes it; after, it splits into a reader half and a writer half driven by two
 //! tasks. Plain TCP splits into two handles of the same socket, exactly as without TLS, so
 //! `ws://` pays nothing for `wss://` being possible.
+//!
+//! A reader holds no receive buffer while it waits: it waits for the socket to become
+//! readable (io_uring poll or epoll alike), then reads into the one buffer its shard thread
+//! shares by all its connections, and hands the bytes on before the next wait.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::Waker;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use compio::buf::{BufResult, IoBuf, IoBufMut};
+use compio::buf::{BufResult, IoBuf};
 use compio::io::{AsyncRead, AsyncWrite};
 use compio::net::TcpStream;
+use compio::runtime::fd::PollFd;
 use compio::tls::TlsStream;
 use futures_util::{AsyncRead as _, AsyncWrite as _};
 
 /// How long a closing TLS connection may take to send its `close_notify`.
 const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Size of the receive buffer each shard thread shares by all its connections: large, so a
+/// busy publisher's commands are taken in large batches (which makes fan-out batches large).
+const RECEIVE_BUFFER: usize = 256 * 1024;
+
+thread_local! {
+    /// Pages of it become resident only as far as reads have filled it.
+    static RECEIVED: RefCell<Box<[u8]>> = RefCell::new(vec![0; RECEIVE_BUFFER].into_boxed_slice());
+}
+
 /// A connection's stream and the halves its reader and writer tasks use.
 pub(super) trait Transport: AsyncRead + AsyncWrite + Sized + 'static {
-    type Reader: AsyncRead + 'static;
+    type Reader: Receive + 'static;
     type Writer: AsyncWrite + 'static;
 
-    fn into_halves(self) -> (Self::Reader, Self::Writer);
+    fn into_halves(self) -> io::Result<(Self::Reader, Self::Writer)>;
 
     /// What the writer sends after the last bytes of the connection, if anything.
     async fn say_goodbye(_writer: &mut Self::Writer) {}
 }
 
+/// The reading side of an upgraded connection.
+pub(super) trait Receive {
+    /// Waits until the peer sent something and hands what arrived to `take`. Returns false
+    /// once the peer left or the connection failed.
+    async fn receive(&mut self, take: impl FnMut(&[u8])) -> bool;
+}
+
 impl Transport for TcpStream {
-    type Reader = TcpStream;
+    type Reader = TcpReader;
     type Writer = TcpStream;
 
-    fn into_halves(self) -> (TcpStream, TcpStream) {
-        self.into_split()
+    fn into_halves(self) -> io::Result<(TcpReader, TcpStream)> {
+        let (reader, writer) = self.into_split();
+        Ok((TcpReader(reader.into_poll_fd()?), writer))
+    }
+}
+
+/// The reading handle of a plain socket: readiness first, then one non-blocking read.
+pub(super) struct TcpReader(PollFd<socket2::Socket>);
+
+impl Receive for TcpReader {
+    async fn receive(&mut self, mut take: impl FnMut(&[u8])) -> bool {
+        loop {
+            if self.0.read_ready().await.is_err() {
+                return false;
+            }
+            let got = RECEIVED.with(|buffer| {
+                let mut buffer = buffer.borrow_mut();
+                // SAFETY: recv(2) writes at most `buffer.len()` bytes into a buffer this thread
+                // holds exclusively; the socket stays open while its reader exists.
+                let n = unsafe {
+                    libc::recv(self.0.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_DONTWAIT)
+                };
+                if n > 0 {
+                    take(&buffer[..n as usize]);
+                }
+                n
+            });
+            match got {
+                1.. => return true,
+                0 => return false,
+                _ => match io::Error::last_os_error().kind() {
+                    // Readiness that another read already took: wait again.
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
+                    _ => return false,
+                },
+            }
+        }
     }
 }
 
@@ -44,9 +101,9 @@ impl Transport for TlsStream<TcpStream> {
     type Reader = TlsReader;
     type Writer = TlsWriter;
 
-    fn into_halves(self) -> (TlsReader, TlsWriter) {
+    fn into_halves(self) -> io::Result<(TlsReader, TlsWriter)> {
         let shared = Rc::new(SharedTls { stream: RefCell::new(self), parked_writer: Cell::new(None) });
-        (TlsReader(shared.clone()), TlsWriter(shared))
+        Ok((TlsReader(shared.clone()), TlsWriter(shared)))
     }
 
     async fn say_goodbye(writer: &mut TlsWriter) {
@@ -68,31 +125,30 @@ pub(super) struct TlsReader(Rc<SharedTls>);
 
 pub(super) struct TlsWriter(Rc<SharedTls>);
 
-impl AsyncRead for TlsReader {
-    async fn read<B: IoBufMut>(&mut self, mut buf: B) -> BufResult<usize, B> {
+impl Receive for TlsReader {
+    async fn receive(&mut self, mut take: impl FnMut(&[u8])) -> bool {
         let shared = &self.0;
-        let slice = buf.ensure_init();
-        let result = poll_fn(|cx| {
-            let polled = Pin::new(&mut *shared.stream.borrow_mut()).poll_read(cx, slice);
-            // A read may have written (a TLS alert) through the socket's write slot and so
-            // taken over the wake-up of a parked writer: let the writer look again.
-            if let Some(writer) = shared.parked_writer.take() {
-                writer.wake();
-            }
-            polled
+        poll_fn(|cx| {
+            RECEIVED.with(|buffer| {
+                let mut buffer = buffer.borrow_mut();
+                let polled = Pin::new(&mut *shared.stream.borrow_mut()).poll_read(cx, &mut buffer);
+                // A read may have written (a TLS alert) through the socket's write slot and so
+                // taken over the wake-up of a parked writer: let the writer look again.
+                if let Some(writer) = shared.parked_writer.take() {
+                    writer.wake();
+                }
+                match polled {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        take(&buffer[..n]);
+                        Poll::Ready(true)
+                    }
+                    // A peer that closes the socket without `close_notify` has simply left too.
+                    Poll::Ready(_) => Poll::Ready(false),
+                }
+            })
         })
-        .await;
-        let result = match result {
-            Ok(n) => {
-                // SAFETY: `ensure_init` initialised the whole buffer; `n` bytes of it were read.
-                unsafe { buf.advance_to(n) };
-                Ok(n)
-            }
-            // A peer that closes the socket without `close_notify` has simply left.
-            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
-            Err(err) => Err(err),
-        };
-        BufResult(result, buf)
+        .await
     }
 }
 
