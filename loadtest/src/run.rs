@@ -4,7 +4,7 @@
 //! lives in `Cell`s and `RefCell`s behind an `Rc`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -102,9 +102,36 @@ struct Shared {
     last_delivery_ns: Cell<u64>,
     latency: RefCell<Histogram<u64>>,
     errors: RefCell<ErrorLog>,
+    /// Compressed batches already decoded, by their bytes (see `decode`).
+    decompressed: RefCell<HashMap<Bytes, Rc<Vec<pb::ServerFrame>>>>,
 }
 
+/// Decoded compressed batches remembered at once.
+const DECOMPRESSED_BATCHES: usize = 256;
+
 impl Shared {
+    /// The frames of one server message. The server sends the same compressed batch to every
+    /// subscriber of a channel; a phone decompresses only its own, but one generator simulating
+    /// a thousand would spend its core decompressing identical bytes, so a batch is decoded
+    /// once per generator and counted for every subscriber that got it.
+    fn decode(&self, message: Bytes) -> Result<Rc<Vec<pb::ServerFrame>>, envelope::EnvelopeError> {
+        use prost::Message as _;
+        let outer = pb::ServerMessage::decode(message.clone())?;
+        if outer.zstd.is_empty() {
+            return Ok(Rc::new(outer.frames));
+        }
+        if let Some(frames) = self.decompressed.borrow().get(&outer.zstd) {
+            return Ok(frames.clone());
+        }
+        let frames = Rc::new(envelope::decode::<pb::ServerMessage>(message, MAX_MESSAGE, &Default::default())?);
+        let mut memo = self.decompressed.borrow_mut();
+        if memo.len() >= DECOMPRESSED_BATCHES {
+            memo.clear();
+        }
+        memo.insert(outer.zstd, frames.clone());
+        Ok(frames)
+    }
+
     fn error(&self, kind: &'static str, message: String) {
         // What happens once the window is closed (we drop every connection) is not an error.
         if self.phase.get() != Phase::Done {
@@ -299,15 +326,15 @@ async fn subscriber_reader(shared: Rc<Shared>, mode: Mode, sub: usize, mut recei
                 }
             }
             Mode::Routopia => {
-                let frames = match envelope::decode::<pb::ServerMessage>(message, MAX_MESSAGE, &Default::default()) {
+                let frames = match shared.decode(message) {
                     Ok(frames) => frames,
                     Err(err) => {
                         shared.error("decode", format!("subscriber {sub}: {err}"));
                         continue;
                     }
                 };
-                for frame in frames {
-                    match frame.kind {
+                for frame in frames.iter() {
+                    match &frame.kind {
                         Some(Kind::Update(update)) => {
                             delivered |= shared.deliver(sub, &update.payload, now_ns).is_some();
                             // Offsets are per channel and consecutive, whoever published.
@@ -531,6 +558,7 @@ pub async fn run(args: RunArgs) -> Result<Report, Fatal> {
         last_delivery_ns: Cell::new(0),
         latency: RefCell::new(histogram()),
         errors: RefCell::new(ErrorLog::default()),
+        decompressed: RefCell::new(HashMap::new()),
     });
 
     // ---- setup: subscribers in batches, then publishers, all bounded in time

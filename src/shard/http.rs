@@ -156,6 +156,9 @@ pub(super) fn limits_json(config: &Config) -> String {
             "priority_types": config.delivery.priority_types,
             "conflate_above_bytes": config.delivery.conflate_above_bytes,
             "batch_size": config.delivery.batch_size,
+            "batch_interval": format!("{}ms", config.delivery.batch_interval.as_millis()),
+            "compression_threshold": config.delivery.compression_threshold,
+            "compression_level": config.delivery.compression_level,
         },
         "auth": public_auth,
     })
