@@ -11,9 +11,9 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use prost::Message;
 use routopia_realtime::broker::Publication;
-use routopia_realtime::compression::{BatchCompressor, ZstdSettings};
+use routopia_realtime::compression::{SharedBatches, ZstdSettings};
 use routopia_realtime::config::Config;
-use routopia_realtime::outbox::{Compress, OutItem, Outbox, Pressure};
+use routopia_realtime::outbox::{OutItem, Outbox, Pressure, Sharing};
 use routopia_realtime::protocol::envelope;
 use routopia_realtime::protocol::pb::{self, client_frame::Command};
 use routopia_realtime::protocol::push::encode_update_body;
@@ -82,28 +82,36 @@ fn fan_out(c: &mut Criterion) {
             }
         })
     });
-    // The same at the outbox level, 2 KiB ROUTE payloads, every subscriber accepting zstd: the
-    // shard compresses the batch once and copies the compressed bytes to each.
-    let big = publication_with(route_like_payload(2048));
+    // At the outbox level, a run of 20 updates to each of 10,000 subscribers: written per
+    // subscriber, encoded once by the shard and shared, and shared compressed (64 B payloads,
+    // then 2 KiB ROUTE updates).
     let pressure = Pressure { priority_types: 1 << 1 | 1 << 2, conflate_above: 1 << 18 };
     let mut outboxes: Vec<Outbox> = (0..10_000).map(|_| Outbox::new(1 << 20, pressure)).collect();
     let settings = Arc::new(ZstdSettings { threshold: 1024, level: 1, dictionaries: Vec::new() });
-    let mut compressor = BatchCompressor::new(settings.clone());
-    for (name, compress) in [("plain", false), ("zstd_shared", true)] {
-        group.bench_function(format!("one_2KiB_route_update_to_10k_subscribers_{name}"), |b| {
-            b.iter(|| {
-                for outbox in &mut outboxes {
-                    let _ = outbox.push(OutItem::Push { sub_id: 7, publication: big.clone() });
-                }
-                for outbox in &mut outboxes {
-                    wire.clear();
-                    let compress = compress.then_some(Compress { compressor: &mut compressor, held: 0 });
-                    outbox.drain_into(&mut wire, 100, compress);
-                    black_box(&wire);
-                }
-                compressor.forget_shared();
-            })
-        });
+    let mut batches = SharedBatches::new(settings);
+    group.throughput(Throughput::Elements(20 * 10_000));
+    for (payload, run) in [
+        ("64B", (0..20).map(|_| crate::publication(64)).collect::<Vec<_>>()),
+        ("2KiB_route", (0..20).map(|_| publication_with(route_like_payload(2048))).collect()),
+    ] {
+        for (name, sharing, zstd) in [("own", false, false), ("shared", true, false), ("shared_zstd", true, true)] {
+            group.bench_function(format!("20_updates_{payload}_to_10k_subscribers_{name}"), |b| {
+                b.iter(|| {
+                    for outbox in &mut outboxes {
+                        for publication in &run {
+                            let _ = outbox.push(OutItem::Push { sub_id: 7, publication: publication.clone() });
+                        }
+                    }
+                    for outbox in &mut outboxes {
+                        wire.clear();
+                        let sharing = sharing.then_some(Sharing { batches: &mut batches, zstd, held: 0 });
+                        outbox.drain_into(&mut wire, 100, sharing);
+                        black_box(&wire);
+                    }
+                    batches.forget_shared();
+                })
+            });
+        }
     }
     group.finish();
 }

@@ -15,7 +15,7 @@ use zstd::zstd_safe::{self, CCtx, CDict};
 
 use crate::broker::Publication;
 use crate::config::{parse_update_type, Delivery};
-use crate::protocol::push::write_push;
+use crate::protocol::push::{push_len, write_push};
 
 /// Shared batches a shard remembers; a subscriber whose batch is among them gets the same
 /// bytes without compressing again. Subscribers of one channel drain within a few runtime
@@ -119,33 +119,34 @@ pub struct CompressionCounters {
     pub with_dictionary: u64,
 }
 
-/// One shard's zstd context and its memory of shared batches.
-pub struct BatchCompressor {
+/// One shard's memory of shared batches (one subscription's run of updates, encoded without
+/// `sub_id`, the same for every subscriber of the channel that drains the same run) and its
+/// zstd context.
+pub struct SharedBatches {
     pub settings: Arc<ZstdSettings>,
     context: CCtx<'static>,
-    shared: HashMap<u64, SharedBatch>,
+    batches: HashMap<u64, SharedBatch>,
     /// Keys in insertion order, for forgetting the oldest.
     order: VecDeque<u64>,
-    plain: Vec<u8>,
     counters: CompressionCounters,
 }
 
 struct SharedBatch {
     /// Held so that their addresses, which identify the batch, are not reused meanwhile.
     publications: Box<[Rc<Publication>]>,
-    dictionary: Option<usize>,
-    /// The compressed batch; empty when compressing did not make it smaller.
-    compressed: Bytes,
+    /// Elements of `ServerMessage.frames`, one update each, without `sub_id`.
+    plain: Bytes,
+    /// Compressed forms made so far, by dictionary; empty bytes: not smaller than plain.
+    compressed: Vec<(Option<usize>, Bytes)>,
 }
 
-impl BatchCompressor {
+impl SharedBatches {
     pub fn new(settings: Arc<ZstdSettings>) -> Self {
         Self {
             settings,
             context: CCtx::create(),
-            shared: HashMap::new(),
+            batches: HashMap::new(),
             order: VecDeque::new(),
-            plain: Vec::new(),
             counters: CompressionCounters::default(),
         }
     }
@@ -161,40 +162,75 @@ impl BatchCompressor {
 
     /// Forgets the shared batches (they hold publications alive).
     pub fn forget_shared(&mut self) {
-        self.shared.clear();
+        self.batches.clear();
         self.order.clear();
     }
 
-    /// The compressed form of a `ServerMessage` holding `publications` as updates without
-    /// `sub_id`, made once and shared; `None` when compressing does not make it smaller.
-    pub fn shared(&mut self, publications: &[&Rc<Publication>], held: u32) -> Option<Bytes> {
-        let dictionary = self.uniform_dictionary(publications.iter().map(|p| p.update_type), held);
-        let key = batch_key(publications, dictionary);
-        if let Some(batch) = self.shared.get(&key) {
-            let same = batch.dictionary == dictionary
-                && batch.publications.len() == publications.len()
-                && batch.publications.iter().zip(publications).all(|(a, b)| Rc::ptr_eq(a, b));
-            if same {
-                return self.count(&batch.compressed.clone(), plain_len(publications), dictionary);
+    /// The frames of a `ServerMessage` holding `publications` as updates without `sub_id`,
+    /// encoded once and shared.
+    pub fn shared_plain<'p, I>(&mut self, publications: I) -> Bytes
+    where
+        I: Iterator<Item = &'p Rc<Publication>> + Clone,
+    {
+        let key = self.find_or_make(publications);
+        self.batches[&key].plain.clone()
+    }
+
+    /// Their compressed form (with the dictionary of their type when they are all of one type
+    /// and the connection `held` it), made once and shared; `None` when compressing does not
+    /// make it smaller.
+    pub fn shared_compressed<'p, I>(&mut self, publications: I, held: u32) -> Option<Bytes>
+    where
+        I: Iterator<Item = &'p Rc<Publication>> + Clone,
+    {
+        let dictionary = self.uniform_dictionary(publications.clone().map(|p| p.update_type), held);
+        let key = self.find_or_make(publications);
+        let batch = &self.batches[&key];
+        let plain = batch.plain.clone();
+        let made = batch.compressed.iter().find(|(d, _)| *d == dictionary).map(|(_, bytes)| bytes.clone());
+        let compressed = match made {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = self.compress(&plain, dictionary).map(Bytes::from).unwrap_or_default();
+                if let Some(batch) = self.batches.get_mut(&key) {
+                    batch.compressed.push((dictionary, bytes.clone()));
+                }
+                bytes
             }
+        };
+        self.count(&compressed, plain.len(), dictionary)
+    }
+
+    /// The key of the batch of `publications`, made (and the oldest forgotten) if new.
+    fn find_or_make<'p, I>(&mut self, publications: I) -> u64
+    where
+        I: Iterator<Item = &'p Rc<Publication>> + Clone,
+    {
+        let key = batch_key(publications.clone());
+        if let Some(batch) = self.batches.get(&key) {
+            let mut remembered = batch.publications.iter();
+            let same = publications.clone().all(|p| remembered.next().is_some_and(|r| Rc::ptr_eq(p, r)))
+                && remembered.next().is_none();
+            if same {
+                return key;
+            }
+            // Another batch with the same key: the newer one takes its place.
+            self.batches.remove(&key);
         }
-        let mut plain = std::mem::take(&mut self.plain);
-        plain.clear();
-        for publication in publications {
+        let mut plain = Vec::with_capacity(publications.clone().map(|p| push_len(0, p.body.len())).sum());
+        for publication in publications.clone() {
             write_push(&mut plain, 0, &publication.body);
         }
-        let compressed = self.compress(&plain, dictionary).map(Bytes::from).unwrap_or_default();
-        let plain_len = plain.len();
-        self.plain = plain;
-        if self.order.len() == SHARED_BATCHES {
+        if self.order.len() >= SHARED_BATCHES {
             if let Some(oldest) = self.order.pop_front() {
-                self.shared.remove(&oldest);
+                self.batches.remove(&oldest);
             }
         }
         self.order.push_back(key);
-        let publications = publications.iter().map(|p| Rc::clone(p)).collect();
-        self.shared.insert(key, SharedBatch { publications, dictionary, compressed: compressed.clone() });
-        self.count(&compressed, plain_len, dictionary)
+        let batch =
+            SharedBatch { publications: publications.cloned().collect(), plain: plain.into(), compressed: Vec::new() };
+        self.batches.insert(key, batch);
+        key
     }
 
     /// `plain` (an encoded `ServerMessage`) compressed for one connection, with the
@@ -244,17 +280,13 @@ impl BatchCompressor {
     }
 }
 
-fn plain_len(publications: &[&Rc<Publication>]) -> usize {
-    publications.iter().map(|p| crate::protocol::push::push_len(0, p.body.len())).sum()
-}
-
 /// Identifies a batch by the addresses of its publications (kept alive by the entry).
-fn batch_key(publications: &[&Rc<Publication>], dictionary: Option<usize>) -> u64 {
-    let mut key = 0x9e37_79b9_7f4a_7c15u64 ^ dictionary.map_or(0, |d| d as u64 + 1);
+fn batch_key<'p>(publications: impl Iterator<Item = &'p Rc<Publication>>) -> u64 {
+    let mut key = 0x9e37_79b9_7f4a_7c15u64;
     for publication in publications {
         key = (key ^ Rc::as_ptr(publication) as u64).rotate_left(29).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     }
-    key ^ publications.len() as u64
+    key
 }
 
 /// Trains a dictionary of at most `max_size` bytes from samples of one update type's payloads.
@@ -351,10 +383,10 @@ mod tests {
 
     #[test]
     fn a_shared_batch_is_compressed_once_and_names_no_subscriber() {
-        let mut compressor = BatchCompressor::new(settings(64));
+        let mut compressor = SharedBatches::new(settings(64));
         let (a, b) = (publication(1, "north ring closed "), publication(2, "detour via A10 "));
-        let first = compressor.shared(&[&a, &b], 0).expect("repetitive text compresses");
-        let second = compressor.shared(&[&a, &b], 0).expect("the same batch again");
+        let first = compressor.shared_compressed([&a, &b].into_iter(), 0).expect("repetitive text compresses");
+        let second = compressor.shared_compressed([&a, &b].into_iter(), 0).expect("the same batch again");
         assert_eq!(first, second);
         let counters = compressor.take_counters();
         assert_eq!((counters.messages, counters.compressions), (2, 1));
@@ -364,18 +396,30 @@ mod tests {
     }
 
     #[test]
-    fn a_different_batch_is_not_mistaken_for_a_shared_one() {
-        let mut compressor = BatchCompressor::new(settings(64));
+    fn a_plain_shared_batch_is_encoded_once_and_names_no_subscriber() {
+        let mut batches = SharedBatches::new(settings(0));
         let (a, b) = (publication(1, "north ring closed "), publication(2, "detour via A10 "));
-        compressor.shared(&[&a, &b], 0).unwrap();
-        let only_b = compressor.shared(&[&b], 0).unwrap();
+        let first = batches.shared_plain([&a, &b].into_iter());
+        let second = batches.shared_plain([&a, &b].into_iter());
+        assert_eq!(first.as_ptr(), second.as_ptr(), "the same bytes, not a copy");
+        let message = ServerMessage::decode(first).unwrap();
+        assert!(message.frames.iter().all(|f| matches!(&f.kind, Some(Kind::Update(u)) if u.sub_id == 0)));
+        assert_eq!(message.frames.len(), 2);
+    }
+
+    #[test]
+    fn a_different_batch_is_not_mistaken_for_a_shared_one() {
+        let mut compressor = SharedBatches::new(settings(64));
+        let (a, b) = (publication(1, "north ring closed "), publication(2, "detour via A10 "));
+        compressor.shared_compressed([&a, &b].into_iter(), 0).unwrap();
+        let only_b = compressor.shared_compressed([&b].into_iter(), 0).unwrap();
         assert_eq!(decode(only_b, 1).iter().map(|u| u.offset).collect::<Vec<_>>(), [2]);
         assert_eq!(compressor.take_counters().compressions, 2);
     }
 
     #[test]
     fn incompressible_batches_stay_plain() {
-        let mut compressor = BatchCompressor::new(settings(16));
+        let mut compressor = SharedBatches::new(settings(16));
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let noise: Vec<u8> = (0..400)
             .map(|_| {
@@ -387,8 +431,8 @@ mod tests {
             .collect();
         let update = Update { offset: 1, r#type: 1, payload: noise.into(), ..Default::default() };
         let noisy = Rc::new(Publication::new(StdArc::from("c"), 1, 1, encode_update_body(&update), Instant::now()));
-        assert!(compressor.shared(&[&noisy], 0).is_none());
-        assert!(compressor.shared(&[&noisy], 0).is_none(), "remembered as not worth it");
+        assert!(compressor.shared_compressed([&noisy].into_iter(), 0).is_none());
+        assert!(compressor.shared_compressed([&noisy].into_iter(), 0).is_none(), "remembered as not worth it");
         assert_eq!(compressor.take_counters().messages, 0);
     }
 
@@ -405,11 +449,11 @@ mod tests {
         let settings = Arc::new(ZstdSettings { threshold: 16, level: 3, dictionaries: vec![dictionary] });
         assert_eq!(settings.held_mask(&[id, 12345]), 1);
         assert_eq!(settings.held_mask(&[12345]), 0);
-        let mut compressor = BatchCompressor::new(settings);
+        let mut compressor = SharedBatches::new(settings);
         let route = publication(5, "{\"route\":5,\"eta_s\":35,\"steps\":[\"turn left onto Main St\"]}");
-        let with = compressor.shared(&[&route], 1).unwrap();
+        let with = compressor.shared_compressed([&route].into_iter(), 1).unwrap();
         assert_eq!(zstd_safe::get_dict_id_from_frame(&with).map(|id| id.get()), Some(id));
-        let without = compressor.shared(&[&route], 0).unwrap();
+        let without = compressor.shared_compressed([&route].into_iter(), 0).unwrap();
         assert_eq!(zstd_safe::get_dict_id_from_frame(&without), None);
         assert_eq!(compressor.take_counters().with_dictionary, 1);
     }

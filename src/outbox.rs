@@ -12,10 +12,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
+use bytes::Bytes;
 use prost::encoding::{encode_varint, encoded_len_varint};
 
 use crate::broker::Publication;
-use crate::compression::BatchCompressor;
+use crate::compression::SharedBatches;
 use crate::protocol::push::{push_len, push_len_skipped, write_push_skipped};
 use crate::protocol::ws::write_binary_header;
 
@@ -221,19 +222,20 @@ impl Outbox {
 
     /// Moves everything queued into `out` as wire bytes, packing up to `batch_size` frames per
     /// WebSocket message: the high lane first, then the low one. Returns the number of frames.
-    /// With `compress`, large messages go out zstd-compressed.
-    pub fn drain_into(&mut self, out: &mut Vec<u8>, batch_size: usize, mut compress: Option<Compress<'_>>) -> usize {
+    /// With `sharing`, batches are shared between subscribers and large messages go out
+    /// zstd-compressed to clients that accept it.
+    pub fn drain_into(&mut self, out: &mut Vec<u8>, batch_size: usize, mut sharing: Option<Sharing<'_>>) -> usize {
         self.frames = 0;
         let Some(lane) = self.low.as_deref_mut() else {
-            let frames = write_batches(out, self.high.iter(), batch_size, None, compress.as_mut());
+            let frames = write_batches(out, self.high.iter(), batch_size, None, sharing.as_mut());
             self.high.clear();
             self.bytes = 0;
             return frames;
         };
-        let mut frames = write_batches(out, self.high.iter(), batch_size, Some(&mut lane.skipped), compress.as_mut());
+        let mut frames = write_batches(out, self.high.iter(), batch_size, Some(&mut lane.skipped), sharing.as_mut());
         self.high.clear();
         frames +=
-            write_batches(out, lane.items.iter().flatten(), batch_size, Some(&mut lane.skipped), compress.as_mut());
+            write_batches(out, lane.items.iter().flatten(), batch_size, Some(&mut lane.skipped), sharing.as_mut());
         lane.items.clear();
         lane.head = 0;
         lane.per_sub.clear();
@@ -372,24 +374,28 @@ fn take_skipped(skipped: &mut HashMap<u32, Vec<(u64, u64)>>, item: &OutItem) -> 
     reported.min(u64::from(u32::MAX)) as u32
 }
 
-/// A connection that accepts zstd: the shard's compressor and the dictionaries it holds.
-pub struct Compress<'a> {
-    pub compressor: &'a mut BatchCompressor,
+/// The shard's shared batches, and what this connection takes of them.
+pub struct Sharing<'a> {
+    pub batches: &'a mut SharedBatches,
+    /// The connection accepts zstd envelopes.
+    pub zstd: bool,
     /// Bit `i`: the connection holds the server's dictionary `i`.
     pub held: u32,
 }
 
 /// Writes `items` as WebSocket messages of up to `batch_size` frames (raw items go out as
 /// they are, between batches). Updates on subscriptions with skipped offsets report them.
-/// With `compress`, a message over the threshold goes out as a zstd envelope: shared by every
-/// subscriber when it holds one subscription's updates and nothing per copy, else its own.
+/// With `sharing`, a message of two or more updates of one subscription (and nothing per copy)
+/// is the shard's shared batch, encoded once for every subscriber, with the `sub_id` in the
+/// envelope; over the threshold, for a client that accepts it, a zstd envelope (shared, or the
+/// connection's own when the message holds more than one subscription's updates).
 #[inline]
 fn write_batches<'a, I>(
     out: &mut Vec<u8>,
     mut items: I,
     batch_size: usize,
     mut skipped: Option<&mut HashMap<u32, Vec<(u64, u64)>>>,
-    mut compress: Option<&mut Compress<'_>>,
+    mut sharing: Option<&mut Sharing<'_>>,
 ) -> usize
 where
     I: Iterator<Item = &'a OutItem> + Clone,
@@ -425,8 +431,26 @@ where
             }
         };
         frames += count;
-        if let Some(compress) = compress.as_deref_mut().filter(|c| c.compressor.threshold() != 0) {
-            if len >= compress.compressor.threshold() && write_compressed(out, run.clone(), &skips, len, compress) {
+        if let Some(sharing) = sharing.as_deref_mut() {
+            let threshold = sharing.batches.threshold();
+            let compress = sharing.zstd && threshold != 0 && len >= threshold;
+            // One update alone is as cheap to write as to look up, unless it is to be compressed.
+            let worth_sharing = (count >= 2 || compress) && skips.iter().all(|&n| n == 0);
+            let shared_sub = if worth_sharing { one_subscription(run.clone()) } else { None };
+            let publications = run.clone().filter_map(|item| match item {
+                OutItem::Push { publication, .. } => Some(publication),
+                _ => None,
+            });
+            let written = match (shared_sub, compress) {
+                (Some(sub_id), true) => match sharing.batches.shared_compressed(publications.clone(), sharing.held) {
+                    Some(compressed) => write_envelope(out, &compressed, sub_id),
+                    None => write_shared_plain(out, sharing.batches.shared_plain(publications), sub_id),
+                },
+                (Some(sub_id), false) => write_shared_plain(out, sharing.batches.shared_plain(publications), sub_id),
+                (None, true) => write_own_compressed(out, run.clone(), count, &skips, len, sharing),
+                (None, false) => false,
+            };
+            if written {
                 items.nth(count - 1);
                 continue;
             }
@@ -435,6 +459,12 @@ where
         write_binary_header(out, len);
         write_run(out, &mut items, count, &skips);
     }
+}
+
+/// The subscription of a run that holds only updates of one subscription.
+fn one_subscription<'a>(mut run: impl Iterator<Item = &'a OutItem>) -> Option<u32> {
+    let Some(OutItem::Push { sub_id: first, .. }) = run.next() else { return None };
+    run.all(|item| matches!(item, OutItem::Push { sub_id, .. } if sub_id == first)).then_some(*first)
 }
 
 /// Appends the next `count` items as elements of `ServerMessage.frames`.
@@ -453,46 +483,42 @@ fn write_run<'a>(out: &mut Vec<u8>, items: &mut impl Iterator<Item = &'a OutItem
 const SERVER_MESSAGE_ZSTD_KEY: u8 = 0x12;
 const SERVER_MESSAGE_SUB_ID_KEY: u8 = 0x18;
 
-/// Writes `run` (of `len` bytes plain) as one zstd envelope; false when compressing would not
-/// make it smaller (nothing written then).
-fn write_compressed<'a>(
-    out: &mut Vec<u8>,
-    run: impl Iterator<Item = &'a OutItem> + Clone,
-    skips: &[u32],
-    len: usize,
-    compress: &mut Compress<'_>,
-) -> bool {
-    let held = compress.held;
-    let mut pushes = run.clone().map(|item| match item {
-        OutItem::Push { sub_id, publication } => Some((*sub_id, publication)),
-        _ => None,
-    });
-    let first_sub = pushes.clone().next().flatten().map(|(sub_id, _)| sub_id);
-    let shareable = skips.iter().all(|&n| n == 0) && pushes.clone().all(|p| p.map(|(s, _)| s) == first_sub);
-    if let (true, Some(sub_id)) = (shareable, first_sub) {
-        let publications: Vec<&Rc<Publication>> = pushes.by_ref().flatten().map(|(_, p)| p).collect();
-        let Some(compressed) = compress.compressor.shared(&publications, held) else { return false };
-        write_envelope(out, &compressed, sub_id);
-        return true;
-    }
-    let mut plain = Vec::with_capacity(len);
-    write_run(&mut plain, &mut run.clone(), skips.len(), skips);
-    let types = run.clone().map(|item| match item {
-        OutItem::Push { publication, .. } => publication.update_type,
-        _ => -1,
-    });
-    let update_type = {
-        let mut types = types.clone();
-        let first = types.next();
-        first.filter(|&t| t >= 0 && types.all(|other| other == t))
-    };
-    let Some(compressed) = compress.compressor.own(&plain, update_type, held) else { return false };
-    write_envelope(out, &compressed, 0);
+/// A shared plain batch: its frames as they are, then the `sub_id` its updates lack.
+fn write_shared_plain(out: &mut Vec<u8>, frames: Bytes, sub_id: u32) -> bool {
+    let len = frames.len() + 1 + encoded_len_varint(u64::from(sub_id));
+    out.reserve(len + 10);
+    write_binary_header(out, len);
+    out.extend_from_slice(&frames);
+    out.push(SERVER_MESSAGE_SUB_ID_KEY);
+    encode_varint(u64::from(sub_id), out);
     true
 }
 
+/// Writes `run` (of `len` bytes plain, several subscriptions' or with skip reports) as the
+/// connection's own zstd envelope; false when compressing would not make it smaller (nothing
+/// written then).
+fn write_own_compressed<'a>(
+    out: &mut Vec<u8>,
+    run: impl Iterator<Item = &'a OutItem> + Clone,
+    count: usize,
+    skips: &[u32],
+    len: usize,
+    sharing: &mut Sharing<'_>,
+) -> bool {
+    let mut plain = Vec::with_capacity(len);
+    write_run(&mut plain, &mut run.clone(), count, skips);
+    let mut types = run.map(|item| match item {
+        OutItem::Push { publication, .. } => publication.update_type,
+        _ => -1,
+    });
+    let first = types.next();
+    let update_type = first.filter(|&t| t >= 0 && types.all(|other| other == t));
+    let Some(compressed) = sharing.batches.own(&plain, update_type, sharing.held) else { return false };
+    write_envelope(out, &compressed, 0)
+}
+
 /// A `ServerMessage` holding only `zstd` (and the `sub_id` its updates lack, if shared).
-fn write_envelope(out: &mut Vec<u8>, compressed: &[u8], sub_id: u32) {
+fn write_envelope(out: &mut Vec<u8>, compressed: &[u8], sub_id: u32) -> bool {
     let sub_id_len = if sub_id == 0 { 0 } else { 1 + encoded_len_varint(u64::from(sub_id)) };
     let len = 1 + encoded_len_varint(compressed.len() as u64) + compressed.len() + sub_id_len;
     out.reserve(len + 10);
@@ -504,6 +530,7 @@ fn write_envelope(out: &mut Vec<u8>, compressed: &[u8], sub_id: u32) {
         out.push(SERVER_MESSAGE_SUB_ID_KEY);
         encode_varint(u64::from(sub_id), out);
     }
+    true
 }
 
 #[cfg(test)]

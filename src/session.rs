@@ -19,9 +19,9 @@ use crate::acks::{AckPolicy, AckTracker};
 use crate::auth::{AuthFailure, Grant, Verifier};
 use crate::broker::memory::{HistoryPage, Position, Recovery, RecoveryFailure};
 use crate::broker::{validate_channel, Publication};
-use crate::compression::{BatchCompressor, ZstdSettings};
+use crate::compression::{SharedBatches, ZstdSettings};
 use crate::config::{Bucket, Config};
-use crate::outbox::{Compress, GaveWay, OutItem, Outbox, Pressure};
+use crate::outbox::{GaveWay, OutItem, Outbox, Pressure, Sharing};
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
 use crate::protocol::push::write_frame;
@@ -348,10 +348,11 @@ impl Session {
         self.outbox.drain_into(out, self.limits.batch_size, None)
     }
 
-    /// `poll_transmit`, compressing large messages with `compressor` if the client accepts zstd.
-    pub fn poll_transmit_compressed(&mut self, out: &mut Vec<u8>, compressor: &mut BatchCompressor) -> usize {
-        let compress = self.accepts_zstd.then_some(Compress { compressor, held: self.zstd_dictionaries });
-        self.outbox.drain_into(out, self.limits.batch_size, compress)
+    /// `poll_transmit`, sharing batches through the shard's `batches` (and compressing large
+    /// messages if the client accepts zstd).
+    pub fn poll_transmit_shared(&mut self, out: &mut Vec<u8>, batches: &mut SharedBatches) -> usize {
+        let sharing = Sharing { batches, zstd: self.accepts_zstd, held: self.zstd_dictionaries };
+        self.outbox.drain_into(out, self.limits.batch_size, Some(sharing))
     }
 
     /// Updates conflated or dropped for this slow connection since the last call.

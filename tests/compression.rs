@@ -106,6 +106,50 @@ async fn large_messages_are_compressed_once_for_every_subscriber_that_accepts_zs
 }
 
 #[compio::test]
+async fn a_batch_of_one_channel_is_encoded_once_and_names_each_subscription_in_the_envelope() {
+    let server = TestServer::start(1, &[]);
+    let mut receivers = Vec::new();
+    for _ in 0..3 {
+        let mut client = server.client().await;
+        let sub_id = client.subscribe("traffic:ring").await.unwrap().sub_id;
+        receivers.push((client.split().1, sub_id));
+    }
+    // Five publications in one message reach every outbox before any writer runs.
+    let mut publisher = server.client().await;
+    let frames = (1..=5u8)
+        .map(|n| pb::ClientFrame {
+            id: 0,
+            command: Some(pb::client_frame::Command::Publish(pb::Publish {
+                channel: "traffic:ring".into(),
+                r#type: UpdateType::Traffic as i32,
+                key: format!("segment-{n}"),
+                confidence: 1.0,
+                payload: vec![n; 40].into(),
+            })),
+        })
+        .collect();
+    publisher.send_frames(frames).await.unwrap();
+    let mut shared_bytes = Vec::new();
+    for (receiver, sub_id) in &mut receivers {
+        let bytes = within("a message", receiver.next_message()).await.unwrap();
+        let outer = pb::ServerMessage::decode(bytes.clone()).unwrap();
+        assert_eq!(outer.sub_id, *sub_id, "the envelope names the subscription");
+        assert!(outer.frames.iter().all(|f| matches!(&f.kind, Some(Kind::Update(u)) if u.sub_id == 0)));
+        let updates = envelope::decode::<pb::ServerMessage>(bytes, 1 << 20, &Dictionaries::default()).unwrap();
+        let seen: Vec<(u32, u64)> = updates
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Some(Kind::Update(u)) => Some((u.sub_id, u.offset)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seen, (1..=5).map(|n| (*sub_id, n)).collect::<Vec<_>>());
+        shared_bytes.push(pb::ServerMessage { sub_id: 0, ..outer }.encode_to_vec());
+    }
+    assert!(shared_bytes.windows(2).all(|w| w[0] == w[1]), "every subscriber got the same frames");
+}
+
+#[compio::test]
 async fn a_trained_dictionary_is_served_announced_and_used_for_clients_that_hold_it() {
     let dir = tempfile::tempdir().unwrap();
     let samples = dir.path().join("samples");

@@ -26,14 +26,14 @@ def encode(*frames):
 def decode(data):
     """One WebSocket binary message = one ServerMessage; `zstd`, if set, is a compressed one."""
     msg = pb.ServerMessage.FromString(data)
+    frames = msg.frames
     if msg.zstd:
-        inner = pb.ServerMessage.FromString(zstandard.ZstdDecompressor().decompressobj().decompress(msg.zstd))
-        # A batch compressed once for every subscriber names the subscription in the envelope.
-        for frame in inner.frames:
-            if frame.HasField("update") and frame.update.sub_id == 0:
-                frame.update.sub_id = msg.sub_id
-        return inner.frames
-    return msg.frames
+        frames = pb.ServerMessage.FromString(zstandard.ZstdDecompressor().decompressobj().decompress(msg.zstd)).frames
+    # A batch encoded once for every subscriber names the subscription in the envelope.
+    for frame in frames:
+        if frame.HasField("update") and frame.update.sub_id == 0:
+            frame.update.sub_id = msg.sub_id
+    return frames
 
 
 def publishes(channel, n):

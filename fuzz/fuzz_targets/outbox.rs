@@ -1,7 +1,7 @@
 //! A slow connection's queue under any mix of updates, replies and drains: it never holds
 //! more than its limit, never drops a high-priority update (it overflows instead), and every
-//! subscription's offsets add up with `skipped` — also when batches go out zstd-compressed
-//! (shared between drains, as between subscribers).
+//! subscription's offsets add up with `skipped` — also when batches are shared (between
+//! drains, as between subscribers) and go out zstd-compressed.
 #![no_main]
 use std::rc::Rc;
 use std::sync::Arc;
@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use routopia_realtime::broker::Publication;
-use routopia_realtime::compression::{BatchCompressor, ZstdSettings};
-use routopia_realtime::outbox::{Compress, OutItem, Outbox, Pressure};
+use routopia_realtime::compression::{SharedBatches, ZstdSettings};
+use routopia_realtime::outbox::{OutItem, Outbox, Pressure, Sharing};
 use routopia_realtime::protocol::envelope::{self, Dictionaries};
 use routopia_realtime::protocol::pb::{server_frame::Kind, ServerMessage, Update};
 use routopia_realtime::protocol::push::encode_update_body;
@@ -25,15 +25,16 @@ fuzz_target!(|data: &[u8]| {
     let mut wire = Vec::new();
     let mut overflowed = false;
     let settings = Arc::new(ZstdSettings { threshold: 64, level: 1, dictionaries: Vec::new() });
-    let mut compressor = (limit & 1 == 1).then(|| BatchCompressor::new(settings));
+    let mut batches = (limit & 1 == 1).then(|| SharedBatches::new(settings));
+    let zstd = limit & 2 != 0;
     for op in ops.chunks(2) {
         let (a, b) = (op[0], op.get(1).copied().unwrap_or(0));
         let sub = usize::from(a & 3);
         if a & 0xC0 == 0xC0 {
-            let compress = compressor.as_mut().map(|compressor| Compress { compressor, held: 0 });
-            outbox.drain_into(&mut wire, 1 + usize::from(b % 8), compress);
-            if let (true, Some(compressor)) = (b & 0x80 != 0, compressor.as_mut()) {
-                compressor.forget_shared();
+            let sharing = batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0 });
+            outbox.drain_into(&mut wire, 1 + usize::from(b % 8), sharing);
+            if let (true, Some(batches)) = (b & 0x80 != 0, batches.as_mut()) {
+                batches.forget_shared();
             }
             continue;
         }
@@ -55,8 +56,8 @@ fuzz_target!(|data: &[u8]| {
     if overflowed {
         return;
     }
-    let compress = compressor.as_mut().map(|compressor| Compress { compressor, held: 0 });
-    outbox.drain_into(&mut wire, 100, compress);
+    let sharing = batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0 });
+    outbox.drain_into(&mut wire, 100, sharing);
     let mut client = WsEndpoint::client(1 << 24);
     client.feed(&wire);
     let mut last = [0u64; 5];

@@ -109,8 +109,9 @@ pub fn decode<M: Envelope>(
     dictionaries: &Dictionaries,
 ) -> Result<Vec<M::Frame>, EnvelopeError> {
     let mut outer = M::decode(bytes)?;
-    let (frames, compressed) = outer.take_parts();
+    let (mut frames, compressed) = outer.take_parts();
     if compressed.is_empty() {
+        outer.adopt(&mut frames);
         return Ok(frames);
     }
     if !frames.is_empty() {

@@ -16,7 +16,7 @@ use super::{Cluster, ShardMsg};
 use crate::broker::memory::{ChannelTable, Mirrored, Position, Recovery};
 use crate::broker::redis::BridgeRequest;
 use crate::broker::{owner_shard, Joining, Publication};
-use crate::compression::{BatchCompressor, CompressionCounters};
+use crate::compression::{CompressionCounters, SharedBatches};
 use crate::protocol::push::encode_update_body;
 use crate::protocol::{pb, CloseCode, ErrorCode};
 use crate::router::{ConnId, Router, Subscriber};
@@ -50,7 +50,7 @@ pub(crate) struct ShardState {
     backlog: Vec<VecDeque<ShardMsg>>,
     pub backlog_flusher_running: bool,
     targets: Vec<usize>,
-    compressor: BatchCompressor,
+    batches: SharedBatches,
     pub pacing: Pacing,
 }
 
@@ -65,7 +65,7 @@ impl ShardState {
                 zstd: cluster.zstd.clone(),
                 ..SessionLimits::from_config(&cluster.config, cluster.verifier.clone(), cluster.users.clone())
             }),
-            compressor: BatchCompressor::new(cluster.zstd.clone()),
+            batches: SharedBatches::new(cluster.zstd.clone()),
             pacing: Pacing::new(cluster.config.delivery.batch_interval),
             cluster,
             conns: Slab::new(),
@@ -364,18 +364,14 @@ impl ShardState {
         }
     }
 
-    /// Moves what connection `id` has queued into `out` as wire bytes (compressed where the
-    /// client accepts it); false when the connection is gone.
+    /// Moves what connection `id` has queued into `out` as wire bytes (batches shared between
+    /// subscribers, compressed where the client accepts it); false when the connection is gone.
     pub fn transmit(&mut self, id: ConnId, out: &mut Vec<u8>) -> bool {
         let Some(conn) = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation) else {
             return false;
         };
-        if !conn.session.accepts_zstd() {
-            conn.session.poll_transmit(out);
-            return true;
-        }
-        conn.session.poll_transmit_compressed(out, &mut self.compressor);
-        let counters = self.compressor.take_counters();
+        conn.session.poll_transmit_shared(out, &mut self.batches);
+        let counters = self.batches.take_counters();
         if counters != CompressionCounters::default() {
             let stats = &self.cluster.stats[self.id];
             stats.compressed_messages.fetch_add(counters.messages, Ordering::Relaxed);
@@ -403,7 +399,7 @@ impl ShardState {
 
     /// Time passed: sessions resend overdue acknowledged updates.
     pub fn on_tick(&mut self, now: Instant) {
-        self.compressor.forget_shared();
+        self.batches.forget_shared();
         let mut failures = 0u64;
         let (mut conflated, mut dropped) = (0, 0);
         for (_, conn) in self.conns.iter_mut() {
