@@ -181,6 +181,30 @@ impl Outbox {
         self.high.push_back(item);
     }
 
+    /// When all that is queued is one shared batch (two to `batch_size` updates of one
+    /// subscription, nothing else), takes it without copying: the message's head (WebSocket
+    /// header and the `sub_id` field, which protobuf allows before the frames) is appended to
+    /// `head` and the shared frames are returned, to be written after it.
+    pub fn take_shared(&mut self, head: &mut Vec<u8>, batch_size: usize, batches: &mut SharedBatches) -> Option<Bytes> {
+        let low_empty = self.low.as_deref().is_none_or(|lane| lane.items.is_empty() && lane.skipped.is_empty());
+        if !low_empty || self.high.len() < 2 || self.high.len() > batch_size {
+            return None;
+        }
+        let sub_id = one_subscription(self.high.iter())?;
+        let frames = batches.shared_plain(self.high.iter().filter_map(|item| match item {
+            OutItem::Push { publication, .. } => Some(publication),
+            _ => None,
+        }));
+        let sub_id_len = 1 + encoded_len_varint(u64::from(sub_id));
+        write_binary_header(head, sub_id_len + frames.len());
+        head.push(SERVER_MESSAGE_SUB_ID_KEY);
+        encode_varint(u64::from(sub_id), head);
+        self.high.clear();
+        self.bytes = 0;
+        self.frames = 0;
+        Some(frames)
+    }
+
     /// Items queued (tombstones included).
     pub fn len(&self) -> usize {
         self.high.len() + self.low.as_ref().map_or(0, |lane| lane.items.len())
@@ -670,6 +694,50 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn one_subscriptions_batch_is_taken_shared_and_anything_else_is_not() {
+        use crate::compression::{SharedBatches, ZstdSettings};
+        let mut batches =
+            SharedBatches::new(Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() }));
+        let mut outbox = Outbox::new(1 << 20, pressure(1 << 18));
+        for offset in 1..=3 {
+            outbox.push(OutItem::Push { sub_id: 9, publication: publication(offset) }).unwrap();
+        }
+        let mut head = Vec::new();
+        let frames = outbox.take_shared(&mut head, 100, &mut batches).expect("one subscription's batch");
+        assert!(outbox.is_empty() && outbox.queued_bytes() == 0);
+        head.extend_from_slice(&frames);
+        let mut client = WsEndpoint::client(1 << 20);
+        client.feed(&head);
+        let Ok(Some(WsEvent::Binary(message))) = client.next_event() else { panic!("one message") };
+        let decoded =
+            crate::protocol::envelope::decode::<ServerMessage>(message, 1 << 20, &Default::default()).unwrap();
+        let seen: Vec<(u32, u64)> = decoded
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Some(Kind::Update(u)) => Some((u.sub_id, u.offset)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seen, [(9, 1), (9, 2), (9, 3)]);
+
+        // Two subscriptions, a reply, a single update or more than a batch: the full path.
+        let refused = |items: Vec<OutItem>, batch_size| {
+            let mut outbox = Outbox::new(1 << 20, pressure(1 << 18));
+            for item in items {
+                outbox.push(item).unwrap();
+            }
+            let mut batches =
+                SharedBatches::new(Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() }));
+            outbox.take_shared(&mut Vec::new(), batch_size, &mut batches).is_none() && !outbox.is_empty()
+        };
+        let push = |sub_id, offset| OutItem::Push { sub_id, publication: publication(offset) };
+        assert!(refused(vec![push(1, 1), push(2, 1)], 100));
+        assert!(refused(vec![push(1, 1), OutItem::Frame(vec![1, 2]), push(1, 2)], 100));
+        assert!(refused(vec![push(1, 1)], 100));
+        assert!(refused(vec![push(1, 1), push(1, 2), push(1, 3)], 2));
     }
 
     #[test]

@@ -348,6 +348,16 @@ impl Session {
         self.outbox.drain_into(out, self.limits.batch_size, None)
     }
 
+    /// When all that is queued is one shared batch, takes it without copying (see
+    /// `Outbox::take_shared`): `head` gets the message's head, the frames are returned.
+    pub fn take_shared(&mut self, head: &mut Vec<u8>, batches: &mut SharedBatches) -> Option<Bytes> {
+        // A client that accepts zstd may need the batch compressed: the full path decides.
+        if self.accepts_zstd || self.is_closing() {
+            return None;
+        }
+        self.outbox.take_shared(head, self.limits.batch_size, batches)
+    }
+
     /// `poll_transmit`, sharing batches through the shard's `batches` (and compressing large
     /// messages if the client accepts zstd).
     pub fn poll_transmit_shared(&mut self, out: &mut Vec<u8>, batches: &mut SharedBatches) -> usize {

@@ -31,8 +31,17 @@ fuzz_target!(|data: &[u8]| {
         let (a, b) = (op[0], op.get(1).copied().unwrap_or(0));
         let sub = usize::from(a & 3);
         if a & 0xC0 == 0xC0 {
+            let batch_size = 1 + usize::from(b % 8);
+            if let (true, Some(batches)) = (b & 0x40 != 0, batches.as_mut()) {
+                let mut head = Vec::new();
+                if let Some(frames) = outbox.take_shared(&mut head, batch_size, batches) {
+                    wire.extend_from_slice(&head);
+                    wire.extend_from_slice(&frames);
+                    continue;
+                }
+            }
             let sharing = batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0 });
-            outbox.drain_into(&mut wire, 1 + usize::from(b % 8), sharing);
+            outbox.drain_into(&mut wire, batch_size, sharing);
             if let (true, Some(batches)) = (b & 0x80 != 0, batches.as_mut()) {
                 batches.forget_shared();
             }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use compio::buf::BufResult;
 use compio::io::{AsyncRead, AsyncWriteExt};
 use compio::net::TcpStream;
@@ -265,7 +266,8 @@ async fn read_loop<R: Receive>(state: &Rc<RefCell<ShardState>>, mut reader: R, f
 }
 
 enum Next {
-    Write,
+    /// Write `out`, then the shared frames if any.
+    Write(Option<Bytes>),
     Finish,
 }
 
@@ -298,8 +300,7 @@ async fn write_loop<S: Transport>(
                     return Poll::Pending;
                 }
                 conn.last_write_epoch = epoch;
-                shard.transmit(id, &mut out);
-                return Poll::Ready(Next::Write);
+                return Poll::Ready(Next::Write(shard.transmit(id, &mut out)));
             }
             if conn.session.is_closing() || conn.reader_done {
                 return Poll::Ready(Next::Finish);
@@ -308,11 +309,17 @@ async fn write_loop<S: Transport>(
             Poll::Pending
         })
         .await;
-        if let Next::Finish = next {
-            break;
-        }
+        let shared = match next {
+            Next::Finish => break,
+            Next::Write(shared) => shared,
+        };
         let closing = state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing());
-        let written = if closing {
+        let written = if let Some(frames) = shared {
+            // One shared batch: its head from `out`, its frames straight from the shard's copy.
+            let BufResult(result, (head, _)) = Box::pin(writer.write_vectored_all((out, (frames,)))).await;
+            out = head;
+            result.is_ok()
+        } else if closing {
             // Boxed: a closing write happens once, and an idle writer should not carry its timer.
             match Box::pin(compio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer.write_all(out))).await {
                 Ok(BufResult(result, returned)) => {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use slab::Slab;
 
 use super::pacing::Pacing;
@@ -365,11 +366,14 @@ impl ShardState {
     }
 
     /// Moves what connection `id` has queued into `out` as wire bytes (batches shared between
-    /// subscribers, compressed where the client accepts it); false when the connection is gone.
-    pub fn transmit(&mut self, id: ConnId, out: &mut Vec<u8>) -> bool {
-        let Some(conn) = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation) else {
-            return false;
-        };
+    /// subscribers, compressed where the client accepts it). When it is all one shared batch,
+    /// `out` gets only its head and the shared frames are returned, to be sent after `out`
+    /// without a copy.
+    pub fn transmit(&mut self, id: ConnId, out: &mut Vec<u8>) -> Option<Bytes> {
+        let conn = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)?;
+        if let Some(frames) = conn.session.take_shared(out, &mut self.batches) {
+            return Some(frames);
+        }
         conn.session.poll_transmit_shared(out, &mut self.batches);
         let counters = self.batches.take_counters();
         if counters != CompressionCounters::default() {
@@ -380,7 +384,7 @@ impl ShardState {
             stats.compressions.fetch_add(counters.compressions, Ordering::Relaxed);
             stats.compressed_with_dictionary.fetch_add(counters.with_dictionary, Ordering::Relaxed);
         }
-        true
+        None
     }
 
     /// A pacing tick: writers that waited for it may write now.
