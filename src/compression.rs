@@ -5,6 +5,7 @@
 //! envelope (`ServerMessage.sub_id`). Optional dictionaries, one per update type, trained from
 //! samples with `routopia-realtime train-dict`, shrink small messages further.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -123,12 +124,15 @@ pub struct CompressionCounters {
 /// `sub_id`, the same for every subscriber of the channel that drains the same run) and its
 /// zstd context.
 pub struct SharedBatches {
-    pub settings: Arc<ZstdSettings>,
-    context: CCtx<'static>,
+    remembered: Remembered,
+    zstd: Zstd,
+}
+
+/// The batches, by the addresses of their publications, oldest forgotten first.
+struct Remembered {
     batches: HashMap<u64, SharedBatch>,
     /// Keys in insertion order, for forgetting the oldest.
     order: VecDeque<u64>,
-    counters: CompressionCounters,
 }
 
 struct SharedBatch {
@@ -140,30 +144,34 @@ struct SharedBatch {
     compressed: Vec<(Option<usize>, Bytes)>,
 }
 
+/// The shard's zstd context, its settings and what it did.
+struct Zstd {
+    settings: Arc<ZstdSettings>,
+    context: CCtx<'static>,
+    counters: CompressionCounters,
+}
+
 impl SharedBatches {
     pub fn new(settings: Arc<ZstdSettings>) -> Self {
         Self {
-            settings,
-            context: CCtx::create(),
-            batches: HashMap::new(),
-            order: VecDeque::new(),
-            counters: CompressionCounters::default(),
+            remembered: Remembered { batches: HashMap::new(), order: VecDeque::new() },
+            zstd: Zstd { settings, context: CCtx::create(), counters: CompressionCounters::default() },
         }
     }
 
     pub fn threshold(&self) -> usize {
-        self.settings.threshold
+        self.zstd.settings.threshold
     }
 
     /// Counters since the last call.
     pub fn take_counters(&mut self) -> CompressionCounters {
-        std::mem::take(&mut self.counters)
+        std::mem::take(&mut self.zstd.counters)
     }
 
     /// Forgets the shared batches (they hold publications alive).
     pub fn forget_shared(&mut self) {
-        self.batches.clear();
-        self.order.clear();
+        self.remembered.batches.clear();
+        self.remembered.order.clear();
     }
 
     /// The frames of a `ServerMessage` holding `publications` as updates without `sub_id`,
@@ -172,8 +180,7 @@ impl SharedBatches {
     where
         I: Iterator<Item = &'p Rc<Publication>> + Clone,
     {
-        let key = self.find_or_make(publications);
-        self.batches[&key].plain.clone()
+        self.remembered.find_or_make(publications).plain.clone()
     }
 
     /// Their compressed form (with the dictionary of their type when they are all of one type
@@ -183,67 +190,80 @@ impl SharedBatches {
     where
         I: Iterator<Item = &'p Rc<Publication>> + Clone,
     {
-        let dictionary = self.uniform_dictionary(publications.clone().map(|p| p.update_type), held);
-        let key = self.find_or_make(publications);
-        let batch = &self.batches[&key];
-        let plain = batch.plain.clone();
+        let dictionary = self.zstd.uniform_dictionary(publications.clone().map(|p| p.update_type), held);
+        let batch = self.remembered.find_or_make(publications);
         let made = batch.compressed.iter().find(|(d, _)| *d == dictionary).map(|(_, bytes)| bytes.clone());
         let compressed = match made {
             Some(bytes) => bytes,
             None => {
-                let bytes = self.compress(&plain, dictionary).map(Bytes::from).unwrap_or_default();
-                if let Some(batch) = self.batches.get_mut(&key) {
-                    batch.compressed.push((dictionary, bytes.clone()));
-                }
+                let bytes = self.zstd.compress(&batch.plain, dictionary).map(Bytes::from).unwrap_or_default();
+                batch.compressed.push((dictionary, bytes.clone()));
                 bytes
             }
         };
-        self.count(&compressed, plain.len(), dictionary)
-    }
-
-    /// The key of the batch of `publications`, made (and the oldest forgotten) if new.
-    fn find_or_make<'p, I>(&mut self, publications: I) -> u64
-    where
-        I: Iterator<Item = &'p Rc<Publication>> + Clone,
-    {
-        let key = batch_key(publications.clone());
-        if let Some(batch) = self.batches.get(&key) {
-            let mut remembered = batch.publications.iter();
-            let same = publications.clone().all(|p| remembered.next().is_some_and(|r| Rc::ptr_eq(p, r)))
-                && remembered.next().is_none();
-            if same {
-                return key;
-            }
-            // Another batch with the same key: the newer one takes its place.
-            self.batches.remove(&key);
+        if compressed.is_empty() {
+            return None;
         }
-        let mut plain = Vec::with_capacity(publications.clone().map(|p| push_len(0, p.body.len())).sum());
-        for publication in publications.clone() {
-            write_push(&mut plain, 0, &publication.body);
-        }
-        if self.order.len() >= SHARED_BATCHES {
-            if let Some(oldest) = self.order.pop_front() {
-                self.batches.remove(&oldest);
-            }
-        }
-        self.order.push_back(key);
-        let batch =
-            SharedBatch { publications: publications.cloned().collect(), plain: plain.into(), compressed: Vec::new() };
-        self.batches.insert(key, batch);
-        key
+        self.zstd.count_sent(batch.plain.len(), compressed.len(), dictionary);
+        Some(compressed)
     }
 
     /// `plain` (an encoded `ServerMessage`) compressed for one connection, with the
     /// dictionary of `update_type` when the connection holds it; `None` when not smaller.
     pub fn own(&mut self, plain: &[u8], update_type: Option<i32>, held: u32) -> Option<Vec<u8>> {
-        let dictionary = update_type.and_then(|t| self.settings.dictionary_for(t, held));
-        let compressed = self.compress(plain, dictionary)?;
-        self.count_sent(plain.len(), compressed.len(), dictionary);
+        let dictionary = update_type.and_then(|t| self.zstd.settings.dictionary_for(t, held));
+        let compressed = self.zstd.compress(plain, dictionary)?;
+        self.zstd.count_sent(plain.len(), compressed.len(), dictionary);
         Some(compressed)
     }
+}
 
+impl Remembered {
+    /// The batch of `publications`, made (and the oldest forgotten) if new.
+    fn find_or_make<'p, I>(&mut self, publications: I) -> &mut SharedBatch
+    where
+        I: Iterator<Item = &'p Rc<Publication>> + Clone,
+    {
+        let key = batch_key(publications.clone());
+        // None: new; Some(false): another batch with the same key, whose place this one takes.
+        let same = self.batches.get(&key).map(|batch| {
+            let mut remembered = batch.publications.iter();
+            publications.clone().all(|p| remembered.next().is_some_and(|r| Rc::ptr_eq(p, r)))
+                && remembered.next().is_none()
+        });
+        if same.is_none() {
+            if self.order.len() >= SHARED_BATCHES {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.batches.remove(&oldest);
+                }
+            }
+            self.order.push_back(key);
+        }
+        let make = || {
+            let mut plain = Vec::with_capacity(publications.clone().map(|p| push_len(0, p.body.len())).sum());
+            for publication in publications.clone() {
+                write_push(&mut plain, 0, &publication.body);
+            }
+            SharedBatch {
+                publications: publications.clone().cloned().collect(),
+                plain: plain.into(),
+                compressed: Vec::new(),
+            }
+        };
+        match self.batches.entry(key) {
+            Entry::Occupied(found) if same == Some(true) => found.into_mut(),
+            Entry::Occupied(mut other) => {
+                other.insert(make());
+                other.into_mut()
+            }
+            Entry::Vacant(slot) => slot.insert(make()),
+        }
+    }
+}
+
+impl Zstd {
     /// The dictionary for a batch whose updates are all of one type the connection holds one for.
-    pub fn uniform_dictionary(&self, mut types: impl Iterator<Item = i32>, held: u32) -> Option<usize> {
+    fn uniform_dictionary(&self, mut types: impl Iterator<Item = i32>, held: u32) -> Option<usize> {
         if held == 0 {
             return None;
         }
@@ -262,14 +282,6 @@ impl SharedBatches {
         };
         // Worth it only if the envelope (a few bytes more) still comes out smaller.
         written.ok().filter(|&n| n + 8 < plain.len()).map(|_| compressed)
-    }
-
-    fn count(&mut self, compressed: &Bytes, plain_len: usize, dictionary: Option<usize>) -> Option<Bytes> {
-        if compressed.is_empty() {
-            return None;
-        }
-        self.count_sent(plain_len, compressed.len(), dictionary);
-        Some(compressed.clone())
     }
 
     fn count_sent(&mut self, plain: usize, compressed: usize, dictionary: Option<usize>) {

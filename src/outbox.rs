@@ -195,10 +195,7 @@ impl Outbox {
             OutItem::Push { publication, .. } => Some(publication),
             _ => None,
         }));
-        let sub_id_len = 1 + encoded_len_varint(u64::from(sub_id));
-        write_binary_header(head, sub_id_len + frames.len());
-        head.push(SERVER_MESSAGE_SUB_ID_KEY);
-        encode_varint(u64::from(sub_id), head);
+        write_shared_head(head, frames.len(), sub_id);
         self.high.clear();
         self.bytes = 0;
         self.frames = 0;
@@ -466,11 +463,17 @@ where
                 _ => None,
             });
             let written = match (shared_sub, compress) {
-                (Some(sub_id), true) => match sharing.batches.shared_compressed(publications.clone(), sharing.held) {
-                    Some(compressed) => write_envelope(out, &compressed, sub_id),
-                    None => write_shared_plain(out, sharing.batches.shared_plain(publications), sub_id),
-                },
-                (Some(sub_id), false) => write_shared_plain(out, sharing.batches.shared_plain(publications), sub_id),
+                (Some(sub_id), true) => {
+                    match sharing.batches.shared_compressed(publications.clone(), sharing.held) {
+                        Some(compressed) => write_envelope(out, &compressed, sub_id),
+                        None => write_shared_plain(out, sharing.batches.shared_plain(publications), sub_id),
+                    }
+                    true
+                }
+                (Some(sub_id), false) => {
+                    write_shared_plain(out, sharing.batches.shared_plain(publications), sub_id);
+                    true
+                }
                 (None, true) => write_own_compressed(out, run.clone(), count, &skips, len, sharing),
                 (None, false) => false,
             };
@@ -507,15 +510,20 @@ fn write_run<'a>(out: &mut Vec<u8>, items: &mut impl Iterator<Item = &'a OutItem
 const SERVER_MESSAGE_ZSTD_KEY: u8 = 0x12;
 const SERVER_MESSAGE_SUB_ID_KEY: u8 = 0x18;
 
-/// A shared plain batch: its frames as they are, then the `sub_id` its updates lack.
-fn write_shared_plain(out: &mut Vec<u8>, frames: Bytes, sub_id: u32) -> bool {
-    let len = frames.len() + 1 + encoded_len_varint(u64::from(sub_id));
-    out.reserve(len + 10);
-    write_binary_header(out, len);
+/// A shared plain batch: its head, then its frames as they are.
+fn write_shared_plain(out: &mut Vec<u8>, frames: Bytes, sub_id: u32) {
+    out.reserve(frames.len() + 16);
+    write_shared_head(out, frames.len(), sub_id);
     out.extend_from_slice(&frames);
+}
+
+/// What one connection's copy of a shared batch of `frames_len` bytes starts with: the
+/// WebSocket header and `ServerMessage.sub_id` (protobuf allows it before the frames), so the
+/// shared bytes can follow untouched, copied or by a vectored write.
+fn write_shared_head(out: &mut Vec<u8>, frames_len: usize, sub_id: u32) {
+    write_binary_header(out, 1 + encoded_len_varint(u64::from(sub_id)) + frames_len);
     out.push(SERVER_MESSAGE_SUB_ID_KEY);
     encode_varint(u64::from(sub_id), out);
-    true
 }
 
 /// Writes `run` (of `len` bytes plain, several subscriptions' or with skip reports) as the
@@ -538,11 +546,12 @@ fn write_own_compressed<'a>(
     let first = types.next();
     let update_type = first.filter(|&t| t >= 0 && types.all(|other| other == t));
     let Some(compressed) = sharing.batches.own(&plain, update_type, sharing.held) else { return false };
-    write_envelope(out, &compressed, 0)
+    write_envelope(out, &compressed, 0);
+    true
 }
 
 /// A `ServerMessage` holding only `zstd` (and the `sub_id` its updates lack, if shared).
-fn write_envelope(out: &mut Vec<u8>, compressed: &[u8], sub_id: u32) -> bool {
+fn write_envelope(out: &mut Vec<u8>, compressed: &[u8], sub_id: u32) {
     let sub_id_len = if sub_id == 0 { 0 } else { 1 + encoded_len_varint(u64::from(sub_id)) };
     let len = 1 + encoded_len_varint(compressed.len() as u64) + compressed.len() + sub_id_len;
     out.reserve(len + 10);
@@ -554,7 +563,6 @@ fn write_envelope(out: &mut Vec<u8>, compressed: &[u8], sub_id: u32) -> bool {
         out.push(SERVER_MESSAGE_SUB_ID_KEY);
         encode_varint(u64::from(sub_id), out);
     }
-    true
 }
 
 #[cfg(test)]

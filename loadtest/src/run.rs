@@ -178,7 +178,7 @@ impl Shared {
 }
 
 #[allow(unreachable_patterns)]
-fn error_kind(err: &ClientError) -> &'static str {
+pub(crate) fn error_kind(err: &ClientError) -> &'static str {
     match err {
         ClientError::Io(_) => "io",
         ClientError::Handshake(_) => "handshake",
@@ -192,7 +192,7 @@ fn error_kind(err: &ClientError) -> &'static str {
     }
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     // Constant, valid bounds: this cannot fail.
     Histogram::new_with_bounds(1, HIST_MAX_US, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
 }
@@ -441,7 +441,7 @@ impl PublisherStats {
     }
 }
 
-fn record(h: &mut Histogram<u64>, us: u64) {
+pub(crate) fn record(h: &mut Histogram<u64>, us: u64) {
     // Clamped into the histogram's range, so recording cannot fail.
     let _ = h.record(us.clamp(1, HIST_MAX_US));
 }

@@ -21,17 +21,8 @@ use crate::{procstat, Mode, Request, RunArgs};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on one request's round trip.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const HIST_MAX_US: u64 = 600_000_000;
 
 pub type Outcome = Result<(Value, String), Fatal>;
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, HIST_MAX_US, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
-}
-
-fn record(h: &mut Histogram<u64>, us: u64) {
-    let _ = h.record(us.clamp(1, HIST_MAX_US));
-}
 
 fn latency_json(h: &Histogram<u64>) -> Value {
     if h.is_empty() {
@@ -72,19 +63,6 @@ fn errors_text(out: &mut String, errors: &ErrorLog) {
     let _ = writeln!(out, "  {:<18} {}", "errors", errors.total);
     for (kind, (count, examples)) in &errors.by_kind {
         let _ = writeln!(out, "    {kind}: {count} (e.g. {})", examples.join(" | "));
-    }
-}
-
-fn kind_of(err: &ClientError) -> &'static str {
-    match err {
-        ClientError::Io(_) => "io",
-        ClientError::Handshake(_) => "handshake",
-        ClientError::WebSocket(_) => "websocket",
-        ClientError::Decode(_) => "decode",
-        ClientError::Server(_) => "server_error",
-        ClientError::Disconnected(_) => "disconnect",
-        ClientError::Closed(_) => "closed",
-        ClientError::Unexpected(_) => "unexpected",
     }
 }
 
@@ -185,7 +163,7 @@ async fn open_many(
 ) -> Opened {
     let next = Rc::new(Cell::new(0usize));
     let clients = Rc::new(RefCell::new(Vec::with_capacity(count)));
-    let latency = Rc::new(RefCell::new(histogram()));
+    let latency = Rc::new(RefCell::new(run::histogram()));
     let errors = Rc::new(RefCell::new(ErrorLog::default()));
     let start = Instant::now();
     let workers: Vec<_> = (0..in_flight.clamp(1, count.max(1)))
@@ -203,10 +181,12 @@ async fn open_many(
                     let began = Instant::now();
                     match timeout(CONNECT_TIMEOUT, run::open(&args, channel.as_deref())).await {
                         Ok(Ok(client)) => {
-                            record(&mut latency.borrow_mut(), began.elapsed().as_micros() as u64);
+                            run::record(&mut latency.borrow_mut(), began.elapsed().as_micros() as u64);
                             clients.borrow_mut().push(client);
                         }
-                        Ok(Err(err)) => errors.borrow_mut().add(kind_of(&err), format!("connection {i}: {err}")),
+                        Ok(Err(err)) => {
+                            errors.borrow_mut().add(run::error_kind(&err), format!("connection {i}: {err}"))
+                        }
                         Err(_) => errors
                             .borrow_mut()
                             .add("timeout", format!("connection {i}: not set up within {CONNECT_TIMEOUT:?}")),
@@ -486,11 +466,11 @@ async fn requester(
                 // Replies after the window closed are not counted: the rate is per window.
                 if Instant::now() <= end {
                     replies += 1;
-                    record(&mut rtt.borrow_mut(), began.elapsed().as_micros() as u64);
+                    run::record(&mut rtt.borrow_mut(), began.elapsed().as_micros() as u64);
                 }
             }
             Ok(Err(err)) => {
-                errors.borrow_mut().add(kind_of(&err), format!("client {index}: {err}"));
+                errors.borrow_mut().add(run::error_kind(&err), format!("client {index}: {err}"));
                 break;
             }
             Err(_) => {
@@ -517,7 +497,7 @@ struct OpenLoop {
 impl OpenLoop {
     fn answered(&self, intended_ns: u64) {
         let now = run::unix_ns();
-        record(&mut self.rtt.borrow_mut(), now.saturating_sub(intended_ns) / 1000);
+        run::record(&mut self.rtt.borrow_mut(), now.saturating_sub(intended_ns) / 1000);
         self.replies.set(self.replies.get() + 1);
         self.last_reply.set(Some(Instant::now()));
     }
@@ -552,7 +532,7 @@ async fn open_loop_reader(args: Rc<RunArgs>, index: usize, mut receiver: Receive
             }),
         };
         if let Err(err) = outcome {
-            state.errors.borrow_mut().add(kind_of(&err), format!("client {index}: {err}"));
+            state.errors.borrow_mut().add(run::error_kind(&err), format!("client {index}: {err}"));
             if !matches!(err, ClientError::Server(_)) {
                 return;
             }
@@ -614,7 +594,7 @@ async fn open_loop_sender(
         match timeout_at(stop, send).await {
             Ok(Ok(())) => state.sent.set(state.sent.get() + 1),
             Ok(Err(err)) => {
-                state.errors.borrow_mut().add(kind_of(&err), format!("client {index} send: {err}"));
+                state.errors.borrow_mut().add(run::error_kind(&err), format!("client {index} send: {err}"));
                 return;
             }
             Err(_) => {
@@ -635,7 +615,7 @@ async fn request_reply_open(args: Rc<RunArgs>, opened: Opened) -> Outcome {
     let pool = Rc::new(run::payload_pool(&args));
     let payload_mean = pool.iter().map(Vec::len).sum::<usize>() as f64 / pool.len() as f64;
     let state = Rc::new(OpenLoop {
-        rtt: RefCell::new(histogram()),
+        rtt: RefCell::new(run::histogram()),
         errors: RefCell::new(opened.errors),
         sent: Cell::new(0),
         replies: Cell::new(0),
@@ -689,10 +669,7 @@ async fn request_reply_open(args: Rc<RunArgs>, opened: Opened) -> Outcome {
     let per_s = replies as f64 / measured;
     let rtt = state.rtt.borrow().clone();
     let errors = std::mem::take(&mut *state.errors.borrow_mut());
-    let request = match args.mode {
-        Mode::Raw => "echo".to_string(),
-        Mode::Routopia => format!("{:?}", args.request).to_lowercase(),
-    };
+    let request = request_name(&args);
     let mut why = Vec::new();
     if sent < scheduled {
         why.push(format!("{} unsent", scheduled - sent));
@@ -709,33 +686,27 @@ async fn request_reply_open(args: Rc<RunArgs>, opened: Opened) -> Outcome {
         _ => {}
     }
     let verdict = if why.is_empty() { "held".to_string() } else { format!("failed: {}", why.join(", ")) };
-    let mut value = json!({
-        "label": label(&args),
-        "params": params(&args),
-        "request": request,
+    let figures = ReplyFigures {
+        request: &request,
+        connected,
+        setup_s: opened.seconds,
+        window_s: args.duration,
+        payload_mean,
+        replies,
+        per_s,
+        rtt: &rtt,
+        errors: &errors,
+        verdict: &verdict,
+    };
+    let open_loop = json!({
         "open_loop": true,
-        "clients": { "requested": args.subscribers, "connected": connected },
-        "setup_s": opened.seconds,
-        "window_s": args.duration,
         "measured_s": measured,
-        "payload_bytes_mean": payload_mean,
         "scheduled": scheduled,
         "sent": sent,
         "unsent": scheduled.saturating_sub(sent),
-        "replies": replies,
         "unanswered": sent.saturating_sub(replies),
-        "replies_per_s": per_s,
-        "throughput_per_s": per_s,
-        "rtt_ms": latency_json(&rtt),
-        "latency_ms": latency_json(&rtt),
-        "errors": errors.total,
-        "errors_by_kind": errors_json(&errors),
-        "server_rss_bytes": args.server_pid.and_then(procstat::process_rss_bytes),
-        "verdict": verdict,
     });
-    if let Value::Object(map) = &mut value {
-        map.extend(cpu_fields);
-    }
+    let value = reply_json(&args, &figures, open_loop, cpu_fields);
     let mut text = header(
         &args,
         &format!(
@@ -750,6 +721,56 @@ async fn request_reply_open(args: Rc<RunArgs>, opened: Opened) -> Outcome {
     text.push_str(&cpu_text);
     let _ = writeln!(text, "  {:<18} {verdict} (bound {} ms)", "verdict", args.bound_ms);
     Ok((value, text))
+}
+
+/// What both request/reply modes measured.
+struct ReplyFigures<'a> {
+    request: &'a str,
+    connected: usize,
+    setup_s: f64,
+    window_s: f64,
+    payload_mean: f64,
+    replies: u64,
+    per_s: f64,
+    rtt: &'a Histogram<u64>,
+    errors: &'a ErrorLog,
+    verdict: &'a str,
+}
+
+/// The request/reply report: the figures, the mode's own fields (`extra`, an object), and the
+/// CPU fields.
+fn reply_json(args: &RunArgs, f: &ReplyFigures, extra: Value, cpu_fields: serde_json::Map<String, Value>) -> Value {
+    let mut value = json!({
+        "label": label(args),
+        "params": params(args),
+        "request": f.request,
+        "clients": { "requested": args.subscribers, "connected": f.connected },
+        "setup_s": f.setup_s,
+        "window_s": f.window_s,
+        "payload_bytes_mean": f.payload_mean,
+        "replies": f.replies,
+        "replies_per_s": f.per_s,
+        "throughput_per_s": f.per_s,
+        "rtt_ms": latency_json(f.rtt),
+        "latency_ms": latency_json(f.rtt),
+        "errors": f.errors.total,
+        "errors_by_kind": errors_json(f.errors),
+        "server_rss_bytes": args.server_pid.and_then(procstat::process_rss_bytes),
+        "verdict": f.verdict,
+    });
+    if let (Value::Object(map), Value::Object(extra)) = (&mut value, extra) {
+        map.extend(extra);
+        map.extend(cpu_fields);
+    }
+    value
+}
+
+/// How a report names the request: `echo` for the peers, else the command sent.
+fn request_name(args: &RunArgs) -> String {
+    match args.mode {
+        Mode::Raw => "echo".to_string(),
+        Mode::Routopia => format!("{:?}", args.request).to_lowercase(),
+    }
 }
 
 /// `--subscribers` clients in closed loop for `--duration` seconds: each sends one request
@@ -773,7 +794,7 @@ pub async fn request_reply(args: RunArgs) -> Outcome {
     let pool = Rc::new(run::payload_pool(&args));
     let payload_mean = pool.iter().map(Vec::len).sum::<usize>() as f64 / pool.len() as f64;
     sleep(Duration::from_millis(args.settle_ms)).await;
-    let rtt = Rc::new(RefCell::new(histogram()));
+    let rtt = Rc::new(RefCell::new(run::histogram()));
     let errors = Rc::new(RefCell::new(opened.errors));
     let cpu = CpuMark::now(&args);
     let start = Instant::now();
@@ -798,36 +819,25 @@ pub async fn request_reply(args: RunArgs) -> Outcome {
     let rtt = rtt.borrow().clone();
     let errors = std::mem::take(&mut *errors.borrow_mut());
     let per_s = replies as f64 / window;
-    let request = match args.mode {
-        Mode::Raw => "echo".to_string(),
-        Mode::Routopia => format!("{:?}", args.request).to_lowercase(),
-    };
+    let request = request_name(&args);
     let verdict = match (errors.total, rtt.is_empty()) {
         (_, true) => "failed: no reply".to_string(),
         (0, _) => "held".to_string(),
         (e, _) => format!("failed: {e} errors"),
     };
-    let mut value = json!({
-        "label": label(&args),
-        "params": params(&args),
-        "request": request,
-        "clients": { "requested": n, "connected": connected },
-        "setup_s": opened.seconds,
-        "window_s": window,
-        "payload_bytes_mean": payload_mean,
-        "replies": replies,
-        "replies_per_s": per_s,
-        "throughput_per_s": per_s,
-        "rtt_ms": latency_json(&rtt),
-        "latency_ms": latency_json(&rtt),
-        "errors": errors.total,
-        "errors_by_kind": errors_json(&errors),
-        "server_rss_bytes": args.server_pid.and_then(procstat::process_rss_bytes),
-        "verdict": verdict,
-    });
-    if let Value::Object(map) = &mut value {
-        map.extend(cpu_fields);
-    }
+    let figures = ReplyFigures {
+        request: &request,
+        connected,
+        setup_s: opened.seconds,
+        window_s: window,
+        payload_mean,
+        replies,
+        per_s,
+        rtt: &rtt,
+        errors: &errors,
+        verdict: &verdict,
+    };
+    let value = reply_json(&args, &figures, json!({}), cpu_fields);
     let mut text = header(
         &args,
         &format!("{connected} of {n} clients in closed loop ({request}, {payload_mean:.0} B) for {} s", args.duration),

@@ -171,11 +171,18 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<Bytes, ClientError> {
     let BufResult(result, _) = stream.write_all(request.into_bytes()).await;
     result?;
     let mut response = Vec::new();
+    let mut chunk = Vec::with_capacity(16 * 1024);
     loop {
-        let BufResult(result, chunk) = stream.read(Vec::with_capacity(16 * 1024)).await;
+        chunk.clear();
+        let BufResult(result, returned) = stream.read(chunk).await;
+        chunk = returned;
         match result? {
             0 => break,
             _ => response.extend_from_slice(&chunk),
+        }
+        // A server that never stops sending must not grow this without bound.
+        if response.len() > MAX_INCOMING {
+            return Err(ClientError::Unexpected(format!("GET {path}: response over {MAX_INCOMING} bytes")));
         }
     }
     let split = response.windows(4).position(|w| w == b"\r\n\r\n");

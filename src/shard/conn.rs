@@ -284,14 +284,13 @@ async fn write_loop<S: Transport>(
     loop {
         let next = poll_fn(|cx| {
             let mut shard = state.borrow_mut();
-            let epoch = shard.pacing.epoch();
-            let linger = shard.pacing.should_wait(epoch, false);
+            let gate = shard.pacing.gate();
             let Some(conn) = shard.conn(id) else {
                 return Poll::Ready(Next::Finish);
             };
             if conn.session.wants_write() {
-                let ending = conn.session.is_closing() || conn.reader_done;
-                if linger && !ending && conn.last_write_epoch == epoch && !conn.session.has_urgent() {
+                let urgent = conn.session.is_closing() || conn.reader_done || conn.session.has_urgent();
+                if gate.holds(conn.last_write_epoch, urgent) {
                     // The shard is busy and this connection wrote this tick: wait for the next.
                     conn.writer = Some(cx.waker().clone());
                     if !std::mem::replace(&mut conn.paced, true) {
@@ -299,7 +298,7 @@ async fn write_loop<S: Transport>(
                     }
                     return Poll::Pending;
                 }
-                conn.last_write_epoch = epoch;
+                conn.last_write_epoch = gate.epoch;
                 return Poll::Ready(Next::Write(shard.transmit(id, &mut out)));
             }
             if conn.session.is_closing() || conn.reader_done {
@@ -316,7 +315,7 @@ async fn write_loop<S: Transport>(
         let closing = state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing());
         let written = if let Some(frames) = shared {
             // One shared batch: its head from `out`, its frames straight from the shard's copy.
-            let BufResult(result, (head, _)) = Box::pin(writer.write_vectored_all((out, (frames,)))).await;
+            let BufResult(result, (head, _)) = writer.write_vectored_all((out, (frames,))).await;
             out = head;
             result.is_ok()
         } else if closing {

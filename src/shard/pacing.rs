@@ -21,6 +21,23 @@ const MIN_LINGER: Duration = Duration::from_millis(1);
 const BUSY_HIGH: f64 = 0.5;
 const BUSY_LOW: f64 = 0.25;
 
+/// The pacing as one writer sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate {
+    /// The current tick; a write now belongs to it.
+    pub epoch: u64,
+    lingering: bool,
+}
+
+impl Gate {
+    /// Whether a connection that last wrote in `last_epoch` should wait for the next tick
+    /// instead of writing now (`urgent`: replies, control frames or a full batch are queued,
+    /// or the connection is ending).
+    pub fn holds(self, last_epoch: u64, urgent: bool) -> bool {
+        self.lingering && last_epoch == self.epoch && !urgent
+    }
+}
+
 #[derive(Debug)]
 pub struct Pacing {
     max: Duration,
@@ -47,14 +64,9 @@ impl Pacing {
         self.linger
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
-    /// Whether a connection that last wrote in `last_epoch` should wait for the next tick
-    /// instead of writing now (`urgent`: it has replies or control frames queued).
-    pub fn should_wait(&self, last_epoch: u64, urgent: bool) -> bool {
-        !self.linger.is_zero() && last_epoch == self.epoch && !urgent
+    /// What a writer decides by, copied out so that its connection can be borrowed meanwhile.
+    pub fn gate(&self) -> Gate {
+        Gate { epoch: self.epoch, lingering: !self.linger.is_zero() }
     }
 
     /// Remembers a connection to wake at the next tick.
@@ -149,16 +161,16 @@ mod tests {
         let mut pacing = Pacing::new(50 * MS);
         let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
         pacing.tick(now, cpu);
-        assert!(!pacing.should_wait(pacing.epoch(), false), "no linger yet");
+        assert!(!pacing.gate().holds(pacing.gate().epoch, false), "no linger yet");
         run(&mut pacing, &mut now, &mut cpu, 1.0, 2);
-        let epoch = pacing.epoch();
-        assert!(!pacing.should_wait(epoch - 1, false), "first write of a tick goes at once");
-        assert!(pacing.should_wait(epoch, false));
-        assert!(!pacing.should_wait(epoch, true), "replies do not wait");
+        let epoch = pacing.gate().epoch;
+        assert!(!pacing.gate().holds(epoch - 1, false), "first write of a tick goes at once");
+        assert!(pacing.gate().holds(epoch, false));
+        assert!(!pacing.gate().holds(epoch, true), "replies do not wait");
         let conn = ConnId { index: 3, generation: 1 };
         pacing.wait(conn);
         assert_eq!(pacing.tick(now + pacing.period(), cpu), vec![conn]);
-        assert!(!pacing.should_wait(epoch, false), "a new tick lets it write");
+        assert!(!pacing.gate().holds(epoch, false), "a new tick lets it write");
     }
 
     #[test]
