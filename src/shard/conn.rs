@@ -315,7 +315,10 @@ async fn write_loop<S: Transport>(
         let closing = state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing());
         let written = if let Some(frames) = shared {
             // One shared batch: its head from `out`, its frames straight from the shard's copy.
-            let BufResult(result, (head, _)) = writer.write_vectored_all((out, (frames,))).await;
+            // Boxed: unboxed, this future made every idle writer larger (idle-memory scenario,
+            // 5.8–6.0 KB a connection against 5.1–5.6 KB boxed), which costs more than an
+            // allocation per write.
+            let BufResult(result, (head, _)) = Box::pin(writer.write_vectored_all((out, (frames,)))).await;
             out = head;
             result.is_ok()
         } else if closing {
