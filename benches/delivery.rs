@@ -94,7 +94,14 @@ fn fan_out(c: &mut Criterion) {
         ("64B", (0..20).map(|_| crate::publication(64)).collect::<Vec<_>>()),
         ("2KiB_route", (0..20).map(|_| publication_with(route_like_payload(2048))).collect()),
     ] {
-        for (name, sharing, zstd) in [("own", false, false), ("shared", true, false), ("shared_zstd", true, true)] {
+        // `shared_timed`: as `shared`, with every update counted and timed as the server does.
+        let metrics = routopia_realtime::metrics::LocalMetrics::default();
+        for (name, sharing, zstd, timed) in [
+            ("own", false, false, false),
+            ("shared", true, false, false),
+            ("shared_timed", true, false, true),
+            ("shared_zstd", true, true, false),
+        ] {
             group.bench_function(format!("20_updates_{payload}_to_10k_subscribers_{name}"), |b| {
                 b.iter(|| {
                     for outbox in &mut outboxes {
@@ -104,7 +111,8 @@ fn fan_out(c: &mut Criterion) {
                     }
                     for outbox in &mut outboxes {
                         wire.clear();
-                        let sharing = sharing.then_some(Sharing { batches: &mut batches, zstd, held: 0 });
+                        let observed = timed.then(|| (&metrics, std::time::Instant::now()));
+                        let sharing = sharing.then_some(Sharing { batches: &mut batches, zstd, held: 0, observed });
                         outbox.drain_into(&mut wire, 100, sharing);
                         black_box(&wire);
                     }

@@ -62,11 +62,18 @@ impl AckTracker {
         failed
     }
 
-    /// The client processed everything up to `offset`. Returns how many updates that settled.
-    pub fn ack(&mut self, offset: u64) -> usize {
+    /// The client processed everything up to `offset`: each update that settles is handed to
+    /// `settled`. Returns how many settled.
+    pub fn ack(&mut self, offset: u64, mut settled: impl FnMut(&Publication)) -> usize {
         self.acked = self.acked.max(offset);
         let before = self.unacked.len();
-        self.unacked.retain(|u| u.publication.offset > offset);
+        self.unacked.retain(|u| {
+            let done = u.publication.offset <= offset;
+            if done {
+                settled(&u.publication);
+            }
+            !done
+        });
         before - self.unacked.len()
     }
 
@@ -150,10 +157,10 @@ mod tests {
         for offset in 1..=5 {
             acks.sent(&publication(offset), t0);
         }
-        assert_eq!(acks.ack(3), 3);
+        assert_eq!(acks.ack(3, |_| {}), 3);
         assert_eq!(acks.acked(), 3);
         assert_eq!(offsets(&acks.due(t0 + Duration::from_secs(5)).resend), vec![4, 5]);
-        assert_eq!(acks.ack(2), 0, "an older ack changes nothing");
+        assert_eq!(acks.ack(2, |_| {}), 0, "an older ack changes nothing");
         assert_eq!(acks.acked(), 3);
     }
 

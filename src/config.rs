@@ -22,6 +22,10 @@ pub use security::{Auth, AuthMode, Bucket, Cleanup, Heartbeat, RateLimits, Tls};
 pub struct Config {
     /// Address every shard listens on (HTTP and WebSocket share it). Default `0.0.0.0:3000`.
     pub listen: SocketAddr,
+    /// A second address serving only `/metrics` and `/health` (e.g. `127.0.0.1:9090`), for a
+    /// scraper that should not reach the public port. Default none (`/metrics` is on `listen`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Number of shards (threads, each with its own runtime and listener). Default 0 = one per core.
     pub shards: usize,
     /// I/O driver: `auto` (io_uring where the kernel allows it, else epoll), `io_uring` or `epoll`.
@@ -230,6 +234,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 3000)),
+            metrics_listen: None,
             shards: 0,
             driver: Driver::Auto,
             pin_shards: true,
@@ -315,6 +320,8 @@ pub struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
@@ -344,6 +351,9 @@ impl Config {
             ConfigError::Invalid { setting, reason: reason.into() }
         }
         let l = &self.limits;
+        if self.metrics_listen.is_some_and(|addr| addr == self.listen && addr.port() != 0) {
+            return Err(invalid("metrics_listen", "must differ from `listen` (/metrics is served there already)"));
+        }
         if self.shards > 256 {
             return Err(invalid("shards", "at most 256 shards"));
         }

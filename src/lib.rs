@@ -15,6 +15,7 @@
 //! - [`router`]: a shard's index of local subscribers per channel.
 //! - [`broker`]: channels, offsets and epochs; the embedded in-memory broker.
 //! - [`protocol`]: protobuf types, zstd envelope, shared pushes, WebSocket and HTTP framing.
+//! - [`metrics`]: per-shard tallies and histograms, merged and written for Prometheus.
 //! - [`tls`]: the server's certificate and key for `wss://`, reloadable.
 //! - [`client`]: a client library (used by the tests and the loadtest).
 
@@ -24,6 +25,7 @@ pub mod broker;
 pub mod client;
 pub mod compression;
 pub mod config;
+pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod ratelimit;

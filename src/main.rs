@@ -61,6 +61,9 @@ struct ServeArgs {
     /// Address to listen on (HTTP and WebSocket), e.g. 127.0.0.1:3000.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// A second address serving only /metrics and /health, e.g. 127.0.0.1:9090.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Number of shards; 0 = one per core.
     #[arg(long)]
     shards: Option<usize>,
@@ -141,8 +144,13 @@ fn train_dict(args: &TrainDictArgs) -> Result<(), String> {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let overrides =
-        Overrides { listen: args.listen, shards: args.shards, log_level: args.log_level, broker: args.broker };
+    let overrides = Overrides {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        shards: args.shards,
+        log_level: args.log_level,
+        broker: args.broker,
+    };
     let config = match load_checked(args.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(err) => {
@@ -167,7 +175,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     tracing::info!(addr = %server.local_addr(), shards, version = env!("CARGO_PKG_VERSION"), "listening");
-    // One machine-readable line on stdout, for supervisors and tests that listen on port 0.
+    // Machine-readable lines on stdout, for supervisors and tests that listen on port 0.
+    if let Some(addr) = server.metrics_addr() {
+        tracing::info!(%addr, "serving /metrics and /health");
+        println!("metrics on {addr}");
+    }
     println!("listening on {}", server.local_addr());
     let _ = std::io::stdout().flush();
     for signal in signals.forever() {

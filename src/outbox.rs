@@ -11,12 +11,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use prost::encoding::{encode_varint, encoded_len_varint};
 
 use crate::broker::Publication;
 use crate::compression::SharedBatches;
+use crate::metrics::LocalMetrics;
 use crate::protocol::push::{push_len, push_len_skipped, write_push_skipped};
 use crate::protocol::ws::write_binary_header;
 
@@ -185,16 +187,27 @@ impl Outbox {
     /// subscription, nothing else), takes it without copying: the message's head (WebSocket
     /// header and the `sub_id` field, which protobuf allows before the frames) is appended to
     /// `head` and the shared frames are returned, to be written after it.
-    pub fn take_shared(&mut self, head: &mut Vec<u8>, batch_size: usize, batches: &mut SharedBatches) -> Option<Bytes> {
+    pub fn take_shared(
+        &mut self,
+        head: &mut Vec<u8>,
+        batch_size: usize,
+        batches: &mut SharedBatches,
+        observed: Observed<'_>,
+    ) -> Option<Bytes> {
         let low_empty = self.low.as_deref().is_none_or(|lane| lane.items.is_empty() && lane.skipped.is_empty());
         if !low_empty || self.high.len() < 2 || self.high.len() > batch_size {
             return None;
         }
         let sub_id = one_subscription(self.high.iter())?;
-        let frames = batches.shared_plain(self.high.iter().filter_map(|item| match item {
+        let publications = self.high.iter().filter_map(|item| match item {
             OutItem::Push { publication, .. } => Some(publication),
             _ => None,
-        }));
+        });
+        if let Some((metrics, now)) = observed {
+            metrics.record_deliveries(now, publications.clone().map(|p| &**p));
+            metrics.record_message(self.high.len());
+        }
+        let frames = batches.shared_plain(publications);
         write_shared_head(head, frames.len(), sub_id);
         self.high.clear();
         self.bytes = 0;
@@ -402,7 +415,12 @@ pub struct Sharing<'a> {
     pub zstd: bool,
     /// Bit `i`: the connection holds the server's dictionary `i`.
     pub held: u32,
+    /// Where to tally the write and when it happens.
+    pub observed: Observed<'a>,
 }
+
+/// The shard's tallies and the time of the write being made, when it is observed.
+pub type Observed<'a> = Option<(&'a LocalMetrics, Instant)>;
 
 /// Writes `items` as WebSocket messages of up to `batch_size` frames (raw items go out as
 /// they are, between batches). Updates on subscriptions with skipped offsets report them.
@@ -452,6 +470,14 @@ where
             }
         };
         frames += count;
+        if let Some((metrics, now)) = sharing.as_deref().and_then(|sharing| sharing.observed) {
+            let publications = run.clone().filter_map(|item| match item {
+                OutItem::Push { publication, .. } => Some(&**publication),
+                _ => None,
+            });
+            metrics.record_deliveries(now, publications);
+            metrics.record_message(count);
+        }
         if let Some(sharing) = sharing.as_deref_mut() {
             let threshold = sharing.batches.threshold();
             let compress = sharing.zstd && threshold != 0 && len >= threshold;
@@ -714,7 +740,7 @@ mod tests {
             outbox.push(OutItem::Push { sub_id: 9, publication: publication(offset) }).unwrap();
         }
         let mut head = Vec::new();
-        let frames = outbox.take_shared(&mut head, 100, &mut batches).expect("one subscription's batch");
+        let frames = outbox.take_shared(&mut head, 100, &mut batches, None).expect("one subscription's batch");
         assert!(outbox.is_empty() && outbox.queued_bytes() == 0);
         head.extend_from_slice(&frames);
         let mut client = WsEndpoint::client(1 << 20);
@@ -739,7 +765,7 @@ mod tests {
             }
             let mut batches =
                 SharedBatches::new(Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() }));
-            outbox.take_shared(&mut Vec::new(), batch_size, &mut batches).is_none() && !outbox.is_empty()
+            outbox.take_shared(&mut Vec::new(), batch_size, &mut batches, None).is_none() && !outbox.is_empty()
         };
         let push = |sub_id, offset| OutItem::Push { sub_id, publication: publication(offset) };
         assert!(refused(vec![push(1, 1), push(2, 1)], 100));

@@ -21,6 +21,7 @@ use crate::broker::memory::{HistoryPage, Position, Recovery, RecoveryFailure};
 use crate::broker::{validate_channel, Publication};
 use crate::compression::{SharedBatches, ZstdSettings};
 use crate::config::{Bucket, Config};
+use crate::metrics::LocalMetrics;
 use crate::outbox::{GaveWay, OutItem, Outbox, Pressure, Sharing};
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
@@ -116,6 +117,8 @@ pub struct SessionLimits {
     pub conflate_above_bytes: usize,
     /// Compression of large messages for clients that accept zstd.
     pub zstd: Arc<ZstdSettings>,
+    /// The shard's tallies (shared by its sessions, read by nothing else).
+    pub metrics: Rc<LocalMetrics>,
 }
 
 /// Which buckets a session takes tokens from.
@@ -185,6 +188,8 @@ impl SessionLimits {
                 level: config.delivery.compression_level,
                 dictionaries: Vec::new(),
             }),
+            // The shard sets its own, shared by its sessions.
+            metrics: Rc::default(),
         }
     }
 }
@@ -350,18 +355,24 @@ impl Session {
 
     /// When all that is queued is one shared batch, takes it without copying (see
     /// `Outbox::take_shared`): `head` gets the message's head, the frames are returned.
-    pub fn take_shared(&mut self, head: &mut Vec<u8>, batches: &mut SharedBatches) -> Option<Bytes> {
+    /// The write happens at `now` (updates in it are timed from their publication).
+    pub fn take_shared(&mut self, head: &mut Vec<u8>, batches: &mut SharedBatches, now: Instant) -> Option<Bytes> {
         // A client that accepts zstd may need the batch compressed: the full path decides.
         if self.accepts_zstd || self.is_closing() {
             return None;
         }
-        self.outbox.take_shared(head, self.limits.batch_size, batches)
+        self.outbox.take_shared(head, self.limits.batch_size, batches, Some((&self.limits.metrics, now)))
     }
 
     /// `poll_transmit`, sharing batches through the shard's `batches` (and compressing large
-    /// messages if the client accepts zstd).
-    pub fn poll_transmit_shared(&mut self, out: &mut Vec<u8>, batches: &mut SharedBatches) -> usize {
-        let sharing = Sharing { batches, zstd: self.accepts_zstd, held: self.zstd_dictionaries };
+    /// messages if the client accepts zstd), for a write at `now`.
+    pub fn poll_transmit_shared(&mut self, out: &mut Vec<u8>, batches: &mut SharedBatches, now: Instant) -> usize {
+        let sharing = Sharing {
+            batches,
+            zstd: self.accepts_zstd,
+            held: self.zstd_dictionaries,
+            observed: Some((&self.limits.metrics, now)),
+        };
         self.outbox.drain_into(out, self.limits.batch_size, Some(sharing))
     }
 
@@ -616,6 +627,7 @@ impl Session {
             return false;
         }
         let retry_after_ms = wait.as_millis().max(1) as u64;
+        self.limits.metrics.count_error(ErrorCode::RateLimited);
         let error = pb::Error {
             code: ErrorCode::RateLimited.code(),
             message: format!("rate limited; retry in {retry_after_ms} ms"),
@@ -631,6 +643,7 @@ impl Session {
 
     /// Errors are always sent, also for `id` 0: a fire-and-forget command must not fail silently.
     fn error(&mut self, id: u32, code: ErrorCode, message: String) {
+        self.limits.metrics.count_error(code);
         let error = pb::Error { code: code.code(), message, retry_after_ms: 0 };
         self.reply(id, reply::Result::Error(error));
     }

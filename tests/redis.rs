@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{payload, wait_for_health, within, RedisServer, TestServer};
+use common::{payload, wait_for_health, wait_for_metrics, within, RedisServer, TestServer};
 use routopia_realtime::protocol::pb::{RecoveryFailure, UpdateType};
 
 fn node(redis: &RedisServer) -> TestServer {
@@ -273,4 +273,32 @@ async fn the_resilient_client_recovers_a_channel_by_itself_when_it_sees_a_gap() 
         other => panic!("expected GapRecovered, got {other:?}"),
     }
     assert_eq!(phone.stats().gaps_detected, 1);
+}
+
+#[compio::test]
+async fn redis_round_trips_publications_and_outages_show_in_metrics() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let mut subscriber = a.client().await;
+    subscriber.subscribe("weather:metrics").await.unwrap();
+    let mut publisher = a.client().await;
+    for n in 1..=3 {
+        publisher.publish("weather:metrics", UpdateType::Weather, "k", payload(n)).await.unwrap();
+    }
+    for n in 1..=3 {
+        assert_eq!(within("update", subscriber.next_update()).await.unwrap().offset, n);
+    }
+    let metrics = wait_for_metrics(a.addr, "the Redis round trips and deliveries", |m| {
+        m.get("realtime_redis_roundtrip_seconds_count", &[("op", "publish")]) >= 3.0
+            && m.get("realtime_updates_delivered_total", &[("type", "weather")]) >= 3.0
+    });
+    assert_eq!(metrics.get("realtime_redis_up", &[]), 1.0);
+    assert_eq!(metrics.get("realtime_updates_published_total", &[("type", "weather")]), 3.0);
+    assert_eq!(metrics.get("realtime_updates_delivered_total", &[("type", "weather")]), 3.0);
+    assert!(metrics.get("realtime_redis_roundtrip_seconds_count", &[("op", "position")]) >= 1.0);
+    assert!(metrics.get("realtime_redis_roundtrip_seconds_count", &[("op", "subscribe")]) >= 1.0);
+    assert_eq!(metrics.get("realtime_redis_failures_total", &[("op", "publish")]), 0.0);
+    assert!(metrics.value("realtime_redis_queue_length", &[]).is_some());
+    drop(redis);
+    wait_for_metrics(a.addr, "Redis down", |m| m.get("realtime_redis_up", &[]) == 0.0);
 }

@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let settings = Arc::new(ZstdSettings { threshold: 64, level: 1, dictionaries: Vec::new() });
     let mut batches = (limit & 1 == 1).then(|| SharedBatches::new(settings));
     let zstd = limit & 2 != 0;
+    let metrics = routopia_realtime::metrics::LocalMetrics::default();
     for op in ops.chunks(2) {
         let (a, b) = (op[0], op.get(1).copied().unwrap_or(0));
         let sub = usize::from(a & 3);
@@ -34,13 +35,13 @@ fuzz_target!(|data: &[u8]| {
             let batch_size = 1 + usize::from(b % 8);
             if let (true, Some(batches)) = (b & 0x40 != 0, batches.as_mut()) {
                 let mut head = Vec::new();
-                if let Some(frames) = outbox.take_shared(&mut head, batch_size, batches) {
+                if let Some(frames) = outbox.take_shared(&mut head, batch_size, batches, Some((&metrics, Instant::now()))) {
                     wire.extend_from_slice(&head);
                     wire.extend_from_slice(&frames);
                     continue;
                 }
             }
-            let sharing = batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0 });
+            let sharing = batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0, observed: Some((&metrics, Instant::now())) });
             outbox.drain_into(&mut wire, batch_size, sharing);
             if let (true, Some(batches)) = (b & 0x80 != 0, batches.as_mut()) {
                 batches.forget_shared();
@@ -65,7 +66,7 @@ fuzz_target!(|data: &[u8]| {
     if overflowed {
         return;
     }
-    let sharing = batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0 });
+    let sharing = batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0, observed: Some((&metrics, Instant::now())) });
     outbox.drain_into(&mut wire, 100, sharing);
     let mut client = WsEndpoint::client(1 << 24);
     client.feed(&wire);

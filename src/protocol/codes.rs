@@ -30,6 +30,20 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::BadRequest,
+        ErrorCode::TokenRefused,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::AlreadySubscribed,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::UnknownCommand,
+        ErrorCode::Internal,
+        ErrorCode::NotImplemented,
+        ErrorCode::Unavailable,
+    ];
+
     pub fn code(self) -> u32 {
         self as u32
     }

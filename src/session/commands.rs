@@ -5,10 +5,12 @@ use std::sync::Arc;
 
 use super::*;
 use crate::broker::accept_publish;
+use crate::metrics::CommandKind;
 
 impl Session {
     pub(super) fn handle_frame(&mut self, now: Now, frame: pb::ClientFrame) {
         let id = frame.id;
+        self.limits.metrics.count_command(frame.command.as_ref().map_or(CommandKind::Unknown, command_kind));
         let Some(command) = frame.command else {
             return self.error(id, ErrorCode::UnknownCommand, "the frame names no command this server knows".into());
         };
@@ -33,7 +35,7 @@ impl Session {
             Command::Ping(ping) => {
                 self.frame(pb::ServerFrame { kind: Some(Kind::Pong(pb::Pong { timestamp_us: ping.timestamp_us })) })
             }
-            Command::Ack(ack) => self.handle_ack(id, ack),
+            Command::Ack(ack) => self.handle_ack(now.instant, id, ack),
             Command::Refresh(refresh) => self.handle_refresh(now, id, refresh),
             Command::History(history) => self.handle_history(id, history),
         }
@@ -158,7 +160,7 @@ impl Session {
         self.events.push_back(SessionEvent::Subscribe { channel, sub_id, req_id: id, since, resume });
     }
 
-    fn handle_ack(&mut self, id: u32, ack: pb::Ack) {
+    fn handle_ack(&mut self, now: Instant, id: u32, ack: pb::Ack) {
         let Some(sub) = self.subs.get_mut(&ack.sub_id) else {
             return self.error(id, ErrorCode::NotFound, format!("no subscription {}", ack.sub_id));
         };
@@ -169,7 +171,8 @@ impl Session {
                 "the subscription did not ask for acknowledged delivery".into(),
             );
         };
-        acks.ack(ack.offset);
+        let metrics = &self.limits.metrics;
+        acks.ack(ack.offset, |settled| metrics.record_acked(now, settled));
         if let Some(identity) = self.identity.clone() {
             let channel = sub.channel.clone();
             self.events.push_back(SessionEvent::Acked { channel, identity, offset: ack.offset });
@@ -225,5 +228,18 @@ impl Session {
                 return id;
             }
         }
+    }
+}
+
+fn command_kind(command: &Command) -> CommandKind {
+    match command {
+        Command::Connect(_) => CommandKind::Connect,
+        Command::Subscribe(_) => CommandKind::Subscribe,
+        Command::Unsubscribe(_) => CommandKind::Unsubscribe,
+        Command::Publish(_) => CommandKind::Publish,
+        Command::Ping(_) => CommandKind::Ping,
+        Command::Ack(_) => CommandKind::Ack,
+        Command::Refresh(_) => CommandKind::Refresh,
+        Command::History(_) => CommandKind::History,
     }
 }

@@ -141,6 +141,7 @@ async fn serve_http<S: Transport>(
             }
         },
         "/health" => health(state, &head),
+        "/metrics" => metrics(state, &head),
         "/config/limits" => config_limits(state, &head),
         path if path.starts_with("/zstd/dictionaries") => {
             super::http::zstd_dictionaries(&state.borrow().cluster, &head)
@@ -149,6 +150,24 @@ async fn serve_http<S: Transport>(
     };
     respond_and_close(stream, response).await;
     None
+}
+
+/// A request on the metrics address: `/metrics` and `/health` only.
+pub(super) async fn serve_metrics(state: Rc<RefCell<ShardState>>, mut stream: TcpStream) {
+    let limits = state.borrow().cluster.config.limits.clone();
+    let mut head_bytes = Vec::new();
+    let read = read_head(&mut stream, &mut head_bytes, limits.max_request_header_bytes, limits.max_request_headers);
+    let response = match compio::time::timeout(limits.handshake_timeout, read).await {
+        Ok(Ok(Some((head, _)))) => match head.path.as_str() {
+            "/metrics" => metrics(&state, &head),
+            "/health" => health(&state, &head),
+            _ => http::error_response(404, "this address serves /metrics and /health"),
+        },
+        Ok(Ok(None)) => return,
+        Ok(Err(err)) => http::error_response(err.status(), &err.to_string()),
+        Err(_) => http::error_response(408, "request head not received in time"),
+    };
+    respond_and_close(stream, response).await;
 }
 
 /// Admission of one upgrade; a refusal is counted on this shard and logged.
@@ -177,6 +196,14 @@ fn health(state: &Rc<RefCell<ShardState>>, head: &RequestHead) -> Vec<u8> {
     }
     let body = super::http::health_json(&state.borrow().cluster);
     http::response(200, "application/json", body.as_bytes())
+}
+
+fn metrics(state: &Rc<RefCell<ShardState>>, head: &RequestHead) -> Vec<u8> {
+    if head.method != "GET" {
+        return http::error_response(405, "use GET");
+    }
+    let body = super::exposition::metrics_text(&state.borrow().cluster);
+    http::response(200, crate::metrics::prometheus::CONTENT_TYPE, body.as_bytes())
 }
 
 fn config_limits(state: &Rc<RefCell<ShardState>>, head: &RequestHead) -> Vec<u8> {
@@ -312,7 +339,11 @@ async fn write_loop<S: Transport>(
             Next::Finish => break,
             Next::Write(shared) => shared,
         };
-        let closing = state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing());
+        let closing = {
+            let mut shard = state.borrow_mut();
+            shard.metrics.count_sent(out.len() + shared.as_ref().map_or(0, Bytes::len));
+            shard.conn(id).is_none_or(|c| c.session.is_closing())
+        };
         let written = if let Some(frames) = shared {
             // One shared batch: its head from `out`, its frames straight from the shard's copy.
             // Boxed: unboxed, this future made every idle writer larger (idle-memory scenario,

@@ -4,6 +4,7 @@
 
 pub mod admission;
 mod conn;
+mod exposition;
 mod http;
 mod inbox;
 mod pacing;
@@ -134,6 +135,8 @@ pub struct ShardStats {
     pub linger_us: AtomicU64,
     /// 0 = not started, 1 = io_uring, 2 = epoll.
     pub driver: AtomicU8,
+    /// Counters by type, command and code, and the latency histograms (see `metrics`).
+    pub metrics: crate::metrics::SharedMetrics,
 }
 
 impl ShardStats {
@@ -165,6 +168,8 @@ pub struct Cluster {
     pub started_at: Instant,
     pub draining: AtomicBool,
     pub local_addr: SocketAddr,
+    /// Where `/metrics` and `/health` are also served, alone (`metrics_listen`).
+    pub metrics_addr: Option<SocketAddr>,
     /// The Redis bridge, when Redis is the broker.
     pub redis: Option<BridgeHandle>,
     /// Verifies tokens; `None` when auth is disabled.
@@ -177,6 +182,8 @@ pub struct Cluster {
     pub tls: Option<ServerCertificate>,
     /// Compression of large outgoing messages, and its dictionaries.
     pub zstd: Arc<ZstdSettings>,
+    /// Round trips and publications of the Redis bridge.
+    pub redis_metrics: crate::metrics::RedisMetrics,
 }
 
 /// A running server: its shards and the address they listen on.
@@ -201,6 +208,11 @@ impl Server {
         );
         let listeners = bind_listeners(config.listen, shards)?;
         let local_addr = listeners[0].local_addr()?;
+        let mut metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(bind_listeners(addr, 1)?.remove(0)),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().map(std::net::TcpListener::local_addr).transpose()?;
         let redis_url = config.redis_url().map(str::to_owned);
         let (redis, bridge_inputs) = match redis_url {
             Some(url) => {
@@ -241,10 +253,12 @@ impl Server {
             admission: Arc::new(Admission::new(&config, shards)),
             tls,
             zstd,
+            redis_metrics: Default::default(),
             config: Arc::new(config),
             started_at: Instant::now(),
             draining: AtomicBool::new(false),
             local_addr,
+            metrics_addr,
             redis,
         });
         if let Some((url, requests, up)) = bridge_inputs {
@@ -260,9 +274,11 @@ impl Server {
             let cluster = cluster.clone();
             let core = cluster.config.pin_shards.then(|| cores[id % cores.len()]);
             let started = started_tx.clone();
+            // Shard 0 also serves the metrics address: a scrape is rare and small.
+            let metrics_listener = metrics_listener.take();
             let thread = std::thread::Builder::new()
                 .name(format!("shard-{id}"))
-                .spawn(move || run_shard(id, cluster, listener, core, started))?;
+                .spawn(move || run_shard(id, cluster, listener, metrics_listener, core, started))?;
             threads.push(thread);
         }
         drop(started_tx);
@@ -282,6 +298,11 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.cluster.local_addr
+    }
+
+    /// The metrics address, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.cluster.metrics_addr
     }
 
     /// Loads the TLS certificate and key again (SIGHUP): new connections use the new pair,
@@ -426,7 +447,14 @@ fn first_runtime(
 
 type Started = std::sync::mpsc::Sender<io::Result<()>>;
 
-fn run_shard(id: usize, cluster: Arc<Cluster>, listener: std::net::TcpListener, core: Option<usize>, started: Started) {
+fn run_shard(
+    id: usize,
+    cluster: Arc<Cluster>,
+    listener: std::net::TcpListener,
+    metrics_listener: Option<std::net::TcpListener>,
+    core: Option<usize>,
+    started: Started,
+) {
     let (runtime, kind) = match first_runtime(id, cluster.config.driver, core) {
         Ok(built) => built,
         Err(err) => return refuse(&started, id, "cannot start the shard's runtime", err),
@@ -438,6 +466,10 @@ fn run_shard(id: usize, cluster: Arc<Cluster>, listener: std::net::TcpListener, 
             Ok(listener) => listener,
             Err(err) => return refuse(&started, id, "cannot register the listener", err),
         };
+        let metrics_listener = match metrics_listener.map(TcpListener::from_std).transpose() {
+            Ok(listener) => listener,
+            Err(err) => return refuse(&started, id, "cannot register the metrics listener", err),
+        };
         tracing::info!(shard = id, driver = cluster.stats[id].driver_name(), ?kind, core = ?core, "shard started");
         let _ = started.send(Ok(()));
         let state = Rc::new(RefCell::new(ShardState::new(id, cluster)));
@@ -445,6 +477,9 @@ fn run_shard(id: usize, cluster: Arc<Cluster>, listener: std::net::TcpListener, 
         compio::runtime::spawn(timeout_loop(state.clone())).detach();
         if state.borrow().pacing.enabled() {
             compio::runtime::spawn(pacing_loop(state.clone())).detach();
+        }
+        if let Some(listener) = metrics_listener {
+            compio::runtime::spawn(metrics_accept_loop(listener, state.clone())).detach();
         }
         if id == 0 {
             // State shared by every shard is swept by one.
@@ -478,6 +513,19 @@ async fn accept_loop(listener: TcpListener, state: Rc<RefCell<ShardState>>) {
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning; the backlog waits.
                 tracing::warn!(shard = state.borrow().id, error = %err, "accept failed");
+                compio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Accepts on the metrics address: each connection gets `/metrics` or `/health`, nothing else.
+async fn metrics_accept_loop(listener: TcpListener, state: Rc<RefCell<ShardState>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => compio::runtime::spawn(conn::serve_metrics(state.clone(), stream)).detach(),
+            Err(err) => {
+                tracing::warn!(error = %err, "metrics accept failed");
                 compio::time::sleep(Duration::from_millis(20)).await;
             }
         }

@@ -18,6 +18,7 @@ use crate::broker::memory::{ChannelTable, Mirrored, Position, Recovery};
 use crate::broker::redis::BridgeRequest;
 use crate::broker::{owner_shard, Joining, Publication};
 use crate::compression::{CompressionCounters, SharedBatches};
+use crate::metrics::{channel_slot, CommandKind, LocalMetrics, RequestClock, UPDATE_TYPES};
 use crate::protocol::push::encode_update_body;
 use crate::protocol::{pb, CloseCode, ErrorCode};
 use crate::router::{ConnId, Router, Subscriber};
@@ -25,6 +26,8 @@ use crate::session::{Now, Session, SessionEvent, SessionLimits};
 
 /// Most messages kept for one full inbox before deliveries to it are dropped (and counted).
 const MAX_BACKLOG: usize = 1 << 18;
+/// How often the shard's histograms move to where a scrape reads them (counters move every tick).
+const TIMINGS_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(crate) struct Conn {
     generation: u32,
@@ -53,6 +56,15 @@ pub(crate) struct ShardState {
     targets: Vec<usize>,
     batches: SharedBatches,
     pub pacing: Pacing,
+    /// This shard's tallies, shared with its sessions; moved to `ShardStats::metrics` each tick.
+    pub metrics: Rc<LocalMetrics>,
+    /// Requests waiting for an owner's answer, to time them.
+    requests: RequestClock,
+    /// When the read being handled arrived.
+    read_at: Instant,
+    /// Subscriptions on this shard's connections, by channel type.
+    subscriptions: [u64; UPDATE_TYPES],
+    timings_flushed_at: Instant,
 }
 
 impl ShardState {
@@ -60,10 +72,12 @@ impl ShardState {
         let shards = cluster.inboxes.len();
         let max_channels = cluster.config.limits.max_channels.div_ceil(shards);
         let channels = ChannelTable::new(shards, max_channels, cluster.config.history_policy());
+        let metrics = Rc::new(LocalMetrics::default());
         Self {
             id,
             limits: Rc::new(SessionLimits {
                 zstd: cluster.zstd.clone(),
+                metrics: metrics.clone(),
                 ..SessionLimits::from_config(&cluster.config, cluster.verifier.clone(), cluster.users.clone())
             }),
             batches: SharedBatches::new(cluster.zstd.clone()),
@@ -76,6 +90,11 @@ impl ShardState {
             backlog: (0..shards).map(|_| VecDeque::new()).collect(),
             backlog_flusher_running: false,
             targets: Vec::new(),
+            metrics,
+            requests: RequestClock::default(),
+            read_at: Instant::now(),
+            subscriptions: [0; UPDATE_TYPES],
+            timings_flushed_at: Instant::now(),
         }
     }
 
@@ -103,9 +122,13 @@ impl ShardState {
 
     /// Bytes arrived on `id`: let the session handle them, then act on what it asks.
     pub fn on_bytes(&mut self, id: ConnId, bytes: &[u8]) {
+        self.metrics.count_received(bytes.len());
+        let now = now();
+        self.read_at = now.instant;
         let Some(conn) = self.conn(id) else { return };
-        conn.session.handle_bytes(now(), bytes);
+        conn.session.handle_bytes(now, bytes);
         self.drive(id);
+        self.metrics.finish_read(now.instant.elapsed());
     }
 
     /// Takes the session's events and wakes its writer when it has something to send.
@@ -140,6 +163,7 @@ impl ShardState {
                 self.stats().rate_limited.fetch_add(1, Ordering::Relaxed);
             }
             SessionEvent::Subscribe { channel, sub_id, req_id, since, resume } => {
+                self.forwarded(id, req_id, CommandKind::Subscribe);
                 let owner = owner_shard(&channel, shards);
                 let msg =
                     ShardMsg::Subscribe(Joining { channel, from: self.id, conn: id, sub_id, req_id, since, resume });
@@ -148,7 +172,7 @@ impl ShardState {
             SessionEvent::Unsubscribe { channel, sub_id, was_active } => {
                 // A pending subscription is taken back when its answer finds it gone.
                 if was_active {
-                    self.router.remove(&channel, id, sub_id);
+                    self.remove_subscriber(&channel, id, sub_id);
                     let owner = owner_shard(&channel, shards);
                     self.route(owner, ShardMsg::Unsubscribe { channel, from: self.id });
                 }
@@ -162,6 +186,7 @@ impl ShardState {
                 self.route(owner, ShardMsg::Acked { channel, identity, offset });
             }
             SessionEvent::History { channel, req_id, since, limit } => {
+                self.forwarded(id, req_id, CommandKind::History);
                 if self.cluster.redis.is_some() {
                     let request = BridgeRequest::History { channel, from: self.id, conn: id, req_id, since, limit };
                     return self.send_to_bridge(request);
@@ -170,14 +195,17 @@ impl ShardState {
                 self.route(owner, ShardMsg::History { channel, from: self.id, conn: id, req_id, since, limit });
             }
             SessionEvent::Publish { channel, req_id, update } if self.cluster.redis.is_some() => {
+                self.forwarded(id, req_id, CommandKind::Publish);
                 let request =
                     BridgeRequest::Publish { channel, from: self.id, conn: id, req_id, update: Box::new(update) };
                 self.send_to_bridge(request);
             }
             SessionEvent::Publish { channel, req_id, update } => {
+                self.forwarded(id, req_id, CommandKind::Publish);
                 let owner = owner_shard(&channel, shards);
                 if self.backlog[owner].len() >= MAX_BACKLOG {
                     // The owner is far behind: refuse rather than queue without bound.
+                    self.answered(id, req_id);
                     if let Some(c) = self.conn(id) {
                         c.session.on_published(req_id, Err(ErrorCode::Unavailable));
                     }
@@ -252,6 +280,7 @@ impl ShardState {
                 }
             }
             ShardMsg::Failed { conn, req_id, code } => {
+                self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
                     c.session.on_failed(req_id, code);
                     self.wake_writer(conn);
@@ -261,12 +290,14 @@ impl ShardState {
                 self.channels.ack(&channel, &identity, offset, Instant::now())
             }
             ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Err(code), .. } => {
+                self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
                     c.session.on_subscribe_failed(sub_id, req_id, code, format!("cannot subscribe to {channel} now"));
                     self.wake_writer(conn);
                 }
             }
             ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Ok((position, recovery)), catch_up } => {
+                self.answered(conn, req_id);
                 let now = Instant::now();
                 let recovered_to = match &recovery {
                     Some(Recovery::Recovered(missed)) => missed.last().map_or(0, |p| p.offset),
@@ -281,6 +312,7 @@ impl ShardState {
                     accepted
                 });
                 if accepted {
+                    self.subscriptions[channel_slot(&channel)] += 1;
                     self.router.add(channel, Subscriber { conn, sub_id, after });
                     self.wake_writer(conn);
                 } else {
@@ -293,6 +325,7 @@ impl ShardState {
                 self.route(from, ShardMsg::HistoryPage { conn, req_id, page });
             }
             ShardMsg::HistoryPage { conn, req_id, page } => {
+                self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
                     c.session.on_history(req_id, &page);
                     self.wake_writer(conn);
@@ -302,6 +335,7 @@ impl ShardState {
                 self.publish(channel, from, conn, req_id, *update)
             }
             ShardMsg::Published { conn, req_id, position } => {
+                self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
                     c.session.on_published(req_id, position);
                     self.wake_writer(conn);
@@ -328,6 +362,7 @@ impl ShardState {
                     self.route(shard, ShardMsg::Deliver(publication.clone()));
                 }
                 self.stats().published.fetch_add(1, Ordering::Relaxed);
+                self.metrics.count_published(update_type);
                 Ok(position)
             }
             Err(_) => Err(ErrorCode::Unavailable),
@@ -371,10 +406,11 @@ impl ShardState {
     /// without a copy.
     pub fn transmit(&mut self, id: ConnId, out: &mut Vec<u8>) -> Option<Bytes> {
         let conn = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)?;
-        if let Some(frames) = conn.session.take_shared(out, &mut self.batches) {
+        let now = Instant::now();
+        if let Some(frames) = conn.session.take_shared(out, &mut self.batches, now) {
             return Some(frames);
         }
-        conn.session.poll_transmit_shared(out, &mut self.batches);
+        conn.session.poll_transmit_shared(out, &mut self.batches, now);
         let counters = self.batches.take_counters();
         if counters != CompressionCounters::default() {
             let stats = &self.cluster.stats[self.id];
@@ -422,6 +458,44 @@ impl ShardState {
         }
         self.stats().conflated.fetch_add(conflated, Ordering::Relaxed);
         self.stats().dropped.fetch_add(dropped, Ordering::Relaxed);
+        self.publish_metrics(now);
+    }
+
+    /// Moves this shard's tallies where a scrape reads them, and sets its gauges.
+    fn publish_metrics(&mut self, now: Instant) {
+        let with_timings = now.saturating_duration_since(self.timings_flushed_at) >= TIMINGS_FLUSH_INTERVAL;
+        if with_timings {
+            self.timings_flushed_at = now;
+            self.requests.sweep(now);
+        }
+        let shared = &self.cluster.stats[self.id].metrics;
+        self.metrics.flush_into(shared, with_timings, now);
+        for (gauge, &count) in shared.subscriptions.iter().zip(&self.subscriptions) {
+            gauge.store(count, Ordering::Relaxed);
+        }
+        let backlog: usize = self.backlog.iter().map(VecDeque::len).sum();
+        shared.backlog.store(backlog as u64, Ordering::Relaxed);
+        self.stats().channels.store(self.channels.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Request `req_id` of `conn` went to a channel's owner: time it until the answer.
+    fn forwarded(&mut self, conn: ConnId, req_id: u32, command: CommandKind) {
+        self.metrics.forwarded(command);
+        self.requests.start(conn, req_id, command, self.read_at);
+    }
+
+    /// The answer to request `req_id` of `conn` is here: time it.
+    fn answered(&mut self, conn: ConnId, req_id: u32) {
+        if let Some((command, elapsed)) = self.requests.finish(conn, req_id, Instant::now()) {
+            self.metrics.record_request(command, elapsed);
+        }
+    }
+
+    fn remove_subscriber(&mut self, channel: &Arc<str>, conn: ConnId, sub_id: u32) {
+        if self.router.remove(channel, conn, sub_id) {
+            let slot = &mut self.subscriptions[channel_slot(channel)];
+            *slot = slot.saturating_sub(1);
+        }
     }
 
     /// Forgets a finished connection and takes back its subscriptions.
@@ -430,15 +504,18 @@ impl ShardState {
             return;
         }
         let conn = self.conns.remove(id.index as usize);
-        if let Some((code, _)) = conn.session.close_reason() {
-            if let Some(index) = CloseCode::ALL.iter().position(|&c| c == code) {
-                self.stats().closed[index].fetch_add(1, Ordering::Relaxed);
+        match conn.session.close_reason() {
+            Some((code, _)) => {
+                if let Some(index) = CloseCode::ALL.iter().position(|&c| c == code) {
+                    self.stats().closed[index].fetch_add(1, Ordering::Relaxed);
+                }
             }
+            None => self.metrics.count_closed_by_peer(),
         }
         let shards = self.backlog.len();
         for (channel, sub_id, active) in conn.session.subscriptions() {
             if active {
-                self.router.remove(channel, id, sub_id);
+                self.remove_subscriber(channel, id, sub_id);
                 let owner = owner_shard(channel, shards);
                 self.route(owner, ShardMsg::Unsubscribe { channel: channel.clone(), from: self.id });
             }

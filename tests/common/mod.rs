@@ -15,6 +15,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_routopia-realtime");
 pub struct TestServer {
     child: Child,
     pub addr: SocketAddr,
+    /// The address serving only `/metrics` and `/health`, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl TestServer {
@@ -44,15 +46,23 @@ impl TestServer {
         }
         let mut child = command.spawn().expect("start routopia-realtime");
         let stdout = child.stdout.take().expect("stdout is piped");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .parse()
-            .expect("address in the listening line");
-        TestServer { child, addr }
+        let mut stdout = BufReader::new(stdout);
+        let mut metrics_addr = None;
+        let addr = loop {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("read the listening line");
+            if let Some(metrics) = line.trim().strip_prefix("metrics on ") {
+                metrics_addr = Some(metrics.parse().expect("address in the metrics line"));
+                continue;
+            }
+            break line
+                .trim()
+                .strip_prefix("listening on ")
+                .unwrap_or_else(|| panic!("unexpected line: {line:?}"))
+                .parse()
+                .expect("address in the listening line");
+        };
+        TestServer { child, addr, metrics_addr }
     }
 
     /// Resident memory of the server process, in bytes.
@@ -104,6 +114,70 @@ impl Drop for TestServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One scrape of `/metrics`: every line checked against the text format, then parsed.
+pub struct Metrics {
+    pub text: String,
+    pub scrape: prometheus_parse::Scrape,
+}
+
+impl Metrics {
+    pub fn fetch(addr: SocketAddr) -> Metrics {
+        let (status, text) = http_request(addr, "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n");
+        assert_eq!(status, 200, "{text}");
+        for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            match prometheus_parse::LineInfo::parse(line) {
+                prometheus_parse::LineInfo::Sample { value, .. } => {
+                    let parsed = value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value);
+                    assert!(parsed, "not a number in {line:?}");
+                }
+                _ => panic!("not a sample line: {line:?}"),
+            }
+        }
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parse /metrics");
+        Metrics { text, scrape }
+    }
+
+    /// The counter or gauge `name` with exactly these `labels` (among others), if present.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.sample(name, labels).and_then(|sample| match sample.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => Some(v),
+            prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+    }
+
+    /// `value`, 0 when absent.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels).unwrap_or(0.0)
+    }
+
+    /// The buckets of histogram `name` with these labels: (upper bound, cumulative count).
+    pub fn buckets(&self, name: &str, labels: &[(&str, &str)]) -> Vec<(f64, f64)> {
+        match self.sample(name, labels).map(|s| &s.value) {
+            Some(prometheus_parse::Value::Histogram(buckets)) => {
+                buckets.iter().map(|b| (b.less_than, b.count)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn sample(&self, name: &str, labels: &[(&str, &str)]) -> Option<&prometheus_parse::Sample> {
+        self.scrape.samples.iter().find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+    }
+}
+
+/// Scrapes `addr` until `check` holds (shards publish their figures every tick).
+pub fn wait_for_metrics(addr: SocketAddr, what: &str, check: impl Fn(&Metrics) -> bool) -> Metrics {
+    for _ in 0..3000 {
+        let metrics = Metrics::fetch(addr);
+        if check(&metrics) {
+            return metrics;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("/metrics never showed {what}:\n{}", Metrics::fetch(addr).text);
 }
 
 /// The HS256 secret every test server accepts.

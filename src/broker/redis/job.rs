@@ -2,6 +2,7 @@
 //! conversions of what Redis returns.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -12,6 +13,7 @@ use super::scripts;
 use super::{deliver, new_epoch, BridgeRequest, Keys, META_TTL};
 use crate::broker::memory::{recover, HistoryPage, HistoryPolicy, Position, Recovery};
 use crate::broker::{owner_shard, Publication};
+use crate::metrics::{type_slot, RedisOp};
 use crate::protocol::pb;
 use crate::protocol::push::{body_with_offset, encode_update_body};
 use crate::protocol::ErrorCode;
@@ -32,7 +34,12 @@ impl Job {
         match request {
             BridgeRequest::Publish { channel, from, conn, req_id, update } => {
                 let rest = encode_update_body(&update);
+                let started = Instant::now();
                 let position = self.publish(&update, &rest).await;
+                self.cluster.redis_metrics.record(RedisOp::Publish, started.elapsed(), position.is_err());
+                if position.is_ok() {
+                    self.cluster.redis_metrics.published[type_slot(update.r#type)].fetch_add(1, Ordering::Relaxed);
+                }
                 if let Err(err) = &position {
                     tracing::warn!(%channel, error = %err, "Redis publish failed");
                 }
@@ -40,7 +47,10 @@ impl Job {
                 deliver(&self.cluster, from, ShardMsg::Published { conn, req_id, position });
             }
             BridgeRequest::Position(joining) => {
-                let result = self.position(joining.since.as_ref(), joining.resume.as_deref()).await.map_err(|err| {
+                let started = Instant::now();
+                let result = self.position(joining.since.as_ref(), joining.resume.as_deref()).await;
+                self.cluster.redis_metrics.record(RedisOp::Position, started.elapsed(), result.is_err());
+                let result = result.map_err(|err| {
                     tracing::warn!(channel = %joining.channel, error = %err, "Redis position failed");
                     ErrorCode::Unavailable
                 });
@@ -48,7 +58,10 @@ impl Job {
                 deliver(&self.cluster, owner, ShardMsg::Positioned { joining, result });
             }
             BridgeRequest::History { channel, from, conn, req_id, since, limit } => {
-                let page = match self.history(&channel, since, limit).await {
+                let started = Instant::now();
+                let page = self.history(&channel, since, limit).await;
+                self.cluster.redis_metrics.record(RedisOp::History, started.elapsed(), page.is_err());
+                let page = match page {
                     Ok(page) => page,
                     Err(err) => {
                         tracing::warn!(%channel, error = %err, "Redis history failed");
@@ -62,6 +75,7 @@ impl Job {
                 deliver(&self.cluster, from, ShardMsg::HistoryPage { conn, req_id, page });
             }
             BridgeRequest::Acked { identity, offset, .. } => {
+                let started = Instant::now();
                 let script = &*scripts::ACK;
                 let result: redis::RedisResult<()> = script
                     .key(&self.keys.acked)
@@ -71,6 +85,7 @@ impl Job {
                     .arg(self.policy.position_ttl.as_millis() as u64)
                     .invoke_async(&mut self.connection)
                     .await;
+                self.cluster.redis_metrics.record(RedisOp::Ack, started.elapsed(), result.is_err());
                 if let Err(err) = result {
                     tracing::warn!(error = %err, "Redis ack failed");
                 }

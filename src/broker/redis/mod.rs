@@ -92,6 +92,16 @@ impl BridgeHandle {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
+
+    /// Requests queued for the bridge and not yet taken.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Most requests the queue holds.
+    pub fn capacity(&self) -> usize {
+        self.tx.max_capacity()
+    }
 }
 
 /// Requests waiting for the bridge at most; beyond it shards answer 503.
@@ -261,7 +271,11 @@ impl Bridge {
                 if self.listening.insert(channel.clone()) {
                     let mut connection = connection.clone();
                     let pubsub = self.keys(&channel).pubsub;
-                    if let Err(err) = connection.subscribe(pubsub).await {
+                    let started = std::time::Instant::now();
+                    let result = connection.subscribe(pubsub).await;
+                    let metrics = &self.cluster.redis_metrics;
+                    metrics.record(crate::metrics::RedisOp::Subscribe, started.elapsed(), result.is_err());
+                    if let Err(err) = result {
                         tracing::warn!(%channel, error = %err, "Redis subscribe failed");
                     }
                 }

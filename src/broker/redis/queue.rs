@@ -4,8 +4,9 @@
 //! mid-way re-publishes what it had in flight when it starts again (at least once). Items that
 //! are not valid publications move to `<prefix>:queue:dead` and are logged.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use redis::aio::MultiplexedConnection;
@@ -14,6 +15,7 @@ use redis::{AsyncConnectionConfig, AsyncTypedCommands};
 use super::job::publish;
 use super::{keys, HistoryPolicy};
 use crate::broker::accept_publish;
+use crate::metrics::{type_slot, RedisOp};
 use crate::protocol::pb;
 use crate::protocol::push::encode_update_body;
 use crate::shard::Cluster;
@@ -30,10 +32,11 @@ pub(super) struct Consumer {
     policy: HistoryPolicy,
     max_channel_length: usize,
     max_payload_size: usize,
+    cluster: Arc<Cluster>,
 }
 
 impl Consumer {
-    pub(super) fn new(url: &str, cluster: &Cluster, policy: HistoryPolicy) -> Self {
+    pub(super) fn new(url: &str, cluster: &Arc<Cluster>, policy: HistoryPolicy) -> Self {
         let config = &cluster.config;
         let prefix = config.redis.prefix.clone();
         let node_id = if config.redis.node_id.is_empty() {
@@ -50,6 +53,7 @@ impl Consumer {
             policy,
             max_channel_length: config.limits.max_channel_length,
             max_payload_size: config.limits.max_payload_size,
+            cluster: cluster.clone(),
         }
     }
 
@@ -110,11 +114,19 @@ impl Consumer {
         match self.decode(item) {
             Ok((channel, update)) => {
                 let rest = encode_update_body(&update);
-                publish(connection, &keys(&self.prefix, &channel), update.r#type, &rest, &self.policy).await?;
+                let started = Instant::now();
+                let published =
+                    publish(connection, &keys(&self.prefix, &channel), update.r#type, &rest, &self.policy).await;
+                let metrics = &self.cluster.redis_metrics;
+                metrics.record(RedisOp::Publish, started.elapsed(), published.is_err());
+                published?;
+                metrics.published[type_slot(update.r#type)].fetch_add(1, Ordering::Relaxed);
+                metrics.queue_consumed.fetch_add(1, Ordering::Relaxed);
             }
             Err(reason) => {
                 tracing::warn!(reason, "queue item is not a valid publication; moved to the dead list");
                 connection.rpush(&self.dead, item).await?;
+                self.cluster.redis_metrics.queue_dead.fetch_add(1, Ordering::Relaxed);
             }
         }
         connection.lrem(&self.in_flight, 1, item).await?;
