@@ -299,6 +299,28 @@ async fn redis_round_trips_publications_and_outages_show_in_metrics() {
     assert!(metrics.get("realtime_redis_roundtrip_seconds_count", &[("op", "subscribe")]) >= 1.0);
     assert_eq!(metrics.get("realtime_redis_failures_total", &[("op", "publish")]), 0.0);
     assert!(metrics.value("realtime_redis_queue_length", &[]).is_some());
+    // Every series the Grafana dashboard plots is one this server exports.
+    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/grafana-dashboard.json"))
+        .expect("the dashboard beside the unit");
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let mut plotted = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for name in
+                expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("realtime_"))
+            {
+                let family =
+                    ["_bucket", "_count", "_sum"].iter().fold(name, |n, suffix| n.strip_suffix(suffix).unwrap_or(n));
+                assert!(
+                    metrics.text.contains(&format!("# TYPE {family} ")),
+                    "the dashboard plots {name}, not exported"
+                );
+                plotted += 1;
+            }
+        }
+    }
+    assert!(plotted >= 20, "{plotted} series plotted");
     drop(redis);
     wait_for_metrics(a.addr, "Redis down", |m| m.get("realtime_redis_up", &[]) == 0.0);
 }
