@@ -167,6 +167,14 @@ async fn backend_items_queued_while_the_server_was_down_are_all_published() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     assert_eq!(client.history("poi:left", 0, 10).await.unwrap().offset, 1);
+    let metrics = wait_for_metrics(server.addr, "the queue counted", |m| {
+        m.get("realtime_redis_publish_queue_consumed_total", &[]) >= 31.0
+            && m.get("realtime_redis_publish_queue_dead_length", &[]) == 1.0
+    });
+    assert_eq!(metrics.get("realtime_redis_publish_queue_consumed_total", &[]), 31.0);
+    assert_eq!(metrics.get("realtime_redis_publish_queue_dead_total", &[]), 1.0);
+    assert_eq!(metrics.get("realtime_updates_published_total", &[("type", "poi")]), 31.0);
+    assert_eq!(metrics.get("realtime_redis_publish_queue_length", &[]), 0.0);
 }
 
 #[compio::test]

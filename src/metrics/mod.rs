@@ -340,6 +340,9 @@ pub struct RedisMetrics {
     /// Items of the Redis publish queue published by this node, and moved to the dead list.
     pub queue_consumed: AtomicU64,
     pub queue_dead: AtomicU64,
+    /// Lengths of the publish queue and its dead list when last read (every few seconds).
+    pub queue_length: AtomicU64,
+    pub dead_length: AtomicU64,
     pub failures: [AtomicU64; RedisOp::ALL.len()],
     pub round_trips: Mutex<[Option<Box<TimingWindows>>; RedisOp::ALL.len()]>,
 }

@@ -409,6 +409,20 @@ fn redis(page: &mut Exposition, cluster: &Cluster, now: Instant) {
         "Items of the Redis publish queue moved to the dead list (not valid publications).",
         metrics.queue_dead.load(Ordering::Relaxed),
     );
+    if cluster.config.redis.queue_consumer {
+        page.single(
+            "realtime_redis_publish_queue_length",
+            Kind::Gauge,
+            "Items waiting in the Redis publish queue (read every 5 s).",
+            metrics.queue_length.load(Ordering::Relaxed),
+        );
+        page.single(
+            "realtime_redis_publish_queue_dead_length",
+            Kind::Gauge,
+            "Items in the publish queue's dead list (read every 5 s).",
+            metrics.dead_length.load(Ordering::Relaxed),
+        );
+    }
     let round_trips = metrics.round_trips.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let series: Vec<(&str, Option<(Timing, Timing)>)> = RedisOp::ALL
         .iter()

@@ -22,6 +22,8 @@ use crate::shard::Cluster;
 
 /// How long one BLMOVE waits for an item before asking again.
 const BLOCK: f64 = 1.0;
+/// How often the queue's and the dead list's lengths are read (for `/metrics`).
+const MEASURE_EVERY: Duration = Duration::from_secs(5);
 
 pub(super) struct Consumer {
     url: String,
@@ -94,7 +96,12 @@ impl Consumer {
         for item in left {
             self.settle(connection, &item).await?;
         }
+        let mut measured_at: Option<Instant> = None;
         loop {
+            if measured_at.is_none_or(|at| at.elapsed() >= MEASURE_EVERY) {
+                measured_at = Some(Instant::now());
+                self.measure(connection).await?;
+            }
             let item: Option<Vec<u8>> = redis::cmd("BLMOVE")
                 .arg(&self.queue)
                 .arg(&self.in_flight)
@@ -107,6 +114,16 @@ impl Consumer {
                 self.settle(connection, &item).await?;
             }
         }
+    }
+
+    /// Reads the lengths of the queue and the dead list for `/metrics`.
+    async fn measure(&self, connection: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let (queued, dead): (u64, u64) =
+            redis::pipe().cmd("LLEN").arg(&self.queue).cmd("LLEN").arg(&self.dead).query_async(connection).await?;
+        let metrics = &self.cluster.redis_metrics;
+        metrics.queue_length.store(queued, Ordering::Relaxed);
+        metrics.dead_length.store(dead, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Publishes one in-flight item (or moves it to the dead list), then lets it go.
