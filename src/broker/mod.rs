@@ -22,8 +22,10 @@ pub struct Publication {
     pub update_type: i32,
     /// The `Update` without `sub_id` (see `protocol::push`).
     pub body: Bytes,
-    /// When the server accepted the publication, for publish→write latency.
+    /// When the server accepted the publication (history expiry, recovery windows).
     pub accepted_at: Instant,
+    /// The same in microseconds on the metrics clock, for publish→write latency per delivery.
+    pub accepted_us: u64,
     /// A hash of the update's `key` (0: none), for conflating a slow connection's queue.
     pub key_hash: u64,
 }
@@ -31,7 +33,8 @@ pub struct Publication {
 impl Publication {
     pub fn new(channel: Arc<str>, offset: u64, update_type: i32, body: Bytes, accepted_at: Instant) -> Self {
         let key_hash = crate::protocol::push::key_hash(&body);
-        Self { channel, offset, update_type, body, accepted_at, key_hash }
+        let accepted_us = crate::metrics::clock_us(accepted_at);
+        Self { channel, offset, update_type, body, accepted_at, accepted_us, key_hash }
     }
 }
 

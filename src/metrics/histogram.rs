@@ -31,6 +31,15 @@ impl Timing {
         self.sum = self.sum.saturating_add(value);
     }
 
+    /// `count` values of `value` whose sum is accounted separately (`add_to_sum`).
+    pub fn record_n(&mut self, value: u64, count: u64) {
+        self.histogram.saturating_record_n(value.min(self.histogram.high()), count);
+    }
+
+    pub fn add_to_sum(&mut self, sum: u64) {
+        self.sum = self.sum.saturating_add(sum);
+    }
+
     pub fn add(&mut self, other: &Timing) {
         // Both come from the same bounds, which `add` cannot refuse.
         let _ = self.histogram.add(&other.histogram);

@@ -1,0 +1,113 @@
+//! Publish→write latencies on the delivery path, where an hdrhistogram record per update
+//! cost more than the rest of the bookkeeping: plain log-linear buckets (128 per power of
+//! two, under 0.8 % wide, the same resolution as the histograms they are moved into), with
+//! the exact sum, turned into `Timing`s when the shard publishes its figures.
+
+use super::{Timing, LATENCY_MAX_US, UPDATE_TYPES};
+
+/// Sub-buckets per power of two, as a shift.
+const SUB_BITS: u32 = 7;
+const SUB_BUCKETS: u64 = 1 << SUB_BITS;
+/// Enough buckets for `LATENCY_MAX_US`.
+const BUCKETS: usize = bucket(LATENCY_MAX_US) + 1;
+
+/// The bucket of `value`: exact below 128, then 128 buckets per power of two.
+const fn bucket(value: u64) -> usize {
+    let top_bit = 63 - (value | 1).leading_zeros();
+    let shift = top_bit.saturating_sub(SUB_BITS);
+    ((shift as u64) * SUB_BUCKETS + (value >> shift)) as usize
+}
+
+/// The middle of bucket `index` (the value recorded for its counts).
+fn bucket_value(index: usize) -> u64 {
+    let index = index as u64;
+    if index < 2 * SUB_BUCKETS {
+        return index;
+    }
+    let shift = index / SUB_BUCKETS - 1;
+    let lowest = (index - shift * SUB_BUCKETS) << shift;
+    lowest + (1 << shift) / 2
+}
+
+/// Latencies of one shard's deliveries since the last drain, by update type.
+pub struct DeliveryLatencies {
+    /// Allocated on the first delivery of a type.
+    counts: [Option<Box<[u32; BUCKETS]>>; UPDATE_TYPES],
+    sums: [u64; UPDATE_TYPES],
+}
+
+impl Default for DeliveryLatencies {
+    fn default() -> Self {
+        Self { counts: Default::default(), sums: [0; UPDATE_TYPES] }
+    }
+}
+
+impl DeliveryLatencies {
+    #[inline]
+    pub fn record(&mut self, slot: usize, latency_us: u64) {
+        let latency_us = latency_us.min(LATENCY_MAX_US);
+        let counts = self.counts[slot].get_or_insert_with(|| Box::new([0; BUCKETS]));
+        let count = &mut counts[bucket(latency_us)];
+        *count = count.saturating_add(1);
+        self.sums[slot] += latency_us;
+    }
+
+    /// Adds what was recorded to `into` (a histogram per type, made when needed) and starts again.
+    pub fn drain_into(&mut self, into: &mut [Option<Box<Timing>>; UPDATE_TYPES]) {
+        for (slot, counts) in self.counts.iter_mut().enumerate() {
+            let Some(counts) = counts.as_deref_mut() else { continue };
+            let sum = std::mem::take(&mut self.sums[slot]);
+            if counts.iter().all(|&c| c == 0) {
+                continue;
+            }
+            let timing = into[slot].get_or_insert_with(|| Box::new(Timing::new(LATENCY_MAX_US)));
+            for (index, count) in counts.iter_mut().enumerate().filter(|(_, c)| **c != 0) {
+                timing.record_n(bucket_value(index), u64::from(std::mem::take(count)));
+            }
+            timing.add_to_sum(sum);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_exact_below_128_and_under_one_percent_wide_above() {
+        for value in 0..256 {
+            assert_eq!(bucket_value(bucket(value)), value);
+        }
+        for value in [300, 1_000, 4_321, 99_999, 1_234_567, LATENCY_MAX_US] {
+            let middle = bucket_value(bucket(value));
+            let error = middle.abs_diff(value) as f64 / value as f64;
+            assert!(error < 0.008, "{value} → {middle}");
+        }
+        let mut last = 0;
+        for value in (0..LATENCY_MAX_US).step_by(997) {
+            let index = bucket(value);
+            assert!(index >= last && index < BUCKETS, "{value}: {index}");
+            last = index;
+        }
+    }
+
+    #[test]
+    fn drained_latencies_become_histograms_with_their_exact_sum() {
+        let mut latencies = DeliveryLatencies::default();
+        for value in [40, 40, 2_000, 9_000_000] {
+            latencies.record(1, value);
+        }
+        latencies.record(1, u64::MAX);
+        let mut into = Default::default();
+        latencies.drain_into(&mut into);
+        let route: &[Option<Box<Timing>>; UPDATE_TYPES] = &into;
+        let route = route[1].as_ref().unwrap();
+        assert_eq!(route.count(), 5);
+        assert_eq!(route.sum(), 40 + 40 + 2_000 + 9_000_000 + LATENCY_MAX_US);
+        assert_eq!(route.count_at_most(40), 2);
+        assert!(into[0].is_none() && into[2].is_none());
+        let mut again = Default::default();
+        latencies.drain_into(&mut again);
+        assert!(again.iter().all(Option::is_none), "a drain empties the buckets");
+    }
+}
