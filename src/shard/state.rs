@@ -20,7 +20,7 @@ use crate::broker::{owner_shard, Joining, Publication};
 use crate::compression::{CompressionCounters, SharedBatches};
 use crate::protocol::push::encode_update_body;
 use crate::protocol::{pb, CloseCode, ErrorCode};
-use crate::router::{ConnId, Router, Subscriber};
+use crate::router::{ConnId, ConnLabel, Router, Subscriber};
 use crate::session::{Now, Session, SessionEvent, SessionLimits};
 
 /// Most messages kept for one full inbox before deliveries to it are dropped (and counted).
@@ -88,13 +88,13 @@ impl ShardState {
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
         let entry = self.conns.vacant_entry();
-        let index = entry.key() as u32;
-        let client_id: Arc<str> = Arc::from(format!("{}-{}-{}", self.id, index, generation));
+        let id = ConnId { index: entry.key() as u32, generation };
+        let client_id: Arc<str> = Arc::from(ConnLabel { shard: self.id, conn: id }.to_string());
         let session = Session::new(client_id, self.limits.clone(), Instant::now());
         entry.insert(Conn { generation, session, writer: None, reader_done: false, last_write_epoch: 0, paced: false });
         self.stats().connections.fetch_add(1, Ordering::Relaxed);
         self.stats().accepted.fetch_add(1, Ordering::Relaxed);
-        ConnId { index, generation }
+        id
     }
 
     pub fn conn(&mut self, id: ConnId) -> Option<&mut Conn> {
@@ -178,6 +178,8 @@ impl ShardState {
                 let owner = owner_shard(&channel, shards);
                 if self.backlog[owner].len() >= MAX_BACKLOG {
                     // The owner is far behind: refuse rather than queue without bound.
+                    let conn = ConnLabel { shard: self.id, conn: id };
+                    tracing::debug!(%conn, req_id, channel = &*channel, owner, "publish refused: the owner shard is far behind");
                     if let Some(c) = self.conn(id) {
                         c.session.on_published(req_id, Err(ErrorCode::Unavailable));
                     }
@@ -322,15 +324,22 @@ impl ShardState {
             Publication::new(channel.clone(), offset, update_type, encode_update_body(&update), accepted_at)
         };
         let result = self.channels.publish(&channel, accepted_at, &mut targets, make);
+        // The publisher's connection and request, and the channel and offset that identify
+        // the publication on every node from here on.
+        let publisher = ConnLabel { shard: from, conn };
         let position = match result {
             Ok((position, publication)) => {
+                tracing::debug!(conn = %publisher, req_id, channel = &*channel, offset = position.offset, "published");
                 for &shard in &targets {
                     self.route(shard, ShardMsg::Deliver(publication.clone()));
                 }
                 self.stats().published.fetch_add(1, Ordering::Relaxed);
                 Ok(position)
             }
-            Err(_) => Err(ErrorCode::Unavailable),
+            Err(_) => {
+                tracing::debug!(conn = %publisher, req_id, channel = &*channel, "publish refused: the shard holds all the channels it may");
+                Err(ErrorCode::Unavailable)
+            }
         };
         self.targets = targets;
         self.route(from, ShardMsg::Published { conn, req_id, position });
@@ -359,6 +368,12 @@ impl ShardState {
                 }
             }
         }
+        tracing::debug!(
+            channel = &*publication.channel,
+            offset = publication.offset,
+            subscribers = delivered,
+            "delivering"
+        );
         self.stats().delivered.fetch_add(delivered, Ordering::Relaxed);
         if ack_failures > 0 {
             self.stats().ack_failures.fetch_add(ack_failures, Ordering::Relaxed);
@@ -371,10 +386,20 @@ impl ShardState {
     /// without a copy.
     pub fn transmit(&mut self, id: ConnId, out: &mut Vec<u8>) -> Option<Bytes> {
         let conn = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)?;
+        // One line per write, not per update: fan-out stays readable at debug.
+        let log_write = tracing::enabled!(tracing::Level::DEBUG);
+        let queued = if log_write { conn.session.queued_items() } else { 0 };
         if let Some(frames) = conn.session.take_shared(out, &mut self.batches) {
+            if log_write {
+                let bytes = out.len() + frames.len();
+                tracing::debug!(conn = %conn.session.client_id(), frames = queued, bytes, "write");
+            }
             return Some(frames);
         }
-        conn.session.poll_transmit_shared(out, &mut self.batches);
+        let written = conn.session.poll_transmit_shared(out, &mut self.batches);
+        if log_write {
+            tracing::debug!(conn = %conn.session.client_id(), frames = written, bytes = out.len(), "write");
+        }
         let counters = self.batches.take_counters();
         if counters != CompressionCounters::default() {
             let stats = &self.cluster.stats[self.id];

@@ -15,6 +15,7 @@ use crate::broker::{owner_shard, Publication};
 use crate::protocol::pb;
 use crate::protocol::push::{body_with_offset, encode_update_body};
 use crate::protocol::ErrorCode;
+use crate::router::ConnLabel;
 use crate::shard::{Cluster, ShardMsg};
 
 /// One command's round trip.
@@ -33,15 +34,23 @@ impl Job {
             BridgeRequest::Publish { channel, from, conn, req_id, update } => {
                 let rest = encode_update_body(&update);
                 let position = self.publish(&update, &rest).await;
-                if let Err(err) = &position {
-                    tracing::warn!(%channel, error = %err, "Redis publish failed");
+                let publisher = ConnLabel { shard: from, conn };
+                match &position {
+                    Ok(position) => {
+                        tracing::debug!(conn = %publisher, req_id, channel = &*channel, offset = position.offset, "published")
+                    }
+                    Err(err) => {
+                        tracing::warn!(conn = %publisher, req_id, channel = &*channel, error = %err, "Redis publish failed")
+                    }
                 }
                 let position = position.map_err(|_| ErrorCode::Unavailable);
                 deliver(&self.cluster, from, ShardMsg::Published { conn, req_id, position });
             }
             BridgeRequest::Position(joining) => {
                 let result = self.position(joining.since.as_ref(), joining.resume.as_deref()).await.map_err(|err| {
-                    tracing::warn!(channel = %joining.channel, error = %err, "Redis position failed");
+                    let conn = ConnLabel { shard: joining.from, conn: joining.conn };
+                    let (req_id, channel) = (joining.req_id, &*joining.channel);
+                    tracing::warn!(%conn, req_id, channel, error = %err, "Redis position failed");
                     ErrorCode::Unavailable
                 });
                 let owner = owner_shard(&joining.channel, self.cluster.inboxes.len());
@@ -51,7 +60,8 @@ impl Job {
                 let page = match self.history(&channel, since, limit).await {
                     Ok(page) => page,
                     Err(err) => {
-                        tracing::warn!(%channel, error = %err, "Redis history failed");
+                        let requester = ConnLabel { shard: from, conn };
+                        tracing::warn!(conn = %requester, req_id, channel = &*channel, error = %err, "Redis history failed");
                         return deliver(
                             &self.cluster,
                             from,
