@@ -33,8 +33,9 @@ pub struct Config {
     pub driver: Driver,
     /// Pin each shard thread to one core (shard i on core i mod cores). Default true.
     pub pin_shards: bool,
-    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive list).
-    /// Default `info`; `RUST_LOG` wins when set.
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive list such
+    /// as `warn,routopia_realtime=debug`). Default `info`. `RUST_LOG` sets it too, between the
+    /// file and `ROUTOPIA_LOG_LEVEL` (see [`Config::load`]).
     pub log_level: String,
     /// Log format: `pretty` for a terminal, `json` for production. Default `pretty`.
     pub log_format: LogFormat,
@@ -230,6 +231,30 @@ pub enum LogFormat {
     Json,
 }
 
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "pretty" => Ok(LogFormat::Pretty),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("`{name}` is not a log format (pretty, json)")),
+        }
+    }
+}
+
+/// The directive `--debug` adds to the log filter: this server's own events at `debug`
+/// (each frame in and out), other crates at the level the filter gives them.
+pub const DEBUG_DIRECTIVE: &str = "routopia_realtime=debug";
+
+/// `filter` with [`DEBUG_DIRECTIVE`] added.
+pub fn with_debug(filter: &str) -> String {
+    match filter.trim() {
+        "" => DEBUG_DIRECTIVE.to_owned(),
+        filter => format!("{filter},{DEBUG_DIRECTIVE}"),
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -326,12 +351,31 @@ pub struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub broker: Option<String>,
+    /// `--debug`: add [`DEBUG_DIRECTIVE`] to whichever log filter the layers give.
+    #[serde(skip)]
+    pub debug: bool,
 }
 
 impl Config {
     /// Builds the effective configuration from every layer and validates it.
+    ///
+    /// The log filter takes `RUST_LOG` as well, the usual place for a Rust program's: it wins
+    /// over the file and loses to `ROUTOPIA_LOG_LEVEL`, which names this server's setting, and
+    /// to `--log-level`. `--debug` then adds [`DEBUG_DIRECTIVE`] to whichever filter won.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let rust_log = std::env::var("RUST_LOG").ok();
+        Self::load_with_rust_log(file, overrides, rust_log.as_deref())
+    }
+
+    /// [`Config::load`] with `RUST_LOG` given rather than read.
+    fn load_with_rust_log(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        rust_log: Option<&str>,
+    ) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.exists() {
@@ -339,8 +383,18 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
+        if let Some(filter) = rust_log.filter(|filter| !filter.trim().is_empty()) {
+            if let Err(err) = tracing_subscriber::EnvFilter::try_new(filter) {
+                let reason = format!("not a log filter: {err}");
+                return Err(ConfigError::Invalid { setting: "RUST_LOG", reason });
+            }
+            figment = figment.merge(Serialized::default("log_level", filter));
+        }
         figment = figment.merge(Env::prefixed("ROUTOPIA_").split("__")).merge(Serialized::defaults(overrides));
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        if overrides.debug {
+            config.log_level = with_debug(&config.log_level);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -574,6 +628,48 @@ mod tests {
         config.delivery.batch_size = 0;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("delivery.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn log_filter_layers_flag_over_rust_log_over_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, "log_level = \"error\"\nlog_format = \"json\"\n").unwrap();
+        let none = Overrides::default();
+        let from_file = Config::load_with_rust_log(Some(&file), &none, None).unwrap();
+        assert_eq!((from_file.log_level.as_str(), from_file.log_format), ("error", LogFormat::Json));
+        let rust_log = Config::load_with_rust_log(Some(&file), &none, Some("warn")).unwrap();
+        assert_eq!(rust_log.log_level, "warn", "RUST_LOG wins over the file");
+        let blank = Config::load_with_rust_log(Some(&file), &none, Some(" ")).unwrap();
+        assert_eq!(blank.log_level, "error", "an empty RUST_LOG is no filter");
+        let flags = Overrides { log_level: Some("info".into()), log_format: Some(LogFormat::Pretty), ..none };
+        let flagged = Config::load_with_rust_log(Some(&file), &flags, Some("warn")).unwrap();
+        assert_eq!((flagged.log_level.as_str(), flagged.log_format), ("info", LogFormat::Pretty), "flags win");
+    }
+
+    #[test]
+    fn debug_flag_adds_this_servers_debug_to_the_winning_filter() {
+        let debug = Overrides { debug: true, ..Overrides::default() };
+        let config = Config::load_with_rust_log(None, &debug, Some("warn")).unwrap();
+        assert_eq!(config.log_level, "warn,routopia_realtime=debug");
+        let both = Overrides { log_level: Some("error".into()), ..debug };
+        assert_eq!(Config::load_with_rust_log(None, &both, None).unwrap().log_level, "error,routopia_realtime=debug");
+        assert_eq!(with_debug(""), "routopia_realtime=debug");
+    }
+
+    #[test]
+    fn a_bad_rust_log_is_refused_by_name() {
+        let err = Config::load_with_rust_log(None, &Overrides::default(), Some("routopia_realtime=loud"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("RUST_LOG"), "{err}");
+    }
+
+    #[test]
+    fn log_format_names_parse() {
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert_eq!("pretty".parse::<LogFormat>(), Ok(LogFormat::Pretty));
+        assert!("yaml".parse::<LogFormat>().unwrap_err().contains("pretty, json"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `routopia-realtime` binary: command line → config → logging → shards → signals.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -70,9 +70,16 @@ struct ServeArgs {
     /// TOML config file.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Log filter (overrides `log_level`).
+    /// Log filter, e.g. `info` or `warn,routopia_realtime=debug` (wins over `log_level`,
+    /// `ROUTOPIA_LOG_LEVEL` and `RUST_LOG`).
     #[arg(long)]
     log_level: Option<String>,
+    /// Log format: `pretty` (for a terminal) or `json` (one object a line).
+    #[arg(long, value_name = "pretty|json")]
+    log_format: Option<LogFormat>,
+    /// Log this server's own events at debug: each frame in and out (never token contents).
+    #[arg(long)]
+    debug: bool,
     /// `memory` (default) or a Redis URL, e.g. redis://127.0.0.1:6379/0.
     #[arg(long)]
     broker: Option<String>,
@@ -149,7 +156,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         metrics_listen: args.metrics_listen,
         shards: args.shards,
         log_level: args.log_level,
+        log_format: args.log_format,
         broker: args.broker,
+        debug: args.debug,
     };
     let config = match load_checked(args.config.as_deref(), &overrides) {
         Ok(config) => config,
@@ -208,13 +217,14 @@ fn load_checked(file: Option<&std::path::Path>, overrides: &Overrides) -> Result
     Ok(config)
 }
 
+/// Logs to stderr. `log_level` is already the filter every layer (RUST_LOG included) agreed
+/// on, and valid.
 fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log_level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log_format {
-        LogFormat::Pretty => builder.init(),
+        // Colours only for a terminal: a journal or a file gets plain text.
+        LogFormat::Pretty => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }

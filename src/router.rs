@@ -10,6 +10,21 @@ pub struct ConnId {
     pub generation: u32,
 }
 
+/// How logs and clients name a connection, `<shard>-<slot>-<generation>`: unique in the
+/// process, the same on every log line about the connection, and the `client_id` the client
+/// is told in `ConnectResult`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLabel {
+    pub shard: usize,
+    pub conn: ConnId,
+}
+
+impl std::fmt::Display for ConnLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}-{}", self.shard, self.conn.index, self.conn.generation)
+    }
+}
+
 /// One local subscriber of a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Subscriber {
@@ -62,6 +77,12 @@ mod tests {
 
     fn sub(index: u32, sub_id: u32) -> Subscriber {
         Subscriber { conn: ConnId { index, generation: 0 }, sub_id, after: 0 }
+    }
+
+    #[test]
+    fn a_connection_label_names_shard_slot_and_generation() {
+        let label = ConnLabel { shard: 3, conn: ConnId { index: 17, generation: 42 } };
+        assert_eq!(label.to_string(), "3-17-42");
     }
 
     #[test]

@@ -29,6 +29,14 @@ use crate::protocol::push::write_frame;
 use crate::protocol::ws::{WsEndpoint, WsEvent};
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::{KeyedBuckets, TokenBucket};
+use frame_log::FrameLog;
+
+/// Logs at debug about this session's connection: every such line names it (`conn`).
+macro_rules! conn_debug {
+    ($session:expr, $($rest:tt)+) => {
+        tracing::debug!(conn = %$session.client_id, $($rest)+)
+    };
+}
 
 /// Publications in a `History` reply when the client names no limit, and at most.
 const HISTORY_DEFAULT_PAGE: usize = 100;
@@ -381,6 +389,11 @@ impl Session {
         self.outbox.take_gave_way()
     }
 
+    /// Frames and updates waiting to be sent.
+    pub fn queued_items(&self) -> usize {
+        self.outbox.len()
+    }
+
     /// Bytes waiting to be sent.
     pub fn queued_bytes(&self) -> usize {
         self.outbox.queued_bytes()
@@ -561,6 +574,9 @@ impl Session {
                 reconnect: code.reconnect(),
             })),
         };
+        if frame_log::enabled() {
+            FrameLog::server(&frame).log(&self.client_id, false);
+        }
         let mut bytes = Vec::new();
         write_frame(&mut bytes, &frame);
         self.outbox.push_unbounded(OutItem::Frame(bytes));
@@ -652,6 +668,9 @@ impl Session {
         if self.is_closing() {
             return;
         }
+        if frame_log::enabled() {
+            FrameLog::server(&frame).log(&self.client_id, false);
+        }
         let mut bytes = Vec::new();
         write_frame(&mut bytes, &frame);
         self.enqueue(OutItem::Frame(bytes));
@@ -669,6 +688,7 @@ impl Session {
 }
 
 mod commands;
+mod frame_log;
 
 #[cfg(test)]
 mod tests;

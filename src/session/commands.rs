@@ -9,6 +9,9 @@ use crate::metrics::CommandKind;
 
 impl Session {
     pub(super) fn handle_frame(&mut self, now: Now, frame: pb::ClientFrame) {
+        if frame_log::enabled() {
+            FrameLog::client(frame.id, frame.command.as_ref()).log(&self.client_id, true);
+        }
         let id = frame.id;
         self.limits.metrics.count_command(frame.command.as_ref().map_or(CommandKind::Unknown, command_kind));
         let Some(command) = frame.command else {
@@ -60,6 +63,7 @@ impl Session {
             None => self.identity = (!connect.name.is_empty()).then(|| Arc::from(connect.name)),
         }
         self.phase = Phase::Connected;
+        conn_debug!(self, user = self.identity.as_deref(), accept_zstd = connect.accept_zstd, "connected");
         self.accepts_zstd = connect.accept_zstd;
         let zstd = &self.limits.zstd;
         self.zstd_dictionaries = if connect.accept_zstd { zstd.held_mask(&connect.zstd_dictionaries) } else { 0 };

@@ -258,7 +258,7 @@ async fn websocket<S: Transport>(state: Rc<RefCell<ShardState>>, upgrade: Upgrad
         let mut shard = state.borrow_mut();
         let id = shard.add_conn();
         if let Some(conn) = shard.conn(id) {
-            tracing::debug!(client = %conn.session.client_id(), %peer, "connection upgraded");
+            tracing::debug!(conn = %conn.session.client_id(), %peer, "connection upgraded");
         }
         if !early.is_empty() {
             shard.on_bytes(id, &early);
@@ -267,10 +267,27 @@ async fn websocket<S: Transport>(state: Rc<RefCell<ShardState>>, upgrade: Upgrad
     };
     drop(early);
     compio::runtime::spawn(write_loop::<S>(state.clone(), writer, fd, id, ticket)).detach();
-    read_loop(&state, reader, fd, id).await;
+    let id = read_loop(&state, reader, fd, id).await;
+    // Logged when the reader stops rather than when the writer finishes: this task holds the
+    // peer's address anyway, which every idle connection's writer would otherwise carry too.
+    log_close(&state, id, peer);
 }
 
-async fn read_loop<R: Receive>(state: &Rc<RefCell<ShardState>>, mut reader: R, fd: RawFd, id: ConnId) {
+fn log_close(state: &Rc<RefCell<ShardState>>, id: ConnId, peer: SocketAddr) {
+    let mut shard = state.borrow_mut();
+    let Some(conn) = shard.conn(id) else { return };
+    let conn_id = conn.session.client_id();
+    match conn.session.close_reason() {
+        Some((code, detail)) => {
+            tracing::debug!(conn = %conn_id, %peer, code = code.code(), reason = code.label(), detail, "connection closed")
+        }
+        None => tracing::debug!(conn = %conn_id, %peer, "connection closed by peer"),
+    }
+}
+
+/// Feeds the session until it closes or the peer leaves. Hands `id` back, so that the caller
+/// does not hold a copy of it for the connection's lifetime (idle memory).
+async fn read_loop<R: Receive>(state: &Rc<RefCell<ShardState>>, mut reader: R, fd: RawFd, id: ConnId) -> ConnId {
     let peer_gone = loop {
         if state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing()) {
             break false;
@@ -290,6 +307,7 @@ async fn read_loop<R: Receive>(state: &Rc<RefCell<ShardState>>, mut reader: R, f
             waker.wake();
         }
     }
+    id
 }
 
 enum Next {
@@ -394,18 +412,7 @@ async fn finish(state: &Rc<RefCell<ShardState>>, fd: RawFd, id: ConnId) {
         }
     })
     .await;
-    let mut shard = state.borrow_mut();
-    if let Some(conn) = shard.conn(id) {
-        match conn.session.close_reason() {
-            Some((code, detail)) => {
-                tracing::debug!(client = %conn.session.client_id(), code = code.code(), reason = code.label(), detail, "connection closed")
-            }
-            None => {
-                tracing::debug!(client = %conn.session.client_id(), "connection closed by peer")
-            }
-        }
-    }
-    shard.remove_conn(id);
+    state.borrow_mut().remove_conn(id);
 }
 
 /// Shuts the socket down both ways, which completes any read or write in flight on it.

@@ -21,7 +21,7 @@ use crate::compression::{CompressionCounters, SharedBatches};
 use crate::metrics::{channel_slot, CommandKind, LocalMetrics, RequestClock, UPDATE_TYPES};
 use crate::protocol::push::encode_update_body;
 use crate::protocol::{pb, CloseCode, ErrorCode};
-use crate::router::{ConnId, Router, Subscriber};
+use crate::router::{ConnId, ConnLabel, Router, Subscriber};
 use crate::session::{Now, Session, SessionEvent, SessionLimits};
 
 /// Most messages kept for one full inbox before deliveries to it are dropped (and counted).
@@ -107,13 +107,13 @@ impl ShardState {
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
         let entry = self.conns.vacant_entry();
-        let index = entry.key() as u32;
-        let client_id: Arc<str> = Arc::from(format!("{}-{}-{}", self.id, index, generation));
+        let id = ConnId { index: entry.key() as u32, generation };
+        let client_id: Arc<str> = Arc::from(ConnLabel { shard: self.id, conn: id }.to_string());
         let session = Session::new(client_id, self.limits.clone(), Instant::now());
         entry.insert(Conn { generation, session, writer: None, reader_done: false, last_write_epoch: 0, paced: false });
         self.stats().connections.fetch_add(1, Ordering::Relaxed);
         self.stats().accepted.fetch_add(1, Ordering::Relaxed);
-        ConnId { index, generation }
+        id
     }
 
     pub fn conn(&mut self, id: ConnId) -> Option<&mut Conn> {
@@ -206,6 +206,8 @@ impl ShardState {
                 if self.backlog[owner].len() >= MAX_BACKLOG {
                     // The owner is far behind: refuse rather than queue without bound.
                     self.answered(id, req_id);
+                    let conn = ConnLabel { shard: self.id, conn: id };
+                    tracing::debug!(%conn, req_id, channel = &*channel, owner, "publish refused: the owner shard is far behind");
                     if let Some(c) = self.conn(id) {
                         c.session.on_published(req_id, Err(ErrorCode::Unavailable));
                     }
@@ -356,8 +358,12 @@ impl ShardState {
             Publication::new(channel.clone(), offset, update_type, encode_update_body(&update), accepted_at)
         };
         let result = self.channels.publish(&channel, accepted_at, &mut targets, make);
+        // The publisher's connection and request, and the channel and offset that identify
+        // the publication on every node from here on.
+        let publisher = ConnLabel { shard: from, conn };
         let position = match result {
             Ok((position, publication)) => {
+                tracing::debug!(conn = %publisher, req_id, channel = &*channel, offset = position.offset, "published");
                 for &shard in &targets {
                     self.route(shard, ShardMsg::Deliver(publication.clone()));
                 }
@@ -365,7 +371,10 @@ impl ShardState {
                 self.metrics.count_published(update_type);
                 Ok(position)
             }
-            Err(_) => Err(ErrorCode::Unavailable),
+            Err(_) => {
+                tracing::debug!(conn = %publisher, req_id, channel = &*channel, "publish refused: the shard holds all the channels it may");
+                Err(ErrorCode::Unavailable)
+            }
         };
         self.targets = targets;
         self.route(from, ShardMsg::Published { conn, req_id, position });
@@ -394,6 +403,12 @@ impl ShardState {
                 }
             }
         }
+        tracing::debug!(
+            channel = &*publication.channel,
+            offset = publication.offset,
+            subscribers = delivered,
+            "delivering"
+        );
         self.stats().delivered.fetch_add(delivered, Ordering::Relaxed);
         if ack_failures > 0 {
             self.stats().ack_failures.fetch_add(ack_failures, Ordering::Relaxed);
@@ -407,10 +422,20 @@ impl ShardState {
     pub fn transmit(&mut self, id: ConnId, out: &mut Vec<u8>) -> Option<Bytes> {
         let conn = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)?;
         let now = Instant::now();
+        // One line per write, not per update: fan-out stays readable at debug.
+        let log_write = tracing::enabled!(tracing::Level::DEBUG);
+        let queued = if log_write { conn.session.queued_items() } else { 0 };
         if let Some(frames) = conn.session.take_shared(out, &mut self.batches, now) {
+            if log_write {
+                let bytes = out.len() + frames.len();
+                tracing::debug!(conn = %conn.session.client_id(), frames = queued, bytes, "write");
+            }
             return Some(frames);
         }
-        conn.session.poll_transmit_shared(out, &mut self.batches, now);
+        let written = conn.session.poll_transmit_shared(out, &mut self.batches, now);
+        if log_write {
+            tracing::debug!(conn = %conn.session.client_id(), frames = written, bytes = out.len(), "write");
+        }
         let counters = self.batches.take_counters();
         if counters != CompressionCounters::default() {
             let stats = &self.cluster.stats[self.id];

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -29,9 +30,21 @@ impl TestServer {
     /// Tokens signed with [`SECRET`] are accepted; rate limits are off unless `env` turns them
     /// on (tests that are not about them publish far faster than a phone would).
     pub fn start_at(listen: &str, shards: usize, env: &[(&str, &str)]) -> TestServer {
+        Self::spawn(listen, shards, env, &[], Stdio::inherit())
+    }
+
+    /// Starts the binary like [`TestServer::start`] with extra `serve` flags, writing what it
+    /// logs (its stderr) to the file `log`.
+    pub fn start_logging_to(log: &Path, shards: usize, env: &[(&str, &str)], flags: &[&str]) -> TestServer {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Self::spawn("127.0.0.1:0", shards, env, flags, Stdio::from(file))
+    }
+
+    fn spawn(listen: &str, shards: usize, env: &[(&str, &str)], flags: &[&str], stderr: Stdio) -> TestServer {
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--listen", listen, "--shards", &shards.to_string()])
+            .args(flags)
             .env("RUST_LOG", "warn")
             .env("ROUTOPIA_AUTH__HMAC_SECRET", SECRET)
             .env("ROUTOPIA_RATE_LIMITS__ENABLED", "false")
@@ -40,7 +53,7 @@ impl TestServer {
             .env("ROUTOPIA_RATE_LIMITS__CONNECTION_ATTEMPTS_PER_IP__REQUESTS", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         for (key, value) in env {
             command.env(key, value);
         }

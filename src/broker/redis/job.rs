@@ -17,6 +17,7 @@ use crate::metrics::{type_slot, RedisOp};
 use crate::protocol::pb;
 use crate::protocol::push::{body_with_offset, encode_update_body};
 use crate::protocol::ErrorCode;
+use crate::router::ConnLabel;
 use crate::shard::{Cluster, ShardMsg};
 
 /// One command's round trip.
@@ -37,11 +38,15 @@ impl Job {
                 let started = Instant::now();
                 let position = self.publish(&update, &rest).await;
                 self.cluster.redis_metrics.record(RedisOp::Publish, started.elapsed(), position.is_err());
-                if position.is_ok() {
-                    self.cluster.redis_metrics.published[type_slot(update.r#type)].fetch_add(1, Ordering::Relaxed);
-                }
-                if let Err(err) = &position {
-                    tracing::warn!(%channel, error = %err, "Redis publish failed");
+                let publisher = ConnLabel { shard: from, conn };
+                match &position {
+                    Ok(position) => {
+                        self.cluster.redis_metrics.published[type_slot(update.r#type)].fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(conn = %publisher, req_id, channel = &*channel, offset = position.offset, "published")
+                    }
+                    Err(err) => {
+                        tracing::warn!(conn = %publisher, req_id, channel = &*channel, error = %err, "Redis publish failed")
+                    }
                 }
                 let position = position.map_err(|_| ErrorCode::Unavailable);
                 deliver(&self.cluster, from, ShardMsg::Published { conn, req_id, position });
@@ -51,7 +56,9 @@ impl Job {
                 let result = self.position(joining.since.as_ref(), joining.resume.as_deref()).await;
                 self.cluster.redis_metrics.record(RedisOp::Position, started.elapsed(), result.is_err());
                 let result = result.map_err(|err| {
-                    tracing::warn!(channel = %joining.channel, error = %err, "Redis position failed");
+                    let conn = ConnLabel { shard: joining.from, conn: joining.conn };
+                    let (req_id, channel) = (joining.req_id, &*joining.channel);
+                    tracing::warn!(%conn, req_id, channel, error = %err, "Redis position failed");
                     ErrorCode::Unavailable
                 });
                 let owner = owner_shard(&joining.channel, self.cluster.inboxes.len());
@@ -64,7 +71,8 @@ impl Job {
                 let page = match page {
                     Ok(page) => page,
                     Err(err) => {
-                        tracing::warn!(%channel, error = %err, "Redis history failed");
+                        let requester = ConnLabel { shard: from, conn };
+                        tracing::warn!(conn = %requester, req_id, channel = &*channel, error = %err, "Redis history failed");
                         return deliver(
                             &self.cluster,
                             from,
