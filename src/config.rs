@@ -13,6 +13,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+pub mod reload;
 mod security;
 pub use security::{Auth, AuthMode, Bucket, Cleanup, Heartbeat, RateLimits, Tls};
 
@@ -39,6 +40,10 @@ pub struct Config {
     pub log_level: String,
     /// Log format: `pretty` for a terminal, `json` for production. Default `pretty`.
     pub log_format: LogFormat,
+    /// On SIGTERM, how long connections get to take what is queued for them and their
+    /// `Disconnect` before the rest are cut and the process exits. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
     /// Safety limits, all on by default.
     pub limits: Limits,
     /// Delivery tuning.
@@ -265,6 +270,7 @@ impl Default for Config {
             pin_shards: true,
             log_level: "info".into(),
             log_format: LogFormat::Pretty,
+            shutdown_timeout: Duration::from_secs(10),
             limits: Limits::default(),
             delivery: Delivery::default(),
             history: History::default(),
@@ -337,6 +343,9 @@ pub enum ConfigError {
     Invalid { setting: &'static str, reason: String },
     #[error("config file {0} does not exist")]
     MissingFile(String),
+    /// A reload's settings do not fit the running values of the settings that need a restart.
+    #[error("{0} (with the running values of the settings that need a restart)")]
+    WithRunning(Box<ConfigError>),
 }
 
 /// Values given on the command line; `None` leaves the lower layers in charge.
@@ -512,6 +521,9 @@ impl Config {
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(['{', '}', ' ']) {
             return Err(invalid("redis.prefix", "must be non-empty, without braces or spaces"));
         }
+        if self.shutdown_timeout.is_zero() || self.shutdown_timeout > Duration::from_secs(3600) {
+            return Err(invalid("shutdown_timeout", "must be longer than zero and at most 1h"));
+        }
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(invalid("log_level", format!("not a log filter: {err}")));
         }
@@ -607,9 +619,14 @@ impl Config {
         }
     }
 
-    /// The effective configuration as TOML, as `check-config` prints it.
+    /// The effective configuration as TOML, as `check-config` prints it. A secret is shown
+    /// as set, never its value: `ExecStartPre` prints this into the journal.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot render config: {err}\n"))
+        let mut shown = self.clone();
+        if !shown.auth.hmac_secret.is_empty() {
+            shown.auth.hmac_secret = "(set, hidden)".into();
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|err| format!("# cannot render config: {err}\n"))
     }
 }
 

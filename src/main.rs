@@ -1,14 +1,17 @@
 //! The `routopia-realtime` binary: command line → config → logging → shards → signals.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use routopia_realtime::config::{Config, LogFormat, Overrides};
-use routopia_realtime::shard::Server;
+use routopia_realtime::config::{Config, LogFormat, Overrides, Tls};
+use routopia_realtime::shard::{ReloadRefusal, Server};
+use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, EnvFilter, Registry};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -167,7 +170,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    let log_filter = init_logging(&config);
     let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(err) => {
@@ -191,40 +194,135 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     println!("listening on {}", server.local_addr());
     let _ = std::io::stdout().flush();
+    let status = format!("listening on {}, {shards} shards", server.local_addr());
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     for signal in signals.forever() {
         if signal == SIGHUP {
-            server.reload_tls();
+            reload(&server, args.config.as_deref(), &overrides, &log_filter);
             continue;
         }
-        tracing::info!(signal, "shutting down");
+        notify(&[NotifyState::Stopping, NotifyState::Status("draining connections")]);
+        let timeout = server.config().shutdown_timeout;
+        tracing::info!(signal, shutdown_timeout = ?timeout, "shutting down: no new connections; every client is told to reconnect elsewhere");
         break;
     }
-    server.shutdown();
-    tracing::info!("stopped");
+    let report = server.shutdown();
+    tracing::info!(drained = report.drained, cut_at_timeout = report.cut, "stopped");
     ExitCode::SUCCESS
 }
 
-/// The configuration, with the files it names (the TLS certificate and key) checked too, so a
-/// bad file is refused like any other bad setting.
-fn load_checked(file: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, String> {
+/// SIGHUP: loads the configuration again (the same file, environment and flags) and puts
+/// what can change without a restart in force, or, when anything in it is wrong, nothing.
+fn reload(server: &Server, file: Option<&Path>, overrides: &Overrides, log_filter: &LogFilter) {
+    let mut reloading = vec![NotifyState::Reloading];
+    reloading.extend(NotifyState::monotonic_usec_now().ok());
+    notify(&reloading);
+    let running = server.config();
+    let checked = Config::load(file, overrides)
+        .map_err(|err| err.to_string())
+        .and_then(|loaded| check_files(&loaded, Some(&running.tls)).map(|()| loaded));
+    let outcome = match checked {
+        Ok(loaded) => server.reload(&loaded).map_err(|refusal| {
+            if let ReloadRefusal::Tls(err) = &refusal {
+                tracing::error!(error = %err, "TLS certificate not reloaded; the previous one stays in use");
+            }
+            refusal.to_string()
+        }),
+        Err(err) => Err(err),
+    };
+    let status = match outcome {
+        Ok(reload) => {
+            for change in &reload.applied {
+                tracing::info!(setting = %change.setting, old = %change.old, new = %change.new, "setting reloaded");
+            }
+            for change in &reload.needs_restart {
+                tracing::warn!(
+                    setting = %change.setting, old = %change.old, new = %change.new,
+                    "setting changed but needs a restart; not applied"
+                );
+            }
+            if reload.applied.iter().any(|change| change.setting == "log_level") {
+                log_filter.set(&reload.config.log_level);
+            }
+            if let Some(tls) = &server.cluster.tls {
+                tracing::info!(
+                    cert_file = %tls.cert_file().display(),
+                    key_file = %tls.key_file().display(),
+                    reloads = tls.reloads(),
+                    "TLS certificate reloaded; new connections use it"
+                );
+            }
+            tracing::info!(
+                applied = reload.applied.len(),
+                needs_restart = reload.needs_restart.len(),
+                "configuration reloaded; connections opened from now on use it"
+            );
+            "configuration reloaded".to_owned()
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "configuration not reloaded; the previous settings all stay in force");
+            format!("reload refused, previous configuration in force: {err}")
+        }
+    };
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+}
+
+/// Tells the service manager (systemd, `Type=notify`) what the server is doing; nothing when
+/// it did not ask (`NOTIFY_SOCKET` unset).
+fn notify(states: &[NotifyState]) {
+    if let Err(err) = sd_notify::notify(states) {
+        tracing::warn!(error = %err, "cannot notify the service manager");
+    }
+}
+
+/// The configuration, with the files it names (the TLS certificate and key, the zstd
+/// dictionaries) checked too, so a bad file is refused like any other bad setting.
+fn load_checked(file: Option<&Path>, overrides: &Overrides) -> Result<Config, String> {
     let config = Config::load(file, overrides).map_err(|err| err.to_string())?;
-    if config.tls.enabled() {
+    check_files(&config, None)?;
+    Ok(config)
+}
+
+/// Checks the files `config` names. A certificate and key at the paths `running` already
+/// uses are left out: the reload loads those itself.
+fn check_files(config: &Config, running: Option<&Tls>) -> Result<(), String> {
+    if config.tls.enabled() && running != Some(&config.tls) {
         routopia_realtime::tls::load(&config.tls.cert_file, &config.tls.key_file)
             .map_err(|err| format!("invalid setting `tls`: {err}"))?;
     }
     routopia_realtime::compression::ZstdSettings::from_config(&config.delivery)
         .map_err(|err| format!("invalid setting `delivery.zstd_dictionaries`: {err}"))?;
-    Ok(config)
+    Ok(())
+}
+
+/// Changes the running log filter when `log_level` is reloaded.
+struct LogFilter {
+    handle: tracing_subscriber::reload::Handle<EnvFilter, Registry>,
+}
+
+impl LogFilter {
+    /// `log_level` is the filter every layer (RUST_LOG included) agreed on, as at start.
+    fn set(&self, log_level: &str) {
+        // The configuration was validated, so the filter parses.
+        let Ok(filter) = EnvFilter::try_new(log_level) else { return };
+        if let Err(err) = self.handle.reload(filter) {
+            tracing::warn!(error = %err, "cannot change the log filter");
+        }
+    }
 }
 
 /// Logs to stderr. `log_level` is already the filter every layer (RUST_LOG included) agreed
-/// on, and valid.
-fn init_logging(config: &Config) {
+/// on, and valid; a reload may change it.
+fn init_logging(config: &Config) -> LogFilter {
     let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     match config.log_format {
         // Colours only for a terminal: a journal or a file gets plain text.
-        LogFormat::Pretty => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Pretty => {
+            registry.with(fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr)).init()
+        }
+        LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).init(),
     }
+    LogFilter { handle }
 }

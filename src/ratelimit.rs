@@ -50,56 +50,78 @@ impl TokenBucket {
 
 /// Buckets per key, behind striped locks so shards rarely contend. Keys whose buckets have
 /// refilled are forgotten by [`KeyedBuckets::sweep`], so memory follows active keys only.
+/// The limits can change while the buckets are in use ([`KeyedBuckets::set_limits`]); each
+/// stripe keeps its own copy, so a take locks nothing more than its stripe.
 pub struct KeyedBuckets<K, const N: usize> {
-    limits: [Bucket; N],
-    stripes: Box<[Stripe<K, N>]>,
+    stripes: Box<[Mutex<Stripe<K, N>>]>,
     hasher: std::collections::hash_map::RandomState,
 }
 
 const STRIPES: usize = 64;
 
-type Stripe<K, const N: usize> = Mutex<HashMap<K, [TokenBucket; N]>>;
+struct Stripe<K, const N: usize> {
+    limits: [Bucket; N],
+    buckets: HashMap<K, [TokenBucket; N]>,
+}
 
 impl<K: Hash + Eq + Clone, const N: usize> KeyedBuckets<K, N> {
     /// One bucket per limit for each key.
     pub fn new(limits: [Bucket; N]) -> Self {
-        Self { limits, stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(), hasher: Default::default() }
+        Self {
+            stripes: (0..STRIPES).map(|_| Mutex::new(Stripe { limits, buckets: HashMap::new() })).collect(),
+            hasher: Default::default(),
+        }
     }
 
     /// Takes a token from bucket `which` of `key`.
     pub fn take(&self, key: &K, which: usize, now: Instant) -> Result<(), Duration> {
-        let limit = &self.limits[which];
+        let mut stripe = lock(self.stripe(key));
+        let Stripe { limits, buckets } = &mut *stripe;
+        let limit = limits[which];
         if limit.requests == 0 {
             return Ok(());
         }
-        let mut stripe = self.stripe(key).lock().unwrap_or_else(|e| e.into_inner());
-        let buckets = match stripe.get_mut(key) {
-            Some(buckets) => buckets,
-            None => stripe.entry(key.clone()).or_insert_with(|| self.limits.map(|l| TokenBucket::new(&l, now))),
+        let entry = match buckets.get_mut(key) {
+            Some(entry) => entry,
+            None => buckets.entry(key.clone()).or_insert_with(|| limits.map(|l| TokenBucket::new(&l, now))),
         };
-        buckets[which].take(limit, now)
+        entry[which].take(&limit, now)
+    }
+
+    /// Replaces the limits. Remembered buckets keep their tokens, refill at the new rate and
+    /// hold at most the new burst.
+    pub fn set_limits(&self, limits: [Bucket; N]) {
+        for stripe in self.stripes.iter() {
+            lock(stripe).limits = limits;
+        }
     }
 
     /// Forgets keys whose buckets are all full again.
     pub fn sweep(&self, now: Instant) {
         for stripe in self.stripes.iter() {
-            let mut stripe = stripe.lock().unwrap_or_else(|e| e.into_inner());
-            stripe.retain(|_, buckets| !buckets.iter().zip(&self.limits).all(|(b, l)| b.is_full(l, now)));
+            let mut stripe = lock(stripe);
+            let Stripe { limits, buckets } = &mut *stripe;
+            buckets.retain(|_, entry| !entry.iter().zip(limits.iter()).all(|(b, l)| b.is_full(l, now)));
         }
     }
 
     /// Keys currently remembered.
     pub fn len(&self) -> usize {
-        self.stripes.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
+        self.stripes.iter().map(|s| lock(s).buckets.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn stripe(&self, key: &K) -> &Stripe<K, N> {
+    fn stripe(&self, key: &K) -> &Mutex<Stripe<K, N>> {
         &self.stripes[self.hasher.hash_one(key) as usize % STRIPES]
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere while holding a stripe leaves plain token counts behind; keep using them.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -149,5 +171,21 @@ mod tests {
         assert_eq!(buckets.len(), 1, "bob refilled; alice has not");
         buckets.sweep(now + Duration::from_secs(10));
         assert!(buckets.is_empty());
+    }
+
+    #[test]
+    fn new_limits_apply_to_remembered_keys() {
+        let buckets = KeyedBuckets::new([LIMIT]);
+        let now = Instant::now();
+        buckets.take(&"alice", 0, now).unwrap();
+        buckets.set_limits([Bucket::new(60, 60, 1)]);
+        buckets.take(&"alice", 0, now).unwrap();
+        assert!(buckets.take(&"alice", 0, now).is_err(), "four tokens were left, but the burst is now 1");
+        buckets.take(&"bob", 0, now).unwrap();
+        assert!(buckets.take(&"bob", 0, now).is_err(), "a new key starts with the new burst");
+        buckets.set_limits([Bucket::new(0, 60, 0)]);
+        for _ in 0..100 {
+            buckets.take(&"alice", 0, now).unwrap();
+        }
     }
 }

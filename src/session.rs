@@ -642,7 +642,8 @@ impl Session {
             self.close(CloseCode::RateLimitAbuse, detail);
             return false;
         }
-        let retry_after_ms = wait.as_millis().max(1) as u64;
+        // Rounded up: a client that waits this long finds a token back.
+        let retry_after_ms = (wait.as_nanos().div_ceil(1_000_000) as u64).max(1);
         self.limits.metrics.count_error(ErrorCode::RateLimited);
         let error = pb::Error {
             code: ErrorCode::RateLimited.code(),

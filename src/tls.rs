@@ -86,20 +86,18 @@ impl ServerCertificate {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Reads the files again; on success new connections use the new pair, on failure the
-    /// old pair stays and the error is returned.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        match load(&self.cert_file, &self.key_file) {
-            Ok(config) => {
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
-                self.reloads.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(err) => {
-                self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                Err(err)
-            }
-        }
+    /// Reads the files again, without using them yet (see `install`). A pair that does not
+    /// load is counted as a failed reload and its error returned.
+    pub fn load_again(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        load(&self.cert_file, &self.key_file).inspect_err(|_| {
+            self.reload_failures.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
+    /// Connections accepted from now on use `config` (from `load_again`).
+    pub fn install(&self, config: Arc<ServerConfig>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        self.reloads.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn cert_file(&self) -> &Path {

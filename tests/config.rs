@@ -17,10 +17,12 @@ fn write_config(name: &str, text: &str) -> std::path::PathBuf {
 #[test]
 fn check_config_prints_the_effective_config() {
     let path = write_config("good.toml", "shards = 3\n[delivery]\nbatch_size = 64\n");
+    let secret = "a-secret-long-enough-for-hs256-0123456789";
     let output = Command::new(BIN)
         .arg("check-config")
         .arg(&path)
         .env("ROUTOPIA_LIMITS__MAX_CHANNEL_LENGTH", "99")
+        .env("ROUTOPIA_AUTH__HMAC_SECRET", secret)
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -29,6 +31,9 @@ fn check_config_prints_the_effective_config() {
     assert!(text.contains("batch_size = 64"), "{text}");
     assert!(text.contains("max_channel_length = 99"), "environment applies: {text}");
     assert!(text.contains("listen = \"0.0.0.0:3000\""), "defaults fill the rest: {text}");
+    assert!(text.contains("shutdown_timeout = \"10s\""), "{text}");
+    assert!(!text.contains(secret), "the secret is never printed: {text}");
+    assert!(text.contains("hmac_secret = \"(set, hidden)\""), "{text}");
 }
 
 #[test]
@@ -38,6 +43,7 @@ fn check_config_refuses_bad_files_naming_the_setting() {
         ("typo.toml", "[limits]\nmax_mesage_size = 10\n", "max_mesage_size"),
         ("wrong-type.toml", "shards = \"many\"\n", "shards"),
         ("bad-driver.toml", "driver = \"kqueue\"\n", "driver"),
+        ("no-drain.toml", "shutdown_timeout = \"0s\"\n", "shutdown_timeout"),
         ("bad-syntax.toml", "shards = = 2\n", "good.toml"),
     ];
     for (name, text, expected) in cases {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::config::{Bucket, Config};
 use crate::ratelimit::KeyedBuckets;
 
 /// Stripes of the per-address connection counts: shards rarely wait on each other.
@@ -87,49 +87,55 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
-/// Admission state shared by every shard.
+/// Admission state shared by every shard. The limits can change while it is in use (a
+/// reload): places already taken stay, later upgrades meet the new limits.
 pub struct Admission {
-    max_connections: usize,
-    max_per_shard: usize,
-    max_per_ip: usize,
+    max_connections: AtomicUsize,
+    max_per_shard: AtomicUsize,
+    max_per_ip: AtomicUsize,
     connections: AtomicUsize,
     per_shard: Box<[AtomicUsize]>,
     per_ip: Box<[Mutex<HashMap<ClientKey, usize>>]>,
     hasher: std::collections::hash_map::RandomState,
-    /// `None` when rate limits are off or the attempts limit is 0.
-    attempts: Option<KeyedBuckets<ClientKey, 1>>,
+    /// Off (0 requests) when rate limits are off or the attempts limit is 0.
+    attempts: KeyedBuckets<ClientKey, 1>,
 }
 
 impl Admission {
     pub fn new(config: &Config, shards: usize) -> Self {
         let limits = &config.limits;
-        let attempt_limit = config.rate_limits.connection_attempts_per_ip;
-        let attempts_on = config.rate_limits.enabled && attempt_limit.requests > 0;
         Self {
-            max_connections: limits.max_connections,
-            max_per_shard: limits.max_connections_per_shard,
-            max_per_ip: limits.max_connections_per_ip,
+            max_connections: AtomicUsize::new(limits.max_connections),
+            max_per_shard: AtomicUsize::new(limits.max_connections_per_shard),
+            max_per_ip: AtomicUsize::new(limits.max_connections_per_ip),
             connections: AtomicUsize::new(0),
             per_shard: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
             per_ip: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: Default::default(),
-            attempts: attempts_on.then(|| KeyedBuckets::new([attempt_limit])),
+            attempts: KeyedBuckets::new([attempt_limit(config)]),
         }
+    }
+
+    /// Puts the limits of `config` in force for the upgrades that follow.
+    pub fn set_limits(&self, config: &Config) {
+        let limits = &config.limits;
+        self.max_connections.store(limits.max_connections, Ordering::Relaxed);
+        self.max_per_shard.store(limits.max_connections_per_shard, Ordering::Relaxed);
+        self.max_per_ip.store(limits.max_connections_per_ip, Ordering::Relaxed);
+        self.attempts.set_limits([attempt_limit(config)]);
     }
 
     /// Decides on one upgrade from `ip` arriving on `shard`: counts the attempt, then takes a
     /// place on the address, the shard and the server, or refuses and takes none.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, shard: usize, now: Instant) -> Result<Ticket, Refusal> {
         let key = ClientKey::of(ip);
-        if let Some(attempts) = &self.attempts {
-            attempts.take(&key, 0, now).map_err(|retry_after| Refusal::AttemptsPerIp { retry_after })?;
-        }
+        self.attempts.take(&key, 0, now).map_err(|retry_after| Refusal::AttemptsPerIp { retry_after })?;
         self.take_ip(key)?;
-        if !take_below(&self.per_shard[shard], self.max_per_shard) {
+        if !take_below(&self.per_shard[shard], self.max_per_shard.load(Ordering::Relaxed)) {
             self.release_ip(key);
             return Err(Refusal::PerShard);
         }
-        if !take_below(&self.connections, self.max_connections) {
+        if !take_below(&self.connections, self.max_connections.load(Ordering::Relaxed)) {
             self.per_shard[shard].fetch_sub(1, Ordering::Relaxed);
             self.release_ip(key);
             return Err(Refusal::MaxConnections);
@@ -149,14 +155,12 @@ impl Admission {
 
     /// Addresses whose attempt bucket is remembered (not yet refilled).
     pub fn attempt_buckets(&self) -> usize {
-        self.attempts.as_ref().map_or(0, KeyedBuckets::len)
+        self.attempts.len()
     }
 
     /// Forgets the attempt buckets of addresses that have been quiet long enough to refill.
     pub fn sweep(&self, now: Instant) {
-        if let Some(attempts) = &self.attempts {
-            attempts.sweep(now);
-        }
+        self.attempts.sweep(now);
     }
 
     fn stripe(&self, key: ClientKey) -> &Mutex<HashMap<ClientKey, usize>> {
@@ -166,7 +170,7 @@ impl Admission {
     fn take_ip(&self, key: ClientKey) -> Result<(), Refusal> {
         let mut stripe = lock(self.stripe(key));
         let count = stripe.entry(key).or_insert(0);
-        if *count >= self.max_per_ip {
+        if *count >= self.max_per_ip.load(Ordering::Relaxed) {
             if *count == 0 {
                 stripe.remove(&key);
             }
@@ -202,6 +206,16 @@ impl Drop for Ticket {
     }
 }
 
+/// The attempts limit per address in force under `config` (0 requests: off).
+fn attempt_limit(config: &Config) -> Bucket {
+    let limit = config.rate_limits.connection_attempts_per_ip;
+    if config.rate_limits.enabled {
+        limit
+    } else {
+        Bucket { requests: 0, ..limit }
+    }
+}
+
 /// Adds one to `counter` unless it already holds `limit`.
 fn take_below(counter: &AtomicUsize, limit: usize) -> bool {
     counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1)).is_ok()
@@ -215,7 +229,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Bucket;
 
     fn admission(per_ip: usize, per_shard: usize, total: usize, attempts: Bucket) -> Arc<Admission> {
         let mut config = Config::default();
@@ -276,6 +289,29 @@ mod tests {
         assert_eq!(admission.attempt_buckets(), 2);
         admission.sweep(now + Duration::from_secs(3));
         assert_eq!(admission.attempt_buckets(), 0);
+    }
+
+    #[test]
+    fn new_limits_apply_to_later_upgrades_and_keep_taken_places() {
+        let admission = admission(1, 10, 10, NO_ATTEMPT_LIMIT);
+        let now = Instant::now();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let first = admission.admit(ip, 0, now).unwrap();
+        assert_eq!(admission.admit(ip, 0, now).err(), Some(Refusal::PerIp));
+        let mut config = Config::default();
+        config.limits.max_connections_per_ip = 2;
+        config.limits.max_connections = 2;
+        config.rate_limits.connection_attempts_per_ip = Bucket::new(60, 60, 1);
+        admission.set_limits(&config);
+        let second = admission.admit(ip, 1, now).unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(admission.admit(other, 1, now).err(), Some(Refusal::MaxConnections));
+        assert!(matches!(admission.admit(other, 1, now).err(), Some(Refusal::AttemptsPerIp { .. })));
+        config.limits.max_connections = 1;
+        admission.set_limits(&config);
+        assert_eq!(admission.connections(), 2, "places taken before stay");
+        drop((first, second));
+        assert_eq!(admission.connections(), 0);
     }
 
     #[test]

@@ -70,7 +70,7 @@ async fn accept_tls(
     stream: TcpStream,
     peer: SocketAddr,
 ) -> Option<TlsStream<TcpStream>> {
-    let timeout = state.borrow().cluster.config.limits.handshake_timeout;
+    let timeout = state.borrow_mut().config().limits.handshake_timeout;
     let failed = match compio::time::timeout(timeout, TlsAcceptor::from(tls).accept(stream)).await {
         Ok(Ok(stream)) => return Some(stream),
         failed => failed,
@@ -100,7 +100,7 @@ async fn serve_http<S: Transport>(
     mut stream: S,
     peer: SocketAddr,
 ) -> Option<Upgrade<S>> {
-    let config = state.borrow().cluster.config.clone();
+    let config = state.borrow_mut().config();
     let limits = &config.limits;
     let mut head_bytes = Vec::new();
     let head = compio::time::timeout(
@@ -154,7 +154,7 @@ async fn serve_http<S: Transport>(
 
 /// A request on the metrics address: `/metrics` and `/health` only.
 pub(super) async fn serve_metrics(state: Rc<RefCell<ShardState>>, mut stream: TcpStream) {
-    let limits = state.borrow().cluster.config.limits.clone();
+    let limits = state.borrow_mut().config().limits.clone();
     let mut head_bytes = Vec::new();
     let read = read_head(&mut stream, &mut head_bytes, limits.max_request_header_bytes, limits.max_request_headers);
     let response = match compio::time::timeout(limits.handshake_timeout, read).await {
@@ -210,7 +210,7 @@ fn config_limits(state: &Rc<RefCell<ShardState>>, head: &RequestHead) -> Vec<u8>
     if head.method != "GET" {
         return http::error_response(405, "use GET");
     }
-    let body = super::http::limits_json(&state.borrow().cluster.config);
+    let body = super::http::limits_json(&state.borrow_mut().config());
     http::response(200, "application/json", body.as_bytes())
 }
 
@@ -362,6 +362,8 @@ async fn write_loop<S: Transport>(
             shard.metrics.count_sent(out.len() + shared.as_ref().map_or(0, Bytes::len));
             shard.conn(id).is_none_or(|c| c.session.is_closing())
         };
+        // While the shard drains, its deadline bounds every write (`shutdown_timeout`).
+        let bounded = closing && !state.borrow().is_draining();
         let written = if let Some(frames) = shared {
             // One shared batch: its head from `out`, its frames straight from the shard's copy.
             // Boxed: unboxed, this future made every idle writer larger (idle-memory scenario,
@@ -370,7 +372,7 @@ async fn write_loop<S: Transport>(
             let BufResult(result, (head, _)) = Box::pin(writer.write_vectored_all((out, (frames,)))).await;
             out = head;
             result.is_ok()
-        } else if closing {
+        } else if bounded {
             // Boxed: a closing write happens once, and an idle writer should not carry its timer.
             match Box::pin(compio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer.write_all(out))).await {
                 Ok(BufResult(result, returned)) => {

@@ -409,7 +409,7 @@ fn redis(page: &mut Exposition, cluster: &Cluster, now: Instant) {
         "Items of the Redis publish queue moved to the dead list (not valid publications).",
         metrics.queue_dead.load(Ordering::Relaxed),
     );
-    if cluster.config.redis.queue_consumer {
+    if cluster.config.get().redis.queue_consumer {
         page.single(
             "realtime_redis_publish_queue_length",
             Kind::Gauge,

@@ -17,14 +17,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use compio::driver::{DriverType, ProactorBuilder};
 use compio::net::TcpListener;
-use futures_util::future::{select, Either};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 pub use inbox::Inbox;
 
@@ -33,7 +32,8 @@ use crate::broker::memory::{HistoryPage, Position, Recovery};
 use crate::broker::redis::BridgeHandle;
 use crate::broker::{Joining, Publication};
 use crate::compression::ZstdSettings;
-use crate::config::{Config, Driver};
+use crate::config::reload::Reload;
+use crate::config::{Bucket, Config, Driver};
 use crate::protocol::pb;
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::KeyedBuckets;
@@ -44,8 +44,8 @@ use state::ShardState;
 
 /// How often a shard expires history and forgets idle channels.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
-/// How long a shutting-down shard gives connections to take their `Disconnect`.
-const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+/// How often a draining shard looks whether its connections have all ended.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
 
 /// What shards say to each other.
 #[derive(Debug)]
@@ -90,8 +90,9 @@ pub enum ShardMsg {
     /// The channel's history changed under its subscribers here: close their connections
     /// with 4003 so they reconnect and recover.
     Resubscribe { channel: Arc<str> },
-    /// Close every connection and stop.
-    Shutdown,
+    /// Tell every connection to go elsewhere, let them take what is queued for them until
+    /// `deadline`, then stop.
+    Shutdown { deadline: Instant },
 }
 
 /// Figures one shard keeps and anyone may read (relaxed atomics, written only by the shard).
@@ -160,12 +161,42 @@ impl ShardStats {
     }
 }
 
+/// The configuration in force. A reload replaces it whole; shards keep their own copy and
+/// look at the generation number to see that it changed, so using it costs one atomic load.
+pub struct LiveConfig {
+    current: RwLock<Arc<Config>>,
+    generation: AtomicU64,
+}
+
+impl LiveConfig {
+    fn new(config: Config) -> Self {
+        Self { current: RwLock::new(Arc::new(config)), generation: AtomicU64::new(0) }
+    }
+
+    /// The configuration in force now.
+    pub fn get(&self) -> Arc<Config> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes whenever the configuration is replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn replace(&self, config: Config) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// What all shards share: the config, every inbox, every shard's figures.
 pub struct Cluster {
-    pub config: Arc<Config>,
+    pub config: LiveConfig,
     pub inboxes: Vec<Inbox<ShardMsg>>,
     pub stats: Vec<ShardStats>,
     pub started_at: Instant,
+    /// Cleared on shutdown before the listeners stop, so their accept loops end quietly.
+    pub accepting: AtomicBool,
     pub draining: AtomicBool,
     pub local_addr: SocketAddr,
     /// Where `/metrics` and `/health` are also served, alone (`metrics_listen`).
@@ -189,7 +220,29 @@ pub struct Cluster {
 /// A running server: its shards and the address they listen on.
 pub struct Server {
     pub cluster: Arc<Cluster>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<DrainReport>>,
+    /// The shards' listening sockets (duplicated descriptors), so that shutdown can stop them
+    /// all at once from this thread.
+    listeners: Vec<std::net::TcpListener>,
+}
+
+/// How a shutdown went for the connections open when it began (and any upgraded during it).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Connections that ended before the timeout: they took what was queued for them and
+    /// their `Disconnect`, or left by themselves.
+    pub drained: usize,
+    /// Connections still open at `shutdown_timeout`, closed with whatever they had not taken.
+    pub cut: usize,
+}
+
+/// Why a reload was refused. Nothing of it was applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadRefusal {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl Server {
@@ -213,6 +266,7 @@ impl Server {
             None => None,
         };
         let metrics_addr = metrics_listener.as_ref().map(std::net::TcpListener::local_addr).transpose()?;
+        let stoppers = listeners.iter().map(std::net::TcpListener::try_clone).collect::<io::Result<Vec<_>>>()?;
         let redis_url = config.redis_url().map(str::to_owned);
         let (redis, bridge_inputs) = match redis_url {
             Some(url) => {
@@ -243,8 +297,7 @@ impl Server {
                 );
             }
         }
-        let r = &config.rate_limits;
-        let users = Arc::new(KeyedBuckets::new([r.user_commands, r.user_publishes]));
+        let users = Arc::new(KeyedBuckets::new(user_limits(&config)));
         let cluster = Arc::new(Cluster {
             verifier: auth.verifier,
             users,
@@ -254,8 +307,9 @@ impl Server {
             tls,
             zstd,
             redis_metrics: Default::default(),
-            config: Arc::new(config),
+            config: LiveConfig::new(config),
             started_at: Instant::now(),
+            accepting: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             local_addr,
             metrics_addr,
@@ -267,12 +321,13 @@ impl Server {
                 .name("redis-bridge".into())
                 .spawn(move || crate::broker::redis::run(url, cluster, requests, up))?;
         }
+        let pin_shards = cluster.config.get().pin_shards;
         let cores = allowed_cores();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::with_capacity(shards);
         for (id, listener) in listeners.into_iter().enumerate() {
             let cluster = cluster.clone();
-            let core = cluster.config.pin_shards.then(|| cores[id % cores.len()]);
+            let core = pin_shards.then(|| cores[id % cores.len()]);
             let started = started_tx.clone();
             // Shard 0 also serves the metrics address: a scrape is rare and small.
             let metrics_listener = metrics_listener.take();
@@ -282,7 +337,7 @@ impl Server {
             threads.push(thread);
         }
         drop(started_tx);
-        let server = Server { cluster, threads };
+        let server = Server { cluster, threads, listeners: stoppers };
         // Nothing runs half-started: every shard is up, or the server stops and says why.
         for _ in 0..shards {
             let failure = match started_rx.recv() {
@@ -305,42 +360,76 @@ impl Server {
         self.cluster.metrics_addr
     }
 
-    /// Loads the TLS certificate and key again (SIGHUP): new connections use the new pair,
-    /// open ones keep theirs; a pair that does not load leaves the old one in use.
-    pub fn reload_tls(&self) {
-        let Some(tls) = &self.cluster.tls else {
-            tracing::info!("reload asked for, but TLS is off; nothing to reload");
-            return;
-        };
-        match tls.reload() {
-            Ok(()) => tracing::info!(
-                cert_file = %tls.cert_file().display(),
-                key_file = %tls.key_file().display(),
-                reloads = tls.reloads(),
-                "TLS certificate reloaded; new connections use it"
-            ),
-            Err(err) => tracing::error!(error = %err, "TLS certificate not reloaded; the previous one stays in use"),
-        }
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.cluster.config.get()
     }
 
-    /// Asks every shard to close its connections and stop, then waits for them.
-    pub fn shutdown(self) {
+    /// Puts `loaded` (validated, its files checked) in force as far as a running server can
+    /// (SIGHUP): the settings of `config::reload::RELOADABLE` for every connection opened from
+    /// now on, shared limits (per user, admission) at once; and loads the TLS certificate and
+    /// key again. All or nothing: when the settings do not fit or the certificate does not
+    /// load, nothing changes and the reason is returned.
+    pub fn reload(&self, loaded: &Config) -> Result<Reload, ReloadRefusal> {
+        let reload = Reload::plan(&self.cluster.config.get(), loaded)?;
+        let certificate = match &self.cluster.tls {
+            Some(tls) => Some(tls.load_again()?),
+            None => None,
+        };
+        self.cluster.users.set_limits(user_limits(&reload.config));
+        self.cluster.admission.set_limits(&reload.config);
+        self.cluster.config.replace(reload.config.clone());
+        if let (Some(tls), Some(certificate)) = (&self.cluster.tls, certificate) {
+            tls.install(certificate);
+        }
+        Ok(reload)
+    }
+
+    /// Stops accepting on every shard, then tells every client to reconnect elsewhere and
+    /// gives them up to `shutdown_timeout` to take what is queued for them; waits for the
+    /// shards to stop.
+    pub fn shutdown(self) -> DrainReport {
+        // Every listener stops before any client hears of the shutdown, so none that is told
+        // to go elsewhere can come back here. shutdown(2) on a listening socket takes it out
+        // of the port at once; its accept loop then fails and ends.
+        self.cluster.accepting.store(false, Ordering::SeqCst);
+        for listener in &self.listeners {
+            if let Err(err) = SockRef::from(listener).shutdown(std::net::Shutdown::Read) {
+                tracing::warn!(error = %err, "cannot stop a listener; it goes when its shard stops");
+            }
+        }
         self.cluster.draining.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + self.cluster.config.get().shutdown_timeout;
         for inbox in &self.cluster.inboxes {
-            let mut msg = ShardMsg::Shutdown;
+            let mut msg = ShardMsg::Shutdown { deadline };
             while let Err(back) = inbox.push(msg) {
                 msg = back;
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        self.join();
+        self.join()
     }
 
     /// Waits until every shard has stopped.
-    pub fn join(self) {
+    pub fn join(self) -> DrainReport {
+        let mut total = DrainReport::default();
         for thread in self.threads {
-            let _ = thread.join();
+            if let Ok(report) = thread.join() {
+                total.drained += report.drained;
+                total.cut += report.cut;
+            }
         }
+        total
+    }
+}
+
+/// The per-user buckets (`[commands, publishes]`) in force under `config`.
+fn user_limits(config: &Config) -> [Bucket; 2] {
+    let r = &config.rate_limits;
+    if r.enabled {
+        [r.user_commands, r.user_publishes]
+    } else {
+        [Bucket::new(0, 60, 0); 2]
     }
 }
 
@@ -454,21 +543,30 @@ fn run_shard(
     metrics_listener: Option<std::net::TcpListener>,
     core: Option<usize>,
     started: Started,
-) {
-    let (runtime, kind) = match first_runtime(id, cluster.config.driver, core) {
+) -> DrainReport {
+    let (runtime, kind) = match first_runtime(id, cluster.config.get().driver, core) {
         Ok(built) => built,
-        Err(err) => return refuse(&started, id, "cannot start the shard's runtime", err),
+        Err(err) => {
+            refuse(&started, id, "cannot start the shard's runtime", err);
+            return DrainReport::default();
+        }
     };
     let driver = if runtime.driver_type().is_iouring() { 1 } else { 2 };
     cluster.stats[id].driver.store(driver, Ordering::Relaxed);
-    runtime.block_on(async move {
+    let report = runtime.block_on(async move {
         let listener = match TcpListener::from_std(listener) {
             Ok(listener) => listener,
-            Err(err) => return refuse(&started, id, "cannot register the listener", err),
+            Err(err) => {
+                refuse(&started, id, "cannot register the listener", err);
+                return DrainReport::default();
+            }
         };
         let metrics_listener = match metrics_listener.map(TcpListener::from_std).transpose() {
             Ok(listener) => listener,
-            Err(err) => return refuse(&started, id, "cannot register the metrics listener", err),
+            Err(err) => {
+                refuse(&started, id, "cannot register the metrics listener", err);
+                return DrainReport::default();
+            }
         };
         tracing::info!(shard = id, driver = cluster.stats[id].driver_name(), ?kind, core = ?core, "shard started");
         let _ = started.send(Ok(()));
@@ -485,14 +583,12 @@ fn run_shard(
             // State shared by every shard is swept by one.
             compio::runtime::spawn(cleanup_loop(state.borrow().cluster.clone())).detach();
         }
-        let accepting = Box::pin(accept_loop(listener, state.clone()));
-        let inbox = Box::pin(inbox_loop(state.clone()));
-        if let Either::Left(_) = select(accepting, inbox).await {
-            return;
-        }
-        close_all(&state).await;
+        compio::runtime::spawn(accept_loop(listener, state.clone())).detach();
+        let deadline = inbox_loop(state.clone()).await;
+        drain(&state, deadline).await
     });
-    tracing::info!(shard = id, "shard stopped");
+    tracing::info!(shard = id, drained = report.drained, cut = report.cut, "shard stopped");
+    report
 }
 
 fn refuse(started: &Started, id: usize, what: &str, err: io::Error) {
@@ -510,6 +606,7 @@ async fn accept_loop(listener: TcpListener, state: Rc<RefCell<ShardState>>) {
             Ok((stream, peer)) => {
                 compio::runtime::spawn(conn::serve(state.clone(), stream, peer)).detach();
             }
+            Err(_) if !state.borrow().cluster.accepting.load(Ordering::SeqCst) => return,
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning; the backlog waits.
                 tracing::warn!(shard = state.borrow().id, error = %err, "accept failed");
@@ -532,8 +629,8 @@ async fn metrics_accept_loop(listener: TcpListener, state: Rc<RefCell<ShardState
     }
 }
 
-/// Drains the inbox in batches; returns when told to shut down.
-async fn inbox_loop(state: Rc<RefCell<ShardState>>) {
+/// Drains the inbox in batches; returns the drain's deadline when told to shut down.
+async fn inbox_loop(state: Rc<RefCell<ShardState>>) -> Instant {
     let cluster = state.borrow().cluster.clone();
     let id = state.borrow().id;
     let inbox = &cluster.inboxes[id];
@@ -541,8 +638,8 @@ async fn inbox_loop(state: Rc<RefCell<ShardState>>) {
         inbox.ready().await;
         let mut shard = state.borrow_mut();
         while let Some(msg) = inbox.pop() {
-            if let ShardMsg::Shutdown = msg {
-                return;
+            if let ShardMsg::Shutdown { deadline } = msg {
+                return deadline;
             }
             shard.handle_msg(msg);
         }
@@ -576,23 +673,27 @@ async fn pacing_loop(state: Rc<RefCell<ShardState>>) {
 
 /// Lets every session act on the passing of time (overdue acknowledgements).
 async fn timeout_loop(state: Rc<RefCell<ShardState>>) {
-    let config = state.borrow().cluster.config.clone();
-    // A quarter of the shortest timeout keeps resends and pings within 25 % of their deadline.
-    let shortest =
-        config.acks.timeout.min(config.heartbeat.interval).min(config.auth.expiry_grace.max(Duration::from_millis(20)));
-    let period = (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
-    let mut interval = compio::time::interval(period);
+    let mut period = Duration::MAX;
     loop {
-        interval.tick().await;
+        // A quarter of the shortest timeout keeps resends and pings within 25 % of their
+        // deadline. It only ever shortens: connections opened before a reload keep the
+        // timeouts they started with.
+        let config = state.borrow_mut().config();
+        let shortest = config
+            .acks
+            .timeout
+            .min(config.heartbeat.interval)
+            .min(config.auth.expiry_grace.max(Duration::from_millis(20)));
+        period = period.min((shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1)));
+        compio::time::sleep(period).await;
         state.borrow_mut().on_tick(Instant::now());
     }
 }
 
 /// Forgets the rate-limit buckets of users and addresses that left (or calmed down).
 async fn cleanup_loop(cluster: Arc<Cluster>) {
-    let mut interval = compio::time::interval(cluster.config.cleanup.interval);
     loop {
-        interval.tick().await;
+        compio::time::sleep(cluster.config.get().cleanup.interval).await;
         cluster.users.sweep(Instant::now());
         cluster.admission.sweep(Instant::now());
     }
@@ -606,19 +707,17 @@ async fn sweep_loop(state: Rc<RefCell<ShardState>>) {
     }
 }
 
-/// Tells every connection to go elsewhere and gives them a moment to take it.
-async fn close_all(state: &Rc<RefCell<ShardState>>) {
-    {
-        let mut shard = state.borrow_mut();
-        for id in shard.conn_ids() {
-            if let Some(conn) = shard.conn(id) {
-                conn.session.close(CloseCode::Shutdown, "server shutting down".into());
-            }
-            shard.drive(id);
+/// Tells every connection to go elsewhere, after what is already queued for it, and waits
+/// until all have ended or `deadline` passed.
+async fn drain(state: &Rc<RefCell<ShardState>>, deadline: Instant) -> DrainReport {
+    state.borrow_mut().close_all(CloseCode::Shutdown, "server shutting down");
+    loop {
+        let now = Instant::now();
+        if state.borrow().connection_count() == 0 || now >= deadline {
+            break;
         }
+        compio::time::sleep((deadline - now).min(DRAIN_POLL)).await;
     }
-    let deadline = Instant::now() + SHUTDOWN_FLUSH;
-    while state.borrow().connection_count() > 0 && Instant::now() < deadline {
-        compio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let shard = state.borrow();
+    DrainReport { drained: shard.drained(), cut: shard.connection_count() }
 }

@@ -18,6 +18,7 @@ use crate::broker::memory::{ChannelTable, Mirrored, Position, Recovery};
 use crate::broker::redis::BridgeRequest;
 use crate::broker::{owner_shard, Joining, Publication};
 use crate::compression::{CompressionCounters, SharedBatches};
+use crate::config::Config;
 use crate::metrics::{channel_slot, CommandKind, LocalMetrics, RequestClock, UPDATE_TYPES};
 use crate::protocol::push::encode_update_body;
 use crate::protocol::{pb, CloseCode, ErrorCode};
@@ -45,7 +46,15 @@ pub(crate) struct Conn {
 pub(crate) struct ShardState {
     pub id: usize,
     pub cluster: Arc<Cluster>,
-    pub limits: Rc<SessionLimits>,
+    /// The configuration as this shard last looked (see `config`), and its generation.
+    config: Arc<Config>,
+    config_generation: u64,
+    /// What new sessions enforce, made from `config`.
+    limits: Rc<SessionLimits>,
+    /// Shutting down: every connection is told to go elsewhere, new ones too.
+    draining: bool,
+    /// Connections that ended while draining.
+    drained: usize,
     conns: Slab<Conn>,
     next_generation: u32,
     router: Router,
@@ -70,18 +79,20 @@ pub(crate) struct ShardState {
 impl ShardState {
     pub fn new(id: usize, cluster: Arc<Cluster>) -> Self {
         let shards = cluster.inboxes.len();
-        let max_channels = cluster.config.limits.max_channels.div_ceil(shards);
-        let channels = ChannelTable::new(shards, max_channels, cluster.config.history_policy());
+        let config_generation = cluster.config.generation();
+        let config = cluster.config.get();
+        let max_channels = config.limits.max_channels.div_ceil(shards);
+        let channels = ChannelTable::new(shards, max_channels, config.history_policy());
         let metrics = Rc::new(LocalMetrics::default());
         Self {
             id,
-            limits: Rc::new(SessionLimits {
-                zstd: cluster.zstd.clone(),
-                metrics: metrics.clone(),
-                ..SessionLimits::from_config(&cluster.config, cluster.verifier.clone(), cluster.users.clone())
-            }),
+            limits: session_limits(&cluster, &config, &metrics),
             batches: SharedBatches::new(cluster.zstd.clone()),
-            pacing: Pacing::new(cluster.config.delivery.batch_interval),
+            pacing: Pacing::new(config.delivery.batch_interval),
+            config,
+            config_generation,
+            draining: false,
+            drained: 0,
             cluster,
             conns: Slab::new(),
             next_generation: 0,
@@ -102,18 +113,58 @@ impl ShardState {
         self.conns.len()
     }
 
-    /// Registers an upgraded connection and returns its id.
+    /// The configuration in force, taken again when a reload replaced it.
+    pub fn config(&mut self) -> Arc<Config> {
+        let generation = self.cluster.config.generation();
+        if generation != self.config_generation {
+            self.config_generation = generation;
+            self.config = self.cluster.config.get();
+            self.limits = session_limits(&self.cluster, &self.config, &self.metrics);
+        }
+        self.config.clone()
+    }
+
+    /// Registers an upgraded connection and returns its id. Its session enforces the
+    /// configuration in force now, and keeps it for its whole life (its `ConnectResult` told
+    /// the client those limits).
     pub fn add_conn(&mut self) -> ConnId {
+        self.config();
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
         let entry = self.conns.vacant_entry();
         let id = ConnId { index: entry.key() as u32, generation };
         let client_id: Arc<str> = Arc::from(ConnLabel { shard: self.id, conn: id }.to_string());
-        let session = Session::new(client_id, self.limits.clone(), Instant::now());
+        let mut session = Session::new(client_id, self.limits.clone(), Instant::now());
+        if self.draining {
+            // Upgraded while the shard drains: told at once to go elsewhere, like the others.
+            session.close(CloseCode::Shutdown, "server shutting down".into());
+        }
         entry.insert(Conn { generation, session, writer: None, reader_done: false, last_write_epoch: 0, paced: false });
         self.stats().connections.fetch_add(1, Ordering::Relaxed);
         self.stats().accepted.fetch_add(1, Ordering::Relaxed);
         id
+    }
+
+    /// Shutdown: closes every session with `code`, after what is already queued for it (see
+    /// `Session::close`), and every session opened from now on too.
+    pub fn close_all(&mut self, code: CloseCode, detail: &str) {
+        self.draining = true;
+        for id in self.conn_ids() {
+            if let Some(conn) = self.conn(id) {
+                conn.session.close(code, detail.into());
+            }
+            self.drive(id);
+        }
+    }
+
+    /// Whether the shard is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Connections that ended since the shard began draining.
+    pub fn drained(&self) -> usize {
+        self.drained
     }
 
     pub fn conn(&mut self, id: ConnId) -> Option<&mut Conn> {
@@ -344,7 +395,7 @@ impl ShardState {
                 }
             }
             ShardMsg::Deliver(publication) => self.deliver(&publication),
-            ShardMsg::Shutdown => {}
+            ShardMsg::Shutdown { .. } => {}
         }
     }
 
@@ -546,6 +597,9 @@ impl ShardState {
             }
         }
         self.stats().connections.fetch_sub(1, Ordering::Relaxed);
+        if self.draining {
+            self.drained += 1;
+        }
     }
 
     /// Ids of every connection, for shutdown.
@@ -594,6 +648,17 @@ impl ShardState {
     fn stats(&self) -> &super::ShardStats {
         &self.cluster.stats[self.id]
     }
+}
+
+/// What sessions opened under `config` enforce.
+fn session_limits(cluster: &Cluster, config: &Config, metrics: &Rc<LocalMetrics>) -> Rc<SessionLimits> {
+    Rc::new(SessionLimits {
+        // Dictionaries are files: the server loaded them once, at start.
+        zstd: cluster.zstd.clone(),
+        // One tally per shard, whichever configuration its sessions were opened under.
+        metrics: metrics.clone(),
+        ..SessionLimits::from_config(config, cluster.verifier.clone(), cluster.users.clone())
+    })
 }
 
 /// The wall clock for sessions.

@@ -30,21 +30,28 @@ impl TestServer {
     /// Tokens signed with [`SECRET`] are accepted; rate limits are off unless `env` turns them
     /// on (tests that are not about them publish far faster than a phone would).
     pub fn start_at(listen: &str, shards: usize, env: &[(&str, &str)]) -> TestServer {
-        Self::spawn(listen, shards, env, &[], Stdio::inherit())
+        Self::start_with(listen, shards, &[], env, Stdio::inherit())
     }
 
     /// Starts the binary like [`TestServer::start`] with extra `serve` flags, writing what it
     /// logs (its stderr) to the file `log`.
     pub fn start_logging_to(log: &Path, shards: usize, env: &[(&str, &str)], flags: &[&str]) -> TestServer {
         let file = std::fs::File::create(log).expect("create the log file");
-        Self::spawn("127.0.0.1:0", shards, env, flags, Stdio::from(file))
+        Self::start_with("127.0.0.1:0", shards, flags, env, file)
     }
 
-    fn spawn(listen: &str, shards: usize, env: &[(&str, &str)], flags: &[&str], stderr: Stdio) -> TestServer {
+    /// Starts the binary with more arguments (e.g. `--config FILE`), its log going to `stderr`.
+    pub fn start_with(
+        listen: &str,
+        shards: usize,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: impl Into<Stdio>,
+    ) -> TestServer {
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--listen", listen, "--shards", &shards.to_string()])
-            .args(flags)
+            .args(args)
             .env("RUST_LOG", "warn")
             .env("ROUTOPIA_AUTH__HMAC_SECRET", SECRET)
             .env("ROUTOPIA_RATE_LIMITS__ENABLED", "false")
@@ -95,6 +102,30 @@ impl TestServer {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         self.child.wait().expect("wait for the server")
+    }
+
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("look at the server process").is_none()
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait for the server")
+    }
+
+    /// Waits for the process to exit without blocking the thread, so the test's clients go on
+    /// reading meanwhile (bounded by [`within`]).
+    pub async fn exited(&mut self) -> std::process::ExitStatus {
+        within("the server's exit", async {
+            loop {
+                if let Some(status) = self.child.try_wait().expect("look at the server process") {
+                    return status;
+                }
+                compio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
     }
 
     /// Sends `signal` (e.g. `libc::SIGHUP`) to the server process.
@@ -376,5 +407,50 @@ impl<S: Write> Write for Retrying<S> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
+    }
+}
+
+/// A socket standing in for systemd's notification socket: start a server with
+/// `("NOTIFY_SOCKET", notifications.path())` and read what it reports.
+pub struct Notifications {
+    socket: std::os::unix::net::UnixDatagram,
+    path: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Notifications {
+    pub fn bind() -> Notifications {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind the notification socket");
+        socket.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        Notifications { socket, path: path.display().to_string(), _dir: dir }
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The next notification (one datagram: `KEY=value` lines).
+    pub fn next(&self) -> String {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match self.socket.recv(&mut buffer) {
+                Ok(n) => return String::from_utf8_lossy(&buffer[..n]).into_owned(),
+                // See `Retrying`: a compio test's completions interrupt blocking calls.
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => panic!("no notification within 60 s: {err}"),
+            }
+        }
+    }
+
+    /// Reads notifications until one has the line `line`, and returns that one.
+    pub fn wait_for(&self, line: &str) -> String {
+        loop {
+            let message = self.next();
+            if message.lines().any(|l| l == line) {
+                return message;
+            }
+        }
     }
 }

@@ -127,24 +127,25 @@ pub fn run(url: String, cluster: Arc<Cluster>, requests: mpsc::Receiver<BridgeRe
         Ok(runtime) => runtime,
         Err(err) => return tracing::error!(error = %err, "cannot start the Redis bridge"),
     };
+    let config = cluster.config.get();
     let bridge = Bridge {
         url,
-        policy: cluster.config.history_policy(),
-        max_positions: cluster.config.acks.max_positions_per_channel,
-        prefix: cluster.config.redis.prefix.clone(),
+        policy: config.history_policy(),
+        max_positions: config.acks.max_positions_per_channel,
+        prefix: config.redis.prefix.clone(),
         cluster,
         up,
         listening: HashSet::new(),
     };
     if cluster_queue_consumer(&bridge.cluster) {
-        let consumer = queue::Consumer::new(&bridge.url, &bridge.cluster, bridge.policy.clone());
+        let consumer = queue::Consumer::new(&bridge.url, bridge.cluster.clone(), bridge.policy.clone());
         runtime.spawn(consumer.run());
     }
     runtime.block_on(bridge.serve(requests));
 }
 
 fn cluster_queue_consumer(cluster: &Cluster) -> bool {
-    cluster.config.redis.queue_consumer
+    cluster.config.get().redis.queue_consumer
 }
 
 struct Bridge {

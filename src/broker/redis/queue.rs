@@ -32,14 +32,13 @@ pub(super) struct Consumer {
     in_flight: String,
     dead: String,
     policy: HistoryPolicy,
-    max_channel_length: usize,
-    max_payload_size: usize,
+    /// For the limits in force (a reload may change them).
     cluster: Arc<Cluster>,
 }
 
 impl Consumer {
-    pub(super) fn new(url: &str, cluster: &Arc<Cluster>, policy: HistoryPolicy) -> Self {
-        let config = &cluster.config;
+    pub(super) fn new(url: &str, cluster: Arc<Cluster>, policy: HistoryPolicy) -> Self {
+        let config = cluster.config.get();
         let prefix = config.redis.prefix.clone();
         let node_id = if config.redis.node_id.is_empty() {
             format!("{}:{}", host_name(), cluster.local_addr.port())
@@ -53,9 +52,7 @@ impl Consumer {
             dead: format!("{prefix}:queue:dead"),
             prefix,
             policy,
-            max_channel_length: config.limits.max_channel_length,
-            max_payload_size: config.limits.max_payload_size,
-            cluster: cluster.clone(),
+            cluster,
         }
     }
 
@@ -153,7 +150,8 @@ impl Consumer {
     fn decode(&self, item: &[u8]) -> Result<(Arc<str>, pb::Update), String> {
         let publish = pb::Publish::decode(item).map_err(|err| format!("not a Publish message: {err}"))?;
         let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
-        accept_publish(publish, unix_us, self.max_channel_length, self.max_payload_size)
+        let limits = &self.cluster.config.get().limits;
+        accept_publish(publish, unix_us, limits.max_channel_length, limits.max_payload_size)
             .map_err(|refused| refused.message)
     }
 }
