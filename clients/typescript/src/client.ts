@@ -126,6 +126,8 @@ export interface ClientEvents {
   reconnected: ReconnectedEvent;
   rateLimit: RateLimitEvent;
   tokenRefreshed: { expiresAtUnix: number };
+  /** The server's reminder that the token expires soon (refreshed by itself with `autoRefresh` and `getToken`). */
+  tokenExpiring: { expiresAtUnix: number };
   error: Error;
   /** Every update of every channel, after recovery and ordering. */
   update: Update;
@@ -741,10 +743,13 @@ export class RealTimeClient extends Emitter<ClientEvents> {
         case "update":
           this.onUpdate(frame.kind.value);
           break;
-        case "tokenExpiring":
-          this.log("info", "the server says the token expires soon");
-          void this.refresh();
+        case "tokenExpiring": {
+          const expiresAtUnix = Number(frame.kind.value.expiresAtUnix);
+          this.log("info", `the server says the token expires at ${expiresAtUnix}`);
+          this.emit("tokenExpiring", { expiresAtUnix });
+          if (this.opts.autoRefresh) void this.refresh();
           break;
+        }
         case "disconnect": {
           const { code, reason, reconnect } = frame.kind.value;
           this.lastDisconnect = { code, reason, reconnect };
