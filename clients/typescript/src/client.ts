@@ -496,7 +496,7 @@ export class RealTimeClient extends Emitter<ClientEvents> {
   /** A socket ended (closed by either side, or found dead). */
   private connectionEnded(generation: number, closeCode: number, closeReason: string, socket: SocketLike | null): void {
     if (generation !== this.generation) return;
-    this.generation++;
+    const ended = ++this.generation;
     if (socket && this.socket === socket) this.socket = null;
     const wasConnected = this.currentState === "connected";
     this.stopTimers();
@@ -518,13 +518,16 @@ export class RealTimeClient extends Emitter<ClientEvents> {
 
     if (!wasConnected) this.attempts++;
     const willReconnect = this.opts.autoReconnect && reconnect && this.attempts < this.opts.maxRetries;
+    // The state is settled before listeners hear of the loss.
+    this.currentState = willReconnect ? "reconnecting" : "closed";
     if (wasConnected) {
       this.emit("disconnected", { code, reason, name: meaning.name, meaning: meaning.meaning, reconnect, willReconnect });
     } else {
       this.log("warn", `connection attempt failed: ${code} ${meaning.name}${reason ? ` (${reason})` : ""}`);
     }
+    // A listener may have called close() or connect().
+    if (this.generation !== ended || this.currentState !== (willReconnect ? "reconnecting" : "closed")) return;
     if (willReconnect) {
-      this.currentState = "reconnecting";
       const delay = backoffDelay(this.opts.backoff, this.attempts);
       this.log("info", `reconnecting in ${Math.round(delay)} ms`);
       this.timers.reconnect = setTimeout(() => {
@@ -536,7 +539,6 @@ export class RealTimeClient extends Emitter<ClientEvents> {
     const err = reconnect
       ? new DisconnectedError(code, `${reason ? reason + "; " : ""}gave up after ${this.attempts} failed attempts`)
       : new DisconnectedError(code, reason);
-    this.currentState = "closed";
     this.dropRequests(err, true);
     this.rejectConnect(err);
     this.emit("error", err);
