@@ -6,8 +6,11 @@ import { createServer, connect } from "node:net";
 import { fileURLToPath } from "node:url";
 import { within } from "./wait.js";
 
-/** The binary under test: $ROUTOPIA_BIN, or the workspace's debug build. */
-export const BIN = process.env.ROUTOPIA_BIN ?? fileURLToPath(new URL("../../../../../target/debug/routopia-realtime", import.meta.url));
+/**
+ * The binary under test: $REALTIME_SERVER_BIN, or the workspace's debug build. (Not a
+ * `ROUTOPIA_*` name: the server reads those as its settings.)
+ */
+export const BIN = process.env.REALTIME_SERVER_BIN ?? fileURLToPath(new URL("../../../../../target/debug/routopia-realtime", import.meta.url));
 
 export const SECRET = "routopia-ts-test-secret-0123456789abcdef";
 
@@ -46,7 +49,8 @@ export class RealtimeServer {
     if (options.broker) args.push("--broker", options.broker);
     const child = spawn(BIN, args, {
       env: {
-        ...process.env,
+        // The test's own settings only, not whatever ROUTOPIA_* the calling shell has.
+        ...Object.fromEntries(Object.entries(process.env).filter(([name]) => !name.startsWith("ROUTOPIA_"))),
         RUST_LOG: "warn",
         ROUTOPIA_AUTH__HMAC_SECRET: SECRET,
         ROUTOPIA_RATE_LIMITS__ENABLED: "false",
