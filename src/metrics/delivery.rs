@@ -30,32 +30,25 @@ fn bucket_value(index: usize) -> u64 {
 }
 
 /// Latencies of one shard's deliveries since the last drain, by update type.
+#[derive(Default)]
 pub struct DeliveryLatencies {
-    /// Allocated on the first delivery of a type.
-    counts: [Option<Box<[u32; BUCKETS]>>; UPDATE_TYPES],
+    /// By type; allocated on the first delivery.
+    counts: Option<Box<[[u32; BUCKETS]; UPDATE_TYPES]>>,
     sums: [u64; UPDATE_TYPES],
 }
 
-impl Default for DeliveryLatencies {
-    fn default() -> Self {
-        Self { counts: Default::default(), sums: [0; UPDATE_TYPES] }
-    }
-}
-
 impl DeliveryLatencies {
+    /// The buckets to count into (made on first use, kept after).
     #[inline]
-    pub fn record(&mut self, slot: usize, latency_us: u64) {
-        let latency_us = latency_us.min(LATENCY_MAX_US);
-        let counts = self.counts[slot].get_or_insert_with(|| Box::new([0; BUCKETS]));
-        let count = &mut counts[bucket(latency_us)];
-        *count = count.saturating_add(1);
-        self.sums[slot] += latency_us;
+    pub fn counts(&mut self) -> DeliveryCounts<'_> {
+        let counts = self.counts.get_or_insert_with(|| Box::new([[0; BUCKETS]; UPDATE_TYPES]));
+        DeliveryCounts { counts, sums: &mut self.sums }
     }
 
     /// Adds what was recorded to `into` (a histogram per type, made when needed) and starts again.
     pub fn drain_into(&mut self, into: &mut [Option<Box<Timing>>; UPDATE_TYPES]) {
-        for (slot, counts) in self.counts.iter_mut().enumerate() {
-            let Some(counts) = counts.as_deref_mut() else { continue };
+        let Some(all) = self.counts.as_deref_mut() else { return };
+        for (slot, counts) in all.iter_mut().enumerate() {
             let sum = std::mem::take(&mut self.sums[slot]);
             if counts.iter().all(|&c| c == 0) {
                 continue;
@@ -66,6 +59,23 @@ impl DeliveryLatencies {
             }
             timing.add_to_sum(sum);
         }
+    }
+}
+
+/// Where one write's deliveries are counted.
+pub struct DeliveryCounts<'a> {
+    counts: &'a mut [[u32; BUCKETS]; UPDATE_TYPES],
+    sums: &'a mut [u64; UPDATE_TYPES],
+}
+
+impl DeliveryCounts<'_> {
+    /// `slot` is below `UPDATE_TYPES` (`type_slot`).
+    #[inline]
+    pub fn record(&mut self, slot: usize, latency_us: u64) {
+        let latency_us = latency_us.min(LATENCY_MAX_US);
+        let count = &mut self.counts[slot][bucket(latency_us)];
+        *count = count.wrapping_add(1);
+        self.sums[slot] += latency_us;
     }
 }
 
@@ -94,10 +104,11 @@ mod tests {
     #[test]
     fn drained_latencies_become_histograms_with_their_exact_sum() {
         let mut latencies = DeliveryLatencies::default();
+        let mut counts = latencies.counts();
         for value in [40, 40, 2_000, 9_000_000] {
-            latencies.record(1, value);
+            counts.record(1, value);
         }
-        latencies.record(1, u64::MAX);
+        counts.record(1, u64::MAX);
         let mut into = Default::default();
         latencies.drain_into(&mut into);
         let route: &[Option<Box<Timing>>; UPDATE_TYPES] = &into;

@@ -194,10 +194,11 @@ impl LocalMetrics {
     pub fn record_deliveries<'a>(&self, now: Instant, publications: impl Iterator<Item = &'a Publication>) {
         let now_us = clock_us(now);
         let mut deliveries = self.deliveries.borrow_mut();
+        let mut counts = deliveries.counts();
         for publication in publications {
             let slot = type_slot(publication.update_type);
             bump(&self.delivered[slot], 1);
-            deliveries.record(slot, now_us.saturating_sub(publication.accepted_us));
+            counts.record(slot, now_us.saturating_sub(publication.accepted_us));
         }
     }
 
