@@ -278,7 +278,8 @@ fn keys_are_enforced_missing_wrong_and_rotated() {
 
 #[test]
 fn keys_from_the_environment_and_none_configured() {
-    let both = format!("[\"{KEY}\", \"{NEW_KEY}\"]");
+    // The README's syntax: a list in brackets, keys unquoted.
+    let both = format!("[{KEY}, {NEW_KEY}]");
     let server = TestServer::start(1, &[("ROUTOPIA_API__KEYS", &both)]);
     assert_eq!(call(server.addr, "GET", "/api/channels", Some(KEY), "", b"").status, 200);
     assert_eq!(call(server.addr, "GET", "/api/channels", Some(NEW_KEY), "", b"").status, 200);

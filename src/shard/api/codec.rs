@@ -169,7 +169,8 @@ pub trait Answer: Message + Sized {
     fn encode_as(&self, format: Format) -> Vec<u8> {
         match format {
             Format::Protobuf => self.encode_to_vec(),
-            Format::Json => self.to_json().to_string().into_bytes(),
+            // A line, so that curl's output ends where a terminal expects.
+            Format::Json => format!("{}\n", self.to_json()).into_bytes(),
         }
     }
 }
