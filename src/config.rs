@@ -13,8 +13,10 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+mod api;
 pub mod reload;
 mod security;
+pub use api::Api;
 pub use security::{Auth, AuthMode, Bucket, Cleanup, Heartbeat, RateLimits, Tls};
 
 /// Everything the server can be told. Every field documents its default.
@@ -67,6 +69,8 @@ pub struct Config {
     pub cleanup: Cleanup,
     /// `wss://`.
     pub tls: Tls,
+    /// The HTTP API for backends (`/api/…`).
+    pub api: Api,
 }
 
 /// Settings of the Redis broker (used when `broker` is a Redis URL).
@@ -282,6 +286,7 @@ impl Default for Config {
             heartbeat: Heartbeat::default(),
             cleanup: Cleanup::default(),
             tls: Tls::default(),
+            api: Api::default(),
         }
     }
 }
@@ -492,6 +497,7 @@ impl Config {
             return Err(invalid("delivery.conflate_above_bytes", "must not exceed limits.max_outbox_bytes"));
         }
         self.validate_security()?;
+        self.validate_api()?;
         let h = &self.history;
         if h.size > 1_000_000 {
             return Err(invalid("history.size", "at most 1000000 publications per channel"));
@@ -558,6 +564,7 @@ impl Config {
             ("rate_limits.user_commands", r.user_commands),
             ("rate_limits.user_publishes", r.user_publishes),
             ("rate_limits.connection_attempts_per_ip", r.connection_attempts_per_ip),
+            ("rate_limits.api_requests", r.api_requests),
         ];
         for (setting, bucket) in buckets {
             if bucket.requests > 0 && (bucket.window.is_zero() || bucket.burst == 0) {
@@ -576,6 +583,31 @@ impl Config {
         }
         if self.tls.cert_file.as_os_str().is_empty() != self.tls.key_file.as_os_str().is_empty() {
             return Err(invalid("tls", "set both tls.cert_file and tls.key_file, or neither"));
+        }
+        Ok(())
+    }
+
+    fn validate_api(&self) -> Result<(), ConfigError> {
+        fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid { setting, reason: reason.into() }
+        }
+        let a = &self.api;
+        if a.keys.iter().any(|key| key.len() < api::MIN_KEY_BYTES) {
+            return Err(invalid("api.keys", format!("each key must be at least {} bytes", api::MIN_KEY_BYTES)));
+        }
+        if a.keys.iter().any(|key| key.bytes().any(|b| !b.is_ascii_graphic())) {
+            return Err(invalid("api.keys", "keys are printable ASCII without spaces (they travel in a header)"));
+        }
+        if let Some(addr) = a.listen.filter(|addr| addr.port() != 0) {
+            if addr == self.listen || Some(addr) == self.metrics_listen {
+                return Err(invalid("api.listen", "must differ from `listen` and `metrics_listen`"));
+            }
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&a.max_body_bytes) {
+            return Err(invalid("api.max_body_bytes", "must be between 1024 and 67108864 bytes"));
+        }
+        if !(1..=100_000).contains(&a.max_batch_publications) {
+            return Err(invalid("api.max_batch_publications", "must be between 1 and 100000"));
         }
         Ok(())
     }
@@ -625,6 +657,9 @@ impl Config {
         let mut shown = self.clone();
         if !shown.auth.hmac_secret.is_empty() {
             shown.auth.hmac_secret = "(set, hidden)".into();
+        }
+        for key in &mut shown.api.keys {
+            *key = "(set, hidden)".into();
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|err| format!("# cannot render config: {err}\n"))
     }

@@ -192,6 +192,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         tracing::info!(%addr, "serving /metrics and /health");
         println!("metrics on {addr}");
     }
+    if let Some(addr) = server.api_addr() {
+        tracing::info!(%addr, "serving the server API");
+        println!("api on {addr}");
+    }
     println!("listening on {}", server.local_addr());
     let _ = std::io::stdout().flush();
     let status = format!("listening on {}, {shards} shards", server.local_addr());

@@ -79,6 +79,14 @@ pub enum Mirrored {
     EpochChanged,
 }
 
+/// A channel as an operator lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelSummary {
+    pub name: Arc<str>,
+    pub subscribers: u64,
+    pub position: Position,
+}
+
 /// The table holds its most channels and may not create another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableFull;
@@ -349,6 +357,29 @@ impl ChannelTable {
                 || now.saturating_duration_since(c.last_used) < idle_ttl
         });
         before - self.channels.len()
+    }
+
+    /// Up to `limit` channels named `prefix…` and sorting after `after`, in name order, with
+    /// their subscribers (all shards of this node) and position.
+    pub fn list(&self, prefix: &str, after: &str, limit: usize) -> Vec<ChannelSummary> {
+        let mut names: Vec<&Arc<str>> =
+            self.channels.keys().filter(|name| name.starts_with(prefix) && &***name > after).collect();
+        if names.len() > limit {
+            names.select_nth_unstable(limit);
+            names.truncate(limit);
+        }
+        names.sort_unstable();
+        names
+            .into_iter()
+            .map(|name| {
+                let channel = &self.channels[name];
+                ChannelSummary {
+                    name: name.clone(),
+                    subscribers: channel.subscribers.iter().map(|&n| u64::from(n)).sum(),
+                    position: channel.position(),
+                }
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -39,10 +39,13 @@ pub const RELOADABLE: &[&str] = &[
     "rate_limits",
     "heartbeat",
     "cleanup.interval",
+    "api.keys",
+    "api.max_body_bytes",
+    "api.max_batch_publications",
 ];
 
 /// Settings whose values never appear in a log line.
-const SECRET: &[&str] = &["auth.hmac_secret"];
+const SECRET: &[&str] = &["auth.hmac_secret", "api.keys"];
 
 /// One setting that differs, with its values as a log line shows them.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -114,6 +114,9 @@ pub struct RateLimits {
     /// New connections per client IP address; over it the request is answered 429.
     /// Default 60 per `1m`, burst 30.
     pub connection_attempts_per_ip: Bucket,
+    /// Requests to the server API (`/api/…`) per key; over it the request is answered 429
+    /// with `Retry-After`. A batch is one request. Default 6000 per `1m`, burst 1000.
+    pub api_requests: Bucket,
 }
 
 impl Default for RateLimits {
@@ -126,6 +129,7 @@ impl Default for RateLimits {
             user_publishes: Bucket::new(300, 60, 60),
             max_refusals: 50,
             connection_attempts_per_ip: Bucket::new(60, 60, 30),
+            api_requests: Bucket::new(6000, 60, 1000),
         }
     }
 }

@@ -13,6 +13,25 @@ pub struct RequestHead {
     pub websocket_key: Option<String>,
     /// Why an upgrade attempt is not acceptable (for the 400 body).
     pub upgrade_problem: Option<&'static str>,
+    /// The headers a request with a body (the server API) needs.
+    pub body: BodyHeaders,
+}
+
+/// What a request says about its body and who sends it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BodyHeaders {
+    /// `Content-Length`: `Some(Err(()))` when present but not a number.
+    pub content_length: Option<Result<usize, ()>>,
+    /// `Transfer-Encoding` is present (a chunked body).
+    pub transfer_encoding: bool,
+    /// `Content-Type` without parameters, lowercase.
+    pub content_type: Option<String>,
+    /// `Accept` as sent.
+    pub accept: Option<String>,
+    /// `Authorization` as sent.
+    pub authorization: Option<String>,
+    /// `Expect: 100-continue`: the client waits for a `100 Continue` before its body.
+    pub expect_continue: bool,
 }
 
 /// Why a request head was refused; `status()` is the HTTP answer.
@@ -78,7 +97,17 @@ pub fn parse_head(buf: &[u8], max_bytes: usize, max_headers: usize) -> Result<Op
             _ => (None, Some("missing or invalid `Sec-WebSocket-Key`")),
         }
     };
-    let head = RequestHead { method, path: path.to_owned(), query: query.to_owned(), websocket_key, upgrade_problem };
+    let body = BodyHeaders {
+        content_length: header("content-length").map(|v| v.parse::<usize>().map_err(|_| ())),
+        transfer_encoding: header("transfer-encoding").is_some(),
+        content_type: header("content-type")
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()),
+        accept: header("accept").map(str::to_owned),
+        authorization: header("authorization").map(str::to_owned),
+        expect_continue: header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")),
+    };
+    let head =
+        RequestHead { method, path: path.to_owned(), query: query.to_owned(), websocket_key, upgrade_problem, body };
     Ok(Some((head, consumed)))
 }
 
@@ -104,7 +133,7 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
 }
 
 /// A complete response with one extra header line (`name: value`), closing the connection.
-fn response_with_header(status: u16, content_type: &str, header: Option<(&str, &str)>, body: &[u8]) -> Vec<u8> {
+pub fn response_with_header(status: u16, content_type: &str, header: Option<(&str, &str)>, body: &[u8]) -> Vec<u8> {
     let extra = header.map(|(name, value)| format!("{name}: {value}\r\n")).unwrap_or_default();
     let mut out = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n",
@@ -133,12 +162,19 @@ fn reason_phrase(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Error",
     }
 }

@@ -146,6 +146,15 @@ async fn serve_http<S: Transport>(
         path if path.starts_with("/zstd/dictionaries") => {
             super::http::zstd_dictionaries(&state.borrow().cluster, &head)
         }
+        path if super::api::is_api_path(path) => {
+            if state.borrow().cluster.api_addr.is_some() {
+                http::error_response(404, "the server API is served on its own address (api.listen)")
+            } else {
+                let early = head_bytes.split_off(consumed);
+                Box::pin(super::api::serve(state, stream, head, early)).await;
+                return None;
+            }
+        }
         _ => http::error_response(404, "no such path; try /ws or /health"),
     };
     respond_and_close(stream, response).await;
@@ -215,7 +224,7 @@ fn config_limits(state: &Rc<RefCell<ShardState>>, head: &RequestHead) -> Vec<u8>
 }
 
 /// Reads until a complete request head (`Ok(None)`: the peer left first).
-async fn read_head<S: AsyncRead>(
+pub(super) async fn read_head<S: AsyncRead>(
     stream: &mut S,
     bytes: &mut Vec<u8>,
     max_bytes: usize,
@@ -235,7 +244,7 @@ async fn read_head<S: AsyncRead>(
     }
 }
 
-async fn respond_and_close<S: Transport>(mut stream: S, response: Vec<u8>) {
+pub(super) async fn respond_and_close<S: Transport>(mut stream: S, response: Vec<u8>) {
     if let BufResult(Ok(()), _) = stream.write_all(response).await {
         let _ = stream.flush().await;
     }

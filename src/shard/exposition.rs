@@ -205,6 +205,22 @@ fn requests(page: &mut Exposition, cluster: &Cluster) {
         "Requests refused by a rate limit (answered 429).",
         sum(cluster, |s| &s.rate_limited),
     );
+    page.family(
+        "realtime_api_requests_total",
+        Kind::Counter,
+        "Server API requests answered, by route and HTTP status (pairs seen so far).",
+    );
+    for (route, status, count) in cluster.api.request_counts() {
+        page.sample("realtime_api_requests_total", &[("route", route), ("code", &status)], count);
+    }
+    let (published, refused) = cluster.api.publication_counts();
+    page.family(
+        "realtime_api_publications_total",
+        Kind::Counter,
+        "Publications sent through the server API (alone or in batches), by result.",
+    );
+    page.sample("realtime_api_publications_total", &[("result", "published")], published);
+    page.sample("realtime_api_publications_total", &[("result", "refused")], refused);
     page.family("realtime_auth_failures_total", Kind::Counter, "Tokens refused, by reason.");
     for (index, failure) in AuthFailure::ALL.iter().enumerate() {
         page.sample(

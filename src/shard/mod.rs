@@ -3,6 +3,7 @@
 //! inbox through which the other shards reach it. The only module that knows about compio.
 
 pub mod admission;
+mod api;
 mod conn;
 mod exposition;
 mod http;
@@ -90,6 +91,8 @@ pub enum ShardMsg {
     /// The channel's history changed under its subscribers here: close their connections
     /// with 4003 so they reconnect and recover.
     Resubscribe { channel: Arc<str> },
+    /// Between a server API request's shard and the shards holding what it asks about.
+    Api(api::ApiMsg),
     /// Tell every connection to go elsewhere, let them take what is queued for them until
     /// `deadline`, then stop.
     Shutdown { deadline: Instant },
@@ -215,6 +218,10 @@ pub struct Cluster {
     pub zstd: Arc<ZstdSettings>,
     /// Round trips and publications of the Redis bridge.
     pub redis_metrics: crate::metrics::RedisMetrics,
+    /// The server API's rate limits per key and its counters.
+    pub api: api::ApiShared,
+    /// Where the server API is served alone (`api.listen`).
+    pub api_addr: Option<SocketAddr>,
 }
 
 /// A running server: its shards and the address they listen on.
@@ -266,7 +273,18 @@ impl Server {
             None => None,
         };
         let metrics_addr = metrics_listener.as_ref().map(std::net::TcpListener::local_addr).transpose()?;
-        let stoppers = listeners.iter().map(std::net::TcpListener::try_clone).collect::<io::Result<Vec<_>>>()?;
+        // Every shard accepts on the API address too: a request is served where it lands.
+        let api_listeners = match config.api.listen {
+            Some(addr) => bind_listeners(addr, shards)?,
+            None => Vec::new(),
+        };
+        let api_addr = api_listeners.first().map(std::net::TcpListener::local_addr).transpose()?;
+        let stoppers = listeners
+            .iter()
+            .chain(&api_listeners)
+            .map(std::net::TcpListener::try_clone)
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut api_listeners = api_listeners.into_iter();
         let redis_url = config.redis_url().map(str::to_owned);
         let (redis, bridge_inputs) = match redis_url {
             Some(url) => {
@@ -307,6 +325,8 @@ impl Server {
             tls,
             zstd,
             redis_metrics: Default::default(),
+            api: api::ApiShared::new(api::request_limit(&config)),
+            api_addr,
             config: LiveConfig::new(config),
             started_at: Instant::now(),
             accepting: AtomicBool::new(true),
@@ -331,9 +351,10 @@ impl Server {
             let started = started_tx.clone();
             // Shard 0 also serves the metrics address: a scrape is rare and small.
             let metrics_listener = metrics_listener.take();
+            let listeners = ShardListeners { main: listener, metrics: metrics_listener, api: api_listeners.next() };
             let thread = std::thread::Builder::new()
                 .name(format!("shard-{id}"))
-                .spawn(move || run_shard(id, cluster, listener, metrics_listener, core, started))?;
+                .spawn(move || run_shard(id, cluster, listeners, core, started))?;
             threads.push(thread);
         }
         drop(started_tx);
@@ -360,6 +381,11 @@ impl Server {
         self.cluster.metrics_addr
     }
 
+    /// The server API's own address, when `api.listen` is set.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.cluster.api_addr
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
         self.cluster.config.get()
@@ -378,6 +404,7 @@ impl Server {
         };
         self.cluster.users.set_limits(user_limits(&reload.config));
         self.cluster.admission.set_limits(&reload.config);
+        self.cluster.api.set_limit(api::request_limit(&reload.config));
         self.cluster.config.replace(reload.config.clone());
         if let (Some(tls), Some(certificate)) = (&self.cluster.tls, certificate) {
             tls.install(certificate);
@@ -536,14 +563,22 @@ fn first_runtime(
 
 type Started = std::sync::mpsc::Sender<io::Result<()>>;
 
+/// The sockets one shard accepts on.
+struct ShardListeners {
+    main: std::net::TcpListener,
+    /// The metrics address (shard 0 only).
+    metrics: Option<std::net::TcpListener>,
+    api: Option<std::net::TcpListener>,
+}
+
 fn run_shard(
     id: usize,
     cluster: Arc<Cluster>,
-    listener: std::net::TcpListener,
-    metrics_listener: Option<std::net::TcpListener>,
+    listeners: ShardListeners,
     core: Option<usize>,
     started: Started,
 ) -> DrainReport {
+    let ShardListeners { main: listener, metrics: metrics_listener, api: api_listener } = listeners;
     let (runtime, kind) = match first_runtime(id, cluster.config.get().driver, core) {
         Ok(built) => built,
         Err(err) => {
@@ -568,6 +603,13 @@ fn run_shard(
                 return DrainReport::default();
             }
         };
+        let api_listener = match api_listener.map(TcpListener::from_std).transpose() {
+            Ok(listener) => listener,
+            Err(err) => {
+                refuse(&started, id, "cannot register the API listener", err);
+                return DrainReport::default();
+            }
+        };
         tracing::info!(shard = id, driver = cluster.stats[id].driver_name(), ?kind, core = ?core, "shard started");
         let _ = started.send(Ok(()));
         let state = Rc::new(RefCell::new(ShardState::new(id, cluster)));
@@ -578,6 +620,9 @@ fn run_shard(
         }
         if let Some(listener) = metrics_listener {
             compio::runtime::spawn(metrics_accept_loop(listener, state.clone())).detach();
+        }
+        if let Some(listener) = api_listener {
+            compio::runtime::spawn(api::accept_loop(listener, state.clone())).detach();
         }
         if id == 0 {
             // State shared by every shard is swept by one.

@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use slab::Slab;
 
+use super::api::Waiters;
 use super::pacing::Pacing;
 use super::{Cluster, ShardMsg};
 use crate::broker::memory::{ChannelTable, Mirrored, Position, Recovery};
@@ -74,6 +75,8 @@ pub(crate) struct ShardState {
     /// Subscriptions on this shard's connections, by channel type.
     subscriptions: [u64; UPDATE_TYPES],
     timings_flushed_at: Instant,
+    /// Server API requests on this shard waiting for answers.
+    pub api: Waiters,
 }
 
 impl ShardState {
@@ -106,6 +109,7 @@ impl ShardState {
             read_at: Instant::now(),
             subscriptions: [0; UPDATE_TYPES],
             timings_flushed_at: Instant::now(),
+            api: Waiters::default(),
         }
     }
 
@@ -238,36 +242,47 @@ impl ShardState {
             }
             SessionEvent::History { channel, req_id, since, limit } => {
                 self.forwarded(id, req_id, CommandKind::History);
-                if self.cluster.redis.is_some() {
-                    let request = BridgeRequest::History { channel, from: self.id, conn: id, req_id, since, limit };
-                    return self.send_to_bridge(request);
-                }
-                let owner = owner_shard(&channel, shards);
-                self.route(owner, ShardMsg::History { channel, from: self.id, conn: id, req_id, since, limit });
-            }
-            SessionEvent::Publish { channel, req_id, update } if self.cluster.redis.is_some() => {
-                self.forwarded(id, req_id, CommandKind::Publish);
-                let request =
-                    BridgeRequest::Publish { channel, from: self.id, conn: id, req_id, update: Box::new(update) };
-                self.send_to_bridge(request);
+                self.submit_history(id, req_id, channel, since, limit);
             }
             SessionEvent::Publish { channel, req_id, update } => {
                 self.forwarded(id, req_id, CommandKind::Publish);
-                let owner = owner_shard(&channel, shards);
-                if self.backlog[owner].len() >= MAX_BACKLOG {
-                    // The owner is far behind: refuse rather than queue without bound.
-                    self.answered(id, req_id);
-                    let conn = ConnLabel { shard: self.id, conn: id };
-                    tracing::debug!(%conn, req_id, channel = &*channel, owner, "publish refused: the owner shard is far behind");
-                    if let Some(c) = self.conn(id) {
-                        c.session.on_published(req_id, Err(ErrorCode::Unavailable));
-                    }
-                    return;
-                }
-                let msg = ShardMsg::Publish { channel, from: self.id, conn: id, req_id, update: Box::new(update) };
-                self.route(owner, msg);
+                self.submit_publish(id, req_id, channel, update);
             }
         }
+    }
+
+    /// Sends a publication to its channel's owner (or Redis); the answer, `Published`, comes
+    /// back to `conn` (a connection or a server API request) on this shard.
+    pub fn submit_publish(&mut self, conn: ConnId, req_id: u32, channel: Arc<str>, update: pb::Update) {
+        if self.cluster.redis.is_some() {
+            let request = BridgeRequest::Publish { channel, from: self.id, conn, req_id, update: Box::new(update) };
+            return self.send_to_bridge(request);
+        }
+        let owner = owner_shard(&channel, self.backlog.len());
+        if self.backlog[owner].len() >= MAX_BACKLOG {
+            // The owner is far behind: refuse rather than queue without bound.
+            let label = ConnLabel { shard: self.id, conn };
+            tracing::debug!(conn = %label, req_id, channel = &*channel, owner, "publish refused: the owner shard is far behind");
+            return self.handle_msg(ShardMsg::Published { conn, req_id, position: Err(ErrorCode::Unavailable) });
+        }
+        let msg = ShardMsg::Publish { channel, from: self.id, conn, req_id, update: Box::new(update) };
+        self.route(owner, msg);
+    }
+
+    /// Asks the channel's owner (or Redis) for history; the answer, `HistoryPage` or
+    /// `Failed`, comes back to `conn` on this shard.
+    pub fn submit_history(&mut self, conn: ConnId, req_id: u32, channel: Arc<str>, since: u64, limit: usize) {
+        if self.cluster.redis.is_some() {
+            let request = BridgeRequest::History { channel, from: self.id, conn, req_id, since, limit };
+            return self.send_to_bridge(request);
+        }
+        let owner = owner_shard(&channel, self.backlog.len());
+        self.route(owner, ShardMsg::History { channel, from: self.id, conn, req_id, since, limit });
+    }
+
+    /// The channels this shard owns.
+    pub(super) fn owned_channels(&self) -> &ChannelTable {
+        &self.channels
     }
 
     /// Handles `msg` here when this shard is `to`, else sends it there.
@@ -332,6 +347,16 @@ impl ShardState {
                     }
                 }
             }
+            ShardMsg::Failed { conn, req_id, code } if conn.api_token().is_some() => {
+                self.api.answer(conn, req_id, super::api::Answer::Failed(code))
+            }
+            ShardMsg::HistoryPage { conn, req_id, page } if conn.api_token().is_some() => {
+                self.api.answer(conn, req_id, super::api::Answer::History(page))
+            }
+            ShardMsg::Published { conn, req_id, position } if conn.api_token().is_some() => {
+                self.api.answer(conn, req_id, super::api::Answer::Published(position))
+            }
+            ShardMsg::Api(msg) => super::api::handle_msg(self, msg),
             ShardMsg::Failed { conn, req_id, code } => {
                 self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {

@@ -18,6 +18,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// The address serving only `/metrics` and `/health`, when `metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
+    /// The server API's own address, when `api.listen` is set.
+    pub api_addr: Option<SocketAddr>,
 }
 
 impl TestServer {
@@ -67,12 +69,16 @@ impl TestServer {
         let mut child = command.spawn().expect("start routopia-realtime");
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut stdout = BufReader::new(stdout);
-        let mut metrics_addr = None;
+        let (mut metrics_addr, mut api_addr) = (None, None);
         let addr = loop {
             let mut line = String::new();
             stdout.read_line(&mut line).expect("read the listening line");
             if let Some(metrics) = line.trim().strip_prefix("metrics on ") {
                 metrics_addr = Some(metrics.parse().expect("address in the metrics line"));
+                continue;
+            }
+            if let Some(api) = line.trim().strip_prefix("api on ") {
+                api_addr = Some(api.parse().expect("address in the api line"));
                 continue;
             }
             break line
@@ -82,7 +88,7 @@ impl TestServer {
                 .parse()
                 .expect("address in the listening line");
         };
-        TestServer { child, addr, metrics_addr }
+        TestServer { child, addr, metrics_addr, api_addr }
     }
 
     /// Resident memory of the server process, in bytes.

@@ -244,3 +244,22 @@ fn a_history_with_holes_is_never_used_for_recovery() {
     let recovery = recover("e", 8, &history, &since, now, &HistoryPolicy { max_recovery_messages: 100, ..policy() });
     assert_eq!(refused(Some(recovery)), RecoveryFailure::GapTooOld);
 }
+
+#[test]
+fn channels_list_by_prefix_in_name_order_and_page_after_a_name() {
+    let mut table = ChannelTable::new(2, 100, policy());
+    let now = Instant::now();
+    for n in [5, 1, 3, 2, 4] {
+        table.subscribe(&name(&format!("route:{n}")), n % 2, now, None, None).unwrap();
+    }
+    table.subscribe(&name("route:3"), 0, now, None, None).unwrap();
+    publish(&mut table, &name("weather:x"), now);
+    let names = |list: Vec<ChannelSummary>| list.iter().map(|c| c.name.to_string()).collect::<Vec<_>>();
+    assert_eq!(names(table.list("route:", "", 2)), ["route:1", "route:2"]);
+    assert_eq!(names(table.list("route:", "route:2", 2)), ["route:3", "route:4"]);
+    assert_eq!(names(table.list("route:", "route:4", 2)), ["route:5"]);
+    assert_eq!(names(table.list("", "", 10)).len(), 6);
+    let three = &table.list("route:3", "", 10)[0];
+    assert_eq!((three.subscribers, three.position.offset), (2, 0));
+    assert_eq!(table.list("weather:", "", 10)[0].position.offset, 1);
+}
