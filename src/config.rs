@@ -71,6 +71,19 @@ pub struct Config {
     pub tls: Tls,
     /// The HTTP API for backends (`/api/…`).
     pub api: Api,
+    /// Aids for testing the server itself, all off by default; not for production.
+    pub testing: Testing,
+}
+
+/// Aids for testing the server itself (`[testing]`). A restart applies a change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Testing {
+    /// Serve `/echo`: a WebSocket endpoint that sends every text and binary message back as
+    /// it came, for WebSocket conformance suites (Autobahn). It takes the same path as `/ws`
+    /// (admission, handshake, framing, limits, close handshake) with no protocol session
+    /// behind it. Default false: `/echo` answers 404 like any unknown path.
+    pub echo_endpoint: bool,
 }
 
 /// Settings of the Redis broker (used when `broker` is a Redis URL).
@@ -287,6 +300,7 @@ impl Default for Config {
             cleanup: Cleanup::default(),
             tls: Tls::default(),
             api: Api::default(),
+            testing: Testing::default(),
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::outbox::{GaveWay, OutItem, Outbox, Pressure, Sharing};
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
 use crate::protocol::push::write_frame;
-use crate::protocol::ws::{WsEndpoint, WsEvent};
+use crate::protocol::ws::{binary_header_len, write_data_header, WsEndpoint, WsEvent};
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::{KeyedBuckets, TokenBucket};
 use frame_log::FrameLog;
@@ -88,6 +88,10 @@ pub enum Phase {
     /// Upgraded; waiting for `Connect`.
     AwaitingConnect,
     Connected,
+    /// Upgraded on the echo endpoint (`testing.echo_endpoint`): every text and binary message
+    /// goes back as it came; no protocol session, no `Connect` (nor its timeout; heartbeats
+    /// and limits apply as on `/ws`).
+    Echo,
     /// Closing with this code: the last bytes are queued, nothing more is read or queued.
     Closing(CloseCode),
 }
@@ -280,6 +284,11 @@ impl Session {
         }
     }
 
+    /// A session for a connection upgraded on the echo endpoint at `opened_at`.
+    pub fn new_echo(client_id: Arc<str>, limits: Rc<SessionLimits>, opened_at: Instant) -> Self {
+        Self { phase: Phase::Echo, ..Self::new(client_id, limits, opened_at) }
+    }
+
     pub fn client_id(&self) -> &Arc<str> {
         &self.client_id
     }
@@ -313,10 +322,16 @@ impl Session {
         self.last_heard = now.instant;
         self.ws.feed(bytes);
         while !self.is_closing() {
-            match self.ws.next_event() {
+            let event = self.ws.next_event();
+            // Pongs (and close replies) tungstenite wrote while reading go out ahead of what
+            // the message makes the session send: the peer sees answers in the order it asked.
+            self.collect_ws_output();
+            match event {
                 Ok(None) => break,
+                Ok(Some(WsEvent::Binary(data))) if self.phase == Phase::Echo => self.send_back(false, &data),
                 Ok(Some(WsEvent::Binary(data))) => self.handle_message(now, data),
-                Ok(Some(WsEvent::Text)) => self
+                Ok(Some(WsEvent::Text(text))) if self.phase == Phase::Echo => self.send_back(true, &text),
+                Ok(Some(WsEvent::Text(_))) => self
                     .close(CloseCode::UnsupportedData, "text messages are not supported: send binary protobuf".into()),
                 Ok(Some(WsEvent::Closed(_))) => {
                     // Answer the client's close; nothing else follows.
@@ -326,6 +341,9 @@ impl Session {
                 }
                 Err(tungstenite::Error::Capacity(err)) => self.close(CloseCode::MessageTooBig, err.to_string()),
                 Err(tungstenite::Error::Protocol(err)) => self.close(CloseCode::ProtocolError, err.to_string()),
+                Err(tungstenite::Error::Utf8(err)) => {
+                    self.close(CloseCode::InvalidPayload, format!("text that is not UTF-8: {err}"))
+                }
                 Err(err) => self.close(CloseCode::ProtocolError, err.to_string()),
             }
         }
@@ -562,15 +580,26 @@ impl Session {
         }
     }
 
-    /// Closes the session with `code`: a `Disconnect` frame, then the WebSocket close frame.
+    /// Closes the session with `code`: a `Disconnect` frame (not on the echo endpoint, which
+    /// speaks no protocol), then the WebSocket close frame.
     pub fn close(&mut self, code: CloseCode, detail: String) {
         if self.is_closing() {
             return;
         }
+        if self.phase != Phase::Echo {
+            self.queue_disconnect(code, &detail);
+        }
+        self.ws.close(code.code(), code.label());
+        self.collect_ws_output();
+        self.phase = Phase::Closing(code);
+        self.close_detail = Some(detail);
+    }
+
+    fn queue_disconnect(&mut self, code: CloseCode, detail: &str) {
         let frame = pb::ServerFrame {
             kind: Some(Kind::Disconnect(pb::Disconnect {
                 code: code.code() as u32,
-                reason: detail.clone(),
+                reason: detail.to_owned(),
                 reconnect: code.reconnect(),
             })),
         };
@@ -580,10 +609,15 @@ impl Session {
         let mut bytes = Vec::new();
         write_frame(&mut bytes, &frame);
         self.outbox.push_unbounded(OutItem::Frame(bytes));
-        self.ws.close(code.code(), code.label());
-        self.collect_ws_output();
-        self.phase = Phase::Closing(code);
-        self.close_detail = Some(detail);
+    }
+
+    /// Sends a message of the echo endpoint back, unchanged (limited by the outbox like any
+    /// other queued bytes).
+    fn send_back(&mut self, text: bool, data: &[u8]) {
+        let mut frame = Vec::with_capacity(binary_header_len(data.len()) + data.len());
+        write_data_header(&mut frame, text, data.len());
+        frame.extend_from_slice(data);
+        self.enqueue(OutItem::Raw(frame));
     }
 
     /// Every subscription as (channel, sub_id, active), for cleanup when the connection ends.

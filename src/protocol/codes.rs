@@ -60,6 +60,8 @@ pub enum CloseCode {
     ProtocolError,
     /// 1003: a text message; the protocol is binary protobuf only.
     UnsupportedData,
+    /// 1007: text that is not UTF-8 (a text message, or a close frame's reason).
+    InvalidPayload,
     /// 1009: a message over `limits.max_message_size`.
     MessageTooBig,
     /// 1011: an internal error of the server.
@@ -98,6 +100,7 @@ impl CloseCode {
             CloseCode::Normal => 1000,
             CloseCode::ProtocolError => 1002,
             CloseCode::UnsupportedData => 1003,
+            CloseCode::InvalidPayload => 1007,
             CloseCode::MessageTooBig => 1009,
             CloseCode::InternalError => 1011,
             CloseCode::Shutdown => 4000,
@@ -135,6 +138,7 @@ impl CloseCode {
             CloseCode::Normal => "normal",
             CloseCode::ProtocolError => "protocol_error",
             CloseCode::UnsupportedData => "text_message",
+            CloseCode::InvalidPayload => "invalid_utf8",
             CloseCode::MessageTooBig => "message_too_big",
             CloseCode::InternalError => "internal_error",
             CloseCode::Shutdown => "shutdown",
@@ -151,10 +155,11 @@ impl CloseCode {
         }
     }
 
-    pub const ALL: [CloseCode; 16] = [
+    pub const ALL: [CloseCode; 17] = [
         CloseCode::Normal,
         CloseCode::ProtocolError,
         CloseCode::UnsupportedData,
+        CloseCode::InvalidPayload,
         CloseCode::MessageTooBig,
         CloseCode::InternalError,
         CloseCode::Shutdown,

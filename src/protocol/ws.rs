@@ -58,7 +58,8 @@ pub struct WsEndpoint {
 #[derive(Debug)]
 pub enum WsEvent {
     Binary(Bytes),
-    Text,
+    /// A text message, its UTF-8 already validated.
+    Text(Bytes),
     /// The peer sent a close frame (tungstenite has queued the reply).
     Closed(Option<u16>),
 }
@@ -95,7 +96,7 @@ impl WsEndpoint {
         loop {
             match self.ws.read() {
                 Ok(Message::Binary(data)) => return Ok(Some(WsEvent::Binary(data))),
-                Ok(Message::Text(_)) => return Ok(Some(WsEvent::Text)),
+                Ok(Message::Text(text)) => return Ok(Some(WsEvent::Text(text.into()))),
                 Ok(Message::Close(frame)) => return Ok(Some(WsEvent::Closed(frame.map(|f| u16::from(f.code))))),
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
                 Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -146,7 +147,12 @@ impl WsEndpoint {
 
 /// Appends the header of an unmasked, final, binary frame of `len` payload bytes.
 pub fn write_binary_header(out: &mut Vec<u8>, len: usize) {
-    out.push(0x82);
+    write_data_header(out, false, len);
+}
+
+/// Appends the header of an unmasked, final data frame of `len` payload bytes: text or binary.
+pub fn write_data_header(out: &mut Vec<u8>, text: bool, len: usize) {
+    out.push(if text { 0x81 } else { 0x82 });
     if len < 126 {
         out.push(len as u8);
     } else if len <= u16::MAX as usize {

@@ -59,7 +59,7 @@ impl Peer {
             match event {
                 WsEvent::Binary(data) => frames.extend(ServerMessage::decode(data).unwrap().frames),
                 WsEvent::Closed(code) => close = code,
-                WsEvent::Text => panic!("the server never sends text"),
+                WsEvent::Text(_) => panic!("the server never sends text"),
             }
         }
         (frames, close)

@@ -20,7 +20,7 @@ use compio::net::TcpStream;
 use compio::tls::{TlsAcceptor, TlsStream};
 
 use super::admission::{retry_after_secs, Refusal, Ticket};
-use super::state::ShardState;
+use super::state::{Endpoint, ShardState};
 use super::transport::{Receive, Transport};
 use crate::protocol::http::{self, HeadError, RequestHead};
 use crate::router::ConnId;
@@ -91,6 +91,7 @@ struct Upgrade<S> {
     /// What the client sent after its request head.
     early: Vec<u8>,
     ticket: Ticket,
+    endpoint: Endpoint,
 }
 
 /// Reads the request head and answers it: plain HTTP or a refusal here, the WebSocket upgrade
@@ -124,14 +125,19 @@ async fn serve_http<S: Transport>(
             return None;
         }
     };
+    let endpoint = match head.path.as_str() {
+        "/ws" => Some(Endpoint::Protocol),
+        "/echo" if config.testing.echo_endpoint => Some(Endpoint::Echo),
+        _ => None,
+    };
     let response = match head.path.as_str() {
-        "/ws" => match head.websocket_key {
+        _ if let Some(endpoint) = endpoint => match head.websocket_key {
             Some(key) => match admit(state, peer) {
                 Ok(ticket) => {
                     // Only what followed the head stays; the head's buffer is not kept for the
                     // connection's lifetime.
                     let early = head_bytes.split_off(consumed);
-                    return Some(Upgrade { stream, key, early, ticket });
+                    return Some(Upgrade { stream, key, early, ticket, endpoint });
                 }
                 Err(refusal) => refusal_response(refusal),
             },
@@ -252,7 +258,7 @@ pub(super) async fn respond_and_close<S: Transport>(mut stream: S, response: Vec
 }
 
 async fn websocket<S: Transport>(state: Rc<RefCell<ShardState>>, upgrade: Upgrade<S>, fd: RawFd, peer: SocketAddr) {
-    let Upgrade { mut stream, key, early, ticket } = upgrade;
+    let Upgrade { mut stream, key, early, ticket, endpoint } = upgrade;
     let answered = Box::pin(async {
         let BufResult(written, _) = stream.write_all(http::upgrade_response(&key)).await;
         written.is_ok() && stream.flush().await.is_ok()
@@ -265,7 +271,7 @@ async fn websocket<S: Transport>(state: Rc<RefCell<ShardState>>, upgrade: Upgrad
     let Ok((reader, writer)) = stream.into_halves() else { return };
     let id = {
         let mut shard = state.borrow_mut();
-        let id = shard.add_conn();
+        let id = shard.add_conn(endpoint);
         if let Some(conn) = shard.conn(id) {
             tracing::debug!(conn = %conn.session.client_id(), %peer, "connection upgraded");
         }

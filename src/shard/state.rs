@@ -31,6 +31,15 @@ const MAX_BACKLOG: usize = 1 << 18;
 /// How often the shard's histograms move to where a scrape reads them (counters move every tick).
 const TIMINGS_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The path a WebSocket was upgraded on, which decides its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// `/ws`: the protobuf protocol.
+    Protocol,
+    /// `/echo` (`testing.echo_endpoint`): messages sent back as they came.
+    Echo,
+}
+
 pub(crate) struct Conn {
     generation: u32,
     pub session: Session,
@@ -131,14 +140,17 @@ impl ShardState {
     /// Registers an upgraded connection and returns its id. Its session enforces the
     /// configuration in force now, and keeps it for its whole life (its `ConnectResult` told
     /// the client those limits).
-    pub fn add_conn(&mut self) -> ConnId {
+    pub fn add_conn(&mut self, endpoint: Endpoint) -> ConnId {
         self.config();
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
         let entry = self.conns.vacant_entry();
         let id = ConnId { index: entry.key() as u32, generation };
         let client_id: Arc<str> = Arc::from(ConnLabel { shard: self.id, conn: id }.to_string());
-        let mut session = Session::new(client_id, self.limits.clone(), Instant::now());
+        let mut session = match endpoint {
+            Endpoint::Protocol => Session::new(client_id, self.limits.clone(), Instant::now()),
+            Endpoint::Echo => Session::new_echo(client_id, self.limits.clone(), Instant::now()),
+        };
         if self.draining {
             // Upgraded while the shard drains: told at once to go elsewhere, like the others.
             session.close(CloseCode::Shutdown, "server shutting down".into());
