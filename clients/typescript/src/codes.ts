@@ -14,6 +14,7 @@ export const CLOSE_CODES: Readonly<Record<number, CloseCodeInfo>> = {
   1002: { name: "protocol_error", reconnect: false, meaning: "WebSocket protocol violation" },
   1003: { name: "text_message", reconnect: false, meaning: "a text message was sent; the protocol is binary protobuf" },
   1006: { name: "abnormal", reconnect: true, meaning: "the connection was lost without a close frame (network or server failure)" },
+  1007: { name: "invalid_utf8", reconnect: false, meaning: "text that is not UTF-8: a text message, or the reason of a close frame" },
   1009: { name: "message_too_big", reconnect: false, meaning: "a message over the server's max_message_size" },
   1011: { name: "internal_error", reconnect: true, meaning: "internal server error" },
   4000: { name: "shutdown", reconnect: true, meaning: "the server is shutting down: reconnect, to another node" },
