@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use prost::Message;
 
 use crate::acks::{AckPolicy, AckTracker};
 use crate::auth::{AuthFailure, Grant, Verifier};
@@ -459,26 +458,7 @@ impl Session {
 
     /// The owner answered a `History` event.
     pub fn on_history(&mut self, req_id: u32, page: &HistoryPage) {
-        let publications = page
-            .publications
-            .iter()
-            .filter_map(|p| pb::Update::decode(p.body.clone()).ok())
-            .map(|u| pb::Publication {
-                offset: u.offset,
-                r#type: u.r#type,
-                key: u.key,
-                confidence: u.confidence,
-                timestamp_us: u.timestamp_us,
-                payload: u.payload,
-            })
-            .collect();
-        let result = pb::HistoryResult {
-            epoch: page.position.epoch.to_string(),
-            offset: page.position.offset,
-            publications,
-            truncated: page.truncated,
-        };
-        self.reply(req_id, reply::Result::History(result));
+        self.reply(req_id, reply::Result::History(page.to_result()));
     }
 
     /// The owner could not take the subscription: forget it and tell the client.

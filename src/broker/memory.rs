@@ -68,6 +68,33 @@ pub struct HistoryPage {
     pub truncated: bool,
 }
 
+impl HistoryPage {
+    /// The page as the protocol's `HistoryResult` (WebSocket `History` and the server API).
+    pub fn to_result(&self) -> crate::protocol::pb::HistoryResult {
+        use crate::protocol::pb;
+        use prost::Message;
+        let publications = self
+            .publications
+            .iter()
+            .filter_map(|p| pb::Update::decode(p.body.clone()).ok())
+            .map(|u| pb::Publication {
+                offset: u.offset,
+                r#type: u.r#type,
+                key: u.key,
+                confidence: u.confidence,
+                timestamp_us: u.timestamp_us,
+                payload: u.payload,
+            })
+            .collect();
+        pb::HistoryResult {
+            epoch: self.position.epoch.to_string(),
+            offset: self.position.offset,
+            publications,
+            truncated: self.truncated,
+        }
+    }
+}
+
 /// What became of a publication an external broker fanned out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mirrored {

@@ -6,7 +6,6 @@ use base64::Engine as _;
 use prost::Message;
 use serde::Deserialize;
 
-use crate::broker::memory::HistoryPage;
 use crate::protocol::pb;
 
 pub const PROTOBUF: &str = "application/x-protobuf";
@@ -254,29 +253,6 @@ impl Answer for pb::ClientSubscriptions {
 impl Answer for pb::DisconnectResult {
     fn to_json(&self) -> serde_json::Value {
         serde_json::json!({"client_id": self.client_id})
-    }
-}
-
-/// A history page as the protocol's `HistoryResult`.
-pub fn history_result(page: &HistoryPage) -> pb::HistoryResult {
-    let publications = page
-        .publications
-        .iter()
-        .filter_map(|p| pb::Update::decode(p.body.clone()).ok())
-        .map(|u| pb::Publication {
-            offset: u.offset,
-            r#type: u.r#type,
-            key: u.key,
-            confidence: u.confidence,
-            timestamp_us: u.timestamp_us,
-            payload: u.payload,
-        })
-        .collect();
-    pb::HistoryResult {
-        epoch: page.position.epoch.to_string(),
-        offset: page.position.offset,
-        publications,
-        truncated: page.truncated,
     }
 }
 

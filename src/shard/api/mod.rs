@@ -633,7 +633,7 @@ async fn history(
         token
     };
     match answers(state, token).await.as_deref() {
-        Some([Answer::History(page)]) => Reply::ok(format, &codec::history_result(page)),
+        Some([Answer::History(page)]) => Reply::ok(format, &page.to_result()),
         Some([Answer::Failed(code)]) => Reply::error(error_status(*code), format, unavailable_message(*code)),
         _ => timed_out(format),
     }
