@@ -239,6 +239,19 @@ impl Outbox {
         std::mem::take(&mut self.gave_way)
     }
 
+    /// Frees the memory of each lane that holds nothing (nor remembers skipped offsets) and
+    /// has room for at most `up_to` items.
+    pub fn release_if_empty(&mut self, up_to: usize) {
+        if self.high.is_empty() && self.high.capacity() <= up_to {
+            self.high = VecDeque::new();
+        }
+        let idle_lane =
+            |lane: &LowLane| lane.items.is_empty() && lane.skipped.is_empty() && lane.items.capacity() <= up_to;
+        if self.low.as_deref().is_some_and(idle_lane) {
+            self.low = None;
+        }
+    }
+
     /// Drops everything queued.
     pub fn clear(&mut self) {
         self.frames = 0;
@@ -641,6 +654,25 @@ mod tests {
         outbox.drain_into(&mut wire, 100, None);
         let order: Vec<(u32, u64)> = updates(&wire).iter().map(|u| (u.sub_id, u.offset)).collect();
         assert_eq!(order, vec![(2, 1), (1, 1), (1, 2), (1, 3)]);
+    }
+
+    #[test]
+    fn an_empty_outbox_gives_its_small_queues_back_and_keeps_what_is_queued() {
+        let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(1, TRAFFIC, "") }).unwrap();
+        outbox.push(OutItem::Frame(vec![1, 2, 3])).unwrap();
+        outbox.release_if_empty(usize::MAX);
+        assert_eq!(outbox.len(), 2, "nothing queued is given up");
+        let mut wire = Vec::new();
+        outbox.drain_into(&mut wire, 100, None);
+        assert!(outbox.high.capacity() > 0 && outbox.low.is_some());
+        outbox.release_if_empty(0);
+        assert!(outbox.high.capacity() > 0 && outbox.low.is_some(), "larger than asked: kept");
+        outbox.release_if_empty(usize::MAX);
+        assert_eq!(outbox.high.capacity(), 0);
+        assert!(outbox.low.is_none());
+        outbox.push(OutItem::Push { sub_id: 1, publication: typed(2, TRAFFIC, "") }).unwrap();
+        assert_eq!(outbox.len(), 1, "a released outbox queues as before");
     }
 
     #[test]

@@ -99,8 +99,9 @@ pub enum Phase {
 struct Subscription {
     channel: Arc<str>,
     active: bool,
-    /// Present for subscriptions with acknowledged delivery.
-    acks: Option<AckTracker>,
+    /// Present for subscriptions with acknowledged delivery; boxed, so the map of an idle
+    /// connection's plain subscriptions stays small.
+    acks: Option<Box<AckTracker>>,
 }
 
 /// The limits a session enforces, copied from the config.
@@ -347,6 +348,9 @@ impl Session {
             }
         }
         self.collect_ws_output();
+        // Given back at once, not later: the next connection's messages reuse the memory, so
+        // a burst of connects does not leave every connection's buffers resident.
+        self.ws.release_if_idle();
     }
 
     /// The next thing the shard must do, if any.
@@ -357,6 +361,12 @@ impl Session {
             self.events = VecDeque::new();
         }
         event
+    }
+
+    /// Gives back the queues of an empty outbox up to `keep_up_to` slots (`usize::MAX`: all),
+    /// for a connection with nothing to send.
+    pub fn release_idle_buffers(&mut self, keep_up_to: usize) {
+        self.outbox.release_if_empty(keep_up_to);
     }
 
     /// Whether there are bytes to send.

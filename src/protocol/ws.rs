@@ -50,8 +50,18 @@ impl Write for MemStream {
 }
 
 /// One side of a WebSocket connection, fed bytes and drained of bytes by its owner.
+///
+/// tungstenite's state (its read buffer, about 0.8 KB in all) exists only while there is
+/// something in flight: between messages a quiet connection gives it back
+/// ([`release_if_idle`](Self::release_if_idle)) and a fresh one is made when bytes come.
 pub struct WsEndpoint {
-    ws: WebSocket<MemStream>,
+    ws: Option<Box<WebSocket<MemStream>>>,
+    role: Role,
+    max_message_size: usize,
+    /// Where the bytes fed so far end in the frame stream.
+    boundary: FrameBoundary,
+    /// A close was sent or received: tungstenite's state matters to the end.
+    closing: bool,
 }
 
 /// What the WebSocket layer made of the bytes fed so far.
@@ -76,72 +86,160 @@ impl WsEndpoint {
     }
 
     fn new(role: Role, max_message_size: usize) -> Self {
-        let config = WebSocketConfig::default()
-            .read_buffer_size(512)
-            .write_buffer_size(0)
-            .max_message_size(Some(max_message_size))
-            .max_frame_size(Some(max_message_size));
-        Self { ws: WebSocket::from_raw_socket(MemStream::default(), role, Some(config)) }
+        Self { ws: None, role, max_message_size, boundary: FrameBoundary::default(), closing: false }
+    }
+
+    fn ws(&mut self) -> &mut WebSocket<MemStream> {
+        let (role, max_message_size) = (self.role, self.max_message_size);
+        self.ws.get_or_insert_with(|| {
+            let config = WebSocketConfig::default()
+                .read_buffer_size(512)
+                .write_buffer_size(0)
+                .max_message_size(Some(max_message_size))
+                .max_frame_size(Some(max_message_size));
+            Box::new(WebSocket::from_raw_socket(MemStream::default(), role, Some(config)))
+        })
     }
 
     /// Appends bytes received from the peer.
     pub fn feed(&mut self, bytes: &[u8]) {
-        let stream = self.ws.get_mut();
-        stream.input.extend_from_slice(bytes);
+        self.boundary.advance(bytes);
+        self.ws().get_mut().input.extend_from_slice(bytes);
     }
 
     /// The next complete message, `Ok(None)` when more bytes are needed. Pings and pongs are
     /// handled inside (a ping's pong lands in the output).
     pub fn next_event(&mut self) -> Result<Option<WsEvent>, tungstenite::Error> {
+        let Some(ws) = self.ws.as_mut() else { return Ok(None) };
         loop {
-            match self.ws.read() {
+            match ws.read() {
                 Ok(Message::Binary(data)) => return Ok(Some(WsEvent::Binary(data))),
                 Ok(Message::Text(text)) => return Ok(Some(WsEvent::Text(text.into()))),
-                Ok(Message::Close(frame)) => return Ok(Some(WsEvent::Closed(frame.map(|f| u16::from(f.code))))),
+                Ok(Message::Close(frame)) => {
+                    self.closing = true;
+                    return Ok(Some(WsEvent::Closed(frame.map(|f| u16::from(f.code)))));
+                }
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
                 Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(err) => return Err(err),
+                Err(err) => {
+                    self.closing = true;
+                    return Err(err);
+                }
             }
         }
     }
 
     /// Sends a binary message through tungstenite (clients: it masks).
     pub fn send_binary(&mut self, data: Bytes) -> Result<(), tungstenite::Error> {
-        self.ws.send(Message::Binary(data))
+        self.ws().send(Message::Binary(data))
     }
 
     /// Sends a ping; the peer answers with a pong carrying the same payload.
     pub fn ping(&mut self, payload: Bytes) {
         // Writing into memory cannot fail; an error only says the connection is closing.
-        let _ = self.ws.send(Message::Ping(payload));
+        let _ = self.ws().send(Message::Ping(payload));
     }
 
     /// Sends a pong (a client answering the server's ping).
     pub fn pong(&mut self, payload: Bytes) {
-        let _ = self.ws.send(Message::Pong(payload));
+        let _ = self.ws().send(Message::Pong(payload));
     }
 
     /// Starts the closing handshake with `code` and `reason`.
     pub fn close(&mut self, code: u16, reason: &str) {
+        self.closing = true;
         let frame = CloseFrame { code: WsCloseCode::from(code), reason: reason.to_owned().into() };
+        let ws = self.ws();
         // An error here means a close is already under way, which is what we want anyway.
-        let _ = self.ws.close(Some(frame));
-        let _ = self.ws.flush();
+        let _ = ws.close(Some(frame));
+        let _ = ws.flush();
     }
 
     /// Writes replies tungstenite holds back until its next call (the answer to a close).
     pub fn flush(&mut self) {
-        // Writing into memory cannot fail; an error only says the connection already closed.
-        let _ = self.ws.flush();
+        if let Some(ws) = self.ws.as_mut() {
+            // Writing into memory cannot fail; an error only says the connection already closed.
+            let _ = ws.flush();
+        }
     }
 
     /// Bytes tungstenite queued for the peer (control frames; a client's messages).
     pub fn take_output(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.ws.get_mut().output)
+        self.ws.as_mut().map(|ws| std::mem::take(&mut ws.get_mut().output)).unwrap_or_default()
     }
 
     pub fn has_output(&self) -> bool {
-        !self.ws.get_ref().output.is_empty()
+        self.ws.as_ref().is_some_and(|ws| !ws.get_ref().output.is_empty())
+    }
+
+    /// Gives tungstenite's state back when it holds nothing: every byte fed was a whole frame
+    /// outside a fragmented message and has been read, nothing waits to be sent, and no close
+    /// is under way. A fresh endpoint then reads the next message exactly as this one would.
+    pub fn release_if_idle(&mut self) {
+        if self.closing || !self.boundary.between_messages() {
+            return;
+        }
+        let Some(ws) = self.ws.as_mut() else { return };
+        // A pong tungstenite still holds back would be lost: let it out first.
+        let _ = ws.flush();
+        let stream = ws.get_ref();
+        if stream.input.is_empty() && stream.output.is_empty() {
+            self.ws = None;
+        }
+    }
+}
+
+/// The longest frame header: 2 bytes, a 64-bit length, a mask.
+const MAX_FRAME_HEADER: usize = 14;
+
+/// Follows the frame headers in the bytes fed, skipping payloads, to tell whether they end
+/// between two messages. The stream is only followed, never judged: tungstenite validates it,
+/// and a header it cannot make sense of leaves the tracker `lost` (never between messages).
+#[derive(Debug, Default)]
+struct FrameBoundary {
+    header: [u8; MAX_FRAME_HEADER],
+    header_len: u8,
+    payload_left: u64,
+    /// A data frame without FIN came and its final continuation has not.
+    fragmented: bool,
+    lost: bool,
+}
+
+impl FrameBoundary {
+    fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.lost {
+            if self.payload_left > 0 {
+                let skipped = self.payload_left.min(bytes.len() as u64);
+                self.payload_left -= skipped;
+                bytes = &bytes[skipped as usize..];
+                continue;
+            }
+            let start = usize::from(self.header_len);
+            let taken = bytes.len().min(MAX_FRAME_HEADER - start);
+            self.header[start..start + taken].copy_from_slice(&bytes[..taken]);
+            let mut cursor = Cursor::new(&self.header[..start + taken]);
+            match FrameHeader::parse(&mut cursor) {
+                Ok(Some((header, payload_len))) => {
+                    let used = cursor.position() as usize - start;
+                    bytes = &bytes[used..];
+                    self.header_len = 0;
+                    self.payload_left = payload_len;
+                    // Control frames may come between fragments and change nothing.
+                    if let OpCode::Data(_) = header.opcode {
+                        self.fragmented = !header.is_final;
+                    }
+                }
+                Ok(None) => {
+                    self.header_len = (start + taken) as u8;
+                    bytes = &bytes[taken..];
+                }
+                Err(_) => self.lost = true,
+            }
+        }
+    }
+
+    fn between_messages(&self) -> bool {
+        !self.lost && !self.fragmented && self.header_len == 0 && self.payload_left == 0
     }
 }
 
@@ -324,7 +422,87 @@ mod tests {
         server.feed(&wire[100..]);
         assert!(matches!(server.next_event().unwrap(), Some(WsEvent::Binary(data)) if data.len() == 3000));
         assert!(server.next_event().unwrap().is_none());
-        assert_eq!(server.ws.get_ref().input.capacity(), 0, "nothing is held between messages");
+        assert_eq!(server.ws.as_ref().unwrap().get_ref().input.capacity(), 0, "nothing is held between messages");
+    }
+
+    /// A client frame masked with a zero key (so the payload reads as it is).
+    fn masked_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![first_byte];
+        match payload.len() {
+            len @ 0..126 => frame.push(0x80 | len as u8),
+            len @ 126..65536 => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            len => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&[0; 4]);
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    fn drain(server: &mut WsEndpoint) -> Vec<Vec<u8>> {
+        let mut messages = Vec::new();
+        while let Some(event) = server.next_event().unwrap() {
+            match event {
+                WsEvent::Binary(data) => messages.push(data.to_vec()),
+                other => panic!("expected binary, got {other:?}"),
+            }
+        }
+        messages
+    }
+
+    #[test]
+    fn a_quiet_endpoint_gives_tungstenite_back_only_between_messages() {
+        let mut server = WsEndpoint::server(1 << 20);
+        server.release_if_idle();
+        assert!(server.ws.is_none(), "nothing is made before bytes come");
+
+        // A fragmented message: held while its final fragment is missing, a ping in between.
+        server.feed(&masked_frame(0x02, b"he"));
+        server.feed(&masked_frame(0x89, b"p"));
+        assert!(drain(&mut server).is_empty());
+        server.release_if_idle();
+        assert!(server.ws.is_some(), "a fragmented message is under way");
+        assert!(server.has_output(), "the ping's pong");
+        server.take_output();
+        server.feed(&masked_frame(0x80, b"llo"));
+        assert_eq!(drain(&mut server), vec![b"hello".to_vec()]);
+        server.release_if_idle();
+        assert!(server.ws.is_none(), "between messages with nothing to send");
+
+        // Frames cut inside their headers and payloads, with 16- and 64-bit lengths.
+        let large = vec![9u8; 70_000];
+        let wire = [masked_frame(0x82, &[1; 300]), masked_frame(0x82, &large)].concat();
+        for cut in [1, 3, 306, 310, 400] {
+            let mut server = WsEndpoint::server(1 << 20);
+            server.feed(&wire[..cut]);
+            let first = drain(&mut server);
+            server.release_if_idle();
+            assert!(server.ws.is_some(), "cut at {cut}: a frame is incomplete");
+            server.feed(&wire[cut..]);
+            let rest = drain(&mut server);
+            assert_eq!([first, rest].concat(), vec![vec![1; 300], large.clone()], "cut at {cut}");
+            server.release_if_idle();
+            assert!(server.ws.is_none(), "cut at {cut}: all read");
+            // A fresh tungstenite reads the next message as the old one would have.
+            server.feed(&masked_frame(0x82, b"again"));
+            assert_eq!(drain(&mut server), vec![b"again".to_vec()]);
+        }
+    }
+
+    #[test]
+    fn a_closing_endpoint_keeps_its_state() {
+        let mut server = WsEndpoint::server(1 << 20);
+        server.feed(&masked_frame(0x88, &[0x03, 0xe8]));
+        assert!(matches!(server.next_event().unwrap(), Some(WsEvent::Closed(Some(1000)))));
+        server.flush();
+        server.take_output();
+        server.release_if_idle();
+        assert!(server.ws.is_some(), "the close handshake is tungstenite's to finish");
     }
 
     #[test]

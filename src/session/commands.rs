@@ -155,7 +155,7 @@ impl Session {
         let sub_id = self.allocate_sub_id();
         let channel: Arc<str> = Arc::from(subscribe.channel);
         let since = subscribe.recover.then(|| Position { epoch: Arc::from(subscribe.epoch), offset: subscribe.offset });
-        let acks = subscribe.ack.then(|| AckTracker::new(self.limits.acks.clone()));
+        let acks = subscribe.ack.then(|| Box::new(AckTracker::new(self.limits.acks.clone())));
         // An acknowledged subscription without a position resumes from the last one acked.
         let resume = if subscribe.ack && !subscribe.recover { self.identity.clone() } else { None };
         self.acked_subs += usize::from(acks.is_some());

@@ -27,12 +27,13 @@ use crate::router::ConnId;
 
 /// A write buffer that grew past this is released once sent, so idle connections stay small.
 const KEEP_WRITE_BUFFER: usize = 64 * 1024;
+/// An idle connection's outbox queue up to this many slots is released as soon as it drains.
+const SMALL_QUEUE_SLOTS: usize = 8;
 /// How long a closing connection may take to accept its last bytes.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-// The task of a connection lives as long as the connection, at the size of its largest
-// state: the short-lived steps (TLS handshake, request head, answers) run boxed, so the
-// state an idle connection keeps is only its read loop's.
+// This task lives until the upgrade; the connection's lifetime task (`websocket`) is spawned
+// then. The short-lived steps (TLS handshake, request head, answers) run boxed all the same.
 pub(super) async fn serve(state: Rc<RefCell<ShardState>>, stream: TcpStream, peer: SocketAddr) {
     // Updates are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
@@ -281,11 +282,13 @@ async fn websocket<S: Transport>(state: Rc<RefCell<ShardState>>, upgrade: Upgrad
         id
     };
     drop(early);
-    compio::runtime::spawn(write_loop::<S>(state.clone(), writer, fd, id, ticket)).detach();
-    let id = read_loop(&state, reader, fd, id).await;
-    // Logged when the reader stops rather than when the writer finishes: this task holds the
-    // peer's address anyway, which every idle connection's writer would otherwise carry too.
-    log_close(&state, id, peer);
+    // The connection's lifetime task: its read and write loops side by side, none of this
+    // task's HTTP and upgrade states. One task per connection, and a writer holds no write
+    // future while it waits (idle memory). The loops are joined as they are: wrapping them in
+    // an async block would keep each one twice in the task (moved-from captures keep their room).
+    let reading = read_loop(state.clone(), reader, fd, id, peer);
+    let writing = write_loop::<S>(state, writer, fd, id, ticket);
+    compio::runtime::spawn(futures_util::future::join(reading, writing)).detach();
 }
 
 fn log_close(state: &Rc<RefCell<ShardState>>, id: ConnId, peer: SocketAddr) {
@@ -300,9 +303,8 @@ fn log_close(state: &Rc<RefCell<ShardState>>, id: ConnId, peer: SocketAddr) {
     }
 }
 
-/// Feeds the session until it closes or the peer leaves. Hands `id` back, so that the caller
-/// does not hold a copy of it for the connection's lifetime (idle memory).
-async fn read_loop<R: Receive>(state: &Rc<RefCell<ShardState>>, mut reader: R, fd: RawFd, id: ConnId) -> ConnId {
+/// Feeds the session until it closes or the peer leaves, then logs why the connection ended.
+async fn read_loop<R: Receive>(state: Rc<RefCell<ShardState>>, mut reader: R, fd: RawFd, id: ConnId, peer: SocketAddr) {
     let peer_gone = loop {
         if state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing()) {
             break false;
@@ -315,6 +317,8 @@ async fn read_loop<R: Receive>(state: &Rc<RefCell<ShardState>>, mut reader: R, f
         // Nothing more can reach the peer: fail any write in flight so the writer ends.
         shutdown(fd);
     }
+    // Before the writer may forget the connection: the session still says why it closed.
+    log_close(&state, id, peer);
     let mut shard = state.borrow_mut();
     if let Some(conn) = shard.conn(id) {
         conn.reader_done = true;
@@ -322,7 +326,6 @@ async fn read_loop<R: Receive>(state: &Rc<RefCell<ShardState>>, mut reader: R, f
             waker.wake();
         }
     }
-    id
 }
 
 enum Next {
@@ -381,9 +384,6 @@ async fn write_loop<S: Transport>(
         let bounded = closing && !state.borrow().is_draining();
         let written = if let Some(frames) = shared {
             // One shared batch: its head from `out`, its frames straight from the shard's copy.
-            // Boxed: unboxed, this future made every idle writer larger (idle-memory scenario,
-            // 5.8–6.0 KB a connection against 5.1–5.6 KB boxed), which costs more than an
-            // allocation per write.
             let BufResult(result, (head, _)) = Box::pin(writer.write_vectored_all((out, (frames,)))).await;
             out = head;
             result.is_ok()
@@ -397,7 +397,9 @@ async fn write_loop<S: Transport>(
                 Err(_) => break,
             }
         } else {
-            let BufResult(result, returned) = writer.write_all(out).await;
+            // Boxed like every write: the future a write awaits lives only while it is in
+            // flight, not in the state every idle connection keeps.
+            let BufResult(result, returned) = Box::pin(writer.write_all(out)).await;
             out = returned;
             result.is_ok()
         };
@@ -405,8 +407,18 @@ async fn write_loop<S: Transport>(
             break;
         }
         out.clear();
-        // A connection going idle gives its buffer back; a busy one keeps a moderate one.
-        let idle = state.borrow_mut().conn(id).is_none_or(|c| !c.session.wants_write());
+        // A connection going idle gives its buffers back; a busy one keeps moderate ones.
+        let idle = match state.borrow_mut().conn(id) {
+            Some(conn) if conn.session.wants_write() => false,
+            Some(conn) => {
+                // Small queues at once (a connect's replies: the next connection reuses them);
+                // the large queues of a busy connection on the shard's next tick if still idle,
+                // as it often is only between two writes.
+                conn.session.release_idle_buffers(SMALL_QUEUE_SLOTS);
+                true
+            }
+            None => true,
+        };
         if idle || out.capacity() > KEEP_WRITE_BUFFER {
             out = Vec::new();
         }

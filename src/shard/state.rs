@@ -40,6 +40,9 @@ pub(crate) enum Endpoint {
     Echo,
 }
 
+/// Connections a shard's table is sized for at start (more grow it).
+const MAX_PRESIZED_CONNS: usize = 65_536;
+
 pub(crate) struct Conn {
     generation: u32,
     pub session: Session,
@@ -93,6 +96,7 @@ impl ShardState {
         let shards = cluster.inboxes.len();
         let config_generation = cluster.config.generation();
         let config = cluster.config.get();
+        let conns_capacity = config.limits.max_connections_per_shard.min(MAX_PRESIZED_CONNS);
         let max_channels = config.limits.max_channels.div_ceil(shards);
         let channels = ChannelTable::new(shards, max_channels, config.history_policy());
         let metrics = Rc::new(LocalMetrics::default());
@@ -106,7 +110,9 @@ impl ShardState {
             draining: false,
             drained: 0,
             cluster,
-            conns: Slab::new(),
+            // Sized for the shard's limit up front: growing copies every connection (a pause)
+            // and leaves the old block resident; untouched capacity costs no memory.
+            conns: Slab::with_capacity(conns_capacity),
             next_generation: 0,
             router: Router::default(),
             channels,
@@ -564,6 +570,8 @@ impl ShardState {
                 if let Some(waker) = conn.writer.take() {
                     waker.wake();
                 }
+            } else {
+                conn.session.release_idle_buffers(usize::MAX);
             }
         }
         if failures > 0 {
