@@ -7,7 +7,7 @@
 //! I/O driver takes the bytes to send with [`Session::poll_transmit`]. The session never reads
 //! the clock: `now` is passed in.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ use crate::protocol::ws::{binary_header_len, write_data_header, WsEndpoint, WsEv
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::{KeyedBuckets, TokenBucket};
 use frame_log::FrameLog;
+use subscriptions::Subscriptions;
 
 /// Logs at debug about this session's connection: every such line names it (`conn`).
 macro_rules! conn_debug {
@@ -227,8 +228,7 @@ pub struct Session {
     opened_at: Instant,
     client_id: Arc<str>,
     ws: WsEndpoint,
-    subs: HashMap<u32, Subscription>,
-    by_channel: HashMap<Arc<str>, u32>,
+    subs: Subscriptions,
     events: VecDeque<SessionEvent>,
     /// Who the client is, for positions kept across connections: the token's subject (the
     /// `Connect` name with auth disabled).
@@ -265,8 +265,7 @@ impl Session {
             ),
             limits,
             phase: Phase::AwaitingConnect,
-            subs: HashMap::new(),
-            by_channel: HashMap::new(),
+            subs: Subscriptions::default(),
             next_sub_id: 1,
             events: VecDeque::new(),
             accepts_zstd: false,
@@ -440,7 +439,7 @@ impl Session {
         if self.is_closing() {
             return false;
         }
-        let Some(sub) = self.subs.get_mut(&sub_id) else { return false };
+        let Some(sub) = self.subs.get_mut(sub_id) else { return false };
         sub.active = true;
         let (recovered, failure, missed) = match recovery {
             Some(Recovery::Recovered(missed)) => (true, pb::RecoveryFailure::None, missed),
@@ -473,9 +472,8 @@ impl Session {
 
     /// The owner could not take the subscription: forget it and tell the client.
     pub fn on_subscribe_failed(&mut self, sub_id: u32, req_id: u32, code: ErrorCode, message: String) {
-        if let Some(sub) = self.subs.remove(&sub_id) {
+        if let Some(sub) = self.subs.remove(sub_id) {
             self.acked_subs -= usize::from(sub.acks.is_some());
-            self.by_channel.remove(&sub.channel);
             self.error(req_id, code, message);
         }
     }
@@ -500,7 +498,7 @@ impl Session {
         }
         let mut failed = 0;
         if self.acked_subs > 0 {
-            if let Some(acks) = self.subs.get_mut(&sub_id).and_then(|s| s.acks.as_mut()) {
+            if let Some(acks) = self.subs.get_mut(sub_id).and_then(|s| s.acks.as_mut()) {
                 failed = acks.sent(publication, now);
             }
         }
@@ -524,7 +522,7 @@ impl Session {
         }
         let mut failed = 0;
         let mut resend = Vec::new();
-        for (&sub_id, sub) in self.subs.iter_mut() {
+        for (sub_id, sub) in self.subs.iter_mut() {
             if let Some(acks) = sub.acks.as_mut() {
                 let due = acks.due(now);
                 failed += due.failed;
@@ -612,7 +610,7 @@ impl Session {
 
     /// Every subscription as (channel, sub_id, active), for cleanup when the connection ends.
     pub fn subscriptions(&self) -> impl Iterator<Item = (&Arc<str>, u32, bool)> {
-        self.subs.iter().map(|(&id, sub)| (&sub.channel, id, sub.active))
+        self.subs.iter().map(|(id, sub)| (&sub.channel, id, sub.active))
     }
 
     fn collect_ws_output(&mut self) {
@@ -714,6 +712,7 @@ impl Session {
 
 mod commands;
 mod frame_log;
+mod subscriptions;
 
 #[cfg(test)]
 mod tests;

@@ -141,7 +141,7 @@ impl Session {
         if !self.may_read(id, &subscribe.channel) {
             return;
         }
-        if self.by_channel.contains_key(subscribe.channel.as_str()) {
+        if self.subs.has_channel(&subscribe.channel) {
             return self.error(
                 id,
                 ErrorCode::AlreadySubscribed,
@@ -160,12 +160,11 @@ impl Session {
         let resume = if subscribe.ack && !subscribe.recover { self.identity.clone() } else { None };
         self.acked_subs += usize::from(acks.is_some());
         self.subs.insert(sub_id, Subscription { channel: channel.clone(), active: false, acks });
-        self.by_channel.insert(channel.clone(), sub_id);
         self.events.push_back(SessionEvent::Subscribe { channel, sub_id, req_id: id, since, resume });
     }
 
     fn handle_ack(&mut self, now: Instant, id: u32, ack: pb::Ack) {
-        let Some(sub) = self.subs.get_mut(&ack.sub_id) else {
+        let Some(sub) = self.subs.get_mut(ack.sub_id) else {
             return self.error(id, ErrorCode::NotFound, format!("no subscription {}", ack.sub_id));
         };
         let Some(acks) = sub.acks.as_mut() else {
@@ -196,11 +195,10 @@ impl Session {
     }
 
     fn handle_unsubscribe(&mut self, id: u32, sub_id: u32) {
-        let Some(sub) = self.subs.remove(&sub_id) else {
+        let Some(sub) = self.subs.remove(sub_id) else {
             return self.error(id, ErrorCode::NotFound, format!("no subscription {sub_id}"));
         };
         self.acked_subs -= usize::from(sub.acks.is_some());
-        self.by_channel.remove(&sub.channel);
         self.outbox.forget_subscription(sub_id);
         self.events.push_back(SessionEvent::Unsubscribe { channel: sub.channel, sub_id, was_active: sub.active });
         if id != 0 {
@@ -228,7 +226,7 @@ impl Session {
         loop {
             let id = self.next_sub_id;
             self.next_sub_id = self.next_sub_id.checked_add(1).unwrap_or(1);
-            if !self.subs.contains_key(&id) {
+            if !self.subs.contains(id) {
                 return id;
             }
         }

@@ -412,4 +412,12 @@ mod security {
         }
         assert_eq!(session.phase(), Phase::Closing(CloseCode::RateLimitAbuse));
     }
+
+    /// Every idle connection keeps a session; a field added carelessly costs 10,000 times over.
+    #[test]
+    fn a_session_stays_small() {
+        let size = std::mem::size_of::<Session>();
+        eprintln!("Session: {size} bytes");
+        assert!(size <= 480, "Session grew to {size} bytes");
+    }
 }
