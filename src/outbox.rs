@@ -183,36 +183,49 @@ impl Outbox {
         self.high.push_back(item);
     }
 
-    /// When all that is queued is one shared batch (two to `batch_size` updates of one
-    /// subscription, nothing else), takes it without copying: the message's head (WebSocket
-    /// header and the `sub_id` field, which protobuf allows before the frames) is appended to
-    /// `head` and the shared frames are returned, to be written after it.
+    /// When all that is queued is one subscription's updates (at least two, nothing else),
+    /// takes them as shared batches of up to `batch_size` updates without copying: the first
+    /// message's head (WebSocket header and the `sub_id` field, which protobuf allows before
+    /// the frames) is appended to `head`, and the parts to write after it are returned: the
+    /// first batch's shared frames, then each further message's head and shared frames.
     pub fn take_shared(
         &mut self,
         head: &mut Vec<u8>,
         batch_size: usize,
         batches: &mut SharedBatches,
         observed: Observed<'_>,
-    ) -> Option<Bytes> {
+    ) -> Option<Vec<Bytes>> {
         let low_empty = self.low.as_deref().is_none_or(|lane| lane.items.is_empty() && lane.skipped.is_empty());
-        if !low_empty || self.high.len() < 2 || self.high.len() > batch_size {
+        if !low_empty || self.high.len() < 2 {
             return None;
         }
         let sub_id = one_subscription(self.high.iter())?;
-        let publications = self.high.iter().filter_map(|item| match item {
-            OutItem::Push { publication, .. } => Some(publication),
-            _ => None,
-        });
-        if let Some((metrics, now)) = observed {
-            metrics.record_deliveries(now, publications.clone().map(|p| &**p));
-            metrics.record_message(self.high.len());
+        let mut frames = Vec::with_capacity(self.high.len().div_ceil(batch_size));
+        for batch in self.high.make_contiguous().chunks(batch_size) {
+            let publications = batch.iter().filter_map(|item| match item {
+                OutItem::Push { publication, .. } => Some(publication),
+                _ => None,
+            });
+            if let Some((metrics, now)) = observed {
+                metrics.record_deliveries(now, publications.clone().map(|p| &**p));
+                metrics.record_message(batch.len());
+            }
+            frames.push(batches.shared_plain(publications));
         }
-        let frames = batches.shared_plain(publications);
-        write_shared_head(head, frames.len(), sub_id);
+        let mut parts = Vec::with_capacity(2 * frames.len() - 1);
+        let mut frames = frames.into_iter();
+        let first = frames.next()?;
+        write_shared_head(head, first.len(), sub_id);
+        parts.push(first);
+        for batch in frames {
+            let mut next_head = Vec::with_capacity(16);
+            write_shared_head(&mut next_head, batch.len(), sub_id);
+            parts.extend([Bytes::from(next_head), batch]);
+        }
         self.high.clear();
         self.bytes = 0;
         self.frames = 0;
-        Some(frames)
+        Some(parts)
     }
 
     /// Items queued (tombstones included).
@@ -730,48 +743,62 @@ mod tests {
         out
     }
 
-    #[test]
-    fn one_subscriptions_batch_is_taken_shared_and_anything_else_is_not() {
-        use crate::compression::{SharedBatches, ZstdSettings};
-        let mut batches =
-            SharedBatches::new(Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() }));
-        let mut outbox = Outbox::new(1 << 20, pressure(1 << 18));
-        for offset in 1..=3 {
-            outbox.push(OutItem::Push { sub_id: 9, publication: publication(offset) }).unwrap();
+    /// What a shared take writes (`head`, then `parts`), as each message's (sub_id, offset)s.
+    fn shared_messages(mut head: Vec<u8>, parts: &[Bytes]) -> Vec<Vec<(u32, u64)>> {
+        for part in parts {
+            head.extend_from_slice(part);
         }
-        let mut head = Vec::new();
-        let frames = outbox.take_shared(&mut head, 100, &mut batches, None).expect("one subscription's batch");
-        assert!(outbox.is_empty() && outbox.queued_bytes() == 0);
-        head.extend_from_slice(&frames);
         let mut client = WsEndpoint::client(1 << 20);
         client.feed(&head);
-        let Ok(Some(WsEvent::Binary(message))) = client.next_event() else { panic!("one message") };
-        let decoded =
-            crate::protocol::envelope::decode::<ServerMessage>(message, 1 << 20, &Default::default()).unwrap();
-        let seen: Vec<(u32, u64)> = decoded
-            .iter()
-            .filter_map(|f| match &f.kind {
-                Some(Kind::Update(u)) => Some((u.sub_id, u.offset)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(seen, [(9, 1), (9, 2), (9, 3)]);
+        let mut out = Vec::new();
+        while let Some(event) = client.next_event().unwrap() {
+            let WsEvent::Binary(message) = event else { panic!("unexpected {event:?}") };
+            let decoded =
+                crate::protocol::envelope::decode::<ServerMessage>(message, 1 << 20, &Default::default()).unwrap();
+            out.push(
+                decoded
+                    .iter()
+                    .filter_map(|f| match &f.kind {
+                        Some(Kind::Update(u)) => Some((u.sub_id, u.offset)),
+                        _ => None,
+                    })
+                    .collect(),
+            );
+        }
+        out
+    }
 
-        // Two subscriptions, a reply, a single update or more than a batch: the full path.
-        let refused = |items: Vec<OutItem>, batch_size| {
+    #[test]
+    fn one_subscriptions_updates_are_taken_shared_and_anything_else_is_not() {
+        use crate::compression::{SharedBatches, ZstdSettings};
+        let shared = |items: Vec<OutItem>, batch_size| {
             let mut outbox = Outbox::new(1 << 20, pressure(1 << 18));
             for item in items {
                 outbox.push(item).unwrap();
             }
             let mut batches =
                 SharedBatches::new(Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() }));
-            outbox.take_shared(&mut Vec::new(), batch_size, &mut batches, None).is_none() && !outbox.is_empty()
+            let mut head = Vec::new();
+            let taken = outbox.take_shared(&mut head, batch_size, &mut batches, None);
+            assert_eq!(taken.is_some(), outbox.is_empty() && outbox.queued_bytes() == 0);
+            taken.map(|parts| shared_messages(head, &parts))
         };
         let push = |sub_id, offset| OutItem::Push { sub_id, publication: publication(offset) };
-        assert!(refused(vec![push(1, 1), push(2, 1)], 100));
-        assert!(refused(vec![push(1, 1), OutItem::Frame(vec![1, 2]), push(1, 2)], 100));
-        assert!(refused(vec![push(1, 1)], 100));
-        assert!(refused(vec![push(1, 1), push(1, 2), push(1, 3)], 2));
+        let messages = shared((1..=3).map(|offset| push(9, offset)).collect(), 100).expect("one subscription's batch");
+        assert_eq!(messages, [vec![(9, 1), (9, 2), (9, 3)]]);
+
+        // More than a batch: several messages in one write, each a shared batch with its own head.
+        let messages = shared((1..=250).map(|offset| push(300, offset)).collect(), 100).expect("shared batches");
+        assert_eq!(messages.iter().map(Vec::len).collect::<Vec<_>>(), [100, 100, 50]);
+        let offsets: Vec<(u32, u64)> = messages.into_iter().flatten().collect();
+        assert_eq!(offsets, (1..=250).map(|offset| (300, offset)).collect::<Vec<_>>());
+        let messages = shared((1..=3).map(|offset| push(1, offset)).collect(), 2).expect("shared batches");
+        assert_eq!(messages, [vec![(1, 1), (1, 2)], vec![(1, 3)]]);
+
+        // Two subscriptions, a reply or a single update: the full path.
+        assert_eq!(shared(vec![push(1, 1), push(2, 1)], 100), None);
+        assert_eq!(shared(vec![push(1, 1), OutItem::Frame(vec![1, 2]), push(1, 2)], 100), None);
+        assert_eq!(shared(vec![push(1, 1)], 100), None);
     }
 
     #[test]

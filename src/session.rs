@@ -378,10 +378,11 @@ impl Session {
         self.outbox.drain_into(out, self.limits.batch_size, None)
     }
 
-    /// When all that is queued is one shared batch, takes it without copying (see
-    /// `Outbox::take_shared`): `head` gets the message's head, the frames are returned.
+    /// When all that is queued is one subscription's updates, takes them as shared batches
+    /// without copying (see `Outbox::take_shared`): `head` gets the first message's head, the
+    /// parts to write after it are returned.
     /// The write happens at `now` (updates in it are timed from their publication).
-    pub fn take_shared(&mut self, head: &mut Vec<u8>, batches: &mut SharedBatches, now: Instant) -> Option<Bytes> {
+    pub fn take_shared(&mut self, head: &mut Vec<u8>, batches: &mut SharedBatches, now: Instant) -> Option<Vec<Bytes>> {
         // A client that accepts zstd may need the batch compressed: the full path decides.
         if self.accepts_zstd || self.is_closing() {
             return None;
