@@ -21,7 +21,7 @@ use crate::broker::{validate_channel, Publication};
 use crate::compression::{SharedBatches, ZstdSettings};
 use crate::config::{Bucket, Config};
 use crate::metrics::LocalMetrics;
-use crate::outbox::{GaveWay, OutItem, Outbox, Pressure, Sharing};
+use crate::outbox::{Delivered, GaveWay, OutItem, Outbox, Overflow, Pressure, Sharing};
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
 use crate::protocol::push::write_frame;
@@ -486,6 +486,29 @@ impl Session {
     /// Queues an update for subscription `sub_id`. Returns how many acknowledged updates
     /// failed to make room (see `AckPolicy::max_unacked`).
     pub fn push_update(&mut self, sub_id: u32, publication: &Rc<Publication>, now: Instant) -> u32 {
+        self.push_update_at(sub_id, publication, None, now)
+    }
+
+    /// `push_update` of a fan-out: `publication` is index `index` of its channel's `delivered`,
+    /// which the queue may refer to instead of holding it (see `Outbox::push_delivered`).
+    pub fn push_delivered(
+        &mut self,
+        sub_id: u32,
+        publication: &Rc<Publication>,
+        delivered: &Rc<Delivered>,
+        index: u32,
+        now: Instant,
+    ) -> u32 {
+        self.push_update_at(sub_id, publication, Some((delivered, index)), now)
+    }
+
+    fn push_update_at(
+        &mut self,
+        sub_id: u32,
+        publication: &Rc<Publication>,
+        delivered: Option<(&Rc<Delivered>, u32)>,
+        now: Instant,
+    ) -> u32 {
         if self.is_closing() {
             return 0;
         }
@@ -495,7 +518,11 @@ impl Session {
                 failed = acks.sent(publication, now);
             }
         }
-        self.enqueue(OutItem::Push { sub_id, publication: publication.clone() });
+        let queued = match delivered {
+            Some((delivered, index)) => self.outbox.push_delivered(sub_id, publication, delivered, index),
+            None => self.outbox.push(OutItem::Push { sub_id, publication: publication.clone() }),
+        };
+        self.close_if_overflowed(queued);
         failed
     }
 
@@ -695,7 +722,12 @@ impl Session {
     /// Queues `item`; a connection whose outbox is full even after lower-priority updates gave
     /// way is closed as a slow consumer (what it had queued is dropped: it could not take it).
     fn enqueue(&mut self, item: OutItem) {
-        if self.outbox.push(item).is_err() {
+        let queued = self.outbox.push(item);
+        self.close_if_overflowed(queued);
+    }
+
+    fn close_if_overflowed(&mut self, queued: Result<(), Overflow>) {
+        if queued.is_err() {
             self.outbox.clear();
             let detail = format!("more than {} bytes waiting to be sent", self.limits.max_outbox_bytes);
             self.close(CloseCode::SlowConsumer, detail);

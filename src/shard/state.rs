@@ -474,14 +474,18 @@ impl ShardState {
         let now = Instant::now();
         let mut delivered = 0u64;
         let mut ack_failures = 0u64;
-        for subscriber in self.router.subscribers(&publication.channel) {
+        let Some((subscribers, delivered_run, index)) = self.router.deliver(&publication.channel, &local) else {
+            return;
+        };
+        for subscriber in subscribers {
             let Some(conn) = self.conns.get_mut(subscriber.conn.index as usize) else {
                 continue;
             };
             if conn.generation != subscriber.conn.generation {
                 continue;
             }
-            ack_failures += u64::from(conn.session.push_update(subscriber.sub_id, &local, now));
+            ack_failures +=
+                u64::from(conn.session.push_delivered(subscriber.sub_id, &local, delivered_run, index, now));
             delivered += 1;
             // A paced writer goes at the next tick with whatever has come by then, or when
             // its batch fills.
