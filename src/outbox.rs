@@ -9,6 +9,7 @@
 //! the same subscription and key; when full, lower-priority updates are dropped, oldest first.
 //! The next update sent on such a subscription says how many before it were skipped.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Instant;
@@ -41,6 +42,51 @@ impl OutItem {
             OutItem::Frame(bytes) | OutItem::Raw(bytes) => bytes.len(),
         }
     }
+}
+
+/// One channel's publications in the order a shard delivers them. A subscriber whose queue
+/// ends with a stretch of them for one subscription refers to the stretch (`Run`) instead of
+/// holding an item per delivery: a fan-out then writes nothing new per subscriber but a count.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    publications: RefCell<Vec<Rc<Publication>>>,
+    /// Their bodies' bytes.
+    bytes: Cell<usize>,
+}
+
+/// What a `Delivered` holds before a fresh one is started. Queues referring to the old one
+/// turn their run into items at their next update of the channel, so a channel keeps about
+/// this much alive beyond what its subscribers' queues hold.
+const DELIVERED_CAPACITY: usize = 1024;
+const DELIVERED_BYTES: usize = 1 << 20;
+
+impl Delivered {
+    /// Appends `publication` to the shard's current `delivered` for its channel, starting a
+    /// fresh one when no queue refers to it any more or it is full; returns its index.
+    pub fn append(delivered: &mut Rc<Delivered>, publication: &Rc<Publication>) -> u32 {
+        if Rc::strong_count(delivered) == 1 {
+            delivered.publications.borrow_mut().clear();
+            delivered.bytes.set(0);
+        } else if delivered.publications.borrow().len() >= DELIVERED_CAPACITY
+            || delivered.bytes.get() >= DELIVERED_BYTES
+        {
+            *delivered = Rc::default();
+        }
+        delivered.bytes.set(delivered.bytes.get() + publication.body.len());
+        let mut publications = delivered.publications.borrow_mut();
+        publications.push(publication.clone());
+        (publications.len() - 1) as u32
+    }
+}
+
+/// Updates of one subscription queued after everything else: `len` publications of
+/// `delivered` from `start`.
+#[derive(Debug)]
+struct Run {
+    sub_id: u32,
+    delivered: Rc<Delivered>,
+    start: u32,
+    len: u32,
 }
 
 /// What a slot of the low lane the queue keeps accounts for, besides its item: a conflated
@@ -90,6 +136,8 @@ pub struct Outbox {
     gave_way: GaveWay,
     /// Replies and control frames queued (not updates).
     frames: u32,
+    /// High-priority updates of one subscription after everything in both lanes (see `Run`).
+    run: Option<Run>,
 }
 
 #[derive(Debug, Default)]
@@ -121,11 +169,58 @@ impl Outbox {
             pressure,
             gave_way: GaveWay::default(),
             frames: 0,
+            run: None,
         }
+    }
+
+    /// Queues `publication`, index `index` of `delivered`, for `sub_id` like `push`; when it
+    /// continues the queue's run of that subscription (or may start one), only as a count.
+    pub fn push_delivered(
+        &mut self,
+        sub_id: u32,
+        publication: &Rc<Publication>,
+        delivered: &Rc<Delivered>,
+        index: u32,
+    ) -> Result<(), Overflow> {
+        let len = push_len(sub_id, publication.body.len());
+        // A high-priority update would go to the end of the high lane unless lower ones of its
+        // subscription wait in the low lane; a run stands for exactly that end.
+        let low_empty = self.low.as_deref().is_none_or(|lane| lane.items.is_empty());
+        if low_empty && self.is_high_priority(publication) && self.bytes + len <= self.max_bytes {
+            match &mut self.run {
+                Some(run)
+                    if run.sub_id == sub_id
+                        && run.start + run.len == index
+                        && Rc::ptr_eq(&run.delivered, delivered) =>
+                {
+                    run.len += 1;
+                    self.bytes += len;
+                    return Ok(());
+                }
+                Some(_) => {}
+                None => {
+                    self.run = Some(Run { sub_id, delivered: delivered.clone(), start: index, len: 1 });
+                    self.bytes += len;
+                    return Ok(());
+                }
+            }
+        }
+        self.push(OutItem::Push { sub_id, publication: publication.clone() })
+    }
+
+    /// Turns the run into items at the end of the high lane, where it stands.
+    fn end_run(&mut self) {
+        let Some(run) = self.run.take() else { return };
+        let publications = run.delivered.publications.borrow();
+        let stretch = &publications[run.start as usize..(run.start + run.len) as usize];
+        self.high.extend(
+            stretch.iter().map(|publication| OutItem::Push { sub_id: run.sub_id, publication: publication.clone() }),
+        );
     }
 
     /// Queues `item`, giving way as described above; `Overflow` when even that is not enough.
     pub fn push(&mut self, item: OutItem) -> Result<(), Overflow> {
+        self.end_run();
         let len = item.len();
         let (sub_id, publication) = match &item {
             OutItem::Push { sub_id, publication } => (*sub_id, publication),
@@ -173,6 +268,7 @@ impl Outbox {
     /// Queues `item` whatever the limit (the last words of a closing connection), after
     /// everything queued, in both lanes.
     pub fn push_unbounded(&mut self, item: OutItem) {
+        self.end_run();
         self.bytes += item.len();
         self.frames += 1;
         if let Some(lane) = self.low.as_deref_mut() {
@@ -183,41 +279,52 @@ impl Outbox {
         self.high.push_back(item);
     }
 
-    /// When all that is queued is one shared batch (two to `batch_size` updates of one
-    /// subscription, nothing else), takes it without copying: the message's head (WebSocket
-    /// header and the `sub_id` field, which protobuf allows before the frames) is appended to
-    /// `head` and the shared frames are returned, to be written after it.
+    /// When all that is queued is one subscription's updates (at least two, nothing else),
+    /// takes them as shared batches of up to `batch_size` updates without copying: the first
+    /// message's head (WebSocket header and the `sub_id` field, which protobuf allows before
+    /// the frames) is appended to `head`, and the parts to write after it are returned: the
+    /// first batch's shared frames, then each further message's head and shared frames.
     pub fn take_shared(
         &mut self,
         head: &mut Vec<u8>,
         batch_size: usize,
         batches: &mut SharedBatches,
         observed: Observed<'_>,
-    ) -> Option<Bytes> {
+    ) -> Option<Vec<Bytes>> {
         let low_empty = self.low.as_deref().is_none_or(|lane| lane.items.is_empty() && lane.skipped.is_empty());
-        if !low_empty || self.high.len() < 2 || self.high.len() > batch_size {
+        if !low_empty {
+            return None;
+        }
+        if self.high.is_empty() {
+            let run = self.run.take_if(|run| run.len >= 2)?;
+            let publications = run.delivered.publications.borrow();
+            let stretch = &publications[run.start as usize..(run.start + run.len) as usize];
+            let stretch = stretch.chunks(batch_size).map(|batch| batch.iter());
+            self.bytes = 0;
+            return Some(shared_parts(head, run.sub_id, stretch, batches, observed));
+        }
+        self.end_run();
+        if self.high.len() < 2 {
             return None;
         }
         let sub_id = one_subscription(self.high.iter())?;
-        let publications = self.high.iter().filter_map(|item| match item {
-            OutItem::Push { publication, .. } => Some(publication),
-            _ => None,
+        let stretch = self.high.make_contiguous().chunks(batch_size).map(|batch| {
+            batch.iter().filter_map(|item| match item {
+                OutItem::Push { publication, .. } => Some(publication),
+                _ => None,
+            })
         });
-        if let Some((metrics, now)) = observed {
-            metrics.record_deliveries(now, publications.clone().map(|p| &**p));
-            metrics.record_message(self.high.len());
-        }
-        let frames = batches.shared_plain(publications);
-        write_shared_head(head, frames.len(), sub_id);
+        let parts = shared_parts(head, sub_id, stretch, batches, observed);
         self.high.clear();
         self.bytes = 0;
         self.frames = 0;
-        Some(frames)
+        Some(parts)
     }
 
     /// Items queued (tombstones included).
     pub fn len(&self) -> usize {
-        self.high.len() + self.low.as_ref().map_or(0, |lane| lane.items.len())
+        let run = self.run.as_ref().map_or(0, |run| run.len as usize);
+        self.high.len() + self.low.as_ref().map_or(0, |lane| lane.items.len()) + run
     }
 
     /// Whether replies or control frames (not only updates) are queued.
@@ -226,7 +333,7 @@ impl Outbox {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.high.is_empty() && self.low.as_ref().is_none_or(|lane| lane.items.is_empty())
+        self.high.is_empty() && self.low.as_ref().is_none_or(|lane| lane.items.is_empty()) && self.run.is_none()
     }
 
     /// Bytes queued (and accounted for tombstones and skipped offsets).
@@ -255,6 +362,7 @@ impl Outbox {
     /// Drops everything queued.
     pub fn clear(&mut self) {
         self.frames = 0;
+        self.run = None;
         self.high.clear();
         self.low = None;
         self.bytes = 0;
@@ -272,6 +380,7 @@ impl Outbox {
     /// With `sharing`, batches are shared between subscribers and large messages go out
     /// zstd-compressed to clients that accept it.
     pub fn drain_into(&mut self, out: &mut Vec<u8>, batch_size: usize, mut sharing: Option<Sharing<'_>>) -> usize {
+        self.end_run();
         self.frames = 0;
         let Some(lane) = self.low.as_deref_mut() else {
             let frames = write_batches(out, self.high.iter(), batch_size, None, sharing.as_mut());
@@ -556,6 +665,39 @@ fn write_shared_plain(out: &mut Vec<u8>, frames: Bytes, sub_id: u32) {
     out.extend_from_slice(&frames);
 }
 
+/// Shared batches (`stretch`, one iterator per message) of subscription `sub_id`, tallied as
+/// written at `observed`: the first message's head goes to `head`, and the parts to write
+/// after it are returned (the first batch's frames, then each further message's head and
+/// frames).
+fn shared_parts<'p, B>(
+    head: &mut Vec<u8>,
+    sub_id: u32,
+    stretch: impl Iterator<Item = B>,
+    batches: &mut SharedBatches,
+    observed: Observed<'_>,
+) -> Vec<Bytes>
+where
+    B: Iterator<Item = &'p Rc<Publication>> + Clone,
+{
+    let mut parts = Vec::new();
+    for batch in stretch {
+        if let Some((metrics, now)) = observed {
+            metrics.record_deliveries(now, batch.clone().map(|p| &**p));
+            metrics.record_message(batch.clone().count());
+        }
+        let frames = batches.shared_plain(batch);
+        if parts.is_empty() {
+            write_shared_head(head, frames.len(), sub_id);
+        } else {
+            let mut next_head = Vec::with_capacity(16);
+            write_shared_head(&mut next_head, frames.len(), sub_id);
+            parts.push(Bytes::from(next_head));
+        }
+        parts.push(frames);
+    }
+    parts
+}
+
 /// What one connection's copy of a shared batch of `frames_len` bytes starts with: the
 /// WebSocket header and `ServerMessage.sub_id` (protobuf allows it before the frames), so the
 /// shared bytes can follow untouched, copied or by a vectored write.
@@ -762,48 +904,155 @@ mod tests {
         out
     }
 
-    #[test]
-    fn one_subscriptions_batch_is_taken_shared_and_anything_else_is_not() {
-        use crate::compression::{SharedBatches, ZstdSettings};
-        let mut batches =
-            SharedBatches::new(Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() }));
-        let mut outbox = Outbox::new(1 << 20, pressure(1 << 18));
-        for offset in 1..=3 {
-            outbox.push(OutItem::Push { sub_id: 9, publication: publication(offset) }).unwrap();
+    /// What a shared take writes (`head`, then `parts`), as each message's (sub_id, offset)s.
+    fn shared_messages(mut head: Vec<u8>, parts: &[Bytes]) -> Vec<Vec<(u32, u64)>> {
+        for part in parts {
+            head.extend_from_slice(part);
         }
-        let mut head = Vec::new();
-        let frames = outbox.take_shared(&mut head, 100, &mut batches, None).expect("one subscription's batch");
-        assert!(outbox.is_empty() && outbox.queued_bytes() == 0);
-        head.extend_from_slice(&frames);
         let mut client = WsEndpoint::client(1 << 20);
         client.feed(&head);
-        let Ok(Some(WsEvent::Binary(message))) = client.next_event() else { panic!("one message") };
-        let decoded =
-            crate::protocol::envelope::decode::<ServerMessage>(message, 1 << 20, &Default::default()).unwrap();
-        let seen: Vec<(u32, u64)> = decoded
-            .iter()
-            .filter_map(|f| match &f.kind {
-                Some(Kind::Update(u)) => Some((u.sub_id, u.offset)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(seen, [(9, 1), (9, 2), (9, 3)]);
+        let mut out = Vec::new();
+        while let Some(event) = client.next_event().unwrap() {
+            let WsEvent::Binary(message) = event else { panic!("unexpected {event:?}") };
+            let decoded =
+                crate::protocol::envelope::decode::<ServerMessage>(message, 1 << 20, &Default::default()).unwrap();
+            out.push(
+                decoded
+                    .iter()
+                    .filter_map(|f| match &f.kind {
+                        Some(Kind::Update(u)) => Some((u.sub_id, u.offset)),
+                        _ => None,
+                    })
+                    .collect(),
+            );
+        }
+        out
+    }
 
-        // Two subscriptions, a reply, a single update or more than a batch: the full path.
-        let refused = |items: Vec<OutItem>, batch_size| {
+    #[test]
+    fn one_subscriptions_updates_are_taken_shared_and_anything_else_is_not() {
+        use crate::compression::{SharedBatches, ZstdSettings};
+        let shared = |items: Vec<OutItem>, batch_size| {
             let mut outbox = Outbox::new(1 << 20, pressure(1 << 18));
             for item in items {
                 outbox.push(item).unwrap();
             }
             let mut batches =
                 SharedBatches::new(Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() }));
-            outbox.take_shared(&mut Vec::new(), batch_size, &mut batches, None).is_none() && !outbox.is_empty()
+            let mut head = Vec::new();
+            let taken = outbox.take_shared(&mut head, batch_size, &mut batches, None);
+            assert_eq!(taken.is_some(), outbox.is_empty() && outbox.queued_bytes() == 0);
+            taken.map(|parts| shared_messages(head, &parts))
         };
         let push = |sub_id, offset| OutItem::Push { sub_id, publication: publication(offset) };
-        assert!(refused(vec![push(1, 1), push(2, 1)], 100));
-        assert!(refused(vec![push(1, 1), OutItem::Frame(vec![1, 2]), push(1, 2)], 100));
-        assert!(refused(vec![push(1, 1)], 100));
-        assert!(refused(vec![push(1, 1), push(1, 2), push(1, 3)], 2));
+        let messages = shared((1..=3).map(|offset| push(9, offset)).collect(), 100).expect("one subscription's batch");
+        assert_eq!(messages, [vec![(9, 1), (9, 2), (9, 3)]]);
+
+        // More than a batch: several messages in one write, each a shared batch with its own head.
+        let messages = shared((1..=250).map(|offset| push(300, offset)).collect(), 100).expect("shared batches");
+        assert_eq!(messages.iter().map(Vec::len).collect::<Vec<_>>(), [100, 100, 50]);
+        let offsets: Vec<(u32, u64)> = messages.into_iter().flatten().collect();
+        assert_eq!(offsets, (1..=250).map(|offset| (300, offset)).collect::<Vec<_>>());
+        let messages = shared((1..=3).map(|offset| push(1, offset)).collect(), 2).expect("shared batches");
+        assert_eq!(messages, [vec![(1, 1), (1, 2)], vec![(1, 3)]]);
+
+        // Two subscriptions, a reply or a single update: the full path.
+        assert_eq!(shared(vec![push(1, 1), push(2, 1)], 100), None);
+        assert_eq!(shared(vec![push(1, 1), OutItem::Frame(vec![1, 2]), push(1, 2)], 100), None);
+        assert_eq!(shared(vec![push(1, 1)], 100), None);
+    }
+
+    /// Queues fed the same updates, one through `push` and one through `push_delivered` (runs),
+    /// with replies, lower-priority updates and a second subscription among them, hold the
+    /// same and write the same bytes, shared or not.
+    #[test]
+    fn a_run_of_delivered_updates_queues_and_writes_like_single_pushes() {
+        use crate::compression::{SharedBatches, ZstdSettings};
+        let mut delivered = Rc::new(Delivered::default());
+        let mut pushed = Outbox::new(1 << 20, pressure(1 << 20));
+        let mut ran = Outbox::new(1 << 20, pressure(1 << 20));
+        let batches =
+            || SharedBatches::new(Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() }));
+        let (mut batches_pushed, mut batches_ran) = (batches(), batches());
+        let mut offset = 0;
+        let mut update = |sub_id: u32, update_type: i32, pushed: &mut Outbox, ran: &mut Outbox| {
+            offset += 1;
+            let publication = typed(offset, update_type, "");
+            let index = Delivered::append(&mut delivered, &publication);
+            pushed.push(OutItem::Push { sub_id, publication: publication.clone() }).unwrap();
+            ran.push_delivered(sub_id, &publication, &delivered, index).unwrap();
+            assert_eq!((pushed.len(), pushed.queued_bytes()), (ran.len(), ran.queued_bytes()));
+        };
+        // Rounds: a run alone; a run broken by a reply; lower-priority updates ahead of a run;
+        // two subscriptions interleaved; a run longer than a batch.
+        let rounds: [&[(u32, i32)]; 5] = [
+            &[(1, ROUTE), (1, ROUTE), (1, ROUTE)],
+            &[(1, ROUTE), (1, ROUTE), (0, 0), (1, ROUTE)],
+            &[(1, TRAFFIC), (1, ROUTE), (2, ROUTE), (2, ROUTE)],
+            &[(1, ROUTE), (2, ROUTE), (1, ROUTE), (2, ROUTE)],
+            &[(1, ROUTE); 7],
+        ];
+        for (round, steps) in rounds.iter().enumerate() {
+            for &(sub_id, update_type) in *steps {
+                if sub_id == 0 {
+                    pushed.push(OutItem::Frame(vec![0x0a, 0])).unwrap();
+                    ran.push(OutItem::Frame(vec![0x0a, 0])).unwrap();
+                } else {
+                    update(sub_id, update_type, &mut pushed, &mut ran);
+                }
+            }
+            let (mut head_pushed, mut head_ran) = (Vec::new(), Vec::new());
+            let taken_pushed = pushed.take_shared(&mut head_pushed, 3, &mut batches_pushed, None);
+            let taken_ran = ran.take_shared(&mut head_ran, 3, &mut batches_ran, None);
+            assert_eq!(taken_pushed.is_some(), taken_ran.is_some(), "round {round}");
+            let wire = |outbox: &mut Outbox, mut head: Vec<u8>, taken: Option<Vec<Bytes>>, batches| {
+                taken.iter().flatten().for_each(|part| head.extend_from_slice(part));
+                let sharing = Sharing { batches, zstd: false, held: 0, observed: None };
+                outbox.drain_into(&mut head, 3, Some(sharing));
+                assert!(outbox.is_empty() && outbox.queued_bytes() == 0);
+                head
+            };
+            assert_eq!(
+                wire(&mut pushed, head_pushed, taken_pushed, &mut batches_pushed),
+                wire(&mut ran, head_ran, taken_ran, &mut batches_ran),
+                "round {round}"
+            );
+        }
+    }
+
+    #[test]
+    fn delivered_starts_afresh_when_no_queue_refers_to_it() {
+        let mut delivered = Rc::new(Delivered::default());
+        assert_eq!(Delivered::append(&mut delivered, &publication(1)), 0);
+        assert_eq!(Delivered::append(&mut delivered, &publication(2)), 0, "nobody refers to the first");
+        let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
+        outbox.push_delivered(1, &publication(2), &delivered, 0).unwrap();
+        assert_eq!(Delivered::append(&mut delivered, &publication(3)), 1, "a queue refers to it");
+        outbox.clear();
+        assert_eq!(Delivered::append(&mut delivered, &publication(4)), 0);
+        // Held, it grows to its capacity, then a fresh one starts.
+        let held = delivered.clone();
+        let indexes: Vec<u32> = (5..5 + DELIVERED_CAPACITY as u64)
+            .map(|offset| Delivered::append(&mut delivered, &publication(offset)))
+            .collect();
+        assert_eq!(indexes.last(), Some(&0));
+        assert!(!Rc::ptr_eq(&held, &delivered) && held.publications.borrow().len() == DELIVERED_CAPACITY);
+    }
+
+    #[test]
+    fn a_run_overflows_where_single_pushes_do() {
+        let one = push_len(1, publication(1).body.len());
+        let mut delivered = Rc::new(Delivered::default());
+        let mut outbox = Outbox::new(one * 2, pressure(0));
+        for offset in 1..=2 {
+            let publication = publication(offset);
+            let index = Delivered::append(&mut delivered, &publication);
+            outbox.push_delivered(1, &publication, &delivered, index).unwrap();
+        }
+        let publication = publication(3);
+        let index = Delivered::append(&mut delivered, &publication);
+        assert_eq!(outbox.push_delivered(1, &publication, &delivered, index), Err(Overflow));
+        assert_eq!(outbox.queued_bytes(), one * 2);
     }
 
     #[test]

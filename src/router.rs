@@ -1,7 +1,11 @@
 //! A shard's index of its local subscribers: channel → (connection, sub_id).
 
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
+
+use crate::broker::Publication;
+use crate::outbox::Delivered;
 
 /// A connection on this shard: slab index and the generation that tells reused slots apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,17 +60,24 @@ pub struct Subscriber {
 
 #[derive(Debug, Default)]
 pub struct Router {
-    channels: HashMap<Arc<str>, Vec<Subscriber>>,
+    channels: HashMap<Arc<str>, Local>,
+}
+
+/// A channel's local subscribers and what the shard delivered of it.
+#[derive(Debug, Default)]
+struct Local {
+    subscribers: Vec<Subscriber>,
+    delivered: Rc<Delivered>,
 }
 
 impl Router {
     pub fn add(&mut self, channel: Arc<str>, subscriber: Subscriber) {
-        self.channels.entry(channel).or_default().push(subscriber);
+        self.channels.entry(channel).or_default().subscribers.push(subscriber);
     }
 
     /// Removes subscription `sub_id` of `conn`; returns whether it was there.
     pub fn remove(&mut self, channel: &str, conn: ConnId, sub_id: u32) -> bool {
-        let Some(list) = self.channels.get_mut(channel) else {
+        let Some(list) = self.channels.get_mut(channel).map(|local| &mut local.subscribers) else {
             return false;
         };
         let Some(pos) = list.iter().position(|s| s.conn == conn && s.sub_id == sub_id) else {
@@ -81,7 +92,19 @@ impl Router {
 
     /// The local subscribers of `channel`.
     pub fn subscribers(&self, channel: &str) -> &[Subscriber] {
-        self.channels.get(channel).map(Vec::as_slice).unwrap_or(&[])
+        self.channels.get(channel).map_or(&[], |local| local.subscribers.as_slice())
+    }
+
+    /// A publication to deliver on `channel`: its local subscribers, and where it stands in
+    /// the channel's `Delivered` (see `Outbox::push_delivered`).
+    pub fn deliver(
+        &mut self,
+        channel: &str,
+        publication: &Rc<Publication>,
+    ) -> Option<(&[Subscriber], &Rc<Delivered>, u32)> {
+        let local = self.channels.get_mut(channel)?;
+        let index = Delivered::append(&mut local.delivered, publication);
+        Some((&local.subscribers, &local.delivered, index))
     }
 
     /// Channels with at least one local subscriber.

@@ -21,7 +21,7 @@ use crate::broker::{validate_channel, Publication};
 use crate::compression::{SharedBatches, ZstdSettings};
 use crate::config::{Bucket, Config};
 use crate::metrics::LocalMetrics;
-use crate::outbox::{GaveWay, OutItem, Outbox, Pressure, Sharing};
+use crate::outbox::{Delivered, GaveWay, OutItem, Outbox, Overflow, Pressure, Sharing};
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
 use crate::protocol::push::write_frame;
@@ -387,10 +387,11 @@ impl Session {
         self.outbox.drain_into(out, self.limits.batch_size, None)
     }
 
-    /// When all that is queued is one shared batch, takes it without copying (see
-    /// `Outbox::take_shared`): `head` gets the message's head, the frames are returned.
+    /// When all that is queued is one subscription's updates, takes them as shared batches
+    /// without copying (see `Outbox::take_shared`): `head` gets the first message's head, the
+    /// parts to write after it are returned.
     /// The write happens at `now` (updates in it are timed from their publication).
-    pub fn take_shared(&mut self, head: &mut Vec<u8>, batches: &mut SharedBatches, now: Instant) -> Option<Bytes> {
+    pub fn take_shared(&mut self, head: &mut Vec<u8>, batches: &mut SharedBatches, now: Instant) -> Option<Vec<Bytes>> {
         // A client that accepts zstd may need the batch compressed: the full path decides.
         if self.accepts_zstd || self.is_closing() {
             return None;
@@ -493,6 +494,29 @@ impl Session {
     /// Queues an update for subscription `sub_id`. Returns how many acknowledged updates
     /// failed to make room (see `AckPolicy::max_unacked`).
     pub fn push_update(&mut self, sub_id: u32, publication: &Rc<Publication>, now: Instant) -> u32 {
+        self.push_update_at(sub_id, publication, None, now)
+    }
+
+    /// `push_update` of a fan-out: `publication` is index `index` of its channel's `delivered`,
+    /// which the queue may refer to instead of holding it (see `Outbox::push_delivered`).
+    pub fn push_delivered(
+        &mut self,
+        sub_id: u32,
+        publication: &Rc<Publication>,
+        delivered: &Rc<Delivered>,
+        index: u32,
+        now: Instant,
+    ) -> u32 {
+        self.push_update_at(sub_id, publication, Some((delivered, index)), now)
+    }
+
+    fn push_update_at(
+        &mut self,
+        sub_id: u32,
+        publication: &Rc<Publication>,
+        delivered: Option<(&Rc<Delivered>, u32)>,
+        now: Instant,
+    ) -> u32 {
         if self.is_closing() {
             return 0;
         }
@@ -502,7 +526,11 @@ impl Session {
                 failed = acks.sent(publication, now);
             }
         }
-        self.enqueue(OutItem::Push { sub_id, publication: publication.clone() });
+        let queued = match delivered {
+            Some((delivered, index)) => self.outbox.push_delivered(sub_id, publication, delivered, index),
+            None => self.outbox.push(OutItem::Push { sub_id, publication: publication.clone() }),
+        };
+        self.close_if_overflowed(queued);
         failed
     }
 
@@ -702,7 +730,12 @@ impl Session {
     /// Queues `item`; a connection whose outbox is full even after lower-priority updates gave
     /// way is closed as a slow consumer (what it had queued is dropped: it could not take it).
     fn enqueue(&mut self, item: OutItem) {
-        if self.outbox.push(item).is_err() {
+        let queued = self.outbox.push(item);
+        self.close_if_overflowed(queued);
+    }
+
+    fn close_if_overflowed(&mut self, queued: Result<(), Overflow>) {
+        if queued.is_err() {
             self.outbox.clear();
             let detail = format!("more than {} bytes waiting to be sent", self.limits.max_outbox_bytes);
             self.close(CloseCode::SlowConsumer, detail);

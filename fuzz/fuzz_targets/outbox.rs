@@ -35,9 +35,9 @@ fuzz_target!(|data: &[u8]| {
             let batch_size = 1 + usize::from(b % 8);
             if let (true, Some(batches)) = (b & 0x40 != 0, batches.as_mut()) {
                 let mut head = Vec::new();
-                if let Some(frames) = outbox.take_shared(&mut head, batch_size, batches, Some((&metrics, Instant::now()))) {
+                if let Some(parts) = outbox.take_shared(&mut head, batch_size, batches, Some((&metrics, Instant::now()))) {
                     wire.extend_from_slice(&head);
-                    wire.extend_from_slice(&frames);
+                    parts.iter().for_each(|part| wire.extend_from_slice(part));
                     continue;
                 }
             }

@@ -329,8 +329,8 @@ async fn read_loop<R: Receive>(state: Rc<RefCell<ShardState>>, mut reader: R, fd
 }
 
 enum Next {
-    /// Write `out`, then the shared frames if any.
-    Write(Option<Bytes>),
+    /// Write `out`, then the shared parts if any (see `ShardState::transmit`).
+    Write(Option<Vec<Bytes>>),
     Finish,
 }
 
@@ -377,14 +377,14 @@ async fn write_loop<S: Transport>(
         };
         let closing = {
             let mut shard = state.borrow_mut();
-            shard.metrics.count_sent(out.len() + shared.as_ref().map_or(0, Bytes::len));
+            shard.metrics.count_sent(out.len() + shared.iter().flatten().map(Bytes::len).sum::<usize>());
             shard.conn(id).is_none_or(|c| c.session.is_closing())
         };
         // While the shard drains, its deadline bounds every write (`shutdown_timeout`).
         let bounded = closing && !state.borrow().is_draining();
-        let written = if let Some(frames) = shared {
-            // One shared batch: its head from `out`, its frames straight from the shard's copy.
-            let BufResult(result, (head, _)) = Box::pin(writer.write_vectored_all((out, (frames,)))).await;
+        let written = if let Some(parts) = shared {
+            // Shared batches: the first head from `out`, the frames straight from the shard's copy.
+            let BufResult(result, (head, _)) = Box::pin(writer.write_vectored_all((out, parts))).await;
             out = head;
             result.is_ok()
         } else if bounded {

@@ -480,14 +480,18 @@ impl ShardState {
         let now = Instant::now();
         let mut delivered = 0u64;
         let mut ack_failures = 0u64;
-        for subscriber in self.router.subscribers(&publication.channel) {
+        let Some((subscribers, delivered_run, index)) = self.router.deliver(&publication.channel, &local) else {
+            return;
+        };
+        for subscriber in subscribers {
             let Some(conn) = self.conns.get_mut(subscriber.conn.index as usize) else {
                 continue;
             };
             if conn.generation != subscriber.conn.generation {
                 continue;
             }
-            ack_failures += u64::from(conn.session.push_update(subscriber.sub_id, &local, now));
+            ack_failures +=
+                u64::from(conn.session.push_delivered(subscriber.sub_id, &local, delivered_run, index, now));
             delivered += 1;
             // A paced writer goes at the next tick with whatever has come by then, or when
             // its batch fills.
@@ -510,21 +514,21 @@ impl ShardState {
     }
 
     /// Moves what connection `id` has queued into `out` as wire bytes (batches shared between
-    /// subscribers, compressed where the client accepts it). When it is all one shared batch,
-    /// `out` gets only its head and the shared frames are returned, to be sent after `out`
-    /// without a copy.
-    pub fn transmit(&mut self, id: ConnId, out: &mut Vec<u8>) -> Option<Bytes> {
+    /// subscribers, compressed where the client accepts it). When it is all one subscription's
+    /// shared batches, `out` gets only the first one's head and the rest is returned (shared
+    /// frames and later heads), to be sent after `out` without a copy.
+    pub fn transmit(&mut self, id: ConnId, out: &mut Vec<u8>) -> Option<Vec<Bytes>> {
         let conn = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)?;
         let now = Instant::now();
         // One line per write, not per update: fan-out stays readable at debug.
         let log_write = tracing::enabled!(tracing::Level::DEBUG);
         let queued = if log_write { conn.session.queued_items() } else { 0 };
-        if let Some(frames) = conn.session.take_shared(out, &mut self.batches, now) {
+        if let Some(parts) = conn.session.take_shared(out, &mut self.batches, now) {
             if log_write {
-                let bytes = out.len() + frames.len();
+                let bytes = out.len() + parts.iter().map(Bytes::len).sum::<usize>();
                 tracing::debug!(conn = %conn.session.client_id(), frames = queued, bytes, "write");
             }
-            return Some(frames);
+            return Some(parts);
         }
         let written = conn.session.poll_transmit_shared(out, &mut self.batches, now);
         if log_write {
