@@ -282,13 +282,13 @@ async fn websocket<S: Transport>(state: Rc<RefCell<ShardState>>, upgrade: Upgrad
         id
     };
     drop(early);
-    // The connection's lifetime task: its read and write loops side by side, none of this
-    // task's HTTP and upgrade states. One task per connection, and a writer holds no write
-    // future while it waits (idle memory). The loops are joined as they are: wrapping them in
-    // an async block would keep each one twice in the task (moved-from captures keep their room).
-    let reading = read_loop(state.clone(), reader, fd, id, peer);
-    let writing = write_loop::<S>(state, writer, fd, id, ticket);
-    compio::runtime::spawn(futures_util::future::join(reading, writing)).detach();
+    // The connection's lifetime tasks, fresh: none of this task's HTTP and upgrade states
+    // stays (idle memory), and the writer holds no write future while parked (each write is
+    // boxed). Reader and writer joined in one task saved ~0.1 KB a connection more but cost
+    // a quarter of request/reply throughput (84k vs 58k replies per CPU-second): each side's
+    // wake-ups polled the other.
+    compio::runtime::spawn(write_loop::<S>(state.clone(), writer, fd, id, ticket)).detach();
+    compio::runtime::spawn(read_loop(state, reader, fd, id, peer)).detach();
 }
 
 fn log_close(state: &Rc<RefCell<ShardState>>, id: ConnId, peer: SocketAddr) {
