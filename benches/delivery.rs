@@ -18,7 +18,13 @@ use routopia_realtime::protocol::envelope;
 use routopia_realtime::protocol::pb::{self, client_frame::Command};
 use routopia_realtime::protocol::push::encode_update_body;
 use routopia_realtime::ratelimit::KeyedBuckets;
+use routopia_realtime::router::{ConnId, ConnLabel};
 use routopia_realtime::session::{Session, SessionLimits};
+
+/// The client id of subscriber `i` (shard 0, slot `i`).
+fn label(i: u32) -> ConnLabel {
+    ConnLabel { shard: 0, conn: ConnId { index: i, generation: 1 } }
+}
 
 fn update(payload: usize) -> pb::Update {
     pb::Update {
@@ -64,7 +70,7 @@ fn fan_out(c: &mut Criterion) {
     let users = Arc::new(KeyedBuckets::new([config.rate_limits.user_commands, config.rate_limits.user_publishes]));
     let limits = Rc::new(SessionLimits::from_config(&config, None, users));
     let mut sessions: Vec<Session> =
-        (0..10_000).map(|i| Session::new(Arc::from(format!("c{i}")), limits.clone(), Instant::now())).collect();
+        (0..10_000).map(|i| Session::new(label(i), limits.clone(), Instant::now())).collect();
     let publication = publication(64);
     let mut wire = Vec::with_capacity(4096);
     let now = Instant::now();

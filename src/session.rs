@@ -28,6 +28,7 @@ use crate::protocol::push::write_frame;
 use crate::protocol::ws::{binary_header_len, write_data_header, WsEndpoint, WsEvent};
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::{KeyedBuckets, TokenBucket};
+use crate::router::ConnLabel;
 use frame_log::FrameLog;
 use subscriptions::Subscriptions;
 
@@ -226,7 +227,8 @@ pub struct Session {
     limits: Rc<SessionLimits>,
     /// When the connection was upgraded: `Connect` must come within `connect_timeout`.
     opened_at: Instant,
-    client_id: Arc<str>,
+    /// Printed on demand: an idle connection keeps no string for it.
+    client_id: ConnLabel,
     ws: WsEndpoint,
     subs: Subscriptions,
     events: VecDeque<SessionEvent>,
@@ -248,7 +250,7 @@ pub struct Session {
 
 impl Session {
     /// A session for a connection upgraded at `opened_at`.
-    pub fn new(client_id: Arc<str>, limits: Rc<SessionLimits>, opened_at: Instant) -> Self {
+    pub fn new(client_id: ConnLabel, limits: Rc<SessionLimits>, opened_at: Instant) -> Self {
         let buckets = match &limits.rate_limits {
             Some(rates) => {
                 [TokenBucket::new(&rates.commands, opened_at), TokenBucket::new(&rates.publishes, opened_at)]
@@ -284,12 +286,12 @@ impl Session {
     }
 
     /// A session for a connection upgraded on the echo endpoint at `opened_at`.
-    pub fn new_echo(client_id: Arc<str>, limits: Rc<SessionLimits>, opened_at: Instant) -> Self {
+    pub fn new_echo(client_id: ConnLabel, limits: Rc<SessionLimits>, opened_at: Instant) -> Self {
         Self { phase: Phase::Echo, ..Self::new(client_id, limits, opened_at) }
     }
 
-    pub fn client_id(&self) -> &Arc<str> {
-        &self.client_id
+    pub fn client_id(&self) -> ConnLabel {
+        self.client_id
     }
 
     pub fn phase(&self) -> Phase {
@@ -620,7 +622,7 @@ impl Session {
             })),
         };
         if frame_log::enabled() {
-            FrameLog::server(&frame).log(&self.client_id, false);
+            FrameLog::server(&frame).log(self.client_id, false);
         }
         let mut bytes = Vec::new();
         write_frame(&mut bytes, &frame);
@@ -720,7 +722,7 @@ impl Session {
             return;
         }
         if frame_log::enabled() {
-            FrameLog::server(&frame).log(&self.client_id, false);
+            FrameLog::server(&frame).log(self.client_id, false);
         }
         let mut bytes = Vec::new();
         write_frame(&mut bytes, &frame);

@@ -10,7 +10,7 @@ use crate::metrics::CommandKind;
 impl Session {
     pub(super) fn handle_frame(&mut self, now: Now, frame: pb::ClientFrame) {
         if frame_log::enabled() {
-            FrameLog::client(frame.id, frame.command.as_ref()).log(&self.client_id, true);
+            FrameLog::client(frame.id, frame.command.as_ref()).log(self.client_id, true);
         }
         let id = frame.id;
         self.limits.metrics.count_command(frame.command.as_ref().map_or(CommandKind::Unknown, command_kind));

@@ -3,6 +3,7 @@
 //! and escaped, so none can pass for another field or line.
 
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind};
+use crate::router::ConnLabel;
 
 /// One frame as a log line shows it. `None` fields are left out of the line.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -94,7 +95,7 @@ impl<'a> FrameLog<'a> {
     }
 
     /// Logs the frame at debug as received (`incoming`) or sent on connection `conn`.
-    pub fn log(&self, conn: &str, incoming: bool) {
+    pub fn log(&self, conn: ConnLabel, incoming: bool) {
         macro_rules! frame_line {
             ($message:literal) => {
                 tracing::debug!(

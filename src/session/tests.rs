@@ -6,6 +6,11 @@ use crate::protocol::pb::{ServerMessage, UpdateType};
 use prost::Message;
 use std::time::Instant;
 
+/// The client id of a session under test: shard 0, slot 1, generation 1.
+fn label() -> ConnLabel {
+    ConnLabel { shard: 0, conn: crate::router::ConnId { index: 1, generation: 1 } }
+}
+
 fn now() -> Now {
     Now { instant: Instant::now(), unix_us: 1_800_000_000_000_000 }
 }
@@ -25,7 +30,7 @@ fn limits(config: &Config) -> Rc<SessionLimits> {
 }
 
 fn session() -> Session {
-    Session::new(Arc::from("0-1-1"), limits(&open_config()), Instant::now())
+    Session::new(label(), limits(&open_config()), Instant::now())
 }
 
 /// A client-side WebSocket that encodes commands and decodes what the session sends.
@@ -157,7 +162,7 @@ fn slow_consumer_is_closed_with_4001_and_nothing_else_is_queued() {
     config.limits.max_outbox_bytes = 4096;
     config.limits.max_payload_size = 1000;
     config.delivery.conflate_above_bytes = 1024;
-    let mut session = Session::new(Arc::from("s"), limits(&config), Instant::now());
+    let mut session = Session::new(label(), limits(&config), Instant::now());
     let mut peer = Peer::new();
     peer.command(&mut session, 1, Command::Connect(pb::Connect::default()));
     peer.receive(&mut session);
@@ -217,7 +222,7 @@ fn client_close_is_answered_and_ends_the_session() {
 #[test]
 fn a_connection_that_never_connects_is_closed_after_the_timeout() {
     let opened = Instant::now();
-    let mut session = Session::new(Arc::from("idle"), limits(&open_config()), opened);
+    let mut session = Session::new(label(), limits(&open_config()), opened);
     let timeout = Config::default().limits.connect_timeout;
     session.handle_timeout(opened + timeout / 2);
     assert_eq!(session.phase(), Phase::AwaitingConnect);
@@ -264,7 +269,7 @@ mod security {
     }
 
     fn connect(config: &Config, token: String, base: Instant) -> (Session, Peer, Vec<pb::ServerFrame>, Option<u16>) {
-        let mut session = Session::new(Arc::from("c"), limits(config), base);
+        let mut session = Session::new(label(), limits(config), base);
         let mut peer = Peer::new();
         let frames = vec![pb::ClientFrame {
             id: 1,
@@ -373,7 +378,7 @@ mod security {
         let mut config = open_config();
         config.heartbeat.interval = Duration::from_secs(15);
         config.heartbeat.timeout = Duration::from_secs(45);
-        let mut session = Session::new(Arc::from("h"), limits(&config), base);
+        let mut session = Session::new(label(), limits(&config), base);
         let mut peer = Peer::new();
         send(&mut peer, &mut session, at(base, 0), 1, Command::Connect(pb::Connect::default()));
         peer.receive(&mut session);
@@ -395,7 +400,7 @@ mod security {
         let mut config = open_config();
         config.rate_limits.connection_commands = crate::config::Bucket::new(60, 60, 2);
         config.rate_limits.max_refusals = 3;
-        let mut session = Session::new(Arc::from("r"), limits(&config), base);
+        let mut session = Session::new(label(), limits(&config), base);
         let mut peer = Peer::new();
         send(&mut peer, &mut session, at(base, 0), 1, Command::Connect(pb::Connect::default()));
         peer.receive(&mut session);

@@ -152,7 +152,7 @@ impl ShardState {
         let generation = self.next_generation;
         let entry = self.conns.vacant_entry();
         let id = ConnId { index: entry.key() as u32, generation };
-        let client_id: Arc<str> = Arc::from(ConnLabel { shard: self.id, conn: id }.to_string());
+        let client_id = ConnLabel { shard: self.id, conn: id };
         let mut session = match endpoint {
             Endpoint::Protocol => Session::new(client_id, self.limits.clone(), Instant::now()),
             Endpoint::Echo => Session::new_echo(client_id, self.limits.clone(), Instant::now()),

@@ -737,7 +737,7 @@ pub(super) fn handle_msg(shard: &mut ShardState, msg: ApiMsg) {
         ApiMsg::Disconnect { from, token, client, code, reason } => {
             let found = match shard.conn(client) {
                 Some(conn) => {
-                    let label = conn.session.client_id().clone();
+                    let label = conn.session.client_id();
                     tracing::info!(conn = %label, code = code.code(), reason = %reason, "disconnected by the server API");
                     conn.session.close(code, reason);
                     true
