@@ -653,33 +653,48 @@ fn no_such_client(client_id: &str, format: Format) -> Reply {
     Reply::error(404, format, format!("no client `{client_id}` on this node"))
 }
 
-async fn subscriptions(state: &Rc<RefCell<ShardState>>, client_id: &str, format: Format) -> Reply {
+/// Sends the shard that holds `client_id` the message `ask` makes of (this shard, the
+/// request's token, the client) and waits for its one answer; `Err` is the reply to give
+/// when there is no such client or no answer came in time.
+async fn ask_client_shard(
+    state: &Rc<RefCell<ShardState>>,
+    client_id: &str,
+    format: Format,
+    ask: impl FnOnce(usize, u32, ConnId) -> ApiMsg,
+) -> Result<Answer, Reply> {
     let shards = state.borrow().cluster.inboxes.len();
-    let Some((to, client)) = parse_client(client_id, shards) else { return no_such_client(client_id, format) };
+    let Some((to, client)) = parse_client(client_id, shards) else { return Err(no_such_client(client_id, format)) };
     let token = {
         let mut shard = state.borrow_mut();
         let token = shard.api.register(1);
         let from = shard.id;
-        shard.route(to, ShardMsg::Api(ApiMsg::Subscriptions { from, token, client }));
+        shard.route(to, ShardMsg::Api(ask(from, token, client)));
         token
     };
     match answers(state, token).await {
-        Some(mut answers) => match answers.pop() {
-            Some(Answer::Subscriptions(Some(mut list))) => {
-                list.sort_unstable_by_key(|&(sub_id, _, _)| sub_id);
-                let subscriptions = list
-                    .into_iter()
-                    .map(|(sub_id, channel, active)| pb::ClientSubscription {
-                        sub_id,
-                        channel: channel.to_string(),
-                        active,
-                    })
-                    .collect();
-                Reply::ok(format, &pb::ClientSubscriptions { client_id: client_id.to_owned(), subscriptions })
-            }
-            _ => no_such_client(client_id, format),
-        },
-        None => timed_out(format),
+        Some(mut answers) if answers.len() == 1 => Ok(answers.remove(0)),
+        Some(_) => Err(no_such_client(client_id, format)),
+        None => Err(timed_out(format)),
+    }
+}
+
+async fn subscriptions(state: &Rc<RefCell<ShardState>>, client_id: &str, format: Format) -> Reply {
+    let ask = |from, token, client| ApiMsg::Subscriptions { from, token, client };
+    match ask_client_shard(state, client_id, format, ask).await {
+        Ok(Answer::Subscriptions(Some(mut list))) => {
+            list.sort_unstable_by_key(|&(sub_id, _, _)| sub_id);
+            let subscriptions = list
+                .into_iter()
+                .map(|(sub_id, channel, active)| pb::ClientSubscription {
+                    sub_id,
+                    channel: channel.to_string(),
+                    active,
+                })
+                .collect();
+            Reply::ok(format, &pb::ClientSubscriptions { client_id: client_id.to_owned(), subscriptions })
+        }
+        Ok(_) => no_such_client(client_id, format),
+        Err(reply) => reply,
     }
 }
 
@@ -702,21 +717,11 @@ async fn disconnect(state: &Rc<RefCell<ShardState>>, client_id: &str, body: &[u8
         "" => "disconnected by the server API".to_owned(),
         reason => reason.chars().take(120).collect(),
     };
-    let shards = state.borrow().cluster.inboxes.len();
-    let Some((to, client)) = parse_client(client_id, shards) else { return no_such_client(client_id, format) };
-    let token = {
-        let mut shard = state.borrow_mut();
-        let token = shard.api.register(1);
-        let from = shard.id;
-        shard.route(to, ShardMsg::Api(ApiMsg::Disconnect { from, token, client, code, reason }));
-        token
-    };
-    match answers(state, token).await.as_deref() {
-        Some([Answer::Disconnected(true)]) => {
-            Reply::ok(format, &pb::DisconnectResult { client_id: client_id.to_owned() })
-        }
-        Some(_) => no_such_client(client_id, format),
-        None => timed_out(format),
+    let ask = |from, token, client| ApiMsg::Disconnect { from, token, client, code, reason };
+    match ask_client_shard(state, client_id, format, ask).await {
+        Ok(Answer::Disconnected(true)) => Reply::ok(format, &pb::DisconnectResult { client_id: client_id.to_owned() }),
+        Ok(_) => no_such_client(client_id, format),
+        Err(reply) => reply,
     }
 }
 
