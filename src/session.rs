@@ -42,6 +42,10 @@ macro_rules! conn_debug {
 /// Publications in a `History` reply when the client names no limit, and at most.
 const HISTORY_DEFAULT_PAGE: usize = 100;
 const HISTORY_MAX_PAGE: usize = 1000;
+/// Full batches a lingering connection may hold before it writes without waiting for the
+/// tick. One would make a connection that fills a batch per tick write twice per tick (the
+/// full batch, then the rest at the tick); several shared batches leave in one vectored write.
+const URGENT_BATCHES: usize = 4;
 
 /// The wire form of a refusal reason.
 fn recovery_failure(reason: RecoveryFailure) -> pb::RecoveryFailure {
@@ -376,11 +380,11 @@ impl Session {
     }
 
     /// Whether what is queued should leave now rather than wait for company: replies or
-    /// control frames, a full batch, or a quarter of the outbox (waiting must never turn a
-    /// healthy connection into a slow consumer).
+    /// control frames, `URGENT_BATCHES` full batches, or a quarter of the outbox (waiting
+    /// must never turn a healthy connection into a slow consumer).
     pub fn has_urgent(&self) -> bool {
         self.outbox.has_frames()
-            || self.outbox.len() >= self.limits.batch_size
+            || self.outbox.len() >= self.limits.batch_size.saturating_mul(URGENT_BATCHES)
             || self.outbox.queued_bytes() >= self.limits.max_outbox_bytes / 4
     }
 

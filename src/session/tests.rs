@@ -189,6 +189,37 @@ fn slow_consumer_is_closed_with_4001_and_nothing_else_is_queued() {
     assert!(!session.wants_write(), "a closing session queues nothing more");
 }
 
+/// While its shard lingers, a connection writes early only for frames, `URGENT_BATCHES` full
+/// batches or a quarter-full outbox; one full batch waits for the tick with the rest.
+#[test]
+fn updates_are_urgent_from_several_full_batches_and_frames_at_once() {
+    let mut config = open_config();
+    config.delivery.batch_size = 3;
+    let mut session = Session::new(label(), limits(&config), Instant::now());
+    let mut peer = Peer::new();
+    peer.command(&mut session, 1, Command::Connect(pb::Connect::default()));
+    assert!(session.has_urgent(), "a reply never waits");
+    peer.receive(&mut session);
+    assert!(!session.has_urgent());
+    let body = crate::protocol::push::encode_update_body(&pb::Update { offset: 1, ..Default::default() });
+    let publication = Rc::new(Publication::new(Arc::from("route:1"), 1, 1, body, Instant::now()));
+    for _ in 0..3 {
+        session.push_update(1, &publication, Instant::now());
+    }
+    assert!(!session.has_urgent(), "one full batch waits for the tick with what comes after it");
+    for queued in 4..URGENT_BATCHES * 3 {
+        session.push_update(1, &publication, Instant::now());
+        assert!(!session.has_urgent(), "{queued} updates (batch_size 3) wait for the tick");
+    }
+    session.push_update(1, &publication, Instant::now());
+    assert!(session.has_urgent(), "{} full batches leave at once", URGENT_BATCHES);
+    let (frames, _) = peer.receive(&mut session);
+    assert_eq!(frames.len(), URGENT_BATCHES * 3);
+    session.push_update(1, &publication, Instant::now());
+    peer.command(&mut session, 2, Command::Ping(pb::Ping { timestamp_us: 1 }));
+    assert!(session.has_urgent(), "a pong behind one update does not wait");
+}
+
 #[test]
 fn ping_gets_pong_with_the_same_timestamp() {
     let (mut session, mut peer) = connected();
