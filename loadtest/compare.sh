@@ -7,6 +7,7 @@
 #   loadtest/compare.sh --rates "1000 2000 4000 8000" # capacity sweep
 #   loadtest/compare.sh --subscribers 10000 --rates 100 --servers "routopia bun"
 #   loadtest/compare.sh --scenario request-reply      # peers in echo mode, replies per server CPU-s
+#   loadtest/compare.sh --repeat 5 --rates 2000       # five alternated rounds, medians and the ratio
 #
 # See loadtest/README.md for every option and how to read the numbers.
 set -euo pipefail
@@ -31,6 +32,7 @@ generator_core=0
 max_rss_mb=4096
 extra_args=""
 scenario=""
+repeat=1
 # With --scenario, only the flags given here are passed on (the scenario presets the rest).
 given=""
 
@@ -54,6 +56,9 @@ Options:
   --generator-core N    core the load generator is pinned to (default: $generator_core)
   --max-server-rss-mb M kill a server whose RSS passes M MiB (default: $max_rss_mb)
   --loadtest-args "..." more flags for routopia-loadtest (e.g. "--drain-timeout 3")
+  --repeat K            run every server K times per rate, alternating servers round by round;
+                        the table ends with each server's median and our ratio to the best
+                        peer's (the machine's noise is ±10–15 % a run) (default: $repeat)
   --scenario NAME       a routopia-loadtest scenario (fanout-1k, fanout-10k, many-channels,
                         request-reply, connect-storm, idle-memory); request-reply starts the
                         peers in echo mode. Only the flags given here override its presets.
@@ -79,6 +84,7 @@ while [ $# -gt 0 ]; do
     --generator-core) generator_core=$2; shift 2 ;;
     --max-server-rss-mb) max_rss_mb=$2; shift 2 ;;
     --loadtest-args) extra_args=$2; shift 2 ;;
+    --repeat) repeat=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -86,6 +92,7 @@ done
 
 log() { printf '[compare] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+case $repeat in '' | *[!0-9]* | 0) die "--repeat takes a positive count" ;; esac
 
 [ -n "$out" ] || out=$(mktemp -d /tmp/routopia-compare.XXXX)
 mkdir -p "$out"
@@ -254,43 +261,47 @@ run_bound=$((setup_timeout + duration + drain_timeout + 30))
 
 log "results in $out"
 for rate in $rates; do
-  for name in $servers; do
-    if [ "$name" = routopia ]; then mode=routopia; else mode=raw; fi
-    label=$name
-    [ "$name" = routopia ] && label=routopia-realtime
-    if [ "$mode" = raw ] && { [ "$channels" != 1 ] || [ "$scenario" = many-channels ]; }; then
-      log "skipping $name: the peers only broadcast (C=1)"
-      continue
-    fi
-    port=$(free_port) || die "no free port"
-    logfile="$out/$name-r$rate.log"
-    if ! start_server "$name" "$port" "$logfile"; then
-      printf '{"label":"%s","params":{"subscribers":%s,"rate":%s},"fatal":"server did not start"}\n' \
-        "$label" "$subscribers" "$rate" >>"$results"
-      continue
-    fi
-    log "$label: N=$subscribers C=$channels P=$publishers R=$rate D=${duration}s S=${payload}B (port $port, pid $server_pid)"
-    report="$out/$name-r$rate.json"
-    # shellcheck disable=SC2086,SC2046 # flags are lists of words
-    if timeout -k 5 "$run_bound" taskset -c "$generator_core" "$loadtest_bin" \
-      --addr "127.0.0.1:$port" --mode "$mode" --label "$label" --server-pid "$server_pid" \
-      $(run_flags "$rate") --bound-ms "$bound_ms" --drain-timeout "$drain_timeout" $extra_args --json \
-      >"$report" 2>"$out/$name-r$rate.loadtest.err"; then
-      :
-    else
-      log "$label at $rate msg/s: loadtest exited with $? (see $out/$name-r$rate.loadtest.err)"
-    fi
-    if [ -s "$report" ]; then
-      head -n 1 "$report" >>"$results"
-    else
-      printf '{"label":"%s","params":{"subscribers":%s,"rate":%s},"fatal":"no report (timeout or crash)"}\n' \
-        "$label" "$subscribers" "$rate" >>"$results"
-    fi
-    if ! kill -0 "$server_pid" 2>/dev/null; then
-      log "$label died during the run; see $logfile"
-    fi
-    stop_server
-    sleep 1
+  for round in $(seq "$repeat"); do
+    run_id="r$rate"
+    [ "$repeat" -gt 1 ] && run_id="r$rate-k$round"
+    for name in $servers; do
+      if [ "$name" = routopia ]; then mode=routopia; else mode=raw; fi
+      label=$name
+      [ "$name" = routopia ] && label=routopia-realtime
+      if [ "$mode" = raw ] && { [ "$channels" != 1 ] || [ "$scenario" = many-channels ]; }; then
+        log "skipping $name: the peers only broadcast (C=1)"
+        continue
+      fi
+      port=$(free_port) || die "no free port"
+      logfile="$out/$name-$run_id.log"
+      if ! start_server "$name" "$port" "$logfile"; then
+        printf '{"label":"%s","params":{"subscribers":%s,"rate":%s},"fatal":"server did not start"}\n' \
+          "$label" "$subscribers" "$rate" >>"$results"
+        continue
+      fi
+      log "$label: N=$subscribers C=$channels P=$publishers R=$rate D=${duration}s S=${payload}B round $round/$repeat (port $port, pid $server_pid)"
+      report="$out/$name-$run_id.json"
+      # shellcheck disable=SC2086,SC2046 # flags are lists of words
+      if timeout -k 5 "$run_bound" taskset -c "$generator_core" "$loadtest_bin" \
+        --addr "127.0.0.1:$port" --mode "$mode" --label "$label" --server-pid "$server_pid" \
+        $(run_flags "$rate") --bound-ms "$bound_ms" --drain-timeout "$drain_timeout" $extra_args --json \
+        >"$report" 2>"$out/$name-$run_id.loadtest.err"; then
+        :
+      else
+        log "$label at $rate msg/s: loadtest exited with $? (see $out/$name-$run_id.loadtest.err)"
+      fi
+      if [ -s "$report" ]; then
+        head -n 1 "$report" >>"$results"
+      else
+        printf '{"label":"%s","params":{"subscribers":%s,"rate":%s},"fatal":"no report (timeout or crash)"}\n' \
+          "$label" "$subscribers" "$rate" >>"$results"
+      fi
+      if ! kill -0 "$server_pid" 2>/dev/null; then
+        log "$label died during the run; see $logfile"
+      fi
+      stop_server
+      sleep 1
+    done
   done
 done
 

@@ -446,15 +446,30 @@ pub fn contention_text(generator_wait: Option<f64>, server_wait: Option<f64>, el
     )
 }
 
-/// Prints a side-by-side table of the reports in `files` (one JSON object a line).
+/// Prints a side-by-side table of the reports in `files` (one JSON object a line), then, when
+/// a server ran more than once at a rate (`compare.sh --repeat`), the medians of those runs.
 pub fn print_table(files: &[PathBuf]) -> Result<(), String> {
-    let mut rows: Vec<Vec<String>> = vec![header()];
+    let mut lines = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(file).map_err(|err| format!("{}: {err}", file.display()))?;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            rows.push(row(line));
-        }
+        lines.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
     }
+    let mut rows: Vec<Vec<String>> = vec![header()];
+    rows.extend(lines.iter().map(|line| row(line)));
+    print_aligned(&rows);
+    let medians = medians(&lines);
+    if medians.len() > 1 {
+        println!();
+        println!(
+            "Medians over the repeated runs (alternated; the ratio is routopia-realtime's median to the best peer's):"
+        );
+        print_aligned(&medians);
+    }
+    Ok(())
+}
+
+/// Prints `rows` (the first is the header) as a Markdown table with aligned columns.
+fn print_aligned(rows: &[Vec<String>]) {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0))
@@ -477,7 +492,103 @@ pub fn print_table(files: &[PathBuf]) -> Result<(), String> {
             println!("| {} |", rule.join(" | "));
         }
     }
-    Ok(())
+}
+
+/// The figure servers are compared by: deliveries, replies or connects per server CPU-second.
+const PER_CPU_KEYS: [&str; 3] =
+    ["deliveries_per_server_cpu_s", "replies_per_server_cpu_s", "connects_per_server_cpu_s"];
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// One row per server and rate that ran more than once: runs, median per server CPU-second
+/// with the range, median p99, and for routopia-realtime its ratio to the best peer's median.
+/// Only the header when nothing ran twice.
+fn medians(lines: &[String]) -> Vec<Vec<String>> {
+    /// One server's runs at one rate, in the order first seen.
+    struct Runs {
+        label: String,
+        rate: String,
+        per_cpu: Vec<f64>,
+        p99: Vec<f64>,
+    }
+    let mut groups: Vec<Runs> = Vec::new();
+    for line in lines {
+        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+        let Some(per_cpu) = PER_CPU_KEYS.iter().find_map(|key| v.get(key).and_then(Value::as_f64)) else {
+            continue;
+        };
+        let label = v.get("label").and_then(Value::as_str).unwrap_or("?").to_string();
+        let rate = rate_cell(&v);
+        let index = match groups.iter().position(|g| g.label == label && g.rate == rate) {
+            Some(index) => index,
+            None => {
+                groups.push(Runs { label, rate, per_cpu: Vec::new(), p99: Vec::new() });
+                groups.len() - 1
+            }
+        };
+        groups[index].per_cpu.push(per_cpu);
+        if let Some(p99) = v.pointer("/latency_ms/p99").and_then(Value::as_f64) {
+            groups[index].p99.push(p99);
+        }
+    }
+    let mut rows = vec![[
+        "server",
+        "rate/s",
+        "runs",
+        "median per server CPU-s",
+        "range",
+        "median p99 ms",
+        "ratio to the best peer",
+    ]
+    .map(String::from)
+    .to_vec()];
+    if groups.iter().all(|g| g.per_cpu.len() < 2) {
+        return rows;
+    }
+    let ours = |g: &Runs| g.label.starts_with("routopia");
+    let medians: Vec<f64> = groups.iter().map(|g| median(&mut g.per_cpu.clone())).collect();
+    for (g, &own) in groups.iter().zip(&medians) {
+        let (low, high) = g.per_cpu.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let best_peer = groups
+            .iter()
+            .zip(&medians)
+            .filter(|(other, _)| other.rate == g.rate && !ours(other))
+            .map(|(_, &m)| m)
+            .fold(None, |best: Option<f64>, m| Some(best.map_or(m, |b| b.max(m))));
+        let ratio = match best_peer {
+            Some(peer) if ours(g) && peer > 0.0 => format!("{:.2}x", own / peer),
+            _ => "-".into(),
+        };
+        let p99 = if g.p99.is_empty() { "-".into() } else { format!("{:.2}", median(&mut g.p99.clone())) };
+        rows.push(vec![
+            g.label.clone(),
+            g.rate.clone(),
+            g.per_cpu.len().to_string(),
+            format!("{own:.0}"),
+            format!("{low:.0}-{high:.0}"),
+            p99,
+            ratio,
+        ]);
+    }
+    rows
+}
+
+/// The rate a report ran at, for the fan-outs (the only scenarios that publish at a rate).
+fn rate_cell(v: &Value) -> String {
+    let scenario = v.pointer("/params/scenario").and_then(Value::as_str).unwrap_or("fanout");
+    let open_loop = scenario == "fanout" || scenario.starts_with("fanout-") || scenario == "many-channels";
+    match v.pointer("/params/rate").and_then(Value::as_f64) {
+        Some(rate) if open_loop => format!("{rate:.0}"),
+        _ => "-".into(),
+    }
 }
 
 fn header() -> Vec<String> {
@@ -523,10 +634,7 @@ fn row(line: &str) -> Vec<String> {
     };
     let label = v.get("label").and_then(Value::as_str).unwrap_or("?").to_string();
     let n = fmt(num(&["params", "subscribers"]), 0);
-    // Only the fan-outs publish at a rate.
-    let scenario = v.pointer("/params/scenario").and_then(Value::as_str).unwrap_or("fanout");
-    let open_loop = scenario == "fanout" || scenario.starts_with("fanout-") || scenario == "many-channels";
-    let rate = if open_loop { fmt(num(&["params", "rate"]), 0) } else { "-".into() };
+    let rate = rate_cell(&v);
     if let Some(fatal) = v.get("fatal").and_then(Value::as_str) {
         let mut cells = vec![label, n, rate];
         cells.extend(std::iter::repeat_n("-".to_string(), 12));
@@ -550,9 +658,7 @@ fn row(line: &str) -> Vec<String> {
         verdict.push_str(&format!(" (server RSS {per_conn:.0} B per connection)"));
     }
     let throughput = num(&["delivered_per_s"]).or(num(&["throughput_per_s"]));
-    let per_cpu = ["deliveries_per_server_cpu_s", "replies_per_server_cpu_s", "connects_per_server_cpu_s"]
-        .iter()
-        .find_map(|key| num(&[key]));
+    let per_cpu = PER_CPU_KEYS.iter().find_map(|key| num(&[key]));
     vec![
         label,
         n,
@@ -588,5 +694,32 @@ mod tests {
             assert_eq!(row(line).len(), width, "{line}");
         }
         assert!(row(&full).last().unwrap().contains("generator saturated"));
+    }
+
+    #[test]
+    fn repeated_runs_become_medians_with_the_ratio_to_the_best_peer() {
+        let run = |label: &str, rate: u32, per_cpu: f64, p99: f64| {
+            format!(
+                r#"{{"label":"{label}","params":{{"rate":{rate}}},"deliveries_per_server_cpu_s":{per_cpu},"latency_ms":{{"p99":{p99}}}}}"#
+            )
+        };
+        let lines = vec![
+            run("routopia-realtime", 2000, 4.0e6, 70.0),
+            run("bun", 2000, 2.0e6, 400.0),
+            run("tokio", 2000, 1.0e6, 300.0),
+            run("routopia-realtime", 2000, 6.0e6, 90.0),
+            run("bun", 2000, 1.0e6, 500.0),
+            run("tokio", 2000, 3.0e6, 100.0),
+            run("routopia-realtime", 2000, 5.0e6, 80.0),
+            r#"{"label":"bun","fatal":"server did not start"}"#.to_string(),
+        ];
+        let rows = medians(&lines);
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        assert_eq!(rows[1], ["routopia-realtime", "2000", "3", "5000000", "4000000-6000000", "80.00", "2.50x"]);
+        // Bun's median is 1.5M, tokio's 2M: the best peer is tokio.
+        assert_eq!(rows[2][3], "1500000");
+        assert_eq!(rows[3][3], "2000000");
+        assert_eq!(rows[3][6], "-");
+        assert_eq!(medians(&lines[..3]).len(), 1, "one run each: no medians");
     }
 }
