@@ -330,16 +330,16 @@ async fn subscriber_reader(shared: Rc<Shared>, mode: Mode, sub: usize, mut recei
             }
             Mode::Routopia => {
                 let mut scratch = shared.plain_updates.take();
-                if let Some(updates) = plain_updates(&message, &mut scratch) {
-                    for &(offset, ref payload) in updates {
-                        delivered |= shared.deliver(sub, &message[payload.clone()], now_ns).is_some();
-                        shared.sequence(&mut last_seq, offset);
-                    }
-                    shared.plain_updates.set(scratch);
-                    continue_after_delivery(&shared, delivered, now_ns);
-                    continue;
+                let plain = plain_updates(&message, &mut scratch).is_some();
+                for (offset, payload) in scratch.iter().filter(|_| plain) {
+                    delivered |= shared.deliver(sub, &message[payload.clone()], now_ns).is_some();
+                    shared.sequence(&mut last_seq, *offset);
                 }
                 shared.plain_updates.set(scratch);
+                if plain {
+                    note_last_delivery(&shared, delivered, now_ns);
+                    continue;
+                }
                 let frames = match shared.decode(message) {
                     Ok(frames) => frames,
                     Err(err) => {
@@ -366,12 +366,13 @@ async fn subscriber_reader(shared: Rc<Shared>, mode: Mode, sub: usize, mut recei
                 }
             }
         }
-        continue_after_delivery(&shared, delivered, now_ns);
+        note_last_delivery(&shared, delivered, now_ns);
     }
     shared.subs[sub].connected.set(false);
 }
 
-fn continue_after_delivery(shared: &Shared, delivered: bool, now_ns: u64) {
+/// The window's last delivery so far (when this message delivered anything while measuring).
+fn note_last_delivery(shared: &Shared, delivered: bool, now_ns: u64) {
     if delivered && shared.phase.get() == Phase::Measuring {
         shared.last_delivery_ns.set(shared.last_delivery_ns.get().max(now_ns));
     }
@@ -383,46 +384,41 @@ fn continue_after_delivery(shared: &Shared, delivered: bool, now_ns: u64) {
 /// receives millions of updates a second). `None` for anything else (compressed, a reply, a
 /// disconnect, bytes it cannot follow): the caller decodes that message in full.
 fn plain_updates<'a>(message: &[u8], updates: &'a mut Vec<(u64, Range<usize>)>) -> Option<&'a [(u64, Range<usize>)]> {
-    use prost::encoding::{decode_key, decode_varint, WireType};
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    // Field numbers of `ServerMessage.frames`, `ServerFrame.update`, `ServerMessage.sub_id`,
+    // `Update.offset` and `Update.payload`.
+    const FRAMES: u32 = 1;
+    const UPDATE: u32 = 2;
+    const SUB_ID: u32 = 3;
+    const OFFSET: u32 = 2;
+    const PAYLOAD: u32 = 7;
     updates.clear();
     let mut rest = message;
     while !rest.is_empty() {
-        let (tag, wire_type) = decode_key(&mut rest).ok()?;
-        match (tag, wire_type) {
-            // frames: one ServerFrame, which must be an update.
-            (1, WireType::LengthDelimited) => {
+        match decode_key(&mut rest).ok()? {
+            // One ServerFrame, which must be an update.
+            (FRAMES, WireType::LengthDelimited) => {
                 let mut frame = length_delimited(&mut rest)?;
-                let (2, WireType::LengthDelimited) = decode_key(&mut frame).ok()? else { return None };
+                let (UPDATE, WireType::LengthDelimited) = decode_key(&mut frame).ok()? else { return None };
                 let mut update = length_delimited(&mut frame)?;
                 if !frame.is_empty() {
                     return None;
                 }
-                let (mut offset, mut payload) = (None, None);
+                let (mut offset, mut payload) = (0, 0..0);
                 while !update.is_empty() {
-                    let (tag, wire_type) = decode_key(&mut update).ok()?;
-                    match wire_type {
-                        WireType::Varint => {
-                            let value = decode_varint(&mut update).ok()?;
-                            if tag == 2 {
-                                offset = Some(value);
-                            }
-                        }
-                        WireType::LengthDelimited => {
+                    match decode_key(&mut update).ok()? {
+                        (OFFSET, WireType::Varint) => offset = decode_varint(&mut update).ok()?,
+                        (PAYLOAD, WireType::LengthDelimited) => {
                             let field = length_delimited(&mut update)?;
-                            if tag == 7 {
-                                let start = field.as_ptr() as usize - message.as_ptr() as usize;
-                                payload = Some(start..start + field.len());
-                            }
+                            let start = field.as_ptr() as usize - message.as_ptr() as usize;
+                            payload = start..start + field.len();
                         }
-                        WireType::ThirtyTwoBit => update = update.get(4..)?,
-                        WireType::SixtyFourBit => update = update.get(8..)?,
-                        _ => return None,
+                        (tag, wire_type) => skip_field(wire_type, tag, &mut update, DecodeContext::default()).ok()?,
                     }
                 }
-                updates.push((offset.unwrap_or(0), payload.unwrap_or(0..0)));
+                updates.push((offset, payload));
             }
-            // sub_id of the batch.
-            (3, WireType::Varint) => {
+            (SUB_ID, WireType::Varint) => {
                 decode_varint(&mut rest).ok()?;
             }
             _ => return None,
