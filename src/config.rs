@@ -169,6 +169,12 @@ pub struct Delivery {
     /// apart so that each carries more updates (see "Adaptive batching"). Default `50ms`.
     #[serde(with = "humantime_serde")]
     pub batch_interval: Duration,
+    /// Longest the linger may grow to while a shard stays overloaded at `batch_interval`
+    /// (its writes are then already spaced by how long a round over its connections takes,
+    /// and every write costs the kernel the same whatever it carries). At most
+    /// `batch_interval`: never linger past it. Default `400ms`.
+    #[serde(with = "humantime_serde")]
+    pub overload_interval: Duration,
     /// A `ServerMessage` of at least this many bytes goes out zstd-compressed to a client that
     /// accepts zstd (0: never compress). Default 1024.
     pub compression_threshold: usize,
@@ -346,6 +352,7 @@ impl Default for Delivery {
             priority_types: vec!["ROUTE".into(), "WEATHER".into()],
             conflate_above_bytes: 256 * 1024,
             batch_interval: Duration::from_millis(50),
+            overload_interval: Duration::from_millis(400),
             compression_threshold: 1024,
             compression_level: 1,
             zstd_dictionaries: Vec::new(),
@@ -483,6 +490,9 @@ impl Config {
         }
         if self.delivery.batch_interval > Duration::from_secs(1) {
             return Err(invalid("delivery.batch_interval", "must be at most 1s"));
+        }
+        if self.delivery.overload_interval > Duration::from_secs(2) {
+            return Err(invalid("delivery.overload_interval", "must be at most 2s"));
         }
         let levels = zstd::compression_level_range();
         if !levels.contains(&self.delivery.compression_level) {
@@ -694,6 +704,10 @@ mod tests {
         config.delivery.batch_size = 0;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("delivery.batch_size"), "{err}");
+        let mut config = Config::default();
+        config.delivery.overload_interval = Duration::from_secs(3);
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("delivery.overload_interval"), "{err}");
     }
 
     #[test]

@@ -157,6 +157,7 @@ pub(super) fn limits_json(config: &Config) -> String {
             "conflate_above_bytes": config.delivery.conflate_above_bytes,
             "batch_size": config.delivery.batch_size,
             "batch_interval": format!("{}ms", config.delivery.batch_interval.as_millis()),
+            "overload_interval": format!("{}ms", config.delivery.overload_interval.as_millis()),
             "compression_threshold": config.delivery.compression_threshold,
             "compression_level": config.delivery.compression_level,
         },

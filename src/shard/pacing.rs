@@ -6,8 +6,12 @@
 //! *lingers*: a connection that already wrote in the current tick waits for the next one, so
 //! what arrives meanwhile leaves in one write (and subscribers of one channel drain together,
 //! so their compressed batches are shared). The linger doubles while the shard stays busy, up
-//! to `delivery.batch_interval`, and halves back to zero when it calms down. Replies and
-//! control frames never wait. Sans I/O: the caller passes the time and the thread's CPU time.
+//! to `delivery.batch_interval`, and halves back to zero when it calms down. A shard still
+//! overloaded at that cap (a round over its connections takes longer than the interval, so
+//! its writes are already spaced by the round, and each write costs the kernel about the same
+//! whatever it carries) lingers on, up to `delivery.overload_interval`, until it has headroom
+//! again: fewer, larger writes instead of a core spent on them. Replies and control frames
+//! never wait. Sans I/O: the caller passes the time and the thread's CPU time.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +24,10 @@ const MIN_LINGER: Duration = Duration::from_millis(1);
 /// Busy fractions of the shard's thread above which the linger grows, below which it shrinks.
 const BUSY_HIGH: f64 = 0.5;
 const BUSY_LOW: f64 = 0.25;
+/// Busy fraction that, with the linger already at `batch_interval`, marks the shard as
+/// overloaded: the linger then keeps growing (up to `delivery.overload_interval`) until the
+/// shard falls below it again, and shrinks back once it is under `BUSY_HIGH`.
+const BUSY_OVERLOADED: f64 = 0.7;
 
 /// The pacing as one writer sees it.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +49,8 @@ impl Gate {
 #[derive(Debug)]
 pub struct Pacing {
     max: Duration,
+    /// How far past `max` the linger may grow while the shard is overloaded.
+    overload_max: Duration,
     linger: Duration,
     /// Ticks so far; a connection that wrote in the current one waits for the next.
     epoch: u64,
@@ -51,9 +61,11 @@ pub struct Pacing {
 }
 
 impl Pacing {
-    /// `max` is `delivery.batch_interval` (zero: never linger).
-    pub fn new(max: Duration) -> Self {
-        Self { max, linger: Duration::ZERO, epoch: 1, sampled: None, waiting: Vec::new() }
+    /// `max` is `delivery.batch_interval` (zero: never linger), `overload_max` is
+    /// `delivery.overload_interval` (at most `max`: never linger longer than it).
+    pub fn new(max: Duration, overload_max: Duration) -> Self {
+        let overload_max = overload_max.max(max);
+        Self { max, overload_max, linger: Duration::ZERO, epoch: 1, sampled: None, waiting: Vec::new() }
     }
 
     pub fn enabled(&self) -> bool {
@@ -62,6 +74,11 @@ impl Pacing {
 
     pub fn linger(&self) -> Duration {
         self.linger
+    }
+
+    /// Lingering past `delivery.batch_interval`: the shard could not keep up at it.
+    pub fn overloaded(&self) -> bool {
+        self.linger > self.max
     }
 
     /// What a writer decides by, copied out so that its connection can be borrowed meanwhile.
@@ -100,7 +117,13 @@ impl Pacing {
     }
 
     fn adjust(&mut self, busy: f64) {
-        if busy > BUSY_HIGH {
+        if self.linger >= self.max && busy > BUSY_OVERLOADED {
+            self.linger = (self.linger * 3 / 2).min(self.overload_max);
+        } else if self.linger > self.max {
+            if busy < BUSY_HIGH {
+                self.linger = (self.linger * 2 / 3).max(self.max);
+            }
+        } else if busy > BUSY_HIGH {
             self.linger = (self.linger * 2).max(MIN_LINGER).min(self.max);
         } else if busy < BUSY_LOW {
             self.linger /= 2;
@@ -141,7 +164,7 @@ mod tests {
 
     #[test]
     fn linger_grows_under_load_up_to_the_interval_and_falls_back_when_calm() {
-        let mut pacing = Pacing::new(50 * MS);
+        let mut pacing = Pacing::new(50 * MS, 50 * MS);
         let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
         pacing.tick(now, cpu);
         run(&mut pacing, &mut now, &mut cpu, 0.1, 5);
@@ -158,7 +181,7 @@ mod tests {
 
     #[test]
     fn only_a_connection_that_wrote_this_tick_waits_and_never_for_replies() {
-        let mut pacing = Pacing::new(50 * MS);
+        let mut pacing = Pacing::new(50 * MS, 50 * MS);
         let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
         pacing.tick(now, cpu);
         assert!(!pacing.gate().holds(pacing.gate().epoch, false), "no linger yet");
@@ -174,8 +197,39 @@ mod tests {
     }
 
     #[test]
+    fn an_overloaded_shard_lingers_past_the_interval_up_to_the_overload_cap_and_back() {
+        let mut pacing = Pacing::new(50 * MS, 400 * MS);
+        let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
+        pacing.tick(now, cpu);
+        run(&mut pacing, &mut now, &mut cpu, 0.6, 40);
+        assert_eq!(pacing.linger(), 50 * MS, "busy but not overloaded: capped at batch_interval");
+        assert!(!pacing.overloaded());
+        run(&mut pacing, &mut now, &mut cpu, 0.95, 3);
+        assert!(pacing.linger() > 50 * MS && pacing.linger() < 400 * MS, "{:?}", pacing.linger());
+        assert!(pacing.overloaded());
+        run(&mut pacing, &mut now, &mut cpu, 0.95, 20);
+        assert_eq!(pacing.linger(), 400 * MS, "capped at overload_interval");
+        run(&mut pacing, &mut now, &mut cpu, 0.6, 10);
+        assert_eq!(pacing.linger(), 400 * MS, "between the marks it holds");
+        run(&mut pacing, &mut now, &mut cpu, 0.4, 20);
+        assert_eq!(pacing.linger(), 50 * MS, "calmer: back to batch_interval, no lower while busy");
+        run(&mut pacing, &mut now, &mut cpu, 0.05, 30);
+        assert_eq!(pacing.linger(), Duration::ZERO);
+    }
+
+    #[test]
+    fn without_an_overload_cap_the_linger_stays_within_the_interval() {
+        let mut pacing = Pacing::new(50 * MS, Duration::ZERO);
+        let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
+        pacing.tick(now, cpu);
+        run(&mut pacing, &mut now, &mut cpu, 1.0, 40);
+        assert_eq!(pacing.linger(), 50 * MS);
+        assert!(!pacing.overloaded());
+    }
+
+    #[test]
     fn a_zero_interval_never_lingers() {
-        let mut pacing = Pacing::new(Duration::ZERO);
+        let mut pacing = Pacing::new(Duration::ZERO, 400 * MS);
         assert!(!pacing.enabled());
         let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
         pacing.tick(now, cpu);

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use slab::Slab;
@@ -29,7 +29,7 @@ use crate::session::{Now, Session, SessionEvent, SessionLimits};
 /// Most messages kept for one full inbox before deliveries to it are dropped (and counted).
 const MAX_BACKLOG: usize = 1 << 18;
 /// How often the shard's histograms move to where a scrape reads them (counters move every tick).
-const TIMINGS_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+const TIMINGS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The path a WebSocket was upgraded on, which decides its session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,9 @@ pub(crate) enum Endpoint {
     /// `/echo` (`testing.echo_endpoint`): messages sent back as they came.
     Echo,
 }
+
+/// Least time between two warnings that the shard lingers past `batch_interval`.
+const OVERLOAD_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// Connections a shard's table is sized for at start (more grow it).
 const MAX_PRESIZED_CONNS: usize = 65_536;
@@ -78,6 +81,8 @@ pub(crate) struct ShardState {
     targets: Vec<usize>,
     batches: SharedBatches,
     pub pacing: Pacing,
+    /// When the shard last warned that it lingers past `batch_interval`.
+    overload_warned_at: Option<Instant>,
     /// This shard's tallies, shared with its sessions; moved to `ShardStats::metrics` each tick.
     pub metrics: Rc<LocalMetrics>,
     /// Requests waiting for an owner's answer, to time them.
@@ -104,7 +109,8 @@ impl ShardState {
             id,
             limits: session_limits(&cluster, &config, &metrics),
             batches: SharedBatches::new(cluster.zstd.clone()),
-            pacing: Pacing::new(config.delivery.batch_interval),
+            pacing: Pacing::new(config.delivery.batch_interval, config.delivery.overload_interval),
+            overload_warned_at: None,
             config,
             config_generation,
             draining: false,
@@ -547,8 +553,20 @@ impl ShardState {
     }
 
     /// A pacing tick: writers that waited for it may write now.
-    pub fn on_pacing_tick(&mut self, now: Instant, thread_cpu: std::time::Duration) {
-        for id in self.pacing.tick(now, thread_cpu) {
+    pub fn on_pacing_tick(&mut self, now: Instant, thread_cpu: Duration) {
+        let was_overloaded = self.pacing.overloaded();
+        let waiting = self.pacing.tick(now, thread_cpu);
+        let overloaded = self.pacing.overloaded();
+        // At most one warning a minute: a load at the edge can cross the mark every few ticks.
+        if overloaded && !was_overloaded && self.overload_warned_at.is_none_or(|at| now - at >= OVERLOAD_WARNING_EVERY)
+        {
+            self.overload_warned_at = Some(now);
+            tracing::warn!(
+                shard = self.id,
+                "shard overloaded at delivery.batch_interval; its writes linger longer, up to delivery.overload_interval (see realtime_linger_seconds)"
+            );
+        }
+        for id in waiting {
             if let Some(conn) = self.conn(id) {
                 conn.paced = false;
                 if let Some(waker) = conn.writer.take() {
