@@ -57,7 +57,16 @@ test("the example page shows live updates and survives a server-side disconnect"
   node = await RealtimeServer.start({ broker: redis.url, listen: node.addr });
   await page.waitForSelector('#status[data-state="connected"]', { timeout: 30_000 });
   await publish(7);
-  await page.waitForFunction(() => document.querySelectorAll("#updates li").length >= 7, undefined, { timeout: 15_000 });
+  try {
+    await page.waitForFunction(() => document.querySelectorAll("#updates li").length >= 7, undefined, { timeout: 15_000 });
+  } catch (err) {
+    // What the page and the restarted server saw, so that a failure here can be told apart.
+    const events = await page.$$eval("#events li", (items) => items.map((item) => item.textContent ?? ""));
+    throw new Error(
+      `${err}\nlisted offsets: ${JSON.stringify(await listedOffsets(page))}\npage events:\n${events.join("\n")}\n` +
+        `restarted server's log (tail):\n${node.log().slice(-4000)}`,
+    );
+  }
 
   assert.deepEqual(await listedOffsets(page), [1, 2, 3, 4, 5, 6, 7]);
   assert.equal(await page.textContent("#updates li:last-child .payload"), '{"eta":420}');
