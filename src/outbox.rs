@@ -47,12 +47,35 @@ impl OutItem {
 /// One channel's publications in the order a shard delivers them. A subscriber whose queue
 /// ends with a stretch of them for one subscription refers to the stretch (`Run`) instead of
 /// holding an item per delivery: a fan-out then writes nothing new per subscriber but a count.
-#[derive(Debug, Default)]
+/// A subscriber waiting for the next pacing tick with such a stretch is *parked*: its run is
+/// left open to the end of the publications, and the fan-out passes it by without touching
+/// its connection, until the horizon where its queue could need its writer woken.
+#[derive(Debug)]
 pub struct Delivered {
     publications: RefCell<Vec<Rc<Publication>>>,
     /// Their bodies' bytes.
     bytes: Cell<usize>,
+    /// By position in the channel's list of local subscribers: parked.
+    parked: RefCell<Vec<Cell<bool>>>,
+    /// Publications and body bytes at which the fan-out visits parked subscribers again.
+    horizon: Cell<(usize, usize)>,
 }
+
+impl Default for Delivered {
+    fn default() -> Self {
+        Self {
+            publications: RefCell::default(),
+            bytes: Cell::new(0),
+            parked: RefCell::default(),
+            horizon: Cell::new(NO_HORIZON),
+        }
+    }
+}
+
+const NO_HORIZON: (usize, usize) = (usize::MAX, usize::MAX);
+
+/// Most bytes a push adds to a queue beyond its body (`push_len` less the body).
+const PUSH_OVERHEAD_MAX: usize = 24;
 
 /// What a `Delivered` holds before a fresh one is started. Queues referring to the old one
 /// turn their run into items at their next update of the channel, so a channel keeps about
@@ -67,6 +90,8 @@ impl Delivered {
         if Rc::strong_count(delivered) == 1 {
             delivered.publications.borrow_mut().clear();
             delivered.bytes.set(0);
+            delivered.parked.borrow_mut().clear();
+            delivered.horizon.set(NO_HORIZON);
         } else if delivered.publications.borrow().len() >= DELIVERED_CAPACITY
             || delivered.bytes.get() >= DELIVERED_BYTES
         {
@@ -76,6 +101,50 @@ impl Delivered {
         let mut publications = delivered.publications.borrow_mut();
         publications.push(publication.clone());
         (publications.len() - 1) as u32
+    }
+
+    fn len(&self) -> usize {
+        self.publications.borrow().len()
+    }
+
+    /// Whether the fan-out may pass parked subscribers by: the last publication appended kept
+    /// every parked queue short of urgent. When not, the caller visits them all and calls
+    /// `reset_horizon` first (those that park again set it anew).
+    pub fn within_horizon(&self) -> bool {
+        let (publications, bytes) = self.horizon.get();
+        self.len() < publications && self.bytes.get() < bytes
+    }
+
+    pub fn reset_horizon(&self) {
+        self.horizon.set(NO_HORIZON);
+    }
+
+    /// Makes room for a mark per subscriber (`subscribers` of them).
+    pub fn track(&self, subscribers: usize) {
+        let mut parked = self.parked.borrow_mut();
+        if parked.len() < subscribers {
+            parked.resize_with(subscribers, Cell::default);
+        }
+    }
+
+    /// Whether the subscriber at `slot` is parked (see `track`).
+    pub fn is_parked(&self, slot: usize) -> bool {
+        self.parked.borrow().get(slot).is_some_and(Cell::get)
+    }
+
+    /// Forgets the mark at `slot`. Always safe: an unmarked subscriber is visited, and a
+    /// visit settles its open run and parks it again if it may.
+    pub fn unmark(&self, slot: usize) {
+        if let Some(mark) = self.parked.borrow().get(slot) {
+            mark.set(false);
+        }
+    }
+
+    fn mark(&self, slot: usize, horizon: (usize, usize)) {
+        self.track(slot + 1);
+        self.parked.borrow()[slot].set(true);
+        let (publications, bytes) = self.horizon.get();
+        self.horizon.set((publications.min(horizon.0), bytes.min(horizon.1)));
     }
 }
 
@@ -87,6 +156,20 @@ struct Run {
     delivered: Rc<Delivered>,
     start: u32,
     len: u32,
+    /// Parked (see `Delivered`): the run also holds every publication appended to
+    /// `delivered` since, counted in `len` when it is settled; `slot` is the subscriber's
+    /// position in the channel's list, whose mark it clears when it closes.
+    open_slot: Option<u32>,
+}
+
+impl Run {
+    /// Publications the run holds, counting those an open run has not settled yet.
+    fn current_len(&self) -> u32 {
+        match self.open_slot {
+            Some(_) => self.delivered.len() as u32 - self.start,
+            None => self.len,
+        }
+    }
 }
 
 /// What a slot of the low lane the queue keeps accounts for, besides its item: a conflated
@@ -182,6 +265,16 @@ impl Outbox {
         delivered: &Rc<Delivered>,
         index: u32,
     ) -> Result<(), Overflow> {
+        if let Some(run) = self.run.as_ref().filter(|run| run.open_slot.is_some()) {
+            if run.sub_id == sub_id && Rc::ptr_eq(&run.delivered, delivered) && self.is_high_priority(publication) {
+                // The open run already holds it.
+                self.settle_run(index + 1);
+                return Ok(());
+            }
+            // Whatever comes next must follow the run as it stands without it.
+            let before = if Rc::ptr_eq(&run.delivered, delivered) { index } else { u32::MAX };
+            self.close_run(before);
+        }
         let len = push_len(sub_id, publication.body.len());
         // A high-priority update would go to the end of the high lane unless lower ones of its
         // subscription wait in the low lane; a run stands for exactly that end.
@@ -199,7 +292,8 @@ impl Outbox {
                 }
                 Some(_) => {}
                 None => {
-                    self.run = Some(Run { sub_id, delivered: delivered.clone(), start: index, len: 1 });
+                    let run = Run { sub_id, delivered: delivered.clone(), start: index, len: 1, open_slot: None };
+                    self.run = Some(run);
                     self.bytes += len;
                     return Ok(());
                 }
@@ -208,8 +302,83 @@ impl Outbox {
         self.push(OutItem::Push { sub_id, publication: publication.clone() })
     }
 
+    /// Counts into the open run the publications of its `delivered` before index `end`.
+    fn settle_run(&mut self, end: u32) {
+        let Self { run: Some(run), bytes, .. } = self else { return };
+        if run.open_slot.is_none() {
+            return;
+        }
+        let publications = run.delivered.publications.borrow();
+        let settled = (run.start + run.len) as usize;
+        let end = (end as usize).min(publications.len()).max(settled);
+        *bytes += publications[settled..end].iter().map(|p| push_len(run.sub_id, p.body.len())).sum::<usize>();
+        run.len = end as u32 - run.start;
+    }
+
+    /// Settles an open run up to index `end` of its `delivered` and closes it: the fan-out
+    /// brings the rest again.
+    fn close_run(&mut self, end: u32) {
+        self.settle_run(end);
+        if let Some(run) = &mut self.run {
+            if let Some(slot) = run.open_slot.take() {
+                run.delivered.unmark(slot as usize);
+            }
+        }
+    }
+
+    /// Closes an open run with all it holds so far.
+    fn close_open_run(&mut self) {
+        self.close_run(u32::MAX);
+    }
+
+    /// Parks the queue (see `Delivered`) when it ends with a run of `delivered` for `sub_id`
+    /// holding its latest publication and nothing would make it urgent soon: fewer than
+    /// `urgent_len` items and `urgent_bytes` bytes stay queued until the horizon it sets.
+    /// `slot` is the subscriber's position in the channel's list.
+    pub fn park(
+        &mut self,
+        sub_id: u32,
+        delivered: &Rc<Delivered>,
+        slot: usize,
+        urgent_len: usize,
+        urgent_bytes: usize,
+    ) -> bool {
+        let low_empty = self.low.as_deref().is_none_or(|lane| lane.items.is_empty() && lane.skipped.is_empty());
+        let queued = self.len();
+        let Some(run) = &mut self.run else { return false };
+        let at_end = delivered.len();
+        if !low_empty
+            || run.sub_id != sub_id
+            || !Rc::ptr_eq(&run.delivered, delivered)
+            || (run.start + run.current_len()) as usize != at_end
+        {
+            return false;
+        }
+        let room = urgent_len.saturating_sub(queued);
+        let room_bytes =
+            urgent_bytes.saturating_sub(self.bytes).saturating_sub(urgent_len.saturating_mul(PUSH_OVERHEAD_MAX));
+        if room == 0 || room_bytes == 0 {
+            return false;
+        }
+        if let Some(old) = run.open_slot.replace(slot as u32) {
+            if old as usize != slot {
+                delivered.unmark(old as usize);
+            }
+        }
+        delivered.mark(slot, (at_end + room, delivered.bytes.get() + room_bytes));
+        true
+    }
+
+    /// The fan-out stopped passing subscription `sub_id` by (it ended here).
+    pub fn unpark(&mut self, sub_id: u32) {
+        if self.run.as_ref().is_some_and(|run| run.sub_id == sub_id) {
+            self.close_open_run();
+        }
+    }
+
     /// Turns the run into items at the end of the high lane, where it stands.
     fn end_run(&mut self) {
+        self.close_open_run();
         let Some(run) = self.run.take() else { return };
         let publications = run.delivered.publications.borrow();
         let stretch = &publications[run.start as usize..(run.start + run.len) as usize];
@@ -295,6 +464,7 @@ impl Outbox {
         if !low_empty {
             return None;
         }
+        self.close_open_run();
         if self.high.is_empty() {
             let run = self.run.take_if(|run| run.len >= 2)?;
             let publications = run.delivered.publications.borrow();
@@ -323,7 +493,7 @@ impl Outbox {
 
     /// Items queued (tombstones included).
     pub fn len(&self) -> usize {
-        let run = self.run.as_ref().map_or(0, |run| run.len as usize);
+        let run = self.run.as_ref().map_or(0, |run| run.current_len() as usize);
         self.high.len() + self.low.as_ref().map_or(0, |lane| lane.items.len()) + run
     }
 
@@ -362,6 +532,7 @@ impl Outbox {
     /// Drops everything queued.
     pub fn clear(&mut self) {
         self.frames = 0;
+        self.close_open_run();
         self.run = None;
         self.high.clear();
         self.low = None;
@@ -1018,6 +1189,154 @@ mod tests {
                 "round {round}"
             );
         }
+    }
+
+    /// A parked queue holds what the fan-out passed by, settles it when touched, and writes
+    /// the same bytes as single pushes; its mark goes when its run closes.
+    #[test]
+    fn a_parked_queue_holds_what_the_fan_out_passed_by() {
+        let mut delivered = Rc::new(Delivered::default());
+        let mut pushed = Outbox::new(1 << 20, pressure(1 << 20));
+        let mut parked = Outbox::new(1 << 20, pressure(1 << 20));
+        let mut publish = |offset: u64, update_type: i32, pushed: &mut Outbox| {
+            let publication = typed(offset, update_type, "");
+            let index = Delivered::append(&mut delivered, &publication);
+            pushed.push(OutItem::Push { sub_id: 1, publication: publication.clone() }).unwrap();
+            (publication, index, delivered.clone())
+        };
+        let (first, index, d) = publish(1, ROUTE, &mut pushed);
+        parked.push_delivered(1, &first, &d, index).unwrap();
+        assert!(!parked.park(2, &d, 0, 10, 1 << 18), "another subscription's run");
+        assert!(parked.park(1, &d, 0, 10, 1 << 18));
+        assert!(d.is_parked(0) && d.within_horizon());
+        // Passed by: only the reference queue sees these.
+        for offset in 2..=4 {
+            let (_, _, d) = publish(offset, ROUTE, &mut pushed);
+            assert!(d.within_horizon());
+        }
+        assert_eq!(parked.len(), pushed.len(), "an open run counts what was appended since");
+        // A lower-priority update is brought to everyone: the run closes before it.
+        let (traffic, index, d) = publish(5, TRAFFIC, &mut pushed);
+        parked.push_delivered(1, &traffic, &d, index).unwrap();
+        assert!(!d.is_parked(0));
+        assert_eq!((parked.len(), parked.queued_bytes()), (pushed.len(), pushed.queued_bytes()));
+        let sharing = |batches| Sharing { batches, zstd: false, held: 0, observed: None };
+        let zstd = || Arc::new(crate::compression::ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() });
+        let (mut a, mut b) = (SharedBatches::new(zstd()), SharedBatches::new(zstd()));
+        let (mut wire_pushed, mut wire_parked) = (Vec::new(), Vec::new());
+        pushed.drain_into(&mut wire_pushed, 100, Some(sharing(&mut a)));
+        parked.drain_into(&mut wire_parked, 100, Some(sharing(&mut b)));
+        assert_eq!(wire_parked, wire_pushed);
+        let offsets: Vec<u64> = updates(&wire_parked).iter().map(|u| u.offset).collect();
+        assert_eq!(offsets, [1, 2, 3, 4, 5]);
+    }
+
+    /// Any mix of two channels' updates (high and lower priority), replies, parking as a
+    /// paced connection's fan-out does it, and writes: the queue writes the same bytes as
+    /// one fed by single pushes.
+    #[test]
+    fn parking_in_any_mix_writes_what_single_pushes_write() {
+        use crate::compression::{SharedBatches, ZstdSettings};
+        let zstd = || Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() });
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..200 {
+            let mut channels = [Rc::new(Delivered::default()), Rc::new(Delivered::default())];
+            let mut offsets = [0u64; 2];
+            let mut pushed = Outbox::new(1 << 20, pressure(1 << 20));
+            let mut parked = Outbox::new(1 << 20, pressure(1 << 20));
+            let (mut batches_pushed, mut batches_parked) = (SharedBatches::new(zstd()), SharedBatches::new(zstd()));
+            let (mut wire_pushed, mut wire_parked) = (Vec::new(), Vec::new());
+            for _ in 0..40 {
+                let roll = next();
+                match roll % 10 {
+                    0 => {
+                        pushed.push(OutItem::Frame(vec![0x0a, 0])).unwrap();
+                        parked.push(OutItem::Frame(vec![0x0a, 0])).unwrap();
+                    }
+                    1 => {
+                        let batch_size = 1 + (roll >> 8) as usize % 4;
+                        for (outbox, batches, wire) in [
+                            (&mut pushed, &mut batches_pushed, &mut wire_pushed),
+                            (&mut parked, &mut batches_parked, &mut wire_parked),
+                        ] {
+                            if let Some(parts) = outbox.take_shared(wire, batch_size, batches, None) {
+                                parts.iter().for_each(|part| wire.extend_from_slice(part));
+                            } else {
+                                let sharing = Sharing { batches, zstd: false, held: 0, observed: None };
+                                outbox.drain_into(wire, batch_size, Some(sharing));
+                            }
+                        }
+                        assert_eq!(wire_parked, wire_pushed, "round {round}");
+                    }
+                    _ => {
+                        let channel = (roll >> 8) as usize % 2;
+                        let update_type = if (roll >> 16) % 4 == 0 { TRAFFIC } else { ROUTE };
+                        offsets[channel] += 1;
+                        let publication = typed(offsets[channel], update_type, "");
+                        let delivered = &mut channels[channel];
+                        let index = Delivered::append(delivered, &publication);
+                        let sub_id = channel as u32 + 1;
+                        pushed.push(OutItem::Push { sub_id, publication: publication.clone() }).unwrap();
+                        // The fan-out: a parked subscriber is passed by while it may be.
+                        let passed = update_type == ROUTE && delivered.within_horizon() && delivered.is_parked(0);
+                        if !passed {
+                            delivered.reset_horizon();
+                            parked.push_delivered(sub_id, &publication, delivered, index).unwrap();
+                            if (roll >> 24) % 3 == 0 {
+                                parked.unpark(sub_id);
+                            } else {
+                                parked.park(sub_id, delivered, 0, 6, 1 << 18);
+                            }
+                        }
+                        assert_eq!(parked.len(), pushed.len(), "round {round}");
+                    }
+                }
+            }
+            for (outbox, batches, wire) in [
+                (&mut pushed, &mut batches_pushed, &mut wire_pushed),
+                (&mut parked, &mut batches_parked, &mut wire_parked),
+            ] {
+                let sharing = Sharing { batches, zstd: false, held: 0, observed: None };
+                outbox.drain_into(wire, 100, Some(sharing));
+            }
+            assert_eq!(wire_parked, wire_pushed, "round {round}");
+            assert!(parked.is_empty() && !channels.iter().any(|d| d.is_parked(0)), "round {round}");
+        }
+    }
+
+    #[test]
+    fn a_parked_queue_sets_the_horizon_where_it_could_turn_urgent_and_unparks_on_other_items() {
+        let mut delivered = Rc::new(Delivered::default());
+        let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
+        let first = publication(1);
+        let index = Delivered::append(&mut delivered, &first);
+        outbox.push_delivered(1, &first, &delivered, index).unwrap();
+        assert!(outbox.park(1, &delivered, 3, 3, 1 << 18), "one queued, urgent at three");
+        Delivered::append(&mut delivered, &publication(2));
+        assert!(delivered.within_horizon(), "two queued");
+        Delivered::append(&mut delivered, &publication(3));
+        assert!(!delivered.within_horizon(), "three would be urgent: visit again");
+        delivered.reset_horizon();
+        assert_eq!(outbox.len(), 3);
+        // A reply closes the run where it stands; the fan-out brings the rest again.
+        outbox.push(OutItem::Frame(vec![0x0a, 0])).unwrap();
+        assert!(!delivered.is_parked(3));
+        Delivered::append(&mut delivered, &publication(4));
+        assert_eq!(outbox.len(), 4, "nothing appended after the reply is held");
+        // No room before urgency, or bytes near the quarter: it does not park.
+        let mut full = Outbox::new(1 << 20, pressure(1 << 20));
+        let next = publication(5);
+        let index = Delivered::append(&mut delivered, &next);
+        full.push_delivered(1, &next, &delivered, index).unwrap();
+        assert!(!full.park(1, &delivered, 0, 1, 1 << 18));
+        assert!(!full.park(1, &delivered, 0, 10, 100));
+        assert!(!delivered.is_parked(0));
     }
 
     #[test]

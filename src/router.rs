@@ -77,12 +77,16 @@ impl Router {
 
     /// Removes subscription `sub_id` of `conn`; returns whether it was there.
     pub fn remove(&mut self, channel: &str, conn: ConnId, sub_id: u32) -> bool {
-        let Some(list) = self.channels.get_mut(channel).map(|local| &mut local.subscribers) else {
+        let Some(local) = self.channels.get_mut(channel) else {
             return false;
         };
+        let list = &mut local.subscribers;
         let Some(pos) = list.iter().position(|s| s.conn == conn && s.sub_id == sub_id) else {
             return false;
         };
+        // The last subscriber takes the removed one's place: neither mark holds any more.
+        local.delivered.unmark(pos);
+        local.delivered.unmark(list.len() - 1);
         list.swap_remove(pos);
         if list.is_empty() {
             self.channels.remove(channel);

@@ -516,6 +516,22 @@ impl Session {
         self.push_update_at(sub_id, publication, Some((delivered, index)), now)
     }
 
+    /// Lets the fan-out pass subscription `sub_id` by while this connection waits for the
+    /// next pacing tick (see `outbox::Delivered`); `slot` is its place among the channel's
+    /// subscribers. Only while nothing is near urgent and no acknowledgement is tracked.
+    pub fn park(&mut self, sub_id: u32, delivered: &Rc<Delivered>, slot: usize) -> bool {
+        if self.is_closing() || self.acked_subs > 0 {
+            return false;
+        }
+        let urgent_len = self.limits.batch_size.saturating_mul(URGENT_BATCHES);
+        self.outbox.park(sub_id, delivered, slot, urgent_len, self.limits.max_outbox_bytes / 4)
+    }
+
+    /// The fan-out visits subscription `sub_id` on every publication again.
+    pub fn unpark(&mut self, sub_id: u32) {
+        self.outbox.unpark(sub_id);
+    }
+
     fn push_update_at(
         &mut self,
         sub_id: u32,

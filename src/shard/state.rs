@@ -489,7 +489,20 @@ impl ShardState {
         let Some((subscribers, delivered_run, index)) = self.router.deliver(&publication.channel, &local) else {
             return;
         };
-        for subscriber in subscribers {
+        // Parked subscribers (waiting for the next tick with an open run of this channel, see
+        // `outbox::Delivered`) are passed by without touching their connections, until a
+        // lower-priority update or the horizon where one of them could turn urgent.
+        let high_priority = self.limits.priority_types & (1 << (publication.update_type as u32 & 31)) != 0;
+        let pass_parked = high_priority && delivered_run.within_horizon();
+        if !pass_parked {
+            delivered_run.reset_horizon();
+        }
+        delivered_run.track(subscribers.len());
+        for (slot, subscriber) in subscribers.iter().enumerate() {
+            if pass_parked && delivered_run.is_parked(slot) {
+                delivered += 1;
+                continue;
+            }
             let Some(conn) = self.conns.get_mut(subscriber.conn.index as usize) else {
                 continue;
             };
@@ -502,9 +515,12 @@ impl ShardState {
             // A paced writer goes at the next tick with whatever has come by then, or when
             // its batch fills.
             if !conn.paced || conn.session.has_urgent() {
+                conn.session.unpark(subscriber.sub_id);
                 if let Some(waker) = conn.writer.take() {
                     waker.wake();
                 }
+            } else {
+                conn.session.park(subscriber.sub_id, delivered_run, slot);
             }
         }
         tracing::debug!(
@@ -635,6 +651,9 @@ impl ShardState {
     }
 
     fn remove_subscriber(&mut self, channel: &Arc<str>, conn: ConnId, sub_id: u32) {
+        if let Some(c) = self.conn(conn) {
+            c.session.unpark(sub_id);
+        }
         if self.router.remove(channel, conn, sub_id) {
             let slot = &mut self.subscriptions[channel_slot(channel)];
             *slot = slot.saturating_sub(1);
