@@ -193,7 +193,7 @@ pub struct Pressure {
 
 impl Pressure {
     fn is_priority(&self, publication: &Publication) -> bool {
-        self.priority_types & (1 << (publication.update_type as u32 & 31)) != 0
+        publication.is_priority(self.priority_types)
     }
 }
 
@@ -936,6 +936,17 @@ mod tests {
         typed(offset, 1, "")
     }
 
+    /// Shared batches that never compress.
+    fn plain_batches() -> SharedBatches {
+        let settings = crate::compression::ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() };
+        SharedBatches::new(Arc::new(settings))
+    }
+
+    /// Sharing through `batches` for a client without zstd, latencies not recorded.
+    fn plain_sharing(batches: &mut SharedBatches) -> Sharing<'_> {
+        Sharing { batches, zstd: false, held: 0, observed: None }
+    }
+
     fn typed(offset: u64, update_type: i32, key: &str) -> Rc<Publication> {
         let update =
             Update { offset, r#type: update_type, key: key.into(), payload: vec![7; 40].into(), ..Default::default() };
@@ -1102,14 +1113,12 @@ mod tests {
 
     #[test]
     fn one_subscriptions_updates_are_taken_shared_and_anything_else_is_not() {
-        use crate::compression::{SharedBatches, ZstdSettings};
         let shared = |items: Vec<OutItem>, batch_size| {
             let mut outbox = Outbox::new(1 << 20, pressure(1 << 18));
             for item in items {
                 outbox.push(item).unwrap();
             }
-            let mut batches =
-                SharedBatches::new(Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() }));
+            let mut batches = plain_batches();
             let mut head = Vec::new();
             let taken = outbox.take_shared(&mut head, batch_size, &mut batches, None);
             assert_eq!(taken.is_some(), outbox.is_empty() && outbox.queued_bytes() == 0);
@@ -1138,13 +1147,10 @@ mod tests {
     /// same and write the same bytes, shared or not.
     #[test]
     fn a_run_of_delivered_updates_queues_and_writes_like_single_pushes() {
-        use crate::compression::{SharedBatches, ZstdSettings};
         let mut delivered = Rc::new(Delivered::default());
         let mut pushed = Outbox::new(1 << 20, pressure(1 << 20));
         let mut ran = Outbox::new(1 << 20, pressure(1 << 20));
-        let batches =
-            || SharedBatches::new(Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() }));
-        let (mut batches_pushed, mut batches_ran) = (batches(), batches());
+        let (mut batches_pushed, mut batches_ran) = (plain_batches(), plain_batches());
         let mut offset = 0;
         let mut update = |sub_id: u32, update_type: i32, pushed: &mut Outbox, ran: &mut Outbox| {
             offset += 1;
@@ -1178,8 +1184,7 @@ mod tests {
             assert_eq!(taken_pushed.is_some(), taken_ran.is_some(), "round {round}");
             let wire = |outbox: &mut Outbox, mut head: Vec<u8>, taken: Option<Vec<Bytes>>, batches| {
                 taken.iter().flatten().for_each(|part| head.extend_from_slice(part));
-                let sharing = Sharing { batches, zstd: false, held: 0, observed: None };
-                outbox.drain_into(&mut head, 3, Some(sharing));
+                outbox.drain_into(&mut head, 3, Some(plain_sharing(batches)));
                 assert!(outbox.is_empty() && outbox.queued_bytes() == 0);
                 head
             };
@@ -1220,12 +1225,10 @@ mod tests {
         parked.push_delivered(1, &traffic, &d, index).unwrap();
         assert!(!d.is_parked(0));
         assert_eq!((parked.len(), parked.queued_bytes()), (pushed.len(), pushed.queued_bytes()));
-        let sharing = |batches| Sharing { batches, zstd: false, held: 0, observed: None };
-        let zstd = || Arc::new(crate::compression::ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() });
-        let (mut a, mut b) = (SharedBatches::new(zstd()), SharedBatches::new(zstd()));
+        let (mut a, mut b) = (plain_batches(), plain_batches());
         let (mut wire_pushed, mut wire_parked) = (Vec::new(), Vec::new());
-        pushed.drain_into(&mut wire_pushed, 100, Some(sharing(&mut a)));
-        parked.drain_into(&mut wire_parked, 100, Some(sharing(&mut b)));
+        pushed.drain_into(&mut wire_pushed, 100, Some(plain_sharing(&mut a)));
+        parked.drain_into(&mut wire_parked, 100, Some(plain_sharing(&mut b)));
         assert_eq!(wire_parked, wire_pushed);
         let offsets: Vec<u64> = updates(&wire_parked).iter().map(|u| u.offset).collect();
         assert_eq!(offsets, [1, 2, 3, 4, 5]);
@@ -1236,8 +1239,6 @@ mod tests {
     /// one fed by single pushes.
     #[test]
     fn parking_in_any_mix_writes_what_single_pushes_write() {
-        use crate::compression::{SharedBatches, ZstdSettings};
-        let zstd = || Arc::new(ZstdSettings { threshold: 0, level: 1, dictionaries: Vec::new() });
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
         let mut next = move || {
             seed ^= seed << 13;
@@ -1250,7 +1251,7 @@ mod tests {
             let mut offsets = [0u64; 2];
             let mut pushed = Outbox::new(1 << 20, pressure(1 << 20));
             let mut parked = Outbox::new(1 << 20, pressure(1 << 20));
-            let (mut batches_pushed, mut batches_parked) = (SharedBatches::new(zstd()), SharedBatches::new(zstd()));
+            let (mut batches_pushed, mut batches_parked) = (plain_batches(), plain_batches());
             let (mut wire_pushed, mut wire_parked) = (Vec::new(), Vec::new());
             for _ in 0..40 {
                 let roll = next();
@@ -1268,8 +1269,7 @@ mod tests {
                             if let Some(parts) = outbox.take_shared(wire, batch_size, batches, None) {
                                 parts.iter().for_each(|part| wire.extend_from_slice(part));
                             } else {
-                                let sharing = Sharing { batches, zstd: false, held: 0, observed: None };
-                                outbox.drain_into(wire, batch_size, Some(sharing));
+                                outbox.drain_into(wire, batch_size, Some(plain_sharing(batches)));
                             }
                         }
                         assert_eq!(wire_parked, wire_pushed, "round {round}");
@@ -1302,8 +1302,7 @@ mod tests {
                 (&mut pushed, &mut batches_pushed, &mut wire_pushed),
                 (&mut parked, &mut batches_parked, &mut wire_parked),
             ] {
-                let sharing = Sharing { batches, zstd: false, held: 0, observed: None };
-                outbox.drain_into(wire, 100, Some(sharing));
+                outbox.drain_into(wire, 100, Some(plain_sharing(batches)));
             }
             assert_eq!(wire_parked, wire_pushed, "round {round}");
             assert!(parked.is_empty() && !channels.iter().any(|d| d.is_parked(0)), "round {round}");

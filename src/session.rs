@@ -383,9 +383,13 @@ impl Session {
     /// control frames, `URGENT_BATCHES` full batches, or a quarter of the outbox (waiting
     /// must never turn a healthy connection into a slow consumer).
     pub fn has_urgent(&self) -> bool {
-        self.outbox.has_frames()
-            || self.outbox.len() >= self.limits.batch_size.saturating_mul(URGENT_BATCHES)
-            || self.outbox.queued_bytes() >= self.limits.max_outbox_bytes / 4
+        let (urgent_len, urgent_bytes) = self.urgent_marks();
+        self.outbox.has_frames() || self.outbox.len() >= urgent_len || self.outbox.queued_bytes() >= urgent_bytes
+    }
+
+    /// Queued items and bytes from which updates are urgent (see `has_urgent`).
+    fn urgent_marks(&self) -> (usize, usize) {
+        (self.limits.batch_size.saturating_mul(URGENT_BATCHES), self.limits.max_outbox_bytes / 4)
     }
 
     /// Appends everything queued to `out` as wire bytes; returns the number of frames.
@@ -523,8 +527,8 @@ impl Session {
         if self.is_closing() || self.acked_subs > 0 {
             return false;
         }
-        let urgent_len = self.limits.batch_size.saturating_mul(URGENT_BATCHES);
-        self.outbox.park(sub_id, delivered, slot, urgent_len, self.limits.max_outbox_bytes / 4)
+        let (urgent_len, urgent_bytes) = self.urgent_marks();
+        self.outbox.park(sub_id, delivered, slot, urgent_len, urgent_bytes)
     }
 
     /// The fan-out visits subscription `sub_id` on every publication again.

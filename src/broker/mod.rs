@@ -36,6 +36,11 @@ impl Publication {
         let accepted_us = crate::metrics::clock_us(accepted_at);
         Self { channel, offset, update_type, body, accepted_at, accepted_us, key_hash }
     }
+
+    /// Whether its type is one of `priority_types` (bit `t`: update type `t`).
+    pub fn is_priority(&self, priority_types: u32) -> bool {
+        priority_types & (1 << (self.update_type as u32 & 31)) != 0
+    }
 }
 
 /// Why a channel name was refused.

@@ -62,7 +62,7 @@ pub struct Pacing {
 
 impl Pacing {
     /// `max` is `delivery.batch_interval` (zero: never linger), `overload_max` is
-    /// `delivery.overload_interval` (at most `max`: never linger longer than it).
+    /// `delivery.overload_interval` (at or below `max`: never linger past `max`).
     pub fn new(max: Duration, overload_max: Duration) -> Self {
         let overload_max = overload_max.max(max);
         Self { max, overload_max, linger: Duration::ZERO, epoch: 1, sampled: None, waiting: Vec::new() }
@@ -152,6 +152,14 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    /// A pacing with its first tick behind it, the time and the thread's CPU time then.
+    fn started(max: Duration, overload_max: Duration) -> (Pacing, Instant, Duration) {
+        let mut pacing = Pacing::new(max, overload_max);
+        let (now, cpu) = (Instant::now(), Duration::ZERO);
+        pacing.tick(now, cpu);
+        (pacing, now, cpu)
+    }
+
     /// Ticks `n` times at its own period with the thread `busy` that fraction of the time.
     fn run(pacing: &mut Pacing, start: &mut Instant, cpu: &mut Duration, busy: f64, n: usize) {
         for _ in 0..n {
@@ -164,9 +172,7 @@ mod tests {
 
     #[test]
     fn linger_grows_under_load_up_to_the_interval_and_falls_back_when_calm() {
-        let mut pacing = Pacing::new(50 * MS, 50 * MS);
-        let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
-        pacing.tick(now, cpu);
+        let (mut pacing, mut now, mut cpu) = started(50 * MS, 50 * MS);
         run(&mut pacing, &mut now, &mut cpu, 0.1, 5);
         assert_eq!(pacing.linger(), Duration::ZERO, "a calm shard writes at once");
         run(&mut pacing, &mut now, &mut cpu, 0.9, 3);
@@ -181,9 +187,7 @@ mod tests {
 
     #[test]
     fn only_a_connection_that_wrote_this_tick_waits_and_never_for_replies() {
-        let mut pacing = Pacing::new(50 * MS, 50 * MS);
-        let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
-        pacing.tick(now, cpu);
+        let (mut pacing, mut now, mut cpu) = started(50 * MS, 50 * MS);
         assert!(!pacing.gate().holds(pacing.gate().epoch, false), "no linger yet");
         run(&mut pacing, &mut now, &mut cpu, 1.0, 2);
         let epoch = pacing.gate().epoch;
@@ -198,9 +202,7 @@ mod tests {
 
     #[test]
     fn an_overloaded_shard_lingers_past_the_interval_up_to_the_overload_cap_and_back() {
-        let mut pacing = Pacing::new(50 * MS, 400 * MS);
-        let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
-        pacing.tick(now, cpu);
+        let (mut pacing, mut now, mut cpu) = started(50 * MS, 400 * MS);
         run(&mut pacing, &mut now, &mut cpu, 0.6, 40);
         assert_eq!(pacing.linger(), 50 * MS, "busy but not overloaded: capped at batch_interval");
         assert!(!pacing.overloaded());
@@ -219,9 +221,7 @@ mod tests {
 
     #[test]
     fn without_an_overload_cap_the_linger_stays_within_the_interval() {
-        let mut pacing = Pacing::new(50 * MS, Duration::ZERO);
-        let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
-        pacing.tick(now, cpu);
+        let (mut pacing, mut now, mut cpu) = started(50 * MS, Duration::ZERO);
         run(&mut pacing, &mut now, &mut cpu, 1.0, 40);
         assert_eq!(pacing.linger(), 50 * MS);
         assert!(!pacing.overloaded());
@@ -229,10 +229,8 @@ mod tests {
 
     #[test]
     fn a_zero_interval_never_lingers() {
-        let mut pacing = Pacing::new(Duration::ZERO, 400 * MS);
+        let (mut pacing, mut now, mut cpu) = started(Duration::ZERO, 400 * MS);
         assert!(!pacing.enabled());
-        let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
-        pacing.tick(now, cpu);
         run(&mut pacing, &mut now, &mut cpu, 1.0, 10);
         assert_eq!(pacing.linger(), Duration::ZERO);
     }

@@ -492,8 +492,7 @@ impl ShardState {
         // Parked subscribers (waiting for the next tick with an open run of this channel, see
         // `outbox::Delivered`) are passed by without touching their connections, until a
         // lower-priority update or the horizon where one of them could turn urgent.
-        let high_priority = self.limits.priority_types & (1 << (publication.update_type as u32 & 31)) != 0;
-        let pass_parked = high_priority && delivered_run.within_horizon();
+        let pass_parked = publication.is_priority(self.limits.priority_types) && delivered_run.within_horizon();
         if !pass_parked {
             delivered_run.reset_horizon();
         }
