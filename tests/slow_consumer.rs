@@ -1,6 +1,7 @@
 //! A client that stops reading while updates flood in: the server keeps its memory bounded,
 //! gives way on lower-priority updates, then closes it with 4001, while a healthy client on
-//! the same channel gets every ROUTE update.
+//! the same channel gets every ROUTE update. A client that stops reading while its answers
+//! are large gets them whole and in order once it reads again.
 
 mod common;
 
@@ -16,8 +17,17 @@ use socket2::{Domain, Socket, Type};
 const UPDATES: u64 = 30_000;
 const PAYLOAD: usize = 1000;
 
+type Stalled = tungstenite::WebSocket<Retrying<std::net::TcpStream>>;
+
 /// A WebSocket over a socket with a tiny receive buffer, connected and subscribed.
-fn stalled_subscriber(server: &TestServer, channel: &str) -> tungstenite::WebSocket<Retrying<std::net::TcpStream>> {
+fn stalled_subscriber(server: &TestServer, channel: &str) -> Stalled {
+    let subscribe = pb::Subscribe { channel: channel.into(), ..Default::default() };
+    small_window_client(server, Some(Command::Subscribe(subscribe)))
+}
+
+/// A WebSocket over a socket with a tiny receive buffer, connected, and answered `then` if
+/// given (frame id 2).
+fn small_window_client(server: &TestServer, then: Option<Command>) -> Stalled {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket.connect(&server.addr.into()).unwrap();
@@ -25,17 +35,15 @@ fn stalled_subscriber(server: &TestServer, channel: &str) -> tungstenite::WebSoc
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let (mut ws, _) = tungstenite::client::client(format!("ws://{}/ws", server.addr), Retrying(stream)).unwrap();
     let connect = pb::Connect { token: common::token("stalled"), ..Default::default() };
-    let subscribe = pb::Subscribe { channel: channel.into(), ..Default::default() };
-    let frames = vec![
-        pb::ClientFrame { id: 1, command: Some(Command::Connect(connect)) },
-        pb::ClientFrame { id: 2, command: Some(Command::Subscribe(subscribe)) },
-    ];
+    let mut frames = vec![pb::ClientFrame { id: 1, command: Some(Command::Connect(connect)) }];
+    frames.extend(then.map(|command| pb::ClientFrame { id: 2, command: Some(command) }));
+    let last = frames.len() as u32;
     ws.send(tungstenite::Message::Binary(envelope::encode::<pb::ClientMessage>(frames, None).into())).unwrap();
-    // Wait for the subscribe reply, then never read again until the flood is over.
+    // Wait for the last reply, then never read again until told.
     loop {
         let tungstenite::Message::Binary(data) = ws.read().unwrap() else { continue };
         let frames = pb::ServerMessage::decode(data).unwrap().frames;
-        if frames.iter().any(|f| matches!(&f.kind, Some(Kind::Reply(r)) if r.id == 2)) {
+        if frames.iter().any(|f| matches!(&f.kind, Some(Kind::Reply(r)) if r.id == last)) {
             return ws;
         }
     }
@@ -118,4 +126,50 @@ async fn a_stalled_reader_is_closed_with_4001_and_memory_stays_bounded_while_a_h
     common::wait_for_health(&server, "the slow consumer counted", |h| {
         h["protection"]["closed"]["slow_consumer"] == 1 && h["connections"] == 2
     });
+}
+
+/// The answer to a read goes out from the reader as far as the socket takes it; what it does
+/// not take, the writer sends before anything else. Large answers to a client that stopped
+/// reading (its 4 KiB window full) must still arrive whole and in request order.
+#[compio::test]
+async fn large_answers_to_a_client_that_stopped_reading_arrive_whole_and_in_order() {
+    const PUBLICATIONS: u64 = 100;
+    const REQUESTS: u32 = 100;
+    // Room for all answers: the outbox is not what this is about.
+    let server = TestServer::start(1, &[("ROUTOPIA_LIMITS__MAX_OUTBOX_BYTES", "16777216")]);
+    let mut publisher = server.client().await;
+    for n in 1..=PUBLICATIONS {
+        let mut payload = vec![b'.'; PAYLOAD];
+        payload[..8].copy_from_slice(&n.to_be_bytes());
+        publisher.publish("route:history", UpdateType::Route, "r", payload).await.unwrap();
+    }
+    let mut client = small_window_client(&server, None);
+    // Each request in its own message and write, so each is answered from its own read.
+    for id in 10..10 + REQUESTS {
+        let history = pb::History { channel: "route:history".into(), since: 0, limit: PUBLICATIONS as u32 };
+        let frame = pb::ClientFrame { id, command: Some(Command::History(history)) };
+        client
+            .send(tungstenite::Message::Binary(envelope::encode::<pb::ClientMessage>(vec![frame], None).into()))
+            .unwrap();
+    }
+    // About 100 KB per answer, 10 MB in all: more than a loopback socket buffers (its send
+    // buffer grows to 4 MiB at most) while nobody reads.
+    let mut answered = Vec::new();
+    while answered.len() < REQUESTS as usize {
+        let tungstenite::Message::Binary(data) = client.read().unwrap() else { continue };
+        for frame in pb::ServerMessage::decode(data).unwrap().frames {
+            let Some(Kind::Reply(reply)) = frame.kind else { continue };
+            let Some(pb::reply::Result::History(history)) = reply.result else {
+                panic!("reply {} is not a history result: {:?}", reply.id, reply.result);
+            };
+            let offsets: Vec<u64> = history.publications.iter().map(|p| p.offset).collect();
+            assert_eq!(offsets, (1..=PUBLICATIONS).collect::<Vec<_>>(), "reply {}", reply.id);
+            for publication in &history.publications {
+                assert_eq!(publication.payload.len(), PAYLOAD);
+                assert_eq!(publication.payload[..8], publication.offset.to_be_bytes());
+            }
+            answered.push(reply.id);
+        }
+    }
+    assert_eq!(answered, (10..10 + REQUESTS).collect::<Vec<_>>());
 }

@@ -20,15 +20,13 @@ use compio::net::TcpStream;
 use compio::tls::{TlsAcceptor, TlsStream};
 
 use super::admission::{retry_after_secs, Refusal, Ticket};
-use super::state::{Endpoint, ShardState};
+use super::state::{Endpoint, ShardState, SMALL_QUEUE_SLOTS};
 use super::transport::{Receive, Transport};
 use crate::protocol::http::{self, HeadError, RequestHead};
 use crate::router::ConnId;
 
 /// A write buffer that grew past this is released once sent, so idle connections stay small.
 const KEEP_WRITE_BUFFER: usize = 64 * 1024;
-/// An idle connection's outbox queue up to this many slots is released as soon as it drains.
-const SMALL_QUEUE_SLOTS: usize = 8;
 /// How long a closing connection may take to accept its last bytes.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -276,8 +274,11 @@ async fn websocket<S: Transport>(state: Rc<RefCell<ShardState>>, upgrade: Upgrad
         if let Some(conn) = shard.conn(id) {
             tracing::debug!(conn = %conn.session.client_id(), %peer, "connection upgraded");
         }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            shard.remember_peer(id, peer);
+        }
         if !early.is_empty() {
-            shard.on_bytes(id, &early);
+            shard.on_bytes(id, &early, None);
         }
         id
     };
@@ -288,11 +289,14 @@ async fn websocket<S: Transport>(state: Rc<RefCell<ShardState>>, upgrade: Upgrad
     // a quarter of request/reply throughput (84k vs 58k replies per CPU-second): each side's
     // wake-ups polled the other.
     compio::runtime::spawn(write_loop::<S>(state.clone(), writer, fd, id, ticket)).detach();
-    compio::runtime::spawn(read_loop(state, reader, fd, id, peer)).detach();
+    compio::runtime::spawn(read_loop(state, reader, fd, id)).detach();
 }
 
-fn log_close(state: &Rc<RefCell<ShardState>>, id: ConnId, peer: SocketAddr) {
+/// Logs why the connection ended, with the peer's address when it was upgraded while debug
+/// lines were on (only then is the address kept: idle connections stay small).
+fn log_close(state: &Rc<RefCell<ShardState>>, id: ConnId) {
     let mut shard = state.borrow_mut();
+    let peer = shard.forget_peer(id).map_or_else(String::new, |peer| peer.to_string());
     let Some(conn) = shard.conn(id) else { return };
     let conn_id = conn.session.client_id();
     match conn.session.close_reason() {
@@ -304,12 +308,13 @@ fn log_close(state: &Rc<RefCell<ShardState>>, id: ConnId, peer: SocketAddr) {
 }
 
 /// Feeds the session until it closes or the peer leaves, then logs why the connection ended.
-async fn read_loop<R: Receive>(state: Rc<RefCell<ShardState>>, mut reader: R, fd: RawFd, id: ConnId, peer: SocketAddr) {
+async fn read_loop<R: Receive>(state: Rc<RefCell<ShardState>>, mut reader: R, fd: RawFd, id: ConnId) {
     let peer_gone = loop {
         if state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing()) {
             break false;
         }
-        if !reader.receive(|bytes| state.borrow_mut().on_bytes(id, bytes)).await {
+        let direct = reader.direct_fd();
+        if !reader.receive(|bytes| state.borrow_mut().on_bytes(id, bytes, direct)).await {
             break true;
         }
     };
@@ -318,7 +323,7 @@ async fn read_loop<R: Receive>(state: Rc<RefCell<ShardState>>, mut reader: R, fd
         shutdown(fd);
     }
     // Before the writer may forget the connection: the session still says why it closed.
-    log_close(&state, id, peer);
+    log_close(&state, id);
     let mut shard = state.borrow_mut();
     if let Some(conn) = shard.conn(id) {
         conn.reader_done = true;
@@ -348,6 +353,11 @@ async fn write_loop<S: Transport>(
         let next = poll_fn(|cx| {
             let mut shard = state.borrow_mut();
             let gate = shard.pacing.gate();
+            if let Some(left_over) = shard.take_unsent(id) {
+                // A direct send's rest goes first (see `ShardState::send_directly`).
+                out = left_over;
+                return Poll::Ready(Next::Write(None));
+            }
             let Some(conn) = shard.conn(id) else {
                 return Poll::Ready(Next::Finish);
             };

@@ -9,6 +9,7 @@ mod exposition;
 mod http;
 mod inbox;
 mod pacing;
+mod readable;
 mod state;
 mod transport;
 

@@ -2,7 +2,9 @@
 //! sessions, the router of local subscribers, the channels it owns, and messages waiting for
 //! a full inbox of another shard.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use slab::Slab;
 
 use super::api::Waiters;
 use super::pacing::Pacing;
+use super::transport::{send_now, unsent_after};
 use super::{Cluster, ShardMsg};
 use crate::broker::memory::{ChannelTable, Mirrored, Position, Recovery};
 use crate::broker::redis::BridgeRequest;
@@ -42,6 +45,11 @@ pub(crate) enum Endpoint {
 
 /// Least time between two warnings that the shard lingers past `batch_interval`.
 const OVERLOAD_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// The direct-send buffer is kept between reads up to this size.
+const KEEP_DIRECT_BUFFER: usize = 64 * 1024;
+/// An idle connection's outbox queue up to this many slots is released as soon as it drains.
+pub(super) const SMALL_QUEUE_SLOTS: usize = 8;
 
 /// Connections a shard's table is sized for at start (more grow it).
 const MAX_PRESIZED_CONNS: usize = 65_536;
@@ -94,6 +102,15 @@ pub(crate) struct ShardState {
     timings_flushed_at: Instant,
     /// Server API requests on this shard waiting for answers.
     pub api: Waiters,
+    /// The buffer direct sends encode into (see `send_directly`).
+    direct_buffer: Vec<u8>,
+    /// By connection index: what a direct send left over, for the writer to send first.
+    unsent: HashMap<u32, Vec<u8>>,
+    /// The connection whose input is being handled (see `wake_writer`).
+    reading: Option<ConnId>,
+    /// By connection index: peers' addresses for the debug line of a connection's end, kept
+    /// only while debug lines are on.
+    peers: HashMap<u32, SocketAddr>,
 }
 
 impl ShardState {
@@ -131,6 +148,10 @@ impl ShardState {
             subscriptions: [0; UPDATE_TYPES],
             timings_flushed_at: Instant::now(),
             api: Waiters::default(),
+            direct_buffer: Vec::new(),
+            unsent: HashMap::new(),
+            peers: HashMap::new(),
+            reading: None,
         }
     }
 
@@ -199,15 +220,23 @@ impl ShardState {
         self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)
     }
 
-    /// Bytes arrived on `id`: let the session handle them, then act on what it asks.
-    pub fn on_bytes(&mut self, id: ConnId, bytes: &[u8]) {
+    /// Bytes arrived on `id`: let the session handle them, then act on what it asks. The
+    /// answers go out on `direct` (the socket) at once when the writer is idle, else through
+    /// the writer.
+    pub fn on_bytes(&mut self, id: ConnId, bytes: &[u8], direct: Option<RawFd>) {
         self.metrics.count_received(bytes.len());
         let now = now();
         self.read_at = now.instant;
         let Some(conn) = self.conn(id) else { return };
         conn.session.handle_bytes(now, bytes);
-        self.drive(id);
+        // Answers this shard gives at once (it owns the channel) join the direct send.
+        self.reading = Some(id);
+        self.handle_events(id);
+        self.reading = None;
         self.metrics.finish_read(now.instant.elapsed());
+        if direct.is_none_or(|fd| !self.send_directly(id, fd)) {
+            self.wake_writer(id);
+        }
     }
 
     /// Takes the session's events and wakes its writer when it has something to send.
@@ -215,14 +244,80 @@ impl ShardState {
     /// answering synchronously) only wake the writer, so handling a large batch of commands
     /// never recurses.
     pub fn drive(&mut self, id: ConnId) {
-        while let Some(event) = self.conn(id).and_then(|c| c.session.poll_event()) {
-            self.handle_event(id, event);
-        }
+        self.handle_events(id);
         self.wake_writer(id);
     }
 
-    /// Wakes the connection's writer if there is something to send or it is closing.
+    fn handle_events(&mut self, id: ConnId) {
+        while let Some(event) = self.conn(id).and_then(|c| c.session.poll_event()) {
+            self.handle_event(id, event);
+        }
+    }
+
+    /// Sends what `id` has queued from the reader that just handled its input, as its writer
+    /// would, so a request's answer leaves without waking the writer task or a submission
+    /// of its own (like an epoll server's `send` from the handler). Only when the writer is
+    /// parked with nothing left over (so no write is in flight) and pacing lets the
+    /// connection write now; what the socket does not take goes to the writer, first.
+    /// Returns whether the writer has nothing to do.
+    fn send_directly(&mut self, id: ConnId, fd: RawFd) -> bool {
+        let gate = self.pacing.gate();
+        let left_over = !self.unsent.is_empty() && self.unsent.contains_key(&id.index);
+        let Some(conn) = self.conn(id) else { return true };
+        if left_over || conn.writer.is_none() || conn.session.is_closing() || !conn.session.wants_write() {
+            return false;
+        }
+        if gate.holds(conn.last_write_epoch, conn.session.has_urgent()) {
+            return false;
+        }
+        conn.last_write_epoch = gate.epoch;
+        let mut out = std::mem::take(&mut self.direct_buffer);
+        let parts = self.transmit(id, &mut out).unwrap_or_default();
+        let total = out.len() + parts.iter().map(Bytes::len).sum::<usize>();
+        // A failed send leaves it all to the writer, whose write then fails and ends the
+        // connection as any failed write does.
+        let sent = send_now(fd, &out, &parts).unwrap_or(0);
+        self.metrics.count_sent(sent);
+        if sent < total {
+            self.unsent.insert(id.index, unsent_after(sent, &out, &parts));
+        }
+        out.clear();
+        if out.capacity() <= KEEP_DIRECT_BUFFER {
+            self.direct_buffer = out;
+        }
+        let Some(conn) = self.conn(id) else { return true };
+        if sent == total && !conn.session.wants_write() {
+            conn.session.release_idle_buffers(SMALL_QUEUE_SLOTS);
+            return true;
+        }
+        if let Some(waker) = conn.writer.take() {
+            waker.wake();
+        }
+        true
+    }
+
+    pub fn remember_peer(&mut self, id: ConnId, peer: SocketAddr) {
+        self.peers.insert(id.index, peer);
+    }
+
+    pub fn forget_peer(&mut self, id: ConnId) -> Option<SocketAddr> {
+        self.peers.remove(&id.index)
+    }
+
+    /// What a direct send left for the writer, which sends it before anything else.
+    pub fn take_unsent(&mut self, id: ConnId) -> Option<Vec<u8>> {
+        if self.unsent.is_empty() {
+            return None;
+        }
+        self.unsent.remove(&id.index)
+    }
+
+    /// Wakes the connection's writer if there is something to send or it is closing; not
+    /// the one whose input is being handled, which `on_bytes` sees to when done.
     fn wake_writer(&mut self, id: ConnId) {
+        if self.reading == Some(id) {
+            return;
+        }
         if let Some(conn) = self.conn(id) {
             if conn.session.wants_write() || conn.session.is_closing() {
                 if let Some(waker) = conn.writer.take() {
@@ -665,6 +760,8 @@ impl ShardState {
             return;
         }
         let conn = self.conns.remove(id.index as usize);
+        self.unsent.remove(&id.index);
+        self.peers.remove(&id.index);
         match conn.session.close_reason() {
             Some((code, _)) => {
                 if let Some(index) = CloseCode::ALL.iter().position(|&c| c == code) {

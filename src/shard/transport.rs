@@ -9,19 +9,24 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
-use std::io;
-use std::os::fd::AsRawFd;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
+use compio::buf::IntoInner;
 use compio::buf::{BufResult, IoBuf};
+use compio::driver::SharedFd;
 use compio::io::{AsyncRead, AsyncWrite};
 use compio::net::TcpStream;
-use compio::runtime::fd::PollFd;
+use compio::runtime::{submit_multi, SubmitMulti};
 use compio::tls::TlsStream;
-use futures_util::{AsyncRead as _, AsyncWrite as _};
+use futures_util::{ready, AsyncRead as _, AsyncWrite as _, StreamExt};
+
+use super::readable::Readable;
 
 /// How long a closing TLS connection may take to send its `close_notify`.
 const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -51,6 +56,51 @@ pub(super) trait Receive {
     /// Waits until the peer sent something and hands what arrived to `take`. Returns false
     /// once the peer left or the connection failed.
     async fn receive(&mut self, take: impl FnMut(&[u8])) -> bool;
+
+    /// The socket its shard may send on directly, without the writer task (see
+    /// `ShardState::send_directly`); `None` when bytes must pass through the writer (TLS).
+    fn direct_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+/// Most slices one direct send takes; what is left goes through the writer.
+const MAX_SLICES: usize = 64;
+
+/// Sends what the socket takes right now of `head` followed by `parts`, without waiting
+/// (`sendmsg(2)`, non-blocking). Returns how many bytes it took: 0 when it would block.
+pub(super) fn send_now(fd: RawFd, head: &[u8], parts: &[Bytes]) -> io::Result<usize> {
+    // SAFETY: the descriptor belongs to a connection whose reader is running (it called
+    // this), so it is open for the whole call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&fd);
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    let sent = if parts.is_empty() {
+        socket.send_with_flags(head, flags)
+    } else {
+        let slices: Vec<IoSlice> = std::iter::once(head)
+            .chain(parts.iter().map(|part| &part[..]))
+            .take(MAX_SLICES)
+            .map(IoSlice::new)
+            .collect();
+        socket.send_vectored_with_flags(&slices, flags)
+    };
+    match sent {
+        Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => Ok(0),
+        sent => sent,
+    }
+}
+
+/// The bytes of `head` followed by `parts` from `offset` on, in one buffer.
+pub(super) fn unsent_after(offset: usize, head: &[u8], parts: &[Bytes]) -> Vec<u8> {
+    let mut skip = offset;
+    let mut rest = Vec::new();
+    for slice in std::iter::once(head).chain(parts.iter().map(|part| &part[..])) {
+        let taken = skip.min(slice.len());
+        skip -= taken;
+        rest.extend_from_slice(&slice[taken..]);
+    }
+    rest
 }
 
 impl Transport for TcpStream {
@@ -59,31 +109,70 @@ impl Transport for TcpStream {
 
     fn into_halves(self) -> io::Result<(TcpReader, TcpStream)> {
         let (reader, writer) = self.into_split();
-        Ok((TcpReader(reader.into_poll_fd()?), writer))
+        let socket = reader.into_poll_fd()?.into_inner();
+        Ok((TcpReader { socket, readable: None, multishot: true, more: false }, writer))
     }
 }
 
 /// The reading handle of a plain socket: readiness first, then one non-blocking read.
-pub(super) struct TcpReader(PollFd<socket2::Socket>);
+pub(super) struct TcpReader {
+    socket: SharedFd<socket2::Socket>,
+    /// Readability events while armed (see `Readable`).
+    readable: Option<SubmitMulti<Readable>>,
+    /// Arm the poll multishot; false once the kernel refused that.
+    multishot: bool,
+    /// The last read filled the buffer, so more may be there without a new event.
+    more: bool,
+}
+
+impl TcpReader {
+    /// Whether the socket may have something to read.
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let (socket, multishot) = (&self.socket, self.multishot);
+            let events = self.readable.get_or_insert_with(|| submit_multi(Readable::new(socket.clone(), multishot)));
+            match ready!(events.poll_next_unpin(cx)) {
+                Some(BufResult(Ok(_), _)) => return Poll::Ready(Ok(())),
+                // Ended (a one-shot poll, or the kernel stopped the multishot one): arm again.
+                None => self.readable = None,
+                Some(BufResult(Err(_), _)) if self.multishot => {
+                    self.readable = None;
+                    self.multishot = false;
+                }
+                Some(BufResult(Err(err), _)) => return Poll::Ready(Err(err)),
+            }
+        }
+    }
+}
 
 impl Receive for TcpReader {
     async fn receive(&mut self, mut take: impl FnMut(&[u8])) -> bool {
         loop {
-            if self.0.read_ready().await.is_err() {
+            if std::mem::take(&mut self.more) {
+                // More is waiting, but no event will say so: arm the poll afresh, which finds
+                // the socket readable at once. That round through the driver lets the shard
+                // complete other connections' writes first: a publisher's flood must not hold
+                // its shard.
+                self.readable = None;
+            }
+            if poll_fn(|cx| self.poll_readable(cx)).await.is_err() {
                 return false;
             }
-            let got = RECEIVED.with(|buffer| {
+            let (got, full) = RECEIVED.with(|buffer| {
                 let mut buffer = buffer.borrow_mut();
                 // SAFETY: recv(2) writes at most `buffer.len()` bytes into a buffer this thread
                 // holds exclusively; the socket stays open while its reader exists.
                 let n = unsafe {
-                    libc::recv(self.0.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_DONTWAIT)
+                    libc::recv(self.socket.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_DONTWAIT)
                 };
                 if n > 0 {
                     take(&buffer[..n as usize]);
                 }
-                n
+                (n, n as usize == buffer.len())
             });
+            // A read that did not fill the buffer took all there was; later arrivals bring
+            // an event of their own.
+            self.more = full;
             match got {
                 1.. => return true,
                 0 => return false,
@@ -94,6 +183,10 @@ impl Receive for TcpReader {
                 },
             }
         }
+    }
+
+    fn direct_fd(&self) -> Option<RawFd> {
+        Some(self.socket.as_raw_fd())
     }
 }
 
@@ -190,5 +283,20 @@ impl AsyncWrite for TlsWriter {
     async fn shutdown(&mut self) -> io::Result<()> {
         let shared = &self.0;
         poll_fn(|cx| Pin::new(&mut *shared.stream.borrow_mut()).poll_close(cx)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_send_left_is_the_rest_of_head_and_parts_in_order() {
+        let parts = [Bytes::from_static(b"defg"), Bytes::from_static(b""), Bytes::from_static(b"hij")];
+        let all = b"abcdefghij";
+        for sent in 0..=all.len() {
+            assert_eq!(unsent_after(sent, b"abc", &parts), all[sent..], "after {sent} bytes");
+        }
+        assert_eq!(unsent_after(1, b"xy", &[]), b"y");
     }
 }
