@@ -20,13 +20,11 @@ use compio::net::TcpStream;
 use compio::tls::{TlsAcceptor, TlsStream};
 
 use super::admission::{retry_after_secs, Refusal, Ticket};
-use super::state::{Endpoint, ShardState, SMALL_QUEUE_SLOTS};
+use super::state::{Endpoint, ShardState, KEEP_WRITE_BUFFER, SMALL_QUEUE_SLOTS};
 use super::transport::{Receive, Transport};
 use crate::protocol::http::{self, HeadError, RequestHead};
 use crate::router::ConnId;
 
-/// A write buffer that grew past this is released once sent, so idle connections stay small.
-const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 /// How long a closing connection may take to accept its last bytes.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 

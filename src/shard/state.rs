@@ -46,8 +46,9 @@ pub(crate) enum Endpoint {
 /// Least time between two warnings that the shard lingers past `batch_interval`.
 const OVERLOAD_WARNING_EVERY: Duration = Duration::from_secs(60);
 
-/// The direct-send buffer is kept between reads up to this size.
-const KEEP_DIRECT_BUFFER: usize = 64 * 1024;
+/// A write buffer that grew past this is released once sent, so idle connections stay small
+/// (and the shard's direct-send buffer too).
+pub(super) const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 /// An idle connection's outbox queue up to this many slots is released as soon as it drains.
 pub(super) const SMALL_QUEUE_SLOTS: usize = 8;
 
@@ -239,10 +240,10 @@ impl ShardState {
         }
     }
 
-    /// Takes the session's events and wakes its writer when it has something to send.
-    /// Only input from the socket calls this: answers from owners (which may be this shard,
-    /// answering synchronously) only wake the writer, so handling a large batch of commands
-    /// never recurses.
+    /// Takes the session's events and wakes its writer when it has something to send (input
+    /// from the socket, see `on_bytes`, and a shutdown's close). Answers from owners (which may
+    /// be this shard, answering synchronously) only wake the writer, so handling a large batch
+    /// of commands never recurses.
     pub fn drive(&mut self, id: ConnId) {
         self.handle_events(id);
         self.wake_writer(id);
@@ -282,7 +283,7 @@ impl ShardState {
             self.unsent.insert(id.index, unsent_after(sent, &out, &parts));
         }
         out.clear();
-        if out.capacity() <= KEEP_DIRECT_BUFFER {
+        if out.capacity() <= KEEP_WRITE_BUFFER {
             self.direct_buffer = out;
         }
         let Some(conn) = self.conn(id) else { return true };

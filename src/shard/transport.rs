@@ -17,8 +17,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use compio::buf::IntoInner;
-use compio::buf::{BufResult, IoBuf};
+use compio::buf::{BufResult, IntoInner, IoBuf};
 use compio::driver::SharedFd;
 use compio::io::{AsyncRead, AsyncWrite};
 use compio::net::TcpStream;
