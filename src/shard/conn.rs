@@ -20,7 +20,7 @@ use compio::net::TcpStream;
 use compio::tls::{TlsAcceptor, TlsStream};
 
 use super::admission::{retry_after_secs, Refusal, Ticket};
-use super::state::{Endpoint, ShardState, KEEP_WRITE_BUFFER, SMALL_QUEUE_SLOTS};
+use super::state::{Endpoint, ShardState, KEEP_WRITE_BUFFER};
 use super::transport::{Receive, Transport};
 use crate::protocol::http::{self, HeadError, RequestHead};
 use crate::router::ConnId;
@@ -360,8 +360,7 @@ async fn write_loop<S: Transport>(
                 return Poll::Ready(Next::Finish);
             };
             if conn.session.wants_write() {
-                let urgent = conn.session.is_closing() || conn.reader_done || conn.session.has_urgent();
-                if gate.holds(conn.last_write_epoch, urgent) {
+                if gate.holds(conn.last_write_epoch, conn.is_urgent()) {
                     // The shard is busy and this connection wrote this tick: wait for the next.
                     conn.writer = Some(cx.waker().clone());
                     if !std::mem::replace(&mut conn.paced, true) {
@@ -416,17 +415,7 @@ async fn write_loop<S: Transport>(
         }
         out.clear();
         // A connection going idle gives its buffers back; a busy one keeps moderate ones.
-        let idle = match state.borrow_mut().conn(id) {
-            Some(conn) if conn.session.wants_write() => false,
-            Some(conn) => {
-                // Small queues at once (a connect's replies: the next connection reuses them);
-                // the large queues of a busy connection on the shard's next tick if still idle,
-                // as it often is only between two writes.
-                conn.session.release_idle_buffers(SMALL_QUEUE_SLOTS);
-                true
-            }
-            None => true,
-        };
+        let idle = state.borrow_mut().went_idle(id);
         if idle || out.capacity() > KEEP_WRITE_BUFFER {
             out = Vec::new();
         }

@@ -50,7 +50,7 @@ const OVERLOAD_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// (and the shard's direct-send buffer too).
 pub(super) const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 /// An idle connection's outbox queue up to this many slots is released as soon as it drains.
-pub(super) const SMALL_QUEUE_SLOTS: usize = 8;
+const SMALL_QUEUE_SLOTS: usize = 8;
 
 /// Connections a shard's table is sized for at start (more grow it).
 const MAX_PRESIZED_CONNS: usize = 65_536;
@@ -66,6 +66,14 @@ pub(crate) struct Conn {
     pub last_write_epoch: u64,
     /// The writer waits for the next pacing tick; new updates do not wake it.
     pub paced: bool,
+}
+
+impl Conn {
+    /// Whether its next write may not wait for a pacing tick: it is closing, its reader has
+    /// ended, or its queue is urgent.
+    pub fn is_urgent(&self) -> bool {
+        self.session.is_closing() || self.reader_done || self.session.has_urgent()
+    }
 }
 
 pub(crate) struct ShardState {
@@ -268,7 +276,7 @@ impl ShardState {
         if left_over || conn.writer.is_none() || conn.session.is_closing() || !conn.session.wants_write() {
             return false;
         }
-        if gate.holds(conn.last_write_epoch, conn.session.has_urgent()) {
+        if gate.holds(conn.last_write_epoch, conn.is_urgent()) {
             return false;
         }
         conn.last_write_epoch = gate.epoch;
@@ -286,15 +294,29 @@ impl ShardState {
         if out.capacity() <= KEEP_WRITE_BUFFER {
             self.direct_buffer = out;
         }
-        let Some(conn) = self.conn(id) else { return true };
-        if sent == total && !conn.session.wants_write() {
-            conn.session.release_idle_buffers(SMALL_QUEUE_SLOTS);
+        if sent == total && self.went_idle(id) {
             return true;
         }
+        let Some(conn) = self.conn(id) else { return true };
         if let Some(waker) = conn.writer.take() {
             waker.wake();
         }
         true
+    }
+
+    /// After a write: whether `id` has nothing more to send (or is gone). A connection going
+    /// idle gives its small queues back at once (a connect's replies: the next connection
+    /// reuses them); a busy one's large queues go on the shard's next tick if still idle, as
+    /// it often is only between two writes.
+    pub fn went_idle(&mut self, id: ConnId) -> bool {
+        match self.conn(id) {
+            Some(conn) if conn.session.wants_write() => false,
+            Some(conn) => {
+                conn.session.release_idle_buffers(SMALL_QUEUE_SLOTS);
+                true
+            }
+            None => true,
+        }
     }
 
     pub fn remember_peer(&mut self, id: ConnId, peer: SocketAddr) {
