@@ -1,7 +1,8 @@
 //! A client that stops reading while updates flood in: the server keeps its memory bounded,
 //! gives way on lower-priority updates, then closes it with 4001, while a healthy client on
 //! the same channel gets every ROUTE update. A client that stops reading while its answers
-//! are large gets them whole and in order once it reads again.
+//! are large gets them whole and in order once it reads again, and so do subscribers whose
+//! batches wait for the pacing tick.
 
 mod common;
 
@@ -172,4 +173,80 @@ async fn large_answers_to_a_client_that_stopped_reading_arrive_whole_and_in_orde
         }
     }
     assert_eq!(answered, (10..10 + REQUESTS).collect::<Vec<_>>());
+}
+
+/// The payload of paced update `n`: its number, then filler to 32 KiB; the first is small.
+fn paced_payload(n: u64) -> Vec<u8> {
+    let mut payload = vec![b'.'; if n == 1 { 1000 } else { 32 * 1024 }];
+    payload[..8].copy_from_slice(&n.to_be_bytes());
+    payload
+}
+
+/// Reads `count` updates (see `paced_payload`), checking each whole and in offset order;
+/// returns the most updates one message carried.
+fn read_paced_updates(mut ws: Stalled, count: u64) -> usize {
+    let (mut last, mut most) = (0u64, 0usize);
+    while last < count {
+        let tungstenite::Message::Binary(data) = ws.read().unwrap() else { continue };
+        let frames = pb::ServerMessage::decode(data).unwrap().frames;
+        let mut updates = 0;
+        for frame in frames {
+            let Some(Kind::Update(update)) = frame.kind else { continue };
+            assert_eq!(update.offset, last + 1, "in order, none skipped");
+            assert!(update.payload == paced_payload(update.offset), "update {} whole", update.offset);
+            last = update.offset;
+            updates += 1;
+        }
+        most = most.max(updates);
+    }
+    most
+}
+
+/// A lingering shard sends a connection's batch from the pacing tick itself as far as the
+/// socket takes it, and leaves the rest to the connection's writer, first. Every update must
+/// still arrive whole and in order: to a subscriber that keeps reading (in batches, as the
+/// shard lingers) and to one whose 4 KiB window stays full until the flood is over.
+#[compio::test]
+async fn batches_sent_at_the_pacing_tick_arrive_whole_and_in_order() {
+    // Under four full batches (`4 × delivery.batch_size`), which would leave at once, yet
+    // 9.8 MB: more than a loopback socket buffers (its send buffer grows to 4 MiB at most).
+    const COUNT: u64 = 300;
+    let env = [
+        ("ROUTOPIA_TESTING__ALWAYS_LINGER", "true"),
+        // Long enough that the flood below lands in the tick of the first update's write.
+        ("ROUTOPIA_DELIVERY__BATCH_INTERVAL", "1s"),
+        ("ROUTOPIA_LIMITS__MAX_PAYLOAD_SIZE", "65536"),
+        ("ROUTOPIA_LIMITS__MAX_MESSAGE_SIZE", "131072"),
+        // Room for all of it under a quarter of the outbox, which would leave at once too.
+        ("ROUTOPIA_LIMITS__MAX_OUTBOX_BYTES", "67108864"),
+    ];
+    let server = TestServer::start(1, &env);
+    common::wait_for_metrics(server.addr, "the shard lingering", |m| {
+        m.get("realtime_linger_seconds", &[("shard", "0")]) == 1.0
+    });
+    let stalled = stalled_subscriber(&server, "route:paced");
+    let reading = stalled_subscriber(&server, "route:paced");
+    let reader = std::thread::spawn(move || read_paced_updates(reading, COUNT));
+    let publish = |n: u64| {
+        // A key per update: nothing may be conflated away.
+        let publish = pb::Publish {
+            channel: "route:paced".into(),
+            r#type: UpdateType::Route as i32,
+            key: format!("route-{n}"),
+            confidence: 1.0,
+            payload: paced_payload(n).into(),
+        };
+        Command::Publish(publish)
+    };
+    let mut publisher = server.client().await;
+    // The first update, small, alone: each subscriber writes it at once (it fits the 4 KiB
+    // window), so what follows in the same tick waits for the next, then leaves from the
+    // tick, which fills the stalled subscriber's window and leaves the rest to its writer.
+    publisher.request(publish(1)).await.unwrap();
+    for n in 2..=COUNT {
+        publisher.send_frames(vec![pb::ClientFrame { id: 0, command: Some(publish(n)) }]).await.unwrap();
+    }
+    let most = reader.join().expect("the reading subscriber got every update");
+    assert!(most > 1, "updates that waited for the tick leave together ({most} at most per message)");
+    assert!(read_paced_updates(stalled, COUNT) > 1);
 }

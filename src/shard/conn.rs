@@ -286,7 +286,8 @@ async fn websocket<S: Transport>(state: Rc<RefCell<ShardState>>, upgrade: Upgrad
     // boxed). Reader and writer joined in one task saved ~0.1 KB a connection more but cost
     // a quarter of request/reply throughput (84k vs 58k replies per CPU-second): each side's
     // wake-ups polled the other.
-    compio::runtime::spawn(write_loop::<S>(state.clone(), writer, fd, id, ticket)).detach();
+    let direct = reader.direct_fd();
+    compio::runtime::spawn(write_loop::<S>(state.clone(), writer, fd, direct, id, ticket)).detach();
     compio::runtime::spawn(read_loop(state, reader, fd, id)).detach();
 }
 
@@ -343,6 +344,7 @@ async fn write_loop<S: Transport>(
     state: Rc<RefCell<ShardState>>,
     mut writer: S::Writer,
     fd: RawFd,
+    direct: Option<RawFd>,
     id: ConnId,
     _ticket: Ticket,
 ) {
@@ -364,7 +366,7 @@ async fn write_loop<S: Transport>(
                     // The shard is busy and this connection wrote this tick: wait for the next.
                     conn.writer = Some(cx.waker().clone());
                     if !std::mem::replace(&mut conn.paced, true) {
-                        shard.pacing.wait(id);
+                        shard.pacing.wait(id, direct);
                     }
                     return Poll::Pending;
                 }

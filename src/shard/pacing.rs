@@ -13,6 +13,7 @@
 //! again: fewer, larger writes instead of a core spent on them. Replies and control frames
 //! never wait. Sans I/O: the caller passes the time and the thread's CPU time.
 
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use crate::router::ConnId;
@@ -52,12 +53,14 @@ pub struct Pacing {
     /// How far past `max` the linger may grow while the shard is overloaded.
     overload_max: Duration,
     linger: Duration,
+    /// The linger stays at `max` whatever the load (`testing.always_linger`).
+    fixed: bool,
     /// Ticks so far; a connection that wrote in the current one waits for the next.
     epoch: u64,
     /// The last load sample: when, and the thread's CPU time then.
     sampled: Option<(Instant, Duration)>,
-    /// Connections waiting for the next tick.
-    waiting: Vec<ConnId>,
+    /// Connections waiting for the next tick, with the socket the tick may send on directly.
+    waiting: Vec<(ConnId, Option<RawFd>)>,
 }
 
 impl Pacing {
@@ -65,7 +68,13 @@ impl Pacing {
     /// `delivery.overload_interval` (at or below `max`: never linger past `max`).
     pub fn new(max: Duration, overload_max: Duration) -> Self {
         let overload_max = overload_max.max(max);
-        Self { max, overload_max, linger: Duration::ZERO, epoch: 1, sampled: None, waiting: Vec::new() }
+        let (fixed, linger) = (false, Duration::ZERO);
+        Self { max, overload_max, linger, fixed, epoch: 1, sampled: None, waiting: Vec::new() }
+    }
+
+    /// Lingering at `max` from the start, whatever the load (`testing.always_linger`).
+    pub fn always_lingering(max: Duration) -> Self {
+        Self { linger: max, fixed: true, ..Self::new(max, max) }
     }
 
     pub fn enabled(&self) -> bool {
@@ -86,9 +95,10 @@ impl Pacing {
         Gate { epoch: self.epoch, lingering: !self.linger.is_zero() }
     }
 
-    /// Remembers a connection to wake at the next tick.
-    pub fn wait(&mut self, conn: ConnId) {
-        self.waiting.push(conn);
+    /// Remembers a connection to write at the next tick: on `direct`, its socket, when its
+    /// bytes need not pass through its writer task (see `ShardState::on_pacing_tick`).
+    pub fn wait(&mut self, conn: ConnId, direct: Option<RawFd>) {
+        self.waiting.push((conn, direct));
     }
 
     /// Time until the next tick.
@@ -102,7 +112,7 @@ impl Pacing {
 
     /// A tick: a new epoch begins and the waiting connections (returned) may write. With the
     /// CPU time the shard's thread has used so far, the linger is adjusted to the load.
-    pub fn tick(&mut self, now: Instant, thread_cpu: Duration) -> Vec<ConnId> {
+    pub fn tick(&mut self, now: Instant, thread_cpu: Duration) -> Vec<(ConnId, Option<RawFd>)> {
         self.epoch += 1;
         match self.sampled {
             Some((at, cpu)) if now.duration_since(at) >= SAMPLE_PERIOD => {
@@ -117,6 +127,9 @@ impl Pacing {
     }
 
     fn adjust(&mut self, busy: f64) {
+        if self.fixed {
+            return;
+        }
         if self.linger >= self.max && busy > BUSY_OVERLOADED {
             self.linger = (self.linger * 3 / 2).min(self.overload_max);
         } else if self.linger > self.max {
@@ -186,6 +199,19 @@ mod tests {
     }
 
     #[test]
+    fn an_always_lingering_pacing_holds_its_linger_whatever_the_load() {
+        let mut pacing = Pacing::always_lingering(20 * MS);
+        let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
+        pacing.tick(now, cpu);
+        assert_eq!(pacing.linger(), 20 * MS);
+        run(&mut pacing, &mut now, &mut cpu, 0.0, 20);
+        assert_eq!(pacing.linger(), 20 * MS, "idle");
+        run(&mut pacing, &mut now, &mut cpu, 1.0, 20);
+        assert_eq!(pacing.linger(), 20 * MS, "busy, not overloaded past it");
+        assert!(pacing.gate().holds(pacing.gate().epoch, false));
+    }
+
+    #[test]
     fn only_a_connection_that_wrote_this_tick_waits_and_never_for_replies() {
         let (mut pacing, mut now, mut cpu) = started(50 * MS, 50 * MS);
         assert!(!pacing.gate().holds(pacing.gate().epoch, false), "no linger yet");
@@ -195,8 +221,8 @@ mod tests {
         assert!(pacing.gate().holds(epoch, false));
         assert!(!pacing.gate().holds(epoch, true), "replies do not wait");
         let conn = ConnId { index: 3, generation: 1 };
-        pacing.wait(conn);
-        assert_eq!(pacing.tick(now + pacing.period(), cpu), vec![conn]);
+        pacing.wait(conn, Some(7));
+        assert_eq!(pacing.tick(now + pacing.period(), cpu), vec![(conn, Some(7))]);
         assert!(!pacing.gate().holds(epoch, false), "a new tick lets it write");
     }
 
