@@ -177,7 +177,7 @@ pub struct Delivery {
     /// Longest the linger may grow to while a shard stays overloaded at `batch_interval`
     /// (its writes are then already spaced by how long a round over its connections takes,
     /// and every write costs the kernel the same whatever it carries). At most
-    /// `batch_interval`: never linger past it. Default `400ms`.
+    /// `batch_interval`: never linger past it. Default `600ms`.
     #[serde(with = "humantime_serde")]
     pub overload_interval: Duration,
     /// A `ServerMessage` of at least this many bytes goes out zstd-compressed to a client that
@@ -357,7 +357,7 @@ impl Default for Delivery {
             priority_types: vec!["ROUTE".into(), "WEATHER".into()],
             conflate_above_bytes: 256 * 1024,
             batch_interval: Duration::from_millis(50),
-            overload_interval: Duration::from_millis(400),
+            overload_interval: Duration::from_millis(600),
             compression_threshold: 1024,
             compression_level: 1,
             zstd_dictionaries: Vec::new(),

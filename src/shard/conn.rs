@@ -363,14 +363,16 @@ async fn write_loop<S: Transport>(
             };
             if conn.session.wants_write() {
                 if gate.holds(conn.last_write_epoch, conn.is_urgent()) {
-                    // The shard is busy and this connection wrote this tick: wait for the next.
+                    // The shard is busy and this connection wrote within the linger: wait for
+                    // its next tick.
                     conn.writer = Some(cx.waker().clone());
                     if !std::mem::replace(&mut conn.paced, true) {
-                        shard.pacing.wait(id, direct);
+                        let last = conn.last_write_epoch;
+                        shard.pacing.wait(id, direct, last);
                     }
                     return Poll::Pending;
                 }
-                conn.last_write_epoch = gate.epoch;
+                conn.last_write_epoch = gate.stamp(id.index);
                 return Poll::Ready(Next::Write(shard.transmit(id, &mut out)));
             }
             if conn.session.is_closing() || conn.reader_done {

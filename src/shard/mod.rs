@@ -710,9 +710,15 @@ async fn backlog_flusher(state: Rc<RefCell<ShardState>>) {
 
 /// Ticks the shard's adaptive batching: samples the load, releases waiting writers.
 async fn pacing_loop(state: Rc<RefCell<ShardState>>) {
+    let mut due = Instant::now();
     loop {
         let period = state.borrow().pacing.period();
-        compio::time::sleep(period).await;
+        // Ticks keep their cadence however long a tick's sends take (10,000 batches take a
+        // few hundred milliseconds): the linger, not the linger plus the sends, spaces a
+        // connection's writes. A tick that ran past the next one's time is followed at once,
+        // and the load it measures then says the shard is busy.
+        due = (due + period).max(Instant::now());
+        compio::time::sleep_until(due).await;
         state.borrow_mut().on_pacing_tick(Instant::now(), pacing::thread_cpu_time());
     }
 }

@@ -3,15 +3,15 @@
 //! A connection whose socket is idle writes at once. Under load every write costs the shard a
 //! syscall's worth of work and the client a read, so writing each update alone wastes most of
 //! the core. The shard measures how busy its thread is; while it is more than half busy it
-//! *lingers*: a connection that already wrote in the current tick waits for the next one, so
-//! what arrives meanwhile leaves in one write (and subscribers of one channel drain together,
-//! so their compressed batches are shared). The linger doubles while the shard stays busy, up
-//! to `delivery.batch_interval`, and halves back to zero when it calms down. A shard still
+//! *lingers*: a connection writes at most once per linger, so what arrives meanwhile leaves
+//! in one write. The linger doubles while the shard stays busy, up to
+//! `delivery.batch_interval`, and halves back to zero when it calms down. A shard still
 //! overloaded at that cap (a round over its connections takes longer than the interval, so
 //! its writes are already spaced by the round, and each write costs the kernel about the same
 //! whatever it carries) lingers on, up to `delivery.overload_interval`, until it has headroom
-//! again: fewer, larger writes instead of a core spent on them. Replies and control frames
-//! never wait. Sans I/O: the caller passes the time and the thread's CPU time.
+//! again: fewer, larger writes instead of a core spent on them. Writes are spread over the
+//! linger in `PHASES` ticks, each connection at the ticks of its phase. Replies and control
+//! frames never wait. Sans I/O: the caller passes the time and the thread's CPU time.
 
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -27,23 +27,40 @@ const BUSY_HIGH: f64 = 0.5;
 const BUSY_LOW: f64 = 0.25;
 /// Busy fraction that, with the linger already at `batch_interval`, marks the shard as
 /// overloaded: the linger then keeps growing (up to `delivery.overload_interval`) until the
-/// shard falls below it again, and shrinks back once it is under `BUSY_HIGH`.
-const BUSY_OVERLOADED: f64 = 0.7;
+/// shard falls below it again, and shrinks back once it is under `BUSY_CALMED` (the two a
+/// growth step apart, so one step does not cross both). 40 % of the core stays free for
+/// replies, new connections and bursts.
+const BUSY_OVERLOADED: f64 = 0.6;
+const BUSY_CALMED: f64 = 0.4;
+
+/// Ticks per linger. Each connection writes at most once per linger, at the ticks of its
+/// phase (its index modulo `PHASES`), so a quarter of the waiting connections write at each
+/// tick instead of all at once: at 10,000 connections one tick's sends take a few hundred
+/// milliseconds, which all in one burst would add to the wait of the last ones served.
+const PHASES: u64 = 4;
+/// The shortest time between two ticks.
+const MIN_TICK: Duration = Duration::from_micros(250);
 
 /// The pacing as one writer sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Gate {
-    /// The current tick; a write now belongs to it.
-    pub epoch: u64,
+    /// The current tick.
+    epoch: u64,
     lingering: bool,
 }
 
 impl Gate {
-    /// Whether a connection that last wrote in `last_epoch` should wait for the next tick
-    /// instead of writing now (`urgent`: replies, control frames or a full batch are queued,
-    /// or the connection is ending).
+    /// Whether a connection that last wrote in tick `last_epoch` (as `stamp` gave it) should
+    /// wait for its next tick instead of writing now (`urgent`: replies, control frames or a
+    /// full batch are queued, or the connection is ending).
     pub fn holds(self, last_epoch: u64, urgent: bool) -> bool {
-        self.lingering && last_epoch == self.epoch && !urgent
+        self.lingering && self.epoch < last_epoch + PHASES && !urgent
+    }
+
+    /// The tick a write of connection `index` now counts as: the latest of its phase, so
+    /// its next write waits at most a linger and falls on its phase's tick.
+    pub fn stamp(self, index: u32) -> u64 {
+        self.epoch - (self.epoch + PHASES - u64::from(index) % PHASES) % PHASES
     }
 }
 
@@ -55,12 +72,13 @@ pub struct Pacing {
     linger: Duration,
     /// The linger stays at `max` whatever the load (`testing.always_linger`).
     fixed: bool,
-    /// Ticks so far; a connection that wrote in the current one waits for the next.
+    /// Ticks so far (from `PHASES`, so that every phase has a tick at or before it).
     epoch: u64,
     /// The last load sample: when, and the thread's CPU time then.
     sampled: Option<(Instant, Duration)>,
-    /// Connections waiting for the next tick, with the socket the tick may send on directly.
-    waiting: Vec<(ConnId, Option<RawFd>)>,
+    /// Per phase, connections waiting for its next tick, with the socket the tick may send
+    /// on directly.
+    waiting: [Vec<(ConnId, Option<RawFd>)>; PHASES as usize],
 }
 
 impl Pacing {
@@ -69,7 +87,7 @@ impl Pacing {
     pub fn new(max: Duration, overload_max: Duration) -> Self {
         let overload_max = overload_max.max(max);
         let (fixed, linger) = (false, Duration::ZERO);
-        Self { max, overload_max, linger, fixed, epoch: 1, sampled: None, waiting: Vec::new() }
+        Self { max, overload_max, linger, fixed, epoch: PHASES, sampled: None, waiting: Default::default() }
     }
 
     /// Lingering at `max` from the start, whatever the load (`testing.always_linger`).
@@ -95,10 +113,11 @@ impl Pacing {
         Gate { epoch: self.epoch, lingering: !self.linger.is_zero() }
     }
 
-    /// Remembers a connection to write at the next tick: on `direct`, its socket, when its
-    /// bytes need not pass through its writer task (see `ShardState::on_pacing_tick`).
-    pub fn wait(&mut self, conn: ConnId, direct: Option<RawFd>) {
-        self.waiting.push((conn, direct));
+    /// Remembers a connection that last wrote in tick `last_epoch` (held by the gate) to
+    /// write at its next tick: on `direct`, its socket, when its bytes need not pass through
+    /// its writer task (see `ShardState::on_pacing_tick`).
+    pub fn wait(&mut self, conn: ConnId, direct: Option<RawFd>, last_epoch: u64) {
+        self.waiting[(last_epoch % PHASES) as usize].push((conn, direct));
     }
 
     /// Time until the next tick.
@@ -106,16 +125,18 @@ impl Pacing {
         if self.linger.is_zero() {
             SAMPLE_PERIOD
         } else {
-            self.linger
+            (self.linger / PHASES as u32).max(MIN_TICK)
         }
     }
 
-    /// A tick: a new epoch begins and the waiting connections (returned) may write. With the
-    /// CPU time the shard's thread has used so far, the linger is adjusted to the load.
+    /// A tick: a new epoch begins and the connections of its phase that waited (returned)
+    /// may write; all of them once the linger is gone. With the CPU time the shard's thread
+    /// has used so far, the linger is adjusted to the load.
     pub fn tick(&mut self, now: Instant, thread_cpu: Duration) -> Vec<(ConnId, Option<RawFd>)> {
         self.epoch += 1;
         match self.sampled {
-            Some((at, cpu)) if now.duration_since(at) >= SAMPLE_PERIOD => {
+            // Once per linger at most: what a change of it does shows only after a whole one.
+            Some((at, cpu)) if now.duration_since(at) >= SAMPLE_PERIOD.max(self.linger) => {
                 let busy = thread_cpu.saturating_sub(cpu).as_secs_f64() / now.duration_since(at).as_secs_f64();
                 self.adjust(busy);
                 self.sampled = Some((now, thread_cpu));
@@ -123,7 +144,10 @@ impl Pacing {
             Some(_) => {}
             None => self.sampled = Some((now, thread_cpu)),
         }
-        std::mem::take(&mut self.waiting)
+        if self.linger.is_zero() {
+            return self.waiting.iter_mut().flat_map(std::mem::take).collect();
+        }
+        std::mem::take(&mut self.waiting[(self.epoch % PHASES) as usize])
     }
 
     fn adjust(&mut self, busy: f64) {
@@ -133,7 +157,7 @@ impl Pacing {
         if self.linger >= self.max && busy > BUSY_OVERLOADED {
             self.linger = (self.linger * 3 / 2).min(self.overload_max);
         } else if self.linger > self.max {
-            if busy < BUSY_HIGH {
+            if busy < BUSY_CALMED {
                 self.linger = (self.linger * 2 / 3).max(self.max);
             }
         } else if busy > BUSY_HIGH {
@@ -173,28 +197,35 @@ mod tests {
         (pacing, now, cpu)
     }
 
-    /// Ticks `n` times at its own period with the thread `busy` that fraction of the time.
-    fn run(pacing: &mut Pacing, start: &mut Instant, cpu: &mut Duration, busy: f64, n: usize) {
-        for _ in 0..n {
+    /// Ticks at its own period for `span` with the thread `busy` that fraction of the time;
+    /// returns the connections the ticks released.
+    fn run(pacing: &mut Pacing, now: &mut Instant, cpu: &mut Duration, busy: f64, span: Duration) -> Vec<ConnId> {
+        let (end, mut released) = (*now + span, Vec::new());
+        while *now < end {
             let period = pacing.period();
-            *start += period;
+            *now += period;
             *cpu += period.mul_f64(busy);
-            pacing.tick(*start, *cpu);
+            released.extend(pacing.tick(*now, *cpu).into_iter().map(|(conn, _)| conn));
         }
+        released
+    }
+
+    fn conn(index: u32) -> ConnId {
+        ConnId { index, generation: 1 }
     }
 
     #[test]
     fn linger_grows_under_load_up_to_the_interval_and_falls_back_when_calm() {
         let (mut pacing, mut now, mut cpu) = started(50 * MS, 50 * MS);
-        run(&mut pacing, &mut now, &mut cpu, 0.1, 5);
+        run(&mut pacing, &mut now, &mut cpu, 0.1, 50 * MS);
         assert_eq!(pacing.linger(), Duration::ZERO, "a calm shard writes at once");
-        run(&mut pacing, &mut now, &mut cpu, 0.9, 3);
+        run(&mut pacing, &mut now, &mut cpu, 0.9, 30 * MS);
         assert!(pacing.linger() >= MS, "{:?}", pacing.linger());
-        run(&mut pacing, &mut now, &mut cpu, 0.9, 40);
+        run(&mut pacing, &mut now, &mut cpu, 0.9, 2000 * MS);
         assert_eq!(pacing.linger(), 50 * MS, "capped at batch_interval");
-        run(&mut pacing, &mut now, &mut cpu, 0.4, 10);
+        run(&mut pacing, &mut now, &mut cpu, 0.4, 1000 * MS);
         assert_eq!(pacing.linger(), 50 * MS, "between the marks it holds");
-        run(&mut pacing, &mut now, &mut cpu, 0.05, 30);
+        run(&mut pacing, &mut now, &mut cpu, 0.05, 2000 * MS);
         assert_eq!(pacing.linger(), Duration::ZERO);
     }
 
@@ -204,51 +235,88 @@ mod tests {
         let (mut now, mut cpu) = (Instant::now(), Duration::ZERO);
         pacing.tick(now, cpu);
         assert_eq!(pacing.linger(), 20 * MS);
-        run(&mut pacing, &mut now, &mut cpu, 0.0, 20);
+        run(&mut pacing, &mut now, &mut cpu, 0.0, 1000 * MS);
         assert_eq!(pacing.linger(), 20 * MS, "idle");
-        run(&mut pacing, &mut now, &mut cpu, 1.0, 20);
+        run(&mut pacing, &mut now, &mut cpu, 1.0, 1000 * MS);
         assert_eq!(pacing.linger(), 20 * MS, "busy, not overloaded past it");
-        assert!(pacing.gate().holds(pacing.gate().epoch, false));
+        let gate = pacing.gate();
+        assert!(gate.holds(gate.stamp(0), false));
     }
 
     #[test]
-    fn only_a_connection_that_wrote_this_tick_waits_and_never_for_replies() {
+    fn a_connection_writes_once_a_linger_at_its_phase_and_never_waits_for_replies() {
         let (mut pacing, mut now, mut cpu) = started(50 * MS, 50 * MS);
-        assert!(!pacing.gate().holds(pacing.gate().epoch, false), "no linger yet");
-        run(&mut pacing, &mut now, &mut cpu, 1.0, 2);
-        let epoch = pacing.gate().epoch;
-        assert!(!pacing.gate().holds(epoch - 1, false), "first write of a tick goes at once");
-        assert!(pacing.gate().holds(epoch, false));
-        assert!(!pacing.gate().holds(epoch, true), "replies do not wait");
-        let conn = ConnId { index: 3, generation: 1 };
-        pacing.wait(conn, Some(7));
-        assert_eq!(pacing.tick(now + pacing.period(), cpu), vec![(conn, Some(7))]);
-        assert!(!pacing.gate().holds(epoch, false), "a new tick lets it write");
+        let gate = pacing.gate();
+        assert!(!gate.holds(gate.stamp(3), false), "no linger yet");
+        run(&mut pacing, &mut now, &mut cpu, 1.0, 2000 * MS);
+        assert_eq!(pacing.linger(), 50 * MS);
+        assert_eq!(pacing.period(), 50 * MS / PHASES as u32, "{PHASES} ticks a linger");
+        // Eight connections write now; each then waits for the next tick of its phase.
+        let gate = pacing.gate();
+        let stamps: Vec<u64> = (0..8).map(|index| gate.stamp(index)).collect();
+        for (index, &stamp) in stamps.iter().enumerate() {
+            assert!(gate.holds(stamp, false), "connection {index} wrote within the linger");
+            assert!(!gate.holds(stamp, true), "replies do not wait");
+            pacing.wait(conn(index as u32), Some(index as i32), stamp);
+        }
+        let mut released = Vec::new();
+        for _ in 0..PHASES {
+            now += pacing.period();
+            cpu += pacing.period();
+            let tick: Vec<ConnId> = pacing.tick(now, cpu).into_iter().map(|(conn, _)| conn).collect();
+            let phase = pacing.gate().epoch % PHASES;
+            assert_eq!(tick.len(), 2, "a quarter of them per tick: {tick:?}");
+            assert!(tick.iter().all(|c| u64::from(c.index) % PHASES == phase), "{tick:?} at phase {phase}");
+            for c in &tick {
+                assert!(!pacing.gate().holds(stamps[c.index as usize], false), "released: may write");
+            }
+            released.extend(tick);
+        }
+        released.sort_by_key(|c| c.index);
+        assert_eq!(released, (0..8).map(conn).collect::<Vec<_>>(), "each once, within one linger");
+        // Writing at its tick, a connection's next write is one linger later.
+        let gate = pacing.gate();
+        let index = (gate.epoch % PHASES) as u32;
+        assert_eq!(gate.stamp(index), gate.epoch);
+        assert_eq!(gate.stamp(index + 1), gate.epoch + 1 - PHASES, "its phase's tick came a linger ago");
+    }
+
+    #[test]
+    fn connections_waiting_when_the_linger_ends_all_write_at_once() {
+        let (mut pacing, mut now, mut cpu) = started(50 * MS, 50 * MS);
+        run(&mut pacing, &mut now, &mut cpu, 1.0, 2000 * MS);
+        let gate = pacing.gate();
+        for index in 0..3 {
+            pacing.wait(conn(index), None, gate.stamp(index));
+        }
+        let released = run(&mut pacing, &mut now, &mut cpu, 0.0, 2000 * MS);
+        assert_eq!(pacing.linger(), Duration::ZERO);
+        assert_eq!(released.len(), 3, "{released:?}");
     }
 
     #[test]
     fn an_overloaded_shard_lingers_past_the_interval_up_to_the_overload_cap_and_back() {
         let (mut pacing, mut now, mut cpu) = started(50 * MS, 400 * MS);
-        run(&mut pacing, &mut now, &mut cpu, 0.6, 40);
+        run(&mut pacing, &mut now, &mut cpu, 0.55, 2000 * MS);
         assert_eq!(pacing.linger(), 50 * MS, "busy but not overloaded: capped at batch_interval");
         assert!(!pacing.overloaded());
-        run(&mut pacing, &mut now, &mut cpu, 0.95, 3);
+        run(&mut pacing, &mut now, &mut cpu, 0.95, 100 * MS);
         assert!(pacing.linger() > 50 * MS && pacing.linger() < 400 * MS, "{:?}", pacing.linger());
         assert!(pacing.overloaded());
-        run(&mut pacing, &mut now, &mut cpu, 0.95, 20);
+        run(&mut pacing, &mut now, &mut cpu, 0.95, 3000 * MS);
         assert_eq!(pacing.linger(), 400 * MS, "capped at overload_interval");
-        run(&mut pacing, &mut now, &mut cpu, 0.6, 10);
+        run(&mut pacing, &mut now, &mut cpu, 0.5, 2000 * MS);
         assert_eq!(pacing.linger(), 400 * MS, "between the marks it holds");
-        run(&mut pacing, &mut now, &mut cpu, 0.4, 20);
+        run(&mut pacing, &mut now, &mut cpu, 0.3, 3000 * MS);
         assert_eq!(pacing.linger(), 50 * MS, "calmer: back to batch_interval, no lower while busy");
-        run(&mut pacing, &mut now, &mut cpu, 0.05, 30);
+        run(&mut pacing, &mut now, &mut cpu, 0.05, 3000 * MS);
         assert_eq!(pacing.linger(), Duration::ZERO);
     }
 
     #[test]
     fn without_an_overload_cap_the_linger_stays_within_the_interval() {
         let (mut pacing, mut now, mut cpu) = started(50 * MS, Duration::ZERO);
-        run(&mut pacing, &mut now, &mut cpu, 1.0, 40);
+        run(&mut pacing, &mut now, &mut cpu, 1.0, 3000 * MS);
         assert_eq!(pacing.linger(), 50 * MS);
         assert!(!pacing.overloaded());
     }
@@ -257,7 +325,7 @@ mod tests {
     fn a_zero_interval_never_lingers() {
         let (mut pacing, mut now, mut cpu) = started(Duration::ZERO, 400 * MS);
         assert!(!pacing.enabled());
-        run(&mut pacing, &mut now, &mut cpu, 1.0, 10);
+        run(&mut pacing, &mut now, &mut cpu, 1.0, 1000 * MS);
         assert_eq!(pacing.linger(), Duration::ZERO);
     }
 }

@@ -62,7 +62,7 @@ pub(crate) struct Conn {
     pub writer: Option<Waker>,
     /// The reader task has ended (peer closed, error, or the session is closing).
     pub reader_done: bool,
-    /// The pacing epoch of the connection's last write.
+    /// The pacing tick the connection's last write counts as (`Gate::stamp`).
     pub last_write_epoch: u64,
     /// The writer waits for the next pacing tick; new updates do not wake it.
     pub paced: bool,
@@ -284,7 +284,7 @@ impl ShardState {
         if gate.holds(conn.last_write_epoch, conn.is_urgent()) {
             return false;
         }
-        conn.last_write_epoch = gate.epoch;
+        conn.last_write_epoch = gate.stamp(id.index);
         let mut out = std::mem::take(&mut self.direct_buffer);
         let parts = self.transmit(id, &mut out).unwrap_or_default();
         let total = out.len() + parts.iter().map(Bytes::len).sum::<usize>();
