@@ -85,9 +85,9 @@ pub struct Testing {
     /// behind it. Default false: `/echo` answers 404 like any unknown path.
     pub echo_endpoint: bool,
     /// Every shard paces its writes as a busy one does, whatever its load: the linger stays
-    /// at `delivery.batch_interval`, so a connection that wrote in the current tick waits for
-    /// the next and its updates leave in batches at the ticks. Lets tests exercise the paced
-    /// path on an idle machine. Default false: the linger follows the load.
+    /// at `delivery.batch_interval`, so a connection writes at most once per linger and its
+    /// updates leave in batches at its pacing ticks. Lets tests exercise the paced path on an
+    /// idle machine. Default false: the linger follows the load.
     pub always_linger: bool,
 }
 

@@ -47,7 +47,7 @@ impl OutItem {
 /// One channel's publications in the order a shard delivers them. A subscriber whose queue
 /// ends with a stretch of them for one subscription refers to the stretch (`Run`) instead of
 /// holding an item per delivery: a fan-out then writes nothing new per subscriber but a count.
-/// A subscriber waiting for the next pacing tick with such a stretch is *parked*: its run is
+/// A subscriber waiting for its next pacing tick with such a stretch is *parked*: its run is
 /// left open to the end of the publications, and the fan-out passes it by without touching
 /// its connection, until the horizon where its queue could need its writer woken.
 #[derive(Debug)]

@@ -520,8 +520,8 @@ impl Session {
         self.push_update_at(sub_id, publication, Some((delivered, index)), now)
     }
 
-    /// Lets the fan-out pass subscription `sub_id` by while this connection waits for the
-    /// next pacing tick (see `outbox::Delivered`); `slot` is its place among the channel's
+    /// Lets the fan-out pass subscription `sub_id` by while this connection waits for
+    /// its next pacing tick (see `outbox::Delivered`); `slot` is its place among the channel's
     /// subscribers. Only while nothing is near urgent and no acknowledgement is tracked.
     pub fn park(&mut self, sub_id: u32, delivered: &Rc<Delivered>, slot: usize) -> bool {
         if self.is_closing() || self.acked_subs > 0 {

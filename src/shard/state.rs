@@ -64,7 +64,7 @@ pub(crate) struct Conn {
     pub reader_done: bool,
     /// The pacing tick the connection's last write counts as (`Gate::stamp`).
     pub last_write_epoch: u64,
-    /// The writer waits for the next pacing tick; new updates do not wake it.
+    /// The writer waits for its next pacing tick; new updates do not wake it.
     pub paced: bool,
 }
 
@@ -270,10 +270,9 @@ impl ShardState {
     /// Sends what `id` has queued as its writer would, from the reader that just handled its
     /// input or from a pacing tick, so an answer or a batch leaves without waking the writer
     /// task or a submission of its own (like an epoll server's `send` from the handler). Only
-    /// when the writer is
-    /// parked with nothing left over (so no write is in flight) and pacing lets the
-    /// connection write now; what the socket does not take goes to the writer, first.
-    /// Returns whether the writer has nothing to do.
+    /// when the writer is parked with nothing left over (so no write is in flight) and pacing
+    /// lets the connection write now; what the socket does not take goes to the writer,
+    /// first. Returns whether the writer has nothing to do.
     fn send_directly(&mut self, id: ConnId, fd: RawFd) -> bool {
         let gate = self.pacing.gate();
         let left_over = !self.unsent.is_empty() && self.unsent.contains_key(&id.index);
@@ -612,7 +611,7 @@ impl ShardState {
         let Some((subscribers, delivered_run, index)) = self.router.deliver(&publication.channel, &local) else {
             return;
         };
-        // Parked subscribers (waiting for the next tick with an open run of this channel, see
+        // Parked subscribers (waiting for their next tick with an open run of this channel, see
         // `outbox::Delivered`) are passed by without touching their connections, until a
         // lower-priority update or the horizon where one of them could turn urgent.
         let pass_parked = publication.is_priority(self.limits.priority_types) && delivered_run.within_horizon();
@@ -634,7 +633,7 @@ impl ShardState {
             ack_failures +=
                 u64::from(conn.session.push_delivered(subscriber.sub_id, &local, delivered_run, index, now));
             delivered += 1;
-            // A paced writer goes at the next tick with whatever has come by then, or when
+            // A paced writer goes at its next tick with whatever has come by then, or when
             // its batch fills.
             if !conn.paced || conn.session.has_urgent() {
                 conn.session.unpark(subscriber.sub_id);
