@@ -50,7 +50,18 @@ fn small_window_client(server: &TestServer, then: Option<Command>) -> Stalled {
     }
 }
 
-fn publication(n: u64) -> pb::Publish {
+/// A publication of `kind` under `key` on `channel`.
+fn publish(channel: &str, kind: UpdateType, key: String, payload: Vec<u8>) -> Command {
+    Command::Publish(pb::Publish {
+        channel: channel.into(),
+        r#type: kind as i32,
+        key,
+        confidence: 1.0,
+        payload: payload.into(),
+    })
+}
+
+fn publication(n: u64) -> Command {
     // Every tenth is a ROUTE update; the rest TRAFFIC on eight road segments.
     let (kind, key) = if n.is_multiple_of(10) {
         (UpdateType::Route, "route".into())
@@ -59,7 +70,7 @@ fn publication(n: u64) -> pb::Publish {
     };
     let mut payload = vec![b'.'; PAYLOAD];
     payload[..8].copy_from_slice(&n.to_be_bytes());
-    pb::Publish { channel: "city:paris".into(), r#type: kind as i32, key, confidence: 1.0, payload: payload.into() }
+    publish("city:paris", kind, key, payload)
 }
 
 #[compio::test]
@@ -94,7 +105,7 @@ async fn a_stalled_reader_is_closed_with_4001_and_memory_stays_bounded_while_a_h
     });
     let mut publisher = server.client().await;
     for batch in (1..=UPDATES).collect::<Vec<_>>().chunks(50) {
-        let frames = batch.iter().map(|&n| pb::ClientFrame { id: 0, command: Some(Command::Publish(publication(n))) });
+        let frames = batch.iter().map(|&n| pb::ClientFrame { id: 0, command: Some(publication(n)) });
         publisher.send_frames(frames.collect()).await.unwrap();
     }
     let (routes, skipped) = within("the healthy client's updates", reader).await.unwrap();
@@ -227,24 +238,15 @@ async fn batches_sent_at_the_pacing_tick_arrive_whole_and_in_order() {
     let stalled = stalled_subscriber(&server, "route:paced");
     let reading = stalled_subscriber(&server, "route:paced");
     let reader = std::thread::spawn(move || read_paced_updates(reading, COUNT));
-    let publish = |n: u64| {
-        // A key per update: nothing may be conflated away.
-        let publish = pb::Publish {
-            channel: "route:paced".into(),
-            r#type: UpdateType::Route as i32,
-            key: format!("route-{n}"),
-            confidence: 1.0,
-            payload: paced_payload(n).into(),
-        };
-        Command::Publish(publish)
-    };
+    // A key per update: nothing may be conflated away.
+    let paced = |n: u64| publish("route:paced", UpdateType::Route, format!("route-{n}"), paced_payload(n));
     let mut publisher = server.client().await;
     // The first update, small, alone: each subscriber writes it at once (it fits the 4 KiB
     // window), so what follows in the same tick waits for the next, then leaves from the
     // tick, which fills the stalled subscriber's window and leaves the rest to its writer.
-    publisher.request(publish(1)).await.unwrap();
+    publisher.request(paced(1)).await.unwrap();
     for n in 2..=COUNT {
-        publisher.send_frames(vec![pb::ClientFrame { id: 0, command: Some(publish(n)) }]).await.unwrap();
+        publisher.send_frames(vec![pb::ClientFrame { id: 0, command: Some(paced(n)) }]).await.unwrap();
     }
     let most = reader.join().expect("the reading subscriber got every update");
     assert!(most > 1, "updates that waited for the tick leave together ({most} at most per message)");

@@ -367,8 +367,7 @@ async fn write_loop<S: Transport>(
                     // its next tick.
                     conn.writer = Some(cx.waker().clone());
                     if !std::mem::replace(&mut conn.paced, true) {
-                        let last = conn.last_write_epoch;
-                        shard.pacing.wait(id, direct, last);
+                        shard.pacing.wait(id, direct);
                     }
                     return Poll::Pending;
                 }

@@ -113,11 +113,11 @@ impl Pacing {
         Gate { epoch: self.epoch, lingering: !self.linger.is_zero() }
     }
 
-    /// Remembers a connection that last wrote in tick `last_epoch` (held by the gate) to
-    /// write at its next tick: on `direct`, its socket, when its bytes need not pass through
-    /// its writer task (see `ShardState::on_pacing_tick`).
-    pub fn wait(&mut self, conn: ConnId, direct: Option<RawFd>, last_epoch: u64) {
-        self.waiting[(last_epoch % PHASES) as usize].push((conn, direct));
+    /// Remembers a connection the gate held to write at the next tick of its phase: on
+    /// `direct`, its socket, when its bytes need not pass through its writer task (see
+    /// `ShardState::on_pacing_tick`).
+    pub fn wait(&mut self, conn: ConnId, direct: Option<RawFd>) {
+        self.waiting[(u64::from(conn.index) % PHASES) as usize].push((conn, direct));
     }
 
     /// Time until the next tick.
@@ -257,7 +257,7 @@ mod tests {
         for (index, &stamp) in stamps.iter().enumerate() {
             assert!(gate.holds(stamp, false), "connection {index} wrote within the linger");
             assert!(!gate.holds(stamp, true), "replies do not wait");
-            pacing.wait(conn(index as u32), Some(index as i32), stamp);
+            pacing.wait(conn(index as u32), Some(index as i32));
         }
         let mut released = Vec::new();
         for _ in 0..PHASES {
@@ -285,9 +285,8 @@ mod tests {
     fn connections_waiting_when_the_linger_ends_all_write_at_once() {
         let (mut pacing, mut now, mut cpu) = started(50 * MS, 50 * MS);
         run(&mut pacing, &mut now, &mut cpu, 1.0, 2000 * MS);
-        let gate = pacing.gate();
         for index in 0..3 {
-            pacing.wait(conn(index), None, gate.stamp(index));
+            pacing.wait(conn(index), None);
         }
         let released = run(&mut pacing, &mut now, &mut cpu, 0.0, 2000 * MS);
         assert_eq!(pacing.linger(), Duration::ZERO);

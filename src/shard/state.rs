@@ -247,6 +247,12 @@ impl ShardState {
         self.handle_events(id);
         self.reading = None;
         self.metrics.finish_read(now.instant.elapsed());
+        self.send_or_wake(id, direct);
+    }
+
+    /// What `id` has queued leaves on `direct` (its socket) at once when its writer is idle
+    /// (`send_directly`), else its writer is woken for it.
+    fn send_or_wake(&mut self, id: ConnId, direct: Option<RawFd>) {
         if direct.is_none_or(|fd| !self.send_directly(id, fd)) {
             self.wake_writer(id);
         }
@@ -709,11 +715,7 @@ impl ShardState {
         for (id, direct) in waiting {
             let Some(conn) = self.conn(id) else { continue };
             conn.paced = false;
-            if direct.is_none_or(|fd| !self.send_directly(id, fd)) {
-                if let Some(waker) = self.conn(id).and_then(|conn| conn.writer.take()) {
-                    waker.wake();
-                }
-            }
+            self.send_or_wake(id, direct);
         }
         let linger = self.pacing.linger().as_micros() as u64;
         self.stats().linger_us.store(linger, Ordering::Relaxed);

@@ -69,20 +69,23 @@ const MAX_SLICES: usize = 64;
 /// Sends what the socket takes right now of `head` followed by `parts`, without waiting
 /// (`sendmsg(2)`, non-blocking). Returns how many bytes it took: 0 when it would block.
 pub(super) fn send_now(fd: RawFd, head: &[u8], parts: &[Bytes]) -> io::Result<usize> {
-    // SAFETY: the descriptor belongs to a connection whose reader is running (it called
-    // this), so it is open for the whole call.
+    // SAFETY: the descriptor belongs to a live connection whose writer task holds the socket
+    // (parked, with no write in flight: see `ShardState::send_directly`), so it is open for
+    // the whole call.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
     let socket = socket2::SockRef::from(&fd);
     let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
     let sent = if parts.is_empty() {
         socket.send_with_flags(head, flags)
     } else {
-        let slices: Vec<IoSlice> = std::iter::once(head)
-            .chain(parts.iter().map(|part| &part[..]))
-            .take(MAX_SLICES)
-            .map(IoSlice::new)
-            .collect();
-        socket.send_vectored_with_flags(&slices, flags)
+        // On the stack: a paced fan-out batch is shared parts, one such send per subscriber.
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut count = 0;
+        for (slot, slice) in slices.iter_mut().zip(std::iter::once(head).chain(parts.iter().map(|part| &part[..]))) {
+            *slot = IoSlice::new(slice);
+            count += 1;
+        }
+        socket.send_vectored_with_flags(&slices[..count], flags)
     };
     match sent {
         Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => Ok(0),
