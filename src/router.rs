@@ -1,11 +1,11 @@
 //! A shard's index of its local subscribers: channel → (connection, sub_id).
 
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::broker::Publication;
 use crate::outbox::Delivered;
+use crate::FastMap;
 
 /// A connection on this shard: slab index and the generation that tells reused slots apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,7 +60,7 @@ pub struct Subscriber {
 
 #[derive(Debug, Default)]
 pub struct Router {
-    channels: HashMap<Arc<str>, Local>,
+    channels: FastMap<Arc<str>, Local>,
 }
 
 /// A channel's local subscribers and what the shard delivered of it.

@@ -24,7 +24,7 @@ use crate::metrics::LocalMetrics;
 use crate::outbox::{Delivered, GaveWay, OutItem, Outbox, Overflow, Pressure, Sharing};
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
-use crate::protocol::push::write_frame;
+use crate::protocol::push::{frame_len, write_frame};
 use crate::protocol::ws::{binary_header_len, write_data_header, WsEndpoint, WsEvent};
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::{KeyedBuckets, TokenBucket};
@@ -325,6 +325,15 @@ impl Session {
             return;
         }
         self.last_heard = now.instant;
+        if let Some(messages) = self.ws.whole_binary_messages(bytes) {
+            for data in messages {
+                if self.is_closing() {
+                    break;
+                }
+                self.on_binary(now, data);
+            }
+            return;
+        }
         self.ws.feed(bytes);
         while !self.is_closing() {
             let event = self.ws.next_event();
@@ -333,8 +342,7 @@ impl Session {
             self.collect_ws_output();
             match event {
                 Ok(None) => break,
-                Ok(Some(WsEvent::Binary(data))) if self.phase == Phase::Echo => self.send_back(false, &data),
-                Ok(Some(WsEvent::Binary(data))) => self.handle_message(now, data),
+                Ok(Some(WsEvent::Binary(data))) => self.on_binary(now, data),
                 Ok(Some(WsEvent::Text(text))) if self.phase == Phase::Echo => self.send_back(true, &text),
                 Ok(Some(WsEvent::Text(_))) => self
                     .close(CloseCode::UnsupportedData, "text messages are not supported: send binary protobuf".into()),
@@ -356,6 +364,14 @@ impl Session {
         // Given back at once, not later: the next connection's messages reuse the memory, so
         // a burst of connects does not leave every connection's buffers resident.
         self.ws.release_if_idle();
+    }
+
+    fn on_binary(&mut self, now: Now, data: Bytes) {
+        if self.phase == Phase::Echo {
+            self.send_back(false, &data)
+        } else {
+            self.handle_message(now, data)
+        }
     }
 
     /// The next thing the shard must do, if any.
@@ -648,7 +664,7 @@ impl Session {
         if frame_log::enabled() {
             FrameLog::server(&frame).log(self.client_id, false);
         }
-        let mut bytes = Vec::new();
+        let mut bytes = Vec::with_capacity(frame_len(&frame));
         write_frame(&mut bytes, &frame);
         self.outbox.push_unbounded(OutItem::Frame(bytes));
     }
@@ -748,7 +764,7 @@ impl Session {
         if frame_log::enabled() {
             FrameLog::server(&frame).log(self.client_id, false);
         }
-        let mut bytes = Vec::new();
+        let mut bytes = Vec::with_capacity(frame_len(&frame));
         write_frame(&mut bytes, &frame);
         self.enqueue(OutItem::Frame(bytes));
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Publication;
+use crate::FastMap;
 
 /// How much history each channel keeps, and what a recovery may ask of it.
 #[derive(Debug, Clone)]
@@ -160,12 +161,12 @@ pub struct ChannelTable {
     shards: usize,
     max_channels: usize,
     policy: HistoryPolicy,
-    channels: HashMap<Arc<str>, Channel>,
+    channels: FastMap<Arc<str>, Channel>,
 }
 
 impl ChannelTable {
     pub fn new(shards: usize, max_channels: usize, policy: HistoryPolicy) -> Self {
-        Self { shards, max_channels, policy, channels: HashMap::new() }
+        Self { shards, max_channels, policy, channels: FastMap::default() }
     }
 
     fn channel(&mut self, name: &Arc<str>, now: Instant) -> Result<&mut Channel, TableFull> {
@@ -183,7 +184,6 @@ impl ChannelTable {
             last_used: now,
         });
         channel.last_used = now;
-        channel.expire(now, self.policy.ttl);
         Ok(channel)
     }
 
@@ -200,6 +200,9 @@ impl ChannelTable {
     ) -> Result<(Position, Option<Recovery>), TableFull> {
         let policy = self.policy.clone();
         let channel = self.channel(name, now)?;
+        // Expired publications go where they are read (here, `history`) and at the sweep; a
+        // publish leaves them, as reaching the oldest one costs a cache miss each time.
+        channel.expire(now, policy.ttl);
         channel.subscribers[shard] += 1;
         let acked = resume.and_then(|identity| channel.acked.get(identity)).map(|&(offset, _)| offset);
         let resumed = acked.map(|offset| Position { epoch: channel.epoch.clone(), offset });

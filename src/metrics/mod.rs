@@ -11,7 +11,6 @@ pub mod process;
 pub mod prometheus;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -391,7 +390,7 @@ impl std::fmt::Debug for RedisMetrics {
 /// Requests waiting for a channel's owner, to time them when the answer comes.
 #[derive(Default)]
 pub struct RequestClock {
-    waiting: HashMap<(ConnId, u32), (CommandKind, Instant)>,
+    waiting: crate::FastMap<(ConnId, u32), (CommandKind, Instant)>,
 }
 
 /// Requests timed at once at most; more (a client flooding with requests while the owner is

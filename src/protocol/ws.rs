@@ -101,6 +101,23 @@ impl WsEndpoint {
         })
     }
 
+    /// The messages in `bytes` when it is nothing but whole ones, each a single masked binary
+    /// frame (nearly every read of a client's requests), and tungstenite holds nothing: they
+    /// are taken as they are, without building tungstenite's state for them and giving it
+    /// back. `None` leaves everything to `feed`, which judges what is unusual (fragments,
+    /// control frames, reserved bits, lengths not in their shortest form, too large).
+    pub fn whole_binary_messages<'a>(&self, bytes: &'a [u8]) -> Option<WholeBinaryMessages<'a>> {
+        if self.ws.is_some() || self.closing || self.role != Role::Server {
+            return None;
+        }
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let (header, len) = whole_binary_frame(rest, self.max_message_size)?;
+            rest = &rest[header + len..];
+        }
+        Some(WholeBinaryMessages { rest: bytes })
+    }
+
     /// Appends bytes received from the peer.
     pub fn feed(&mut self, bytes: &[u8]) {
         self.boundary.advance(bytes);
@@ -186,6 +203,62 @@ impl WsEndpoint {
         if stream.input.is_empty() && stream.output.is_empty() {
             self.ws = None;
         }
+    }
+}
+
+/// The messages `WsEndpoint::whole_binary_messages` found, unmasked one by one.
+pub struct WholeBinaryMessages<'a> {
+    rest: &'a [u8],
+}
+
+impl Iterator for WholeBinaryMessages<'_> {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        let (header, len) = whole_binary_frame(self.rest, usize::MAX)?;
+        let mask = [self.rest[header - 4], self.rest[header - 3], self.rest[header - 2], self.rest[header - 1]];
+        let mut payload = BytesMut::from(&self.rest[header..header + len]);
+        unmask(&mut payload, mask);
+        self.rest = &self.rest[header + len..];
+        Some(payload.freeze())
+    }
+}
+
+/// The header length (mask included) and payload length of the frame `bytes` starts with,
+/// when it is whole and a complete message: FIN, no reserved bits, binary, masked, its
+/// length in the shortest form and at most `max_len`.
+fn whole_binary_frame(bytes: &[u8], max_len: usize) -> Option<(usize, usize)> {
+    const FIN_BINARY: u8 = 0x82;
+    const MASKED: u8 = 0x80;
+    let (&first, &second) = (bytes.first()?, bytes.get(1)?);
+    if first != FIN_BINARY || second & MASKED == 0 {
+        return None;
+    }
+    let (len, at) = match second & 0x7f {
+        126 => (u64::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?])), 4),
+        127 => (u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?), 10),
+        short => (u64::from(short), 2),
+    };
+    let shortest = match at {
+        4 => len >= 126,
+        10 => len > u64::from(u16::MAX),
+        _ => true,
+    };
+    let len = usize::try_from(len).ok().filter(|&len| shortest && len <= max_len)?;
+    let header: usize = at + 4;
+    (bytes.len() >= header.checked_add(len)?).then_some((header, len))
+}
+
+/// XORs a client frame's payload with its mask, eight bytes at a time.
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
+    let mut chunks = payload.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let word = u64::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], chunk[5], chunk[6], chunk[7]]);
+        chunk.copy_from_slice(&(word ^ wide).to_ne_bytes());
+    }
+    for (byte, key) in chunks.into_remainder().iter_mut().zip(mask.iter().cycle()) {
+        *byte ^= key;
     }
 }
 
@@ -492,6 +565,55 @@ mod tests {
             server.feed(&masked_frame(0x82, b"again"));
             assert_eq!(drain(&mut server), vec![b"again".to_vec()]);
         }
+    }
+
+    #[test]
+    fn whole_binary_frames_are_taken_without_tungstenite() {
+        let mut client = WsEndpoint::client(1 << 20);
+        let server = WsEndpoint::server(1 << 20);
+        let mut payloads: Vec<Bytes> = (0..=17u8).map(|len| Bytes::from((0..len).collect::<Vec<u8>>())).collect();
+        payloads.extend([Bytes::from(vec![3u8; 300]), Bytes::from(vec![4u8; 70_000])]);
+        for payload in &payloads {
+            client.send_binary(payload.clone()).unwrap();
+        }
+        // The client masks each frame with a random key.
+        let wire = client.take_output();
+        let messages: Vec<Bytes> = server.whole_binary_messages(&wire).expect("only whole binary frames").collect();
+        assert_eq!(messages, payloads);
+        assert!(server.ws.is_none(), "tungstenite was not needed");
+        let at_the_limit = masked_frame(0x82, &[0; 1024]);
+        assert_eq!(WsEndpoint::server(1024).whole_binary_messages(&at_the_limit).map(Iterator::count), Some(1));
+    }
+
+    #[test]
+    fn anything_unusual_is_left_to_tungstenite() {
+        let whole = masked_frame(0x82, b"ok");
+        let long_form = |len_bytes: &[u8], payload_len: usize| {
+            let second = if len_bytes.len() == 2 { 0x80 | 126 } else { 0x80 | 127 };
+            [&[0x82, second][..], len_bytes, &[0; 4], &vec![0; payload_len]].concat()
+        };
+        let cases = [
+            ("cut short", whole[..whole.len() - 1].to_vec()),
+            ("a whole frame, then part of one", [whole.clone(), whole[..3].to_vec()].concat()),
+            ("not final", masked_frame(0x02, b"ok")),
+            ("text", masked_frame(0x81, b"ok")),
+            ("a reserved bit", masked_frame(0xc2, b"ok")),
+            ("a ping", masked_frame(0x89, b"ok")),
+            ("a close", masked_frame(0x88, &[0x03, 0xe8])),
+            ("unmasked", vec![0x82, 0x02, b'o', b'k']),
+            ("a 16-bit length for 2 bytes", long_form(&[0, 2], 2)),
+            ("a 64-bit length for 300 bytes", long_form(&300u64.to_be_bytes(), 300)),
+            ("over the limit", masked_frame(0x82, &[0; 1025])),
+            ("a whole frame, then a ping", [whole.clone(), masked_frame(0x89, b"p")].concat()),
+        ];
+        let server = WsEndpoint::server(1024);
+        for (what, wire) in cases {
+            assert!(server.whole_binary_messages(&wire).is_none(), "{what}");
+        }
+        let mut midway = WsEndpoint::server(1024);
+        midway.feed(&whole[..3]);
+        assert!(midway.whole_binary_messages(&whole).is_none(), "tungstenite holds part of a message");
+        assert!(WsEndpoint::client(1024).whole_binary_messages(&whole).is_none(), "a client reads unmasked frames");
     }
 
     #[test]

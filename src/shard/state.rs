@@ -106,6 +106,9 @@ pub(crate) struct ShardState {
     requests: RequestClock,
     /// When the read being handled arrived.
     read_at: Instant,
+    wall_clock: WallClock,
+    /// See `clock`.
+    read_step_at: Option<Instant>,
     /// Subscriptions on this shard's connections, by channel type.
     subscriptions: [u64; UPDATE_TYPES],
     timings_flushed_at: Instant,
@@ -114,7 +117,7 @@ pub(crate) struct ShardState {
     /// The buffer direct sends encode into (see `send_directly`).
     direct_buffer: Vec<u8>,
     /// By connection index: what a direct send left over, for the writer to send first.
-    unsent: HashMap<u32, Vec<u8>>,
+    unsent: crate::FastMap<u32, Vec<u8>>,
     /// The connection whose input is being handled (see `wake_writer`).
     reading: Option<ConnId>,
     /// By connection index: peers' addresses for the debug line of a connection's end, kept
@@ -158,11 +161,13 @@ impl ShardState {
             metrics,
             requests: RequestClock::default(),
             read_at: Instant::now(),
+            wall_clock: WallClock::anchored_now(),
+            read_step_at: None,
             subscriptions: [0; UPDATE_TYPES],
             timings_flushed_at: Instant::now(),
             api: Waiters::default(),
             direct_buffer: Vec::new(),
-            unsent: HashMap::new(),
+            unsent: crate::FastMap::default(),
             peers: HashMap::new(),
             reading: None,
         }
@@ -238,16 +243,20 @@ impl ShardState {
     /// the writer.
     pub fn on_bytes(&mut self, id: ConnId, bytes: &[u8], direct: Option<RawFd>) {
         self.metrics.count_received(bytes.len());
-        let now = now();
+        let now = self.wall_clock.at(Instant::now());
         self.read_at = now.instant;
         let Some(conn) = self.conn(id) else { return };
         conn.session.handle_bytes(now, bytes);
         // Answers this shard gives at once (it owns the channel) join the direct send.
         self.reading = Some(id);
+        self.read_step_at = Some(now.instant);
         self.handle_events(id);
         self.reading = None;
-        self.metrics.finish_read(now.instant.elapsed());
+        let handled_at = Instant::now();
+        self.metrics.finish_read(handled_at.saturating_duration_since(now.instant));
+        self.read_step_at = Some(handled_at);
         self.send_or_wake(id, direct);
+        self.read_step_at = None;
     }
 
     /// What `id` has queued leaves on `direct` (its socket) at once when its writer is idle
@@ -397,7 +406,11 @@ impl ShardState {
                 self.submit_history(id, req_id, channel, since, limit);
             }
             SessionEvent::Publish { channel, req_id, update } => {
-                self.forwarded(id, req_id, CommandKind::Publish);
+                // A publication this shard owns is answered within the read, which times it
+                // (`LocalMetrics::finish_read`).
+                if self.cluster.redis.is_some() || owner_shard(&channel, shards) != self.id {
+                    self.forwarded(id, req_id, CommandKind::Publish);
+                }
                 self.submit_publish(id, req_id, channel, update);
             }
         }
@@ -417,8 +430,10 @@ impl ShardState {
             tracing::debug!(conn = %label, req_id, channel = &*channel, owner, "publish refused: the owner shard is far behind");
             return self.handle_msg(ShardMsg::Published { conn, req_id, position: Err(ErrorCode::Unavailable) });
         }
-        let msg = ShardMsg::Publish { channel, from: self.id, conn, req_id, update: Box::new(update) };
-        self.route(owner, msg);
+        if owner == self.id {
+            return self.publish(channel, owner, conn, req_id, update);
+        }
+        self.send(owner, ShardMsg::Publish { channel, from: self.id, conn, req_id, update: Box::new(update) });
     }
 
     /// Asks the channel's owner (or Redis) for history; the answer, `HistoryPage` or
@@ -578,7 +593,7 @@ impl ShardState {
 
     /// As the channel's owner: assign the offset, keep it in history, fan out, answer.
     fn publish(&mut self, channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, mut update: pb::Update) {
-        let accepted_at = Instant::now();
+        let accepted_at = self.clock();
         let mut targets = std::mem::take(&mut self.targets);
         let update_type = update.r#type;
         let make = |offset| {
@@ -667,8 +682,8 @@ impl ShardState {
     /// shared batches, `out` gets only the first one's head and the rest is returned (shared
     /// frames and later heads), to be sent after `out` without a copy.
     pub fn transmit(&mut self, id: ConnId, out: &mut Vec<u8>) -> Option<Vec<Bytes>> {
+        let now = self.clock();
         let conn = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)?;
-        let now = Instant::now();
         // One line per write, not per update: fan-out stays readable at debug.
         let log_write = tracing::enabled!(tracing::Level::DEBUG);
         let queued = if log_write { conn.session.queued_items() } else { 0 };
@@ -723,6 +738,7 @@ impl ShardState {
 
     /// Time passed: sessions resend overdue acknowledged updates.
     pub fn on_tick(&mut self, now: Instant) {
+        self.wall_clock = WallClock::anchored_now();
         self.batches.forget_shared();
         let mut failures = 0u64;
         let (mut conflated, mut dropped) = (0, 0);
@@ -768,6 +784,12 @@ impl ShardState {
         self.stats().channels.store(self.channels.len() as u64, Ordering::Relaxed);
     }
 
+    /// The time now: while a read is handled, the clock reading of its step (it arrived, it
+    /// was handled), as a read takes two readings in all, not one per use.
+    fn clock(&self) -> Instant {
+        self.read_step_at.unwrap_or_else(Instant::now)
+    }
+
     /// Request `req_id` of `conn` went to a channel's owner: time it until the answer.
     fn forwarded(&mut self, conn: ConnId, req_id: u32, command: CommandKind) {
         self.metrics.forwarded(command);
@@ -776,6 +798,9 @@ impl ShardState {
 
     /// The answer to request `req_id` of `conn` is here: time it.
     fn answered(&mut self, conn: ConnId, req_id: u32) {
+        if self.requests.is_empty() {
+            return;
+        }
         if let Some((command, elapsed)) = self.requests.finish(conn, req_id, Instant::now()) {
             self.metrics.record_request(command, elapsed);
         }
@@ -880,10 +905,25 @@ fn session_limits(cluster: &Cluster, config: &Config, metrics: &Rc<LocalMetrics>
     })
 }
 
-/// The wall clock for sessions.
-fn now() -> Now {
-    let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
-    Now { instant: Instant::now(), unix_us }
+/// The wall clock for sessions, read off the monotonic clock so that a read takes one clock
+/// reading, not two. Anchored again at every timeout tick, which is how soon a step of the
+/// system clock shows.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    anchor: Instant,
+    anchor_unix_us: u64,
+}
+
+impl WallClock {
+    pub fn anchored_now() -> Self {
+        let anchor_unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        Self { anchor: Instant::now(), anchor_unix_us }
+    }
+
+    pub fn at(&self, instant: Instant) -> Now {
+        let since = instant.saturating_duration_since(self.anchor).as_micros() as u64;
+        Now { instant, unix_us: self.anchor_unix_us.saturating_add(since) }
+    }
 }
 
 impl ShardState {

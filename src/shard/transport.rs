@@ -24,6 +24,8 @@ use compio::net::TcpStream;
 use compio::runtime::{submit_multi, SubmitMulti};
 use compio::tls::TlsStream;
 use futures_util::{ready, AsyncRead as _, AsyncWrite as _, StreamExt};
+use rustix::io::Errno;
+use rustix::net::{RecvFlags, SendAncillaryBuffer, SendFlags};
 
 use super::readable::Readable;
 
@@ -73,10 +75,11 @@ pub(super) fn send_now(fd: RawFd, head: &[u8], parts: &[Bytes]) -> io::Result<us
     // (parked, with no write in flight: see `ShardState::send_directly`), so it is open for
     // the whole call.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    let socket = socket2::SockRef::from(&fd);
-    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    // rustix makes the system call itself: libc's wrapper adds a cancellation point's
+    // bookkeeping to every send.
+    let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
     let sent = if parts.is_empty() {
-        socket.send_with_flags(head, flags)
+        rustix::net::send(fd, head, flags)
     } else {
         // On the stack: a paced fan-out batch is shared parts, one such send per subscriber.
         let mut slices = [IoSlice::new(&[]); MAX_SLICES];
@@ -85,11 +88,12 @@ pub(super) fn send_now(fd: RawFd, head: &[u8], parts: &[Bytes]) -> io::Result<us
             *slot = IoSlice::new(slice);
             count += 1;
         }
-        socket.send_vectored_with_flags(&slices[..count], flags)
+        rustix::net::sendmsg(fd, &slices[..count], &mut SendAncillaryBuffer::default(), flags)
     };
     match sent {
-        Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => Ok(0),
-        sent => sent,
+        Ok(sent) => Ok(sent),
+        Err(Errno::AGAIN | Errno::INTR) => Ok(0),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -160,29 +164,23 @@ impl Receive for TcpReader {
             if poll_fn(|cx| self.poll_readable(cx)).await.is_err() {
                 return false;
             }
-            let (got, full) = RECEIVED.with(|buffer| {
+            let got = RECEIVED.with(|buffer| {
                 let mut buffer = buffer.borrow_mut();
-                // SAFETY: recv(2) writes at most `buffer.len()` bytes into a buffer this thread
-                // holds exclusively; the socket stays open while its reader exists.
-                let n = unsafe {
-                    libc::recv(self.socket.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_DONTWAIT)
-                };
-                if n > 0 {
-                    take(&buffer[..n as usize]);
+                let got = rustix::net::recv(&*self.socket, &mut buffer[..], RecvFlags::DONTWAIT).map(|(n, _)| n);
+                if let Ok(n @ 1..) = got {
+                    take(&buffer[..n]);
+                    // A read that did not fill the buffer took all there was; later arrivals
+                    // bring an event of their own.
+                    self.more = n == buffer.len();
                 }
-                (n, n as usize == buffer.len())
+                got
             });
-            // A read that did not fill the buffer took all there was; later arrivals bring
-            // an event of their own.
-            self.more = full;
             match got {
-                1.. => return true,
-                0 => return false,
-                _ => match io::Error::last_os_error().kind() {
-                    // Readiness that another read already took: wait again.
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
-                    _ => return false,
-                },
+                Ok(1..) => return true,
+                Ok(0) => return false,
+                // Readiness that another read already took: wait again.
+                Err(Errno::AGAIN | Errno::INTR) => continue,
+                Err(_) => return false,
             }
         }
     }
