@@ -383,7 +383,7 @@ mod tests {
     fn decode(compressed: Bytes, sub_id: u32) -> Vec<Update> {
         let message = ServerMessage { frames: Vec::new(), zstd: compressed, sub_id };
         let frames =
-            envelope::decode::<ServerMessage>(message.encode_to_vec().into(), 1 << 20, &Default::default()).unwrap();
+            envelope::decode::<ServerMessage>(&message.encode_to_vec()[..], 1 << 20, &Default::default()).unwrap();
         frames
             .into_iter()
             .map(|f| match f.kind {

@@ -37,4 +37,4 @@ pub mod tls;
 /// The hash map of the hot paths (channel tables, subscriber indexes, request timers): a
 /// per-process random seed keeps keys the network chooses from colliding on purpose, at a
 /// fraction of SipHash's cost for short keys such as channel names.
-pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastMap<K, V> = hashbrown::HashMap<K, V>;

@@ -24,7 +24,7 @@ use crate::metrics::LocalMetrics;
 use crate::outbox::{Delivered, GaveWay, OutItem, Outbox, Overflow, Pressure, Sharing};
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
-use crate::protocol::push::{frame_len, write_frame};
+use crate::protocol::push::{frame_len, write_frame, write_publish_result};
 use crate::protocol::ws::{binary_header_len, write_data_header, WsEndpoint, WsEvent};
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::{KeyedBuckets, TokenBucket};
@@ -80,7 +80,7 @@ pub enum SessionEvent {
     /// Drop a subscription (from the router when it was active, and from the owner's count).
     Unsubscribe { channel: Arc<str>, sub_id: u32, was_active: bool },
     /// Publish through the channel's owner; answer with `on_published`.
-    Publish { channel: Arc<str>, req_id: u32, update: pb::Update },
+    Publish { channel: String, req_id: u32, update: pb::Update },
     /// Count a refused token (the shard keeps the figures).
     AuthFailed(AuthFailure),
     /// Count a request refused by a rate limit.
@@ -326,12 +326,10 @@ impl Session {
         }
         self.last_heard = now.instant;
         if let Some(messages) = self.ws.whole_binary_messages(bytes) {
-            for data in messages {
-                if self.is_closing() {
-                    break;
-                }
+            messages.unmask_each(|data| {
                 self.on_binary(now, data);
-            }
+                !self.is_closing()
+            });
             return;
         }
         self.ws.feed(bytes);
@@ -342,7 +340,7 @@ impl Session {
             self.collect_ws_output();
             match event {
                 Ok(None) => break,
-                Ok(Some(WsEvent::Binary(data))) => self.on_binary(now, data),
+                Ok(Some(WsEvent::Binary(data))) => self.on_binary(now, &data),
                 Ok(Some(WsEvent::Text(text))) if self.phase == Phase::Echo => self.send_back(true, &text),
                 Ok(Some(WsEvent::Text(_))) => self
                     .close(CloseCode::UnsupportedData, "text messages are not supported: send binary protobuf".into()),
@@ -366,9 +364,9 @@ impl Session {
         self.ws.release_if_idle();
     }
 
-    fn on_binary(&mut self, now: Now, data: Bytes) {
+    fn on_binary(&mut self, now: Now, data: &[u8]) {
         if self.phase == Phase::Echo {
-            self.send_back(false, &data)
+            self.send_back(false, data)
         } else {
             self.handle_message(now, data)
         }
@@ -376,12 +374,24 @@ impl Session {
 
     /// The next thing the shard must do, if any.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        let event = self.events.pop_front();
-        if event.is_none() && self.events.capacity() > 0 {
-            // Commands come in bursts; between them an idle session keeps no queue.
+        self.events.pop_front()
+    }
+
+    /// Swaps the session's event queue with `queue` when both are empty (so no event ever
+    /// moves): a shard lends one for the events of a read and takes it back once they are
+    /// handled, so a request does not allocate a queue.
+    pub fn swap_event_queue(&mut self, queue: &mut VecDeque<SessionEvent>) {
+        if self.events.is_empty() && queue.is_empty() {
+            std::mem::swap(&mut self.events, queue);
+        }
+    }
+
+    /// Gives back an empty event queue's memory: between bursts of commands an idle session
+    /// keeps no queue.
+    pub fn release_event_queue(&mut self) {
+        if self.events.is_empty() && self.events.capacity() > 0 {
             self.events = VecDeque::new();
         }
-        event
     }
 
     /// Gives back the queues of an empty outbox up to `keep_up_to` slots (`usize::MAX`: all),
@@ -508,6 +518,11 @@ impl Session {
     /// The owner answered a `Publish` event.
     pub fn on_published(&mut self, req_id: u32, result: Result<Position, ErrorCode>) {
         match result {
+            Ok(position) if req_id != 0 && !frame_log::enabled() && !self.is_closing() => {
+                let mut bytes = Vec::new();
+                write_publish_result(&mut bytes, req_id, &position.epoch, position.offset);
+                self.enqueue(OutItem::Frame(bytes));
+            }
             Ok(position) if req_id != 0 => {
                 let result = pb::PublishResult { epoch: position.epoch.to_string(), offset: position.offset };
                 self.reply(req_id, reply::Result::Publish(result))
@@ -690,7 +705,7 @@ impl Session {
         }
     }
 
-    fn handle_message(&mut self, now: Now, data: Bytes) {
+    fn handle_message(&mut self, now: Now, data: &[u8]) {
         let frames =
             match envelope::decode::<ClientMessage>(data, self.limits.max_message_size, &Dictionaries::default()) {
                 Ok(frames) => frames,

@@ -369,7 +369,7 @@ mod tests {
         let mut generator = Generator::new(5);
         let payloads: Vec<Vec<u8>> = (0..3).map(|_| generator.next(Kind::Poi)).collect();
         let bytes = message(&payloads, 10);
-        let frames = envelope::decode::<pb::ServerMessage>(bytes.into(), 1 << 20, &Default::default()).unwrap();
+        let frames = envelope::decode::<pb::ServerMessage>(&bytes[..], 1 << 20, &Default::default()).unwrap();
         assert_eq!(frames.len(), 3);
         match &frames[2].kind {
             Some(pb::server_frame::Kind::Update(u)) => {

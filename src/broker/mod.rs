@@ -98,7 +98,7 @@ pub fn accept_publish(
     unix_us: u64,
     max_channel_length: usize,
     max_payload_size: usize,
-) -> Result<(Arc<str>, crate::protocol::pb::Update), Refused> {
+) -> Result<(String, crate::protocol::pb::Update), Refused> {
     use crate::protocol::{pb, ErrorCode};
     let refuse = |code, message: String| Err(Refused { code, message });
     if let Err(err) = validate_channel(&publish.channel, max_channel_length) {
@@ -126,7 +126,7 @@ pub fn accept_publish(
         payload: publish.payload,
         skipped: 0,
     };
-    Ok((Arc::from(publish.channel), update))
+    Ok((publish.channel, update))
 }
 
 /// The shard that owns `channel` among `shards`.

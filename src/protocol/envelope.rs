@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use prost::Message;
 use zstd::dict::DecoderDictionary;
 use zstd::zstd_safe;
@@ -104,7 +104,7 @@ impl Envelope for ServerMessage {
 /// may be at most `max_decompressed` bytes.
 /// `dictionaries` are those the frame may name.
 pub fn decode<M: Envelope>(
-    bytes: Bytes,
+    bytes: impl Buf,
     max_decompressed: usize,
     dictionaries: &Dictionaries,
 ) -> Result<Vec<M::Frame>, EnvelopeError> {
@@ -163,8 +163,8 @@ mod tests {
         let plain = encode::<ClientMessage>(ping_frames(20), None);
         let packed = encode::<ClientMessage>(ping_frames(20), Some(3));
         assert_ne!(plain, packed);
-        let a = decode::<ClientMessage>(plain.into(), 1 << 16, &Dictionaries::default()).unwrap();
-        let b = decode::<ClientMessage>(packed.into(), 1 << 16, &Dictionaries::default()).unwrap();
+        let a = decode::<ClientMessage>(&plain[..], 1 << 16, &Dictionaries::default()).unwrap();
+        let b = decode::<ClientMessage>(&packed[..], 1 << 16, &Dictionaries::default()).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.len(), 20);
     }
@@ -173,7 +173,7 @@ mod tests {
     fn zstd_bomb_is_refused_at_the_limit() {
         let big = ClientMessage::from_frames(ping_frames(5000)).encode_to_vec();
         let packed = ClientMessage::from_zstd(zstd::bulk::compress(&big, 1).unwrap().into()).encode_to_vec();
-        let err = decode::<ClientMessage>(packed.into(), 1024, &Dictionaries::default()).unwrap_err();
+        let err = decode::<ClientMessage>(&packed[..], 1024, &Dictionaries::default()).unwrap_err();
         assert!(matches!(err, EnvelopeError::Zstd { limit: 1024, .. }), "{err}");
     }
 
@@ -188,7 +188,7 @@ mod tests {
     #[test]
     fn frames_and_zstd_together_are_ambiguous() {
         let msg = ClientMessage { frames: ping_frames(1), zstd: Bytes::from_static(b"x") };
-        let err = decode::<ClientMessage>(msg.encode_to_vec().into(), 1024, &Dictionaries::default()).unwrap_err();
+        let err = decode::<ClientMessage>(&msg.encode_to_vec()[..], 1024, &Dictionaries::default()).unwrap_err();
         assert_eq!(err, EnvelopeError::Ambiguous);
     }
 }

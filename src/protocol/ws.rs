@@ -3,6 +3,7 @@
 //! connection's I/O driver fills from the socket and empties into its outbox. Data the server
 //! sends bypasses tungstenite: [`write_binary_header`] frames pre-encoded batches directly.
 
+use std::cell::Cell;
 use std::io::{self, Cursor, Read, Write};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -206,21 +207,38 @@ impl WsEndpoint {
     }
 }
 
-/// The messages `WsEndpoint::whole_binary_messages` found, unmasked one by one.
+/// The messages `WsEndpoint::whole_binary_messages` found.
 pub struct WholeBinaryMessages<'a> {
     rest: &'a [u8],
 }
 
-impl Iterator for WholeBinaryMessages<'_> {
-    type Item = Bytes;
+/// Capacity the unmasking buffer keeps between reads; a larger message's is given back.
+const UNMASKED_KEEP: usize = 64 * 1024;
 
-    fn next(&mut self) -> Option<Bytes> {
-        let (header, len) = whole_binary_frame(self.rest, usize::MAX)?;
-        let mask = [self.rest[header - 4], self.rest[header - 3], self.rest[header - 2], self.rest[header - 1]];
-        let mut payload = BytesMut::from(&self.rest[header..header + len]);
-        unmask(&mut payload, mask);
-        self.rest = &self.rest[header + len..];
-        Some(payload.freeze())
+thread_local! {
+    /// Where messages are unmasked, one at a time: one buffer per shard thread, not an
+    /// allocation per message.
+    static UNMASKED: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+impl WholeBinaryMessages<'_> {
+    /// Hands each message, unmasked, to `handle`, until it returns false.
+    pub fn unmask_each(mut self, mut handle: impl FnMut(&[u8]) -> bool) {
+        let mut unmasked = UNMASKED.take();
+        while let Some((header, len)) = whole_binary_frame(self.rest, usize::MAX) {
+            let mask = [self.rest[header - 4], self.rest[header - 3], self.rest[header - 2], self.rest[header - 1]];
+            unmasked.clear();
+            unmasked.extend_from_slice(&self.rest[header..header + len]);
+            unmask(&mut unmasked, mask);
+            self.rest = &self.rest[header + len..];
+            if !handle(&unmasked) {
+                break;
+            }
+        }
+        if unmasked.capacity() > UNMASKED_KEEP {
+            unmasked = Vec::new();
+        }
+        UNMASKED.set(unmasked);
     }
 }
 
@@ -578,11 +596,23 @@ mod tests {
         }
         // The client masks each frame with a random key.
         let wire = client.take_output();
-        let messages: Vec<Bytes> = server.whole_binary_messages(&wire).expect("only whole binary frames").collect();
+        let mut messages = Vec::new();
+        server.whole_binary_messages(&wire).expect("only whole binary frames").unmask_each(|message| {
+            messages.push(Bytes::copy_from_slice(message));
+            true
+        });
         assert_eq!(messages, payloads);
         assert!(server.ws.is_none(), "tungstenite was not needed");
+
+        let mut handled = 0;
+        server.whole_binary_messages(&wire).unwrap().unmask_each(|_| {
+            handled += 1;
+            handled < 3
+        });
+        assert_eq!(handled, 3, "the handler stops the rest");
+
         let at_the_limit = masked_frame(0x82, &[0; 1024]);
-        assert_eq!(WsEndpoint::server(1024).whole_binary_messages(&at_the_limit).map(Iterator::count), Some(1));
+        assert!(WsEndpoint::server(1024).whole_binary_messages(&at_the_limit).is_some());
     }
 
     #[test]

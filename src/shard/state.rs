@@ -109,6 +109,8 @@ pub(crate) struct ShardState {
     wall_clock: WallClock,
     /// See `clock`.
     read_step_at: Option<Instant>,
+    /// The event queue lent to the session whose read is handled (see `on_bytes`).
+    event_queue: VecDeque<SessionEvent>,
     /// Subscriptions on this shard's connections, by channel type.
     subscriptions: [u64; UPDATE_TYPES],
     timings_flushed_at: Instant,
@@ -163,6 +165,7 @@ impl ShardState {
             read_at: Instant::now(),
             wall_clock: WallClock::anchored_now(),
             read_step_at: None,
+            event_queue: VecDeque::new(),
             subscriptions: [0; UPDATE_TYPES],
             timings_flushed_at: Instant::now(),
             api: Waiters::default(),
@@ -245,13 +248,19 @@ impl ShardState {
         self.metrics.count_received(bytes.len());
         let now = self.wall_clock.at(Instant::now());
         self.read_at = now.instant;
-        let Some(conn) = self.conn(id) else { return };
+        let Some(conn) = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation) else {
+            return;
+        };
+        conn.session.swap_event_queue(&mut self.event_queue);
         conn.session.handle_bytes(now, bytes);
         // Answers this shard gives at once (it owns the channel) join the direct send.
         self.reading = Some(id);
         self.read_step_at = Some(now.instant);
         self.handle_events(id);
         self.reading = None;
+        if let Some(conn) = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation) {
+            conn.session.swap_event_queue(&mut self.event_queue);
+        }
         let handled_at = Instant::now();
         self.metrics.finish_read(handled_at.saturating_duration_since(now.instant));
         self.read_step_at = Some(handled_at);
@@ -273,6 +282,9 @@ impl ShardState {
     /// of commands never recurses.
     pub fn drive(&mut self, id: ConnId) {
         self.handle_events(id);
+        if let Some(conn) = self.conn(id) {
+            conn.session.release_event_queue();
+        }
         self.wake_writer(id);
     }
 
@@ -418,8 +430,9 @@ impl ShardState {
 
     /// Sends a publication to its channel's owner (or Redis); the answer, `Published`, comes
     /// back to `conn` (a connection or a server API request) on this shard.
-    pub fn submit_publish(&mut self, conn: ConnId, req_id: u32, channel: Arc<str>, update: pb::Update) {
+    pub fn submit_publish(&mut self, conn: ConnId, req_id: u32, channel: String, update: pb::Update) {
         if self.cluster.redis.is_some() {
+            let channel = Arc::from(channel);
             let request = BridgeRequest::Publish { channel, from: self.id, conn, req_id, update: Box::new(update) };
             return self.send_to_bridge(request);
         }
@@ -427,12 +440,14 @@ impl ShardState {
         if self.backlog[owner].len() >= MAX_BACKLOG {
             // The owner is far behind: refuse rather than queue without bound.
             let label = ConnLabel { shard: self.id, conn };
-            tracing::debug!(conn = %label, req_id, channel = &*channel, owner, "publish refused: the owner shard is far behind");
+            tracing::debug!(conn = %label, req_id, channel, owner, "publish refused: the owner shard is far behind");
             return self.handle_msg(ShardMsg::Published { conn, req_id, position: Err(ErrorCode::Unavailable) });
         }
         if owner == self.id {
-            return self.publish(channel, owner, conn, req_id, update);
+            // The table's name for the channel goes into the publication: no copy of it.
+            return self.publish(&channel, owner, conn, req_id, update);
         }
+        let channel = Arc::from(channel);
         self.send(owner, ShardMsg::Publish { channel, from: self.id, conn, req_id, update: Box::new(update) });
     }
 
@@ -577,7 +592,7 @@ impl ShardState {
                 }
             }
             ShardMsg::Publish { channel, from, conn, req_id, update } => {
-                self.publish(channel, from, conn, req_id, *update)
+                self.publish(&channel, from, conn, req_id, *update)
             }
             ShardMsg::Published { conn, req_id, position } => {
                 self.answered(conn, req_id);
@@ -592,21 +607,21 @@ impl ShardState {
     }
 
     /// As the channel's owner: assign the offset, keep it in history, fan out, answer.
-    fn publish(&mut self, channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, mut update: pb::Update) {
+    fn publish(&mut self, channel: &str, from: usize, conn: ConnId, req_id: u32, mut update: pb::Update) {
         let accepted_at = self.clock();
         let mut targets = std::mem::take(&mut self.targets);
         let update_type = update.r#type;
-        let make = |offset| {
+        let make = |name: &Arc<str>, offset| {
             update.offset = offset;
-            Publication::new(channel.clone(), offset, update_type, encode_update_body(&update), accepted_at)
+            Publication::new(name.clone(), offset, update_type, encode_update_body(&update), accepted_at)
         };
-        let result = self.channels.publish(&channel, accepted_at, &mut targets, make);
+        let result = self.channels.publish(channel, accepted_at, &mut targets, make);
         // The publisher's connection and request, and the channel and offset that identify
         // the publication on every node from here on.
         let publisher = ConnLabel { shard: from, conn };
         let position = match result {
             Ok((position, publication)) => {
-                tracing::debug!(conn = %publisher, req_id, channel = &*channel, offset = position.offset, "published");
+                tracing::debug!(conn = %publisher, req_id, channel, offset = position.offset, "published");
                 for &shard in &targets {
                     self.route(shard, ShardMsg::Deliver(publication.clone()));
                 }
@@ -615,7 +630,7 @@ impl ShardState {
                 Ok(position)
             }
             Err(_) => {
-                tracing::debug!(conn = %publisher, req_id, channel = &*channel, "publish refused: the shard holds all the channels it may");
+                tracing::debug!(conn = %publisher, req_id, channel, "publish refused: the shard holds all the channels it may");
                 Err(ErrorCode::Unavailable)
             }
         };

@@ -19,7 +19,7 @@ fn name(s: &str) -> Arc<str> {
 }
 
 fn publish(table: &mut ChannelTable, channel: &Arc<str>, now: Instant) -> Position {
-    let make = |offset| Publication::new(channel.clone(), offset, 1, Bytes::from(vec![0; 10]), now);
+    let make = |name: &Arc<str>, offset| Publication::new(name.clone(), offset, 1, Bytes::from(vec![0; 10]), now);
     table.publish(channel, now, &mut Vec::new(), make).unwrap().0
 }
 
@@ -49,7 +49,7 @@ fn offsets_increase_by_one_and_fan_out_follows_subscribers() {
     let (start, _) = table.subscribe(&channel, 2, now, None, None).unwrap();
     assert_eq!(start.offset, 0);
     let mut targets = Vec::new();
-    let make = |offset| Publication::new(channel.clone(), offset, 1, Bytes::new(), now);
+    let make = |name: &Arc<str>, offset| Publication::new(name.clone(), offset, 1, Bytes::new(), now);
     for expected in 1..=5 {
         let (position, publication) = table.publish(&channel, now, &mut targets, make).unwrap();
         assert_eq!(position, Position { epoch: start.epoch.clone(), offset: expected });
@@ -169,7 +169,7 @@ fn a_full_table_refuses_new_channels_but_serves_known_ones() {
     let (a, b, c) = (name("a"), name("b"), name("c"));
     publish(&mut table, &a, now);
     table.subscribe(&b, 0, now, None, None).unwrap();
-    let make = |offset| Publication::new(c.clone(), offset, 1, Bytes::new(), now);
+    let make = |name: &Arc<str>, offset| Publication::new(name.clone(), offset, 1, Bytes::new(), now);
     assert_eq!(table.publish(&c, now, &mut Vec::new(), make).err(), Some(TableFull));
     assert_eq!(table.subscribe(&c, 0, now, None, None).err(), Some(TableFull));
     assert_eq!(publish(&mut table, &a, now).offset, 2);

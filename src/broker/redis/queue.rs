@@ -147,7 +147,7 @@ impl Consumer {
         Ok(())
     }
 
-    fn decode(&self, item: &[u8]) -> Result<(Arc<str>, pb::Update), String> {
+    fn decode(&self, item: &[u8]) -> Result<(String, pb::Update), String> {
         let publish = pb::Publish::decode(item).map_err(|err| format!("not a Publish message: {err}"))?;
         let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
         let limits = &self.cluster.config.get().limits;
