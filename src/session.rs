@@ -47,6 +47,15 @@ const HISTORY_MAX_PAGE: usize = 1000;
 /// full batch, then the rest at the tick); several shared batches leave in one vectored write.
 const URGENT_BATCHES: usize = 4;
 
+thread_local! {
+    /// The frames of the message being handled: one vector per shard thread, not one per
+    /// message.
+    static DECODED_FRAMES: std::cell::Cell<Vec<pb::ClientFrame>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Frames' room `DECODED_FRAMES` keeps between messages; a larger message's is given back.
+const DECODED_FRAMES_KEEP: usize = 64;
+
 /// The wire form of a refusal reason.
 fn recovery_failure(reason: RecoveryFailure) -> pb::RecoveryFailure {
     match reason {
@@ -706,23 +715,38 @@ impl Session {
     }
 
     fn handle_message(&mut self, now: Now, data: &[u8]) {
-        let frames =
-            match envelope::decode::<ClientMessage>(data, self.limits.max_message_size, &Dictionaries::default()) {
-                Ok(frames) => frames,
-                Err(err @ EnvelopeError::Zstd { .. }) => return self.close(CloseCode::MessageTooBig, err.to_string()),
-                Err(err) => return self.close(CloseCode::BadMessage, err.to_string()),
-            };
-        if frames.len() > self.limits.max_frames_per_message {
-            let detail =
-                format!("{} frames in one message, the limit is {}", frames.len(), self.limits.max_frames_per_message);
-            return self.close(CloseCode::TooManyFrames, detail);
-        }
-        for frame in frames {
-            if self.is_closing() {
-                break;
+        let mut frames = DECODED_FRAMES.take();
+        frames.clear();
+        let decoded = envelope::decode_into::<ClientMessage>(
+            &mut frames,
+            data,
+            self.limits.max_message_size,
+            &Dictionaries::default(),
+        );
+        match decoded {
+            Ok(()) if frames.len() > self.limits.max_frames_per_message => {
+                let limit = self.limits.max_frames_per_message;
+                self.close(
+                    CloseCode::TooManyFrames,
+                    format!("{} frames in one message, the limit is {limit}", frames.len()),
+                )
             }
-            self.handle_frame(now, frame);
+            Ok(()) => {
+                for frame in frames.drain(..) {
+                    if self.is_closing() {
+                        break;
+                    }
+                    self.handle_frame(now, frame);
+                }
+            }
+            Err(err @ EnvelopeError::Zstd { .. }) => self.close(CloseCode::MessageTooBig, err.to_string()),
+            Err(err) => self.close(CloseCode::BadMessage, err.to_string()),
         }
+        frames.clear();
+        if frames.capacity() > DECODED_FRAMES_KEEP {
+            frames = Vec::new();
+        }
+        DECODED_FRAMES.set(frames);
     }
 
     /// Takes a token for a request of `class`; refused, answers 429 (and after too many

@@ -155,20 +155,22 @@ impl Channel {
         }
         self.history.push_back(publication);
         // Freeing the oldest publication, written a whole history ago, was a cache miss on
-        // every publish of a full history; from here its memory loads while other work goes on.
+        // every publish of a full history. Loads start a publish ahead: the lines of the one
+        // after next, and the body of the next one (whose lines the last publish loaded).
         #[cfg(target_arch = "x86_64")]
         if self.history.len() >= size {
-            if let Some(oldest) = self.history.front() {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                // Its counts and fields span two cache lines. (Reading where its body is would
-                // wait for the first line, so the body is left to the allocator.)
-                let at = Arc::as_ptr(oldest).cast::<i8>();
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let lines = |publication: &Arc<Publication>| {
+                // Its counts (two words before) to its last byte: at most three lines.
+                let at = Arc::as_ptr(publication).cast::<i8>();
+                [at.wrapping_sub(16), at.wrapping_add(48), at.wrapping_add(size_of::<Publication>() - 1)]
+            };
+            let next_body = self.history.front().map(|next| next.body.as_ptr().cast::<i8>());
+            let after_next = self.history.get(1).map(lines);
+            for at in next_body.into_iter().chain(after_next.into_iter().flatten()) {
                 // SAFETY: SSE is part of x86_64; a prefetch is a hint, never a read, so any
                 // address will do.
-                unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_sub(16));
-                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64));
-                }
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(at) };
             }
         }
     }

@@ -108,22 +108,39 @@ pub fn decode<M: Envelope>(
     max_decompressed: usize,
     dictionaries: &Dictionaries,
 ) -> Result<Vec<M::Frame>, EnvelopeError> {
-    let mut outer = M::decode(bytes)?;
-    let (mut frames, compressed) = outer.take_parts();
+    let mut frames = Vec::new();
+    decode_into::<M>(&mut frames, bytes, max_decompressed, dictionaries)?;
+    Ok(frames)
+}
+
+/// `decode` into `frames` (empty), whose capacity is reused: a server decodes every message
+/// into the same vector. On an error `frames` holds whatever was decoded.
+pub fn decode_into<M: Envelope>(
+    frames: &mut Vec<M::Frame>,
+    bytes: impl Buf,
+    max_decompressed: usize,
+    dictionaries: &Dictionaries,
+) -> Result<(), EnvelopeError> {
+    let mut outer = M::from_frames(std::mem::take(frames));
+    let merged = outer.merge(bytes);
+    let compressed;
+    (*frames, compressed) = outer.take_parts();
+    merged?;
     if compressed.is_empty() {
-        outer.adopt(&mut frames);
-        return Ok(frames);
+        outer.adopt(frames);
+        return Ok(());
     }
     if !frames.is_empty() {
         return Err(EnvelopeError::Ambiguous);
     }
     let inner = decompress(&compressed, max_decompressed, dictionaries)?;
-    let (mut frames, nested) = M::decode(inner.as_slice())?.take_parts();
+    let nested;
+    (*frames, nested) = M::decode(inner.as_slice())?.take_parts();
     if !nested.is_empty() {
         return Err(EnvelopeError::Nested);
     }
-    outer.adopt(&mut frames);
-    Ok(frames)
+    outer.adopt(frames);
+    Ok(())
 }
 
 fn decompress(compressed: &[u8], limit: usize, dictionaries: &Dictionaries) -> Result<Vec<u8>, EnvelopeError> {
