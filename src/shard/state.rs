@@ -106,6 +106,7 @@ pub(crate) struct ShardState {
     requests: RequestClock,
     /// When the read being handled arrived.
     read_at: Instant,
+    /// Unix time for sessions (see `WallClock`).
     wall_clock: WallClock,
     /// See `clock`.
     read_step_at: Option<Instant>,
@@ -260,6 +261,7 @@ impl ShardState {
         self.reading = None;
         if let Some(conn) = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation) {
             conn.session.swap_event_queue(&mut self.event_queue);
+            conn.session.release_event_queue();
         }
         let handled_at = Instant::now();
         self.metrics.finish_read(handled_at.saturating_duration_since(now.instant));
@@ -999,5 +1001,25 @@ impl ShardState {
         if last && self.cluster.redis.is_some() {
             self.send_to_bridge(BridgeRequest::Unlisten { channel });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wall_clock_follows_the_monotonic_clock_from_its_anchor() {
+        let clock = WallClock::anchored_now();
+        let later = clock.at(clock.anchor + Duration::from_millis(1500));
+        assert_eq!(later.unix_us, clock.anchor_unix_us + 1_500_000);
+        assert_eq!(later.instant, clock.anchor + Duration::from_millis(1500));
+        let before = clock.at(clock.anchor.checked_sub(Duration::from_millis(1)).unwrap());
+        assert_eq!(before.unix_us, clock.anchor_unix_us, "never before its anchor");
+        let unix_us = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
+        let before = unix_us();
+        let anchored = WallClock::anchored_now().anchor_unix_us;
+        let after = unix_us();
+        assert!((before..=after).contains(&anchored), "anchored at the system's time");
     }
 }
