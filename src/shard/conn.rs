@@ -4,7 +4,7 @@
 //! session's; this file only moves bytes.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
@@ -307,27 +307,37 @@ fn log_close(state: &Rc<RefCell<ShardState>>, id: ConnId) {
 }
 
 /// Feeds the session until it closes or the peer leaves, then logs why the connection ended.
-async fn read_loop<R: Receive>(state: Rc<RefCell<ShardState>>, mut reader: R, fd: RawFd, id: ConnId) {
-    let peer_gone = loop {
-        if state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing()) {
-            break false;
+// Not an `async fn`: its arguments would be stored twice in the future (as arguments, then as
+// locals), and the future lives as long as the connection (116 bytes an idle connection).
+#[allow(clippy::manual_async_fn)]
+fn read_loop<R: Receive>(
+    state: Rc<RefCell<ShardState>>,
+    mut reader: R,
+    fd: RawFd,
+    id: ConnId,
+) -> impl Future<Output = ()> {
+    async move {
+        let peer_gone = loop {
+            if state.borrow_mut().conn(id).is_none_or(|c| c.session.is_closing()) {
+                break false;
+            }
+            let direct = reader.direct_fd();
+            if !reader.receive(|bytes| state.borrow_mut().on_bytes(id, bytes, direct)).await {
+                break true;
+            }
+        };
+        if peer_gone {
+            // Nothing more can reach the peer: fail any write in flight so the writer ends.
+            shutdown(fd);
         }
-        let direct = reader.direct_fd();
-        if !reader.receive(|bytes| state.borrow_mut().on_bytes(id, bytes, direct)).await {
-            break true;
-        }
-    };
-    if peer_gone {
-        // Nothing more can reach the peer: fail any write in flight so the writer ends.
-        shutdown(fd);
-    }
-    // Before the writer may forget the connection: the session still says why it closed.
-    log_close(&state, id);
-    let mut shard = state.borrow_mut();
-    if let Some(conn) = shard.conn(id) {
-        conn.reader_done = true;
-        if let Some(waker) = conn.writer.take() {
-            waker.wake();
+        // Before the writer may forget the connection: the session still says why it closed.
+        log_close(&state, id);
+        let mut shard = state.borrow_mut();
+        if let Some(conn) = shard.conn(id) {
+            conn.reader_done = true;
+            if let Some(waker) = conn.writer.take() {
+                waker.wake();
+            }
         }
     }
 }
@@ -338,93 +348,99 @@ enum Next {
     Finish,
 }
 
-/// Sends what the session queues until the connection ends; `_ticket` holds the connection's
+/// Sends what the session queues until the connection ends; `ticket` holds the connection's
 /// admitted place until then.
-async fn write_loop<S: Transport>(
+// Not an `async fn`, for the reason `read_loop` gives (80 bytes).
+#[allow(clippy::manual_async_fn)]
+fn write_loop<S: Transport>(
     state: Rc<RefCell<ShardState>>,
     mut writer: S::Writer,
     fd: RawFd,
     direct: Option<RawFd>,
     id: ConnId,
-    _ticket: Ticket,
-) {
-    let mut out = Vec::new();
-    loop {
-        let next = poll_fn(|cx| {
-            let mut shard = state.borrow_mut();
-            let gate = shard.pacing.gate();
-            if let Some(left_over) = shard.take_unsent(id) {
-                // A direct send's rest goes first (see `ShardState::send_directly`).
-                out = left_over;
-                return Poll::Ready(Next::Write(None));
-            }
-            let Some(conn) = shard.conn(id) else {
-                return Poll::Ready(Next::Finish);
-            };
-            if conn.session.wants_write() {
-                if gate.holds(conn.last_write_epoch, conn.is_urgent()) {
-                    // The shard is busy and this connection wrote within the linger: wait for
-                    // its next tick.
-                    conn.writer = Some(cx.waker().clone());
-                    if !std::mem::replace(&mut conn.paced, true) {
-                        shard.pacing.wait(id, direct);
+    ticket: Ticket,
+) -> impl Future<Output = ()> {
+    async move {
+        let mut out = Vec::new();
+        loop {
+            let next = poll_fn(|cx| {
+                let mut shard = state.borrow_mut();
+                let gate = shard.pacing.gate();
+                if let Some(left_over) = shard.take_unsent(id) {
+                    // A direct send's rest goes first (see `ShardState::send_directly`).
+                    out = left_over;
+                    return Poll::Ready(Next::Write(None));
+                }
+                let Some(conn) = shard.conn(id) else {
+                    return Poll::Ready(Next::Finish);
+                };
+                if conn.session.wants_write() {
+                    if gate.holds(conn.last_write_epoch, conn.is_urgent()) {
+                        // The shard is busy and this connection wrote within the linger: wait for
+                        // its next tick.
+                        conn.writer = Some(cx.waker().clone());
+                        if !std::mem::replace(&mut conn.paced, true) {
+                            shard.pacing.wait(id, direct);
+                        }
+                        return Poll::Pending;
                     }
-                    return Poll::Pending;
+                    conn.last_write_epoch = gate.stamp(id.index);
+                    return Poll::Ready(Next::Write(shard.transmit(id, &mut out)));
                 }
-                conn.last_write_epoch = gate.stamp(id.index);
-                return Poll::Ready(Next::Write(shard.transmit(id, &mut out)));
-            }
-            if conn.session.is_closing() || conn.reader_done {
-                return Poll::Ready(Next::Finish);
-            }
-            conn.writer = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await;
-        let shared = match next {
-            Next::Finish => break,
-            Next::Write(shared) => shared,
-        };
-        let closing = {
-            let mut shard = state.borrow_mut();
-            shard.metrics.count_sent(out.len() + shared.iter().flatten().map(Bytes::len).sum::<usize>());
-            shard.conn(id).is_none_or(|c| c.session.is_closing())
-        };
-        // While the shard drains, its deadline bounds every write (`shutdown_timeout`).
-        let bounded = closing && !state.borrow().is_draining();
-        let written = if let Some(parts) = shared {
-            // Shared batches: the first head from `out`, the frames straight from the shard's copy.
-            let BufResult(result, (head, _)) = Box::pin(writer.write_vectored_all((out, parts))).await;
-            out = head;
-            result.is_ok()
-        } else if bounded {
-            // Boxed: a closing write happens once, and an idle writer should not carry its timer.
-            match Box::pin(compio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer.write_all(out))).await {
-                Ok(BufResult(result, returned)) => {
-                    out = returned;
-                    result.is_ok()
+                if conn.session.is_closing() || conn.reader_done {
+                    return Poll::Ready(Next::Finish);
                 }
-                Err(_) => break,
+                conn.writer = Some(cx.waker().clone());
+                Poll::Pending
+            })
+            .await;
+            let shared = match next {
+                Next::Finish => break,
+                Next::Write(shared) => shared,
+            };
+            let closing = {
+                let mut shard = state.borrow_mut();
+                shard.metrics.count_sent(out.len() + shared.iter().flatten().map(Bytes::len).sum::<usize>());
+                shard.conn(id).is_none_or(|c| c.session.is_closing())
+            };
+            // While the shard drains, its deadline bounds every write (`shutdown_timeout`).
+            let bounded = closing && !state.borrow().is_draining();
+            let written = if let Some(parts) = shared {
+                // Shared batches: the first head from `out`, the frames straight from the shard's copy.
+                let BufResult(result, (head, _)) = Box::pin(writer.write_vectored_all((out, parts))).await;
+                out = head;
+                result.is_ok()
+            } else if bounded {
+                // Boxed: a closing write happens once, and an idle writer should not carry its timer.
+                match Box::pin(compio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer.write_all(out))).await {
+                    Ok(BufResult(result, returned)) => {
+                        out = returned;
+                        result.is_ok()
+                    }
+                    Err(_) => break,
+                }
+            } else {
+                // Boxed like every write: the future a write awaits lives only while it is in
+                // flight, not in the state every idle connection keeps.
+                let BufResult(result, returned) = Box::pin(writer.write_all(out)).await;
+                out = returned;
+                result.is_ok()
+            };
+            if !written {
+                break;
             }
-        } else {
-            // Boxed like every write: the future a write awaits lives only while it is in
-            // flight, not in the state every idle connection keeps.
-            let BufResult(result, returned) = Box::pin(writer.write_all(out)).await;
-            out = returned;
-            result.is_ok()
-        };
-        if !written {
-            break;
+            out.clear();
+            // A connection going idle gives its buffers back; a busy one keeps moderate ones.
+            let idle = state.borrow_mut().went_idle(id);
+            if idle || out.capacity() > KEEP_WRITE_BUFFER {
+                out = Vec::new();
+            }
         }
-        out.clear();
-        // A connection going idle gives its buffers back; a busy one keeps moderate ones.
-        let idle = state.borrow_mut().went_idle(id);
-        if idle || out.capacity() > KEEP_WRITE_BUFFER {
-            out = Vec::new();
-        }
+        Box::pin(S::say_goodbye(&mut writer)).await;
+        finish(&state, fd, id).await;
+        // Held to the end: the admitted place is the connection's until then.
+        drop(ticket);
     }
-    Box::pin(S::say_goodbye(&mut writer)).await;
-    finish(&state, fd, id).await;
 }
 
 /// Ends the connection once the writer is done: stop the reader, wait for it, forget the conn.
