@@ -715,8 +715,8 @@ impl Session {
     }
 
     fn handle_message(&mut self, now: Now, data: &[u8]) {
+        // Always put back empty (below).
         let mut frames = DECODED_FRAMES.take();
-        frames.clear();
         let decoded = envelope::decode_into::<ClientMessage>(
             &mut frames,
             data,

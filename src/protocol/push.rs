@@ -25,30 +25,17 @@ const UPDATE_SUB_ID_KEY: u8 = 0x08;
 pub fn encode_update_body(update: &Update) -> Bytes {
     debug_assert_eq!(update.sub_id, 0);
     let mut body = Vec::with_capacity(update.encoded_len());
-    let varint_field = |body: &mut Vec<u8>, key: u8, value: u64| {
-        if value != 0 {
-            body.push(key);
-            encode_varint(value, body);
-        }
-    };
-    let bytes_field = |body: &mut Vec<u8>, key: u8, value: &[u8]| {
-        if !value.is_empty() {
-            body.push(key);
-            encode_varint(value.len() as u64, body);
-            body.extend_from_slice(value);
-        }
-    };
-    varint_field(&mut body, UPDATE_OFFSET_KEY, update.offset);
+    put_varint_field(&mut body, UPDATE_OFFSET_KEY, update.offset);
     // An enum is an int32: negative values take ten bytes, sign-extended.
-    varint_field(&mut body, UPDATE_TYPE_KEY, update.r#type as i64 as u64);
-    bytes_field(&mut body, UPDATE_KEY_KEY, update.key.as_bytes());
+    put_varint_field(&mut body, UPDATE_TYPE_KEY, update.r#type as i64 as u64);
+    put_bytes_field(&mut body, UPDATE_KEY_KEY, update.key.as_bytes());
     if update.confidence != 0.0 {
         body.push(UPDATE_CONFIDENCE_KEY);
         body.extend_from_slice(&update.confidence.to_le_bytes());
     }
-    varint_field(&mut body, UPDATE_TIMESTAMP_KEY, update.timestamp_us);
-    bytes_field(&mut body, UPDATE_PAYLOAD_KEY, &update.payload);
-    varint_field(&mut body, UPDATE_SKIPPED_KEY, u64::from(update.skipped));
+    put_varint_field(&mut body, UPDATE_TIMESTAMP_KEY, update.timestamp_us);
+    put_bytes_field(&mut body, UPDATE_PAYLOAD_KEY, &update.payload);
+    put_varint_field(&mut body, UPDATE_SKIPPED_KEY, u64::from(update.skipped));
     body.into()
 }
 
@@ -63,7 +50,7 @@ const UPDATE_PAYLOAD_KEY: u8 = 0x3a;
 /// `write_frame` would: what every publish with a request id costs, without building
 /// the frame's messages (and its epoch string) first.
 pub fn write_publish_result(out: &mut Vec<u8>, id: u32, epoch: &str, offset: u64) {
-    let result_len = string_field_len(epoch) + varint_field_len(offset);
+    let result_len = bytes_field_len(epoch.as_bytes()) + varint_field_len(offset);
     let reply_len = varint_field_len(u64::from(id)) + 1 + encoded_len_varint(result_len as u64) + result_len;
     let frame_len = 1 + encoded_len_varint(reply_len as u64) + reply_len;
     out.reserve(1 + encoded_len_varint(frame_len as u64) + frame_len);
@@ -71,20 +58,27 @@ pub fn write_publish_result(out: &mut Vec<u8>, id: u32, epoch: &str, offset: u64
     encode_varint(frame_len as u64, out);
     out.push(SERVER_FRAME_REPLY_KEY);
     encode_varint(reply_len as u64, out);
-    if id != 0 {
-        out.push(REPLY_ID_KEY);
-        encode_varint(u64::from(id), out);
-    }
+    put_varint_field(out, REPLY_ID_KEY, u64::from(id));
     out.push(REPLY_PUBLISH_KEY);
     encode_varint(result_len as u64, out);
-    if !epoch.is_empty() {
-        out.push(PUBLISH_RESULT_EPOCH_KEY);
-        encode_varint(epoch.len() as u64, out);
-        out.extend_from_slice(epoch.as_bytes());
+    put_bytes_field(out, PUBLISH_RESULT_EPOCH_KEY, epoch.as_bytes());
+    put_varint_field(out, PUBLISH_RESULT_OFFSET_KEY, offset);
+}
+
+/// Appends a varint field, left out when 0 as proto3 does.
+fn put_varint_field(out: &mut Vec<u8>, key: u8, value: u64) {
+    if value != 0 {
+        out.push(key);
+        encode_varint(value, out);
     }
-    if offset != 0 {
-        out.push(PUBLISH_RESULT_OFFSET_KEY);
-        encode_varint(offset, out);
+}
+
+/// Appends a length-delimited field, left out when empty as proto3 does.
+fn put_bytes_field(out: &mut Vec<u8>, key: u8, value: &[u8]) {
+    if !value.is_empty() {
+        out.push(key);
+        encode_varint(value.len() as u64, out);
+        out.extend_from_slice(value);
     }
 }
 
@@ -96,7 +90,7 @@ const REPLY_PUBLISH_KEY: u8 = 0x32;
 const PUBLISH_RESULT_EPOCH_KEY: u8 = 0x0a;
 const PUBLISH_RESULT_OFFSET_KEY: u8 = 0x10;
 
-/// Bytes a key and varint `value` take; none for 0, which proto3 leaves out.
+/// Bytes `put_varint_field` appends for `value`.
 fn varint_field_len(value: u64) -> usize {
     if value == 0 {
         0
@@ -105,8 +99,8 @@ fn varint_field_len(value: u64) -> usize {
     }
 }
 
-/// Bytes a key and string `value` take; none when empty.
-fn string_field_len(value: &str) -> usize {
+/// Bytes `put_bytes_field` appends for `value`.
+fn bytes_field_len(value: &[u8]) -> usize {
     if value.is_empty() {
         0
     } else {
@@ -140,7 +134,7 @@ pub fn push_len(sub_id: u32, body_len: usize) -> usize {
 /// `push_len` of a push that also says how many updates before it were `skipped`.
 #[inline]
 pub fn push_len_skipped(sub_id: u32, skipped: u32, body_len: usize) -> usize {
-    let update_len = sub_id_field_len(sub_id) + body_len + skipped_field_len(skipped);
+    let update_len = varint_field_len(u64::from(sub_id)) + body_len + varint_field_len(u64::from(skipped));
     let frame_len = 1 + encoded_len_varint(update_len as u64) + update_len;
     1 + encoded_len_varint(frame_len as u64) + frame_len
 }
@@ -156,7 +150,7 @@ pub fn write_push(out: &mut Vec<u8>, sub_id: u32, body: &[u8]) {
 /// appended with the body in two copies.
 #[inline]
 pub fn write_push_skipped(out: &mut Vec<u8>, sub_id: u32, skipped: u32, body: &[u8]) {
-    let update_len = sub_id_field_len(sub_id) + body.len() + skipped_field_len(skipped);
+    let update_len = varint_field_len(u64::from(sub_id)) + body.len() + varint_field_len(u64::from(skipped));
     let frame_len = 1 + encoded_len_varint(update_len as u64) + update_len;
     let mut prefix = [0u8; 18];
     prefix[0] = SERVER_MESSAGE_FRAMES_KEY;
@@ -172,10 +166,7 @@ pub fn write_push_skipped(out: &mut Vec<u8>, sub_id: u32, skipped: u32, body: &[
     out.extend_from_slice(&prefix);
     out.truncate(start + at);
     out.extend_from_slice(body);
-    if skipped != 0 {
-        out.push(UPDATE_SKIPPED_KEY);
-        encode_varint(u64::from(skipped), out);
-    }
+    put_varint_field(out, UPDATE_SKIPPED_KEY, u64::from(skipped));
 }
 
 /// Writes `value` as a varint at the start of `buf` (which must have room: up to 5 bytes for
@@ -190,14 +181,6 @@ fn put_varint(buf: &mut [u8], mut value: u64) -> usize {
     }
     buf[i] = value as u8;
     i + 1
-}
-
-fn skipped_field_len(skipped: u32) -> usize {
-    if skipped == 0 {
-        0
-    } else {
-        1 + encoded_len_varint(u64::from(skipped))
-    }
 }
 
 /// A hash of the `key` field of an encoded update body (0 when it has none), found by
@@ -237,14 +220,6 @@ pub fn write_frame(out: &mut Vec<u8>, frame: &ServerFrame) {
 pub fn frame_len(frame: &ServerFrame) -> usize {
     let len = frame.encoded_len();
     1 + encoded_len_varint(len as u64) + len
-}
-
-fn sub_id_field_len(sub_id: u32) -> usize {
-    if sub_id == 0 {
-        0
-    } else {
-        1 + encoded_len_varint(sub_id as u64)
-    }
 }
 
 #[cfg(test)]

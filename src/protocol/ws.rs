@@ -113,7 +113,7 @@ impl WsEndpoint {
         }
         let mut rest = bytes;
         while !rest.is_empty() {
-            let (header, len) = whole_binary_frame(rest, self.max_message_size)?;
+            let (header, _, len) = whole_binary_frame(rest, self.max_message_size)?;
             rest = &rest[header + len..];
         }
         Some(WholeBinaryMessages { rest: bytes })
@@ -225,8 +225,7 @@ impl WholeBinaryMessages<'_> {
     /// Hands each message, unmasked, to `handle`, until it returns false.
     pub fn unmask_each(mut self, mut handle: impl FnMut(&[u8]) -> bool) {
         let mut unmasked = UNMASKED.take();
-        while let Some((header, len)) = whole_binary_frame(self.rest, usize::MAX) {
-            let mask = [self.rest[header - 4], self.rest[header - 3], self.rest[header - 2], self.rest[header - 1]];
+        while let Some((header, mask, len)) = whole_binary_frame(self.rest, usize::MAX) {
             unmasked.clear();
             unmasked.extend_from_slice(&self.rest[header..header + len]);
             unmask(&mut unmasked, mask);
@@ -242,29 +241,25 @@ impl WholeBinaryMessages<'_> {
     }
 }
 
-/// The header length (mask included) and payload length of the frame `bytes` starts with,
-/// when it is whole and a complete message: FIN, no reserved bits, binary, masked, its
-/// length in the shortest form and at most `max_len`.
-fn whole_binary_frame(bytes: &[u8], max_len: usize) -> Option<(usize, usize)> {
-    const FIN_BINARY: u8 = 0x82;
-    const MASKED: u8 = 0x80;
-    let (&first, &second) = (bytes.first()?, bytes.get(1)?);
-    if first != FIN_BINARY || second & MASKED == 0 {
-        return None;
-    }
-    let (len, at) = match second & 0x7f {
-        126 => (u64::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?])), 4),
-        127 => (u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?), 10),
-        short => (u64::from(short), 2),
-    };
-    let shortest = match at {
-        4 => len >= 126,
-        10 => len > u64::from(u16::MAX),
+/// The header length, mask and payload length of the frame `bytes` starts with, when it is
+/// whole and a complete message: FIN, no reserved bits, binary, masked, its length in the
+/// shortest form and at most `max_len`.
+/// The header is read as `FrameBoundary` and `MessageReader` read theirs (tungstenite's
+/// `FrameHeader::parse`), so this path and tungstenite's agree on what a header says.
+fn whole_binary_frame(bytes: &[u8], max_len: usize) -> Option<(usize, [u8; 4], usize)> {
+    let mut cursor = Cursor::new(bytes);
+    let (header, len) = FrameHeader::parse(&mut cursor).ok()??;
+    let simple = header.is_final && !header.rsv1 && !header.rsv2 && !header.rsv3;
+    let mask = header.mask.filter(|_| simple && header.opcode == OpCode::Data(Data::Binary))?;
+    let header_len = cursor.position() as usize;
+    // 2 bytes and the mask, plus 2 or 8 for a 16- or 64-bit length.
+    let shortest = match header_len {
+        8 => len >= 126,
+        14 => len > u64::from(u16::MAX),
         _ => true,
     };
     let len = usize::try_from(len).ok().filter(|&len| shortest && len <= max_len)?;
-    let header: usize = at + 4;
-    (bytes.len() >= header.checked_add(len)?).then_some((header, len))
+    (bytes.len() >= header_len.checked_add(len)?).then_some((header_len, mask, len))
 }
 
 /// XORs a client frame's payload with its mask, eight bytes at a time.
@@ -412,9 +407,7 @@ impl MessageReader {
             self.pending.advance(header_len);
             let mut payload = self.pending.split_to(len as usize);
             if let Some(mask) = header.mask {
-                for (i, byte) in payload.iter_mut().enumerate() {
-                    *byte ^= mask[i % 4];
-                }
+                unmask(&mut payload, mask);
             }
             match header.opcode {
                 OpCode::Control(Control::Close) => {

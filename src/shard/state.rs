@@ -104,8 +104,6 @@ pub(crate) struct ShardState {
     pub metrics: Rc<LocalMetrics>,
     /// Requests waiting for an owner's answer, to time them.
     requests: RequestClock,
-    /// When the read being handled arrived.
-    read_at: Instant,
     /// Unix time for sessions (see `WallClock`).
     wall_clock: WallClock,
     /// See `clock`.
@@ -163,7 +161,6 @@ impl ShardState {
             targets: Vec::new(),
             metrics,
             requests: RequestClock::default(),
-            read_at: Instant::now(),
             wall_clock: WallClock::anchored_now(),
             read_step_at: None,
             event_queue: VecDeque::new(),
@@ -239,7 +236,7 @@ impl ShardState {
     }
 
     pub fn conn(&mut self, id: ConnId) -> Option<&mut Conn> {
-        self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)
+        live_conn(&mut self.conns, id)
     }
 
     /// Bytes arrived on `id`: let the session handle them, then act on what it asks. The
@@ -248,10 +245,8 @@ impl ShardState {
     pub fn on_bytes(&mut self, id: ConnId, bytes: &[u8], direct: Option<RawFd>) {
         self.metrics.count_received(bytes.len());
         let now = self.wall_clock.at(Instant::now());
-        self.read_at = now.instant;
-        let Some(conn) = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation) else {
-            return;
-        };
+        // The table alone (not `conn`), as the shard's event queue is borrowed beside it.
+        let Some(conn) = live_conn(&mut self.conns, id) else { return };
         conn.session.swap_event_queue(&mut self.event_queue);
         conn.session.handle_bytes(now, bytes);
         // Answers this shard gives at once (it owns the channel) join the direct send.
@@ -259,7 +254,7 @@ impl ShardState {
         self.read_step_at = Some(now.instant);
         self.handle_events(id);
         self.reading = None;
-        if let Some(conn) = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation) {
+        if let Some(conn) = live_conn(&mut self.conns, id) {
             conn.session.swap_event_queue(&mut self.event_queue);
             conn.session.release_event_queue();
         }
@@ -420,37 +415,41 @@ impl ShardState {
                 self.submit_history(id, req_id, channel, since, limit);
             }
             SessionEvent::Publish { channel, req_id, update } => {
-                // A publication this shard owns is answered within the read, which times it
-                // (`LocalMetrics::finish_read`).
-                if self.cluster.redis.is_some() || owner_shard(&channel, shards) != self.id {
+                // An answer given at once is timed with its read (`LocalMetrics::finish_read`);
+                // one from another shard or Redis when it comes.
+                if !self.submit_publish(id, req_id, channel, update) {
                     self.forwarded(id, req_id, CommandKind::Publish);
                 }
-                self.submit_publish(id, req_id, channel, update);
             }
         }
     }
 
     /// Sends a publication to its channel's owner (or Redis); the answer, `Published`, comes
-    /// back to `conn` (a connection or a server API request) on this shard.
-    pub fn submit_publish(&mut self, conn: ConnId, req_id: u32, channel: String, update: pb::Update) {
+    /// back to `conn` (a connection or a server API request) on this shard. Returns whether
+    /// it came already: this shard owns the channel, or the owner was too far behind to ask.
+    pub fn submit_publish(&mut self, conn: ConnId, req_id: u32, channel: String, update: pb::Update) -> bool {
         if self.cluster.redis.is_some() {
             let channel = Arc::from(channel);
             let request = BridgeRequest::Publish { channel, from: self.id, conn, req_id, update: Box::new(update) };
-            return self.send_to_bridge(request);
+            self.send_to_bridge(request);
+            return false;
         }
         let owner = owner_shard(&channel, self.backlog.len());
         if self.backlog[owner].len() >= MAX_BACKLOG {
             // The owner is far behind: refuse rather than queue without bound.
             let label = ConnLabel { shard: self.id, conn };
             tracing::debug!(conn = %label, req_id, channel, owner, "publish refused: the owner shard is far behind");
-            return self.handle_msg(ShardMsg::Published { conn, req_id, position: Err(ErrorCode::Unavailable) });
+            self.handle_msg(ShardMsg::Published { conn, req_id, position: Err(ErrorCode::Unavailable) });
+            return true;
         }
         if owner == self.id {
             // The table's name for the channel goes into the publication: no copy of it.
-            return self.publish(&channel, owner, conn, req_id, update);
+            self.publish(&channel, owner, conn, req_id, update);
+            return true;
         }
         let channel = Arc::from(channel);
         self.send(owner, ShardMsg::Publish { channel, from: self.id, conn, req_id, update: Box::new(update) });
+        false
     }
 
     /// Asks the channel's owner (or Redis) for history; the answer, `HistoryPage` or
@@ -700,7 +699,7 @@ impl ShardState {
     /// frames and later heads), to be sent after `out` without a copy.
     pub fn transmit(&mut self, id: ConnId, out: &mut Vec<u8>) -> Option<Vec<Bytes>> {
         let now = self.clock();
-        let conn = self.conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)?;
+        let conn = live_conn(&mut self.conns, id)?;
         // One line per write, not per update: fan-out stays readable at debug.
         let log_write = tracing::enabled!(tracing::Level::DEBUG);
         let queued = if log_write { conn.session.queued_items() } else { 0 };
@@ -810,15 +809,12 @@ impl ShardState {
     /// Request `req_id` of `conn` went to a channel's owner: time it until the answer.
     fn forwarded(&mut self, conn: ConnId, req_id: u32, command: CommandKind) {
         self.metrics.forwarded(command);
-        self.requests.start(conn, req_id, command, self.read_at);
+        self.requests.start(conn, req_id, command, self.clock());
     }
 
     /// The answer to request `req_id` of `conn` is here: time it.
     fn answered(&mut self, conn: ConnId, req_id: u32) {
-        if self.requests.is_empty() {
-            return;
-        }
-        if let Some((command, elapsed)) = self.requests.finish(conn, req_id, Instant::now()) {
+        if let Some((command, elapsed)) = self.requests.finish(conn, req_id, self.clock()) {
             self.metrics.record_request(command, elapsed);
         }
     }
@@ -920,6 +916,11 @@ fn session_limits(cluster: &Cluster, config: &Config, metrics: &Rc<LocalMetrics>
         metrics: metrics.clone(),
         ..SessionLimits::from_config(config, cluster.verifier.clone(), cluster.users.clone())
     })
+}
+
+/// Connection `id` if it is still the one in its slot.
+fn live_conn(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
+    conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)
 }
 
 /// The wall clock for sessions, read off the monotonic clock so that a read takes one clock
