@@ -516,6 +516,22 @@ impl Outbox {
         std::mem::take(&mut self.gave_way)
     }
 
+    /// Takes `spare` as its high-priority queue when it has none (no slots, nothing queued)
+    /// and `spare` is empty: a queue lent for the span of one read (see `give_back_queue`).
+    pub fn borrow_queue(&mut self, spare: &mut VecDeque<OutItem>) {
+        if self.high.capacity() == 0 && self.high.is_empty() && spare.is_empty() {
+            std::mem::swap(&mut self.high, spare);
+        }
+    }
+
+    /// Hands an empty high-priority queue of at most `up_to` slots to `spare` when `spare`
+    /// has none, so the next connection's answer reuses it instead of allocating its own.
+    pub fn give_back_queue(&mut self, spare: &mut VecDeque<OutItem>, up_to: usize) {
+        if self.high.is_empty() && self.high.capacity() <= up_to && spare.capacity() == 0 {
+            std::mem::swap(&mut self.high, spare);
+        }
+    }
+
     /// Frees the memory of each lane that holds nothing (nor remembers skipped offsets) and
     /// has room for at most `up_to` items.
     pub fn release_if_empty(&mut self, up_to: usize) {
@@ -997,6 +1013,49 @@ mod tests {
         assert!(outbox.low.is_none());
         outbox.push(OutItem::Push { sub_id: 1, publication: typed(2, TRAFFIC, "") }).unwrap();
         assert_eq!(outbox.len(), 1, "a released outbox queues as before");
+    }
+
+    #[test]
+    fn a_lent_queue_serves_one_connection_after_another_and_never_takes_what_is_queued() {
+        let mut spare = VecDeque::with_capacity(4);
+        let lent = spare.capacity();
+        let mut first = Outbox::new(1 << 20, pressure(1 << 20));
+        first.borrow_queue(&mut spare);
+        assert_eq!((first.high.capacity(), spare.capacity()), (lent, 0), "an empty outbox takes it");
+        first.push(OutItem::Frame(vec![1, 2, 3])).unwrap();
+        first.give_back_queue(&mut spare, 8);
+        assert_eq!(first.len(), 1, "a queue holding an answer stays");
+        assert_eq!(spare.capacity(), 0);
+        let mut wire = Vec::new();
+        first.drain_into(&mut wire, 100, None);
+        first.give_back_queue(&mut spare, 8);
+        assert_eq!((first.high.capacity(), spare.capacity()), (0, lent), "drained: back to the lender");
+
+        // A second connection's answer goes into the same memory.
+        let mut second = Outbox::new(1 << 20, pressure(1 << 20));
+        second.borrow_queue(&mut spare);
+        second.push(OutItem::Frame(vec![4, 5])).unwrap();
+        assert_eq!(second.high.capacity(), lent);
+        let mut again = Vec::new();
+        second.drain_into(&mut again, 100, None);
+        assert!(again.ends_with(&[4, 5]), "{again:?}");
+
+        // Only a small queue comes back, and only to a lender with none.
+        second.give_back_queue(&mut spare, 0);
+        assert_eq!((second.high.capacity(), spare.capacity()), (lent, 0), "larger than asked: kept");
+        let mut busy = Outbox::new(1 << 20, pressure(1 << 20));
+        busy.push(OutItem::Frame(vec![6])).unwrap();
+        let busy_capacity = busy.high.capacity();
+        busy.borrow_queue(&mut spare);
+        second.give_back_queue(&mut spare, 8);
+        assert_eq!(busy.high.capacity(), busy_capacity, "an outbox with a queue takes none");
+        assert_eq!(busy.len(), 1);
+        assert_eq!(spare.capacity(), lent);
+        let mut full = Outbox::new(1 << 20, pressure(1 << 20));
+        full.push(OutItem::Frame(vec![7])).unwrap();
+        full.drain_into(&mut Vec::new(), 100, None);
+        full.give_back_queue(&mut spare, 8);
+        assert!(full.high.capacity() > 0, "the lender already holds one");
     }
 
     #[test]

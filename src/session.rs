@@ -24,7 +24,7 @@ use crate::metrics::LocalMetrics;
 use crate::outbox::{Delivered, GaveWay, OutItem, Outbox, Overflow, Pressure, Sharing};
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
-use crate::protocol::push::{frame_len, write_frame, write_publish_result};
+use crate::protocol::push::{frame_len, publish_result_len, write_frame, write_publish_result};
 use crate::protocol::ws::{binary_header_len, write_data_header, WsEndpoint, WsEvent};
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::{KeyedBuckets, TokenBucket};
@@ -403,6 +403,16 @@ impl Session {
         }
     }
 
+    /// Lends the outbox a small queue for one read (see `Outbox::borrow_queue`).
+    pub fn borrow_outbox_queue(&mut self, spare: &mut VecDeque<OutItem>) {
+        self.outbox.borrow_queue(spare);
+    }
+
+    /// Returns the outbox's empty small queue to the lender (see `Outbox::give_back_queue`).
+    pub fn give_back_outbox_queue(&mut self, spare: &mut VecDeque<OutItem>, up_to: usize) {
+        self.outbox.give_back_queue(spare, up_to);
+    }
+
     /// Gives back the queues of an empty outbox up to `keep_up_to` slots (`usize::MAX`: all),
     /// for a connection with nothing to send.
     pub fn release_idle_buffers(&mut self, keep_up_to: usize) {
@@ -528,7 +538,7 @@ impl Session {
     pub fn on_published(&mut self, req_id: u32, result: Result<Position, ErrorCode>) {
         match result {
             Ok(position) if req_id != 0 && !frame_log::enabled() && !self.is_closing() => {
-                let mut bytes = Vec::new();
+                let mut bytes = Vec::with_capacity(publish_result_len(req_id, &position.epoch, position.offset));
                 write_publish_result(&mut bytes, req_id, &position.epoch, position.offset);
                 self.enqueue(OutItem::Frame(bytes));
             }

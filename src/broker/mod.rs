@@ -31,8 +31,28 @@ pub struct Publication {
 }
 
 impl Publication {
+    /// From an encoded body (another node's, through Redis): its key is found in the body.
     pub fn new(channel: Arc<str>, offset: u64, update_type: i32, body: Bytes, accepted_at: Instant) -> Self {
         let key_hash = crate::protocol::push::key_hash(&body);
+        Self::with_key_hash(channel, offset, update_type, body, accepted_at, key_hash)
+    }
+
+    /// From an update this server accepted: encodes it, and hashes the key it already has
+    /// instead of walking the body for it.
+    pub fn from_update(channel: Arc<str>, update: &crate::protocol::pb::Update, accepted_at: Instant) -> Self {
+        let body = crate::protocol::push::encode_update_body(update);
+        let key_hash = crate::protocol::push::key_hash_of(update.key.as_bytes());
+        Self::with_key_hash(channel, update.offset, update.r#type, body, accepted_at, key_hash)
+    }
+
+    fn with_key_hash(
+        channel: Arc<str>,
+        offset: u64,
+        update_type: i32,
+        body: Bytes,
+        accepted_at: Instant,
+        key_hash: u64,
+    ) -> Self {
         let accepted_us = crate::metrics::clock_us(accepted_at);
         Self { channel, offset, update_type, body, accepted_at, accepted_us, key_hash }
     }
@@ -63,11 +83,22 @@ pub fn validate_channel(name: &str, max_len: usize) -> Result<(), ChannelNameErr
     if name.len() > max_len {
         return Err(ChannelNameError::TooLong(max_len));
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b":_-.@/".contains(&b)) {
+    if !name.bytes().all(|b| CHANNEL_BYTES[b as usize]) {
         return Err(ChannelNameError::BadCharacter);
     }
     Ok(())
 }
+
+/// The bytes a channel name may hold, as a table: every publish checks its channel's name.
+const CHANNEL_BYTES: [bool; 256] = {
+    let mut allowed = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        allowed[b] = (b as u8).is_ascii_alphanumeric() || matches!(b as u8, b':' | b'_' | b'-' | b'.' | b'@' | b'/');
+        b += 1;
+    }
+    allowed
+};
 
 /// A subscription on its way to its channel's owner: who asks, and where to recover from.
 #[derive(Debug, Clone)]
@@ -155,6 +186,11 @@ mod tests {
         assert_eq!(validate_channel("route 42", 128), Err(ChannelNameError::BadCharacter));
         assert_eq!(validate_channel("ruta:é", 128), Err(ChannelNameError::BadCharacter));
         assert_eq!(validate_channel(&"a".repeat(129), 128), Err(ChannelNameError::TooLong(128)));
+        // Every ASCII character: exactly letters, digits and : _ - . @ / pass.
+        for c in (0..128u8).map(char::from) {
+            let allowed = c.is_ascii_alphanumeric() || ":_-.@/".contains(c);
+            assert_eq!(validate_channel(&format!("route{c}1"), 128).is_ok(), allowed, "{c:?}");
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::broker::{owner_shard, Joining, Publication};
 use crate::compression::{CompressionCounters, SharedBatches};
 use crate::config::Config;
 use crate::metrics::{channel_slot, CommandKind, LocalMetrics, RequestClock, UPDATE_TYPES};
-use crate::protocol::push::encode_update_body;
+use crate::outbox::OutItem;
 use crate::protocol::{pb, CloseCode, ErrorCode};
 use crate::router::{ConnId, ConnLabel, Router, Subscriber};
 use crate::session::{Now, Session, SessionEvent, SessionLimits};
@@ -110,6 +110,9 @@ pub(crate) struct ShardState {
     read_step_at: Option<Instant>,
     /// The event queue lent to the session whose read is handled (see `on_bytes`).
     event_queue: VecDeque<SessionEvent>,
+    /// A small outbox queue lent the same way, so answering a request allocates no queue:
+    /// it comes back when the connection's outbox drains (`went_idle`) or stays empty.
+    outbox_queue: VecDeque<OutItem>,
     /// Subscriptions on this shard's connections, by channel type.
     subscriptions: [u64; UPDATE_TYPES],
     timings_flushed_at: Instant,
@@ -164,6 +167,7 @@ impl ShardState {
             wall_clock: WallClock::anchored_now(),
             read_step_at: None,
             event_queue: VecDeque::new(),
+            outbox_queue: VecDeque::new(),
             subscriptions: [0; UPDATE_TYPES],
             timings_flushed_at: Instant::now(),
             api: Waiters::default(),
@@ -248,6 +252,7 @@ impl ShardState {
         // The table alone (not `conn`), as the shard's event queue is borrowed beside it.
         let Some(conn) = live_conn(&mut self.conns, id) else { return };
         conn.session.swap_event_queue(&mut self.event_queue);
+        conn.session.borrow_outbox_queue(&mut self.outbox_queue);
         conn.session.handle_bytes(now, bytes);
         // Answers this shard gives at once (it owns the channel) join the direct send.
         self.reading = Some(id);
@@ -263,6 +268,9 @@ impl ShardState {
         self.read_step_at = Some(handled_at);
         self.send_or_wake(id, direct);
         self.read_step_at = None;
+        if let Some(conn) = live_conn(&mut self.conns, id) {
+            conn.session.give_back_outbox_queue(&mut self.outbox_queue, SMALL_QUEUE_SLOTS);
+        }
     }
 
     /// What `id` has queued leaves on `direct` (its socket) at once when its writer is idle
@@ -337,9 +345,10 @@ impl ShardState {
     /// reuses them); a busy one's large queues go on the shard's next tick if still idle, as
     /// it often is only between two writes.
     pub fn went_idle(&mut self, id: ConnId) -> bool {
-        match self.conn(id) {
+        match live_conn(&mut self.conns, id) {
             Some(conn) if conn.session.wants_write() => false,
             Some(conn) => {
+                conn.session.give_back_outbox_queue(&mut self.outbox_queue, SMALL_QUEUE_SLOTS);
                 conn.session.release_idle_buffers(SMALL_QUEUE_SLOTS);
                 true
             }
@@ -614,7 +623,7 @@ impl ShardState {
         let update_type = update.r#type;
         let make = |name: &Arc<str>, offset| {
             update.offset = offset;
-            Publication::new(name.clone(), offset, update_type, encode_update_body(&update), accepted_at)
+            Publication::from_update(name.clone(), &update, accepted_at)
         };
         let result = self.channels.publish(channel, accepted_at, &mut targets, make);
         // The publisher's connection and request, and the channel and offset that identify
