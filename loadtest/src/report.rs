@@ -581,10 +581,12 @@ fn medians(lines: &[String]) -> Vec<Vec<String>> {
     rows
 }
 
-/// The rate a report ran at, for the fan-outs (the only scenarios that publish at a rate).
+/// The rate a report ran at, for the runs that offer one: the fan-outs, and request/reply in
+/// open loop (whose rounds at different rates must not share a median).
 fn rate_cell(v: &Value) -> String {
     let scenario = v.pointer("/params/scenario").and_then(Value::as_str).unwrap_or("fanout");
-    let open_loop = scenario == "fanout" || scenario.starts_with("fanout-") || scenario == "many-channels";
+    let fan_out = scenario == "fanout" || scenario.starts_with("fanout-") || scenario == "many-channels";
+    let open_loop = fan_out || v.get("open_loop").and_then(Value::as_bool) == Some(true);
     match v.pointer("/params/rate").and_then(Value::as_f64) {
         Some(rate) if open_loop => format!("{rate:.0}"),
         _ => "-".into(),
@@ -721,5 +723,35 @@ mod tests {
         assert_eq!(rows[3][3], "2000000");
         assert_eq!(rows[3][6], "-");
         assert_eq!(medians(&lines[..3]).len(), 1, "one run each: no medians");
+    }
+
+    #[test]
+    fn open_loop_request_reply_has_a_median_per_rate_and_closed_loop_one() {
+        let run = |label: &str, open_loop: bool, rate: u32, per_cpu: f64| {
+            format!(
+                r#"{{"label":"{label}","open_loop":{open_loop},"params":{{"scenario":"request-reply","rate":{rate}}},"replies_per_server_cpu_s":{per_cpu},"latency_ms":{{"p99":1.0}}}}"#
+            )
+        };
+        let mut lines = Vec::new();
+        for (ours, theirs) in [(90.0, 100.0), (92.0, 101.0)] {
+            lines.push(run("routopia-realtime", true, 50_000, ours * 1e3));
+            lines.push(run("bun", true, 50_000, theirs * 1e3));
+        }
+        for (ours, theirs) in [(150.0, 140.0), (152.0, 141.0)] {
+            lines.push(run("routopia-realtime", true, 100_000, ours * 1e3));
+            lines.push(run("bun", true, 100_000, theirs * 1e3));
+        }
+        let rows = medians(&lines);
+        assert_eq!(rows.len(), 5, "{rows:?}");
+        assert_eq!(rows[1][..4], ["routopia-realtime", "50000", "2", "91000"]);
+        assert_eq!(rows[2][..4], ["bun", "50000", "2", "100500"]);
+        assert_eq!(rows[3][..4], ["routopia-realtime", "100000", "2", "151000"]);
+        assert_eq!(rows[4][..4], ["bun", "100000", "2", "140500"]);
+        // Closed loop: whatever rate the flags carried, the rounds form one group.
+        let closed: Vec<String> =
+            [(1, 170.0), (2, 175.0)].iter().map(|&(rate, per_cpu)| run("bun", false, rate, per_cpu * 1e3)).collect();
+        let rows = medians(&closed);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(rows[1][..4], ["bun", "-", "2", "172500"]);
     }
 }
