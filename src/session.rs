@@ -24,7 +24,7 @@ use crate::metrics::LocalMetrics;
 use crate::outbox::{Delivered, GaveWay, OutItem, Outbox, Overflow, Pressure, Sharing};
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
-use crate::protocol::push::{frame_len, publish_result_len, write_frame, write_publish_result};
+use crate::protocol::push::{frame_len, publish_result, write_frame};
 use crate::protocol::ws::{binary_header_len, write_data_header, WsEndpoint, WsEvent};
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::{KeyedBuckets, TokenBucket};
@@ -538,9 +538,7 @@ impl Session {
     pub fn on_published(&mut self, req_id: u32, result: Result<Position, ErrorCode>) {
         match result {
             Ok(position) if req_id != 0 && !frame_log::enabled() && !self.is_closing() => {
-                let mut bytes = Vec::with_capacity(publish_result_len(req_id, &position.epoch, position.offset));
-                write_publish_result(&mut bytes, req_id, &position.epoch, position.offset);
-                self.enqueue(OutItem::Frame(bytes));
+                self.enqueue(OutItem::Frame(publish_result(req_id, &position.epoch, position.offset)));
             }
             Ok(position) if req_id != 0 => {
                 let result = pb::PublishResult { epoch: position.epoch.to_string(), offset: position.offset };

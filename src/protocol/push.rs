@@ -56,35 +56,24 @@ const UPDATE_CONFIDENCE_KEY: u8 = 0x2d;
 const UPDATE_TIMESTAMP_KEY: u8 = 0x30;
 const UPDATE_PAYLOAD_KEY: u8 = 0x3a;
 
-/// Appends the answer to a `Publish`, as a `ServerMessage.frames` element, byte for byte as
+/// The answer to a `Publish`, as a `ServerMessage.frames` element, byte for byte as
 /// `write_frame` would: what every publish with a request id costs, without building
-/// the frame's messages (and its epoch string) first.
-pub fn write_publish_result(out: &mut Vec<u8>, id: u32, epoch: &str, offset: u64) {
-    let (frame_len, reply_len, result_len) = publish_result_lens(id, epoch, offset);
-    out.reserve(1 + encoded_len_varint(frame_len as u64) + frame_len);
-    out.push(SERVER_MESSAGE_FRAMES_KEY);
-    append_varint(out, frame_len as u64);
-    out.push(SERVER_FRAME_REPLY_KEY);
-    append_varint(out, reply_len as u64);
-    put_varint_field(out, REPLY_ID_KEY, u64::from(id));
-    out.push(REPLY_PUBLISH_KEY);
-    append_varint(out, result_len as u64);
-    put_bytes_field(out, PUBLISH_RESULT_EPOCH_KEY, epoch.as_bytes());
-    put_varint_field(out, PUBLISH_RESULT_OFFSET_KEY, offset);
-}
-
-/// Bytes `write_publish_result` appends.
-pub fn publish_result_len(id: u32, epoch: &str, offset: u64) -> usize {
-    let (frame_len, _, _) = publish_result_lens(id, epoch, offset);
-    1 + encoded_len_varint(frame_len as u64) + frame_len
-}
-
-/// The lengths of a publish answer's `ServerFrame`, `Reply` and `PublishResult`.
-fn publish_result_lens(id: u32, epoch: &str, offset: u64) -> (usize, usize, usize) {
+/// the frame's messages (and its epoch string) first. Allocated at its exact size.
+pub fn publish_result(id: u32, epoch: &str, offset: u64) -> Vec<u8> {
     let result_len = bytes_field_len(epoch.as_bytes()) + varint_field_len(offset);
     let reply_len = varint_field_len(u64::from(id)) + 1 + encoded_len_varint(result_len as u64) + result_len;
     let frame_len = 1 + encoded_len_varint(reply_len as u64) + reply_len;
-    (frame_len, reply_len, result_len)
+    let mut out = Vec::with_capacity(1 + encoded_len_varint(frame_len as u64) + frame_len);
+    out.push(SERVER_MESSAGE_FRAMES_KEY);
+    append_varint(&mut out, frame_len as u64);
+    out.push(SERVER_FRAME_REPLY_KEY);
+    append_varint(&mut out, reply_len as u64);
+    put_varint_field(&mut out, REPLY_ID_KEY, u64::from(id));
+    out.push(REPLY_PUBLISH_KEY);
+    append_varint(&mut out, result_len as u64);
+    put_bytes_field(&mut out, PUBLISH_RESULT_EPOCH_KEY, epoch.as_bytes());
+    put_varint_field(&mut out, PUBLISH_RESULT_OFFSET_KEY, offset);
+    out
 }
 
 /// Appends a varint field, left out when 0 as proto3 does.
@@ -348,10 +337,9 @@ mod tests {
                 ServerFrame { kind: Some(Kind::Reply(Reply { id, result: Some(reply::Result::Publish(result)) })) };
             let mut expected = Vec::new();
             write_frame(&mut expected, &frame);
-            let mut out = Vec::new();
-            write_publish_result(&mut out, id, epoch, offset);
+            let out = publish_result(id, epoch, offset);
             assert_eq!(out, expected, "id {id}, epoch {epoch:?}, offset {offset}");
-            assert_eq!(publish_result_len(id, epoch, offset), expected.len());
+            assert_eq!(out.capacity(), expected.len(), "allocated at its exact size");
         }
     }
 
