@@ -1,7 +1,8 @@
 //! A slow connection's queue under any mix of updates, replies and drains: it never holds
 //! more than its limit, never drops a high-priority update (it overflows instead), and every
 //! subscription's offsets add up with `skipped` — also when batches are shared (between
-//! drains, as between subscribers) and go out zstd-compressed.
+//! drains, as between subscribers), go out zstd-compressed, and the queue is lent and given
+//! back as a shard does around a read.
 #![no_main]
 use std::rc::Rc;
 use std::sync::Arc;
@@ -28,9 +29,19 @@ fuzz_target!(|data: &[u8]| {
     let mut batches = (limit & 1 == 1).then(|| SharedBatches::new(settings));
     let zstd = limit & 2 != 0;
     let metrics = routopia_realtime::metrics::LocalMetrics::default();
+    let mut spare = std::collections::VecDeque::with_capacity(4);
     for op in ops.chunks(2) {
         let (a, b) = (op[0], op.get(1).copied().unwrap_or(0));
         let sub = usize::from(a & 3);
+        if a & 0xC0 == 0x80 && b & 0xC0 == 0xC0 {
+            if b & 1 == 0 {
+                outbox.borrow_queue(&mut spare);
+            } else {
+                outbox.give_back_queue(&mut spare, usize::from(b >> 1 & 15));
+            }
+            assert!(spare.is_empty(), "the lender only ever holds an empty queue");
+            continue;
+        }
         if a & 0xC0 == 0xC0 {
             let batch_size = 1 + usize::from(b % 8);
             if let (true, Some(batches)) = (b & 0x40 != 0, batches.as_mut()) {
