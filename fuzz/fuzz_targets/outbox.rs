@@ -46,13 +46,20 @@ fuzz_target!(|data: &[u8]| {
             let batch_size = 1 + usize::from(b % 8);
             if let (true, Some(batches)) = (b & 0x40 != 0, batches.as_mut()) {
                 let mut head = Vec::new();
-                if let Some(parts) = outbox.take_shared(&mut head, batch_size, batches, Some((&metrics, Instant::now()))) {
+                if let Some(parts) =
+                    outbox.take_shared(&mut head, batch_size, batches, Some((&metrics, Instant::now())))
+                {
                     wire.extend_from_slice(&head);
                     parts.iter().for_each(|part| wire.extend_from_slice(part));
                     continue;
                 }
             }
-            let sharing = batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0, observed: Some((&metrics, Instant::now())) });
+            let sharing = batches.as_mut().map(|batches| Sharing {
+                batches,
+                zstd,
+                held: 0,
+                observed: Some((&metrics, Instant::now())),
+            });
             outbox.drain_into(&mut wire, batch_size, sharing);
             if let (true, Some(batches)) = (b & 0x80 != 0, batches.as_mut()) {
                 batches.forget_shared();
@@ -65,7 +72,13 @@ fuzz_target!(|data: &[u8]| {
             routes.push((sub as u32 + 1, offsets[sub]));
         }
         let key = if b & 1 != 0 { format!("k{}", b >> 5) } else { String::new() };
-        let update = Update { offset: offsets[sub], r#type: update_type, key, payload: vec![0; usize::from(b)].into(), ..Default::default() };
+        let update = Update {
+            offset: offsets[sub],
+            r#type: update_type,
+            key,
+            payload: vec![0; usize::from(b)].into(),
+            ..Default::default()
+        };
         let body = encode_update_body(&update);
         let publication = Rc::new(Publication::new(Arc::from("c"), offsets[sub], update_type, body, Instant::now()));
         if outbox.push(OutItem::Push { sub_id: sub as u32 + 1, publication }).is_err() {
@@ -77,7 +90,8 @@ fuzz_target!(|data: &[u8]| {
     if overflowed {
         return;
     }
-    let sharing = batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0, observed: Some((&metrics, Instant::now())) });
+    let sharing =
+        batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0, observed: Some((&metrics, Instant::now())) });
     outbox.drain_into(&mut wire, 100, sharing);
     let mut client = WsEndpoint::client(1 << 24);
     client.feed(&wire);

@@ -18,7 +18,8 @@ fuzz_target!(|data: &[u8]| {
     let users = Arc::new(KeyedBuckets::new([config.rate_limits.user_commands, config.rate_limits.user_publishes]));
     let limits = Rc::new(SessionLimits::from_config(&config, None, users));
     let now = Now { instant: Instant::now(), unix_us: 1 };
-    let mut session = Session::new(ConnLabel { shard: 0, conn: ConnId { index: 1, generation: 1 } }, limits, now.instant);
+    let mut session =
+        Session::new(ConnLabel { shard: 0, conn: ConnId { index: 1, generation: 1 } }, limits, now.instant);
     // Feed in uneven pieces, as TCP would.
     for chunk in data.chunks(97) {
         session.handle_bytes(now, chunk);
