@@ -15,12 +15,12 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use prost::encoding::{encode_varint, encoded_len_varint};
+use prost::encoding::encoded_len_varint;
 
 use crate::broker::Publication;
 use crate::compression::SharedBatches;
 use crate::metrics::LocalMetrics;
-use crate::protocol::push::{push_len, push_len_skipped, write_push_skipped};
+use crate::protocol::push::{append_varint, push_len, push_len_skipped, write_push_skipped};
 use crate::protocol::ws::write_binary_header;
 
 /// One thing to send.
@@ -519,17 +519,13 @@ impl Outbox {
     /// Takes `spare` as its high-priority queue when it has none (no slots, nothing queued)
     /// and `spare` is empty: a queue lent for the span of one read (see `give_back_queue`).
     pub fn borrow_queue(&mut self, spare: &mut VecDeque<OutItem>) {
-        if self.high.capacity() == 0 && self.high.is_empty() && spare.is_empty() {
-            std::mem::swap(&mut self.high, spare);
-        }
+        crate::borrow_queue(&mut self.high, spare);
     }
 
     /// Hands an empty high-priority queue of at most `up_to` slots to `spare` when `spare`
     /// has none, so the next connection's answer reuses it instead of allocating its own.
     pub fn give_back_queue(&mut self, spare: &mut VecDeque<OutItem>, up_to: usize) {
-        if self.high.is_empty() && self.high.capacity() <= up_to && spare.capacity() == 0 {
-            std::mem::swap(&mut self.high, spare);
-        }
+        crate::give_back_queue(&mut self.high, spare, up_to);
     }
 
     /// Frees the memory of each lane that holds nothing (nor remembers skipped offsets) and
@@ -891,7 +887,7 @@ where
 fn write_shared_head(out: &mut Vec<u8>, frames_len: usize, sub_id: u32) {
     write_binary_header(out, 1 + encoded_len_varint(u64::from(sub_id)) + frames_len);
     out.push(SERVER_MESSAGE_SUB_ID_KEY);
-    encode_varint(u64::from(sub_id), out);
+    append_varint(out, u64::from(sub_id));
 }
 
 /// Writes `run` (of `len` bytes plain, several subscriptions' or with skip reports) as the
@@ -925,11 +921,11 @@ fn write_envelope(out: &mut Vec<u8>, compressed: &[u8], sub_id: u32) {
     out.reserve(len + 10);
     write_binary_header(out, len);
     out.push(SERVER_MESSAGE_ZSTD_KEY);
-    encode_varint(compressed.len() as u64, out);
+    append_varint(out, compressed.len() as u64);
     out.extend_from_slice(compressed);
     if sub_id != 0 {
         out.push(SERVER_MESSAGE_SUB_ID_KEY);
-        encode_varint(u64::from(sub_id), out);
+        append_varint(out, u64::from(sub_id));
     }
 }
 

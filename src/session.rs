@@ -24,7 +24,7 @@ use crate::metrics::LocalMetrics;
 use crate::outbox::{Delivered, GaveWay, OutItem, Outbox, Overflow, Pressure, Sharing};
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
-use crate::protocol::push::{frame_len, publish_result, write_frame};
+use crate::protocol::push::{encoded_frame, publish_result};
 use crate::protocol::ws::{binary_header_len, write_data_header, WsEndpoint, WsEvent};
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::{KeyedBuckets, TokenBucket};
@@ -55,6 +55,15 @@ thread_local! {
 
 /// Frames' room `DECODED_FRAMES` keeps between messages; a larger message's is given back.
 const DECODED_FRAMES_KEEP: usize = 64;
+
+/// Queues a shard lends the session whose read it handles, so that a request allocates none
+/// of its own: the event queue, and a small outbox queue for the answers. Only empty queues
+/// change hands, so nothing queued ever moves between sessions.
+#[derive(Debug, Default)]
+pub struct LentQueues {
+    events: VecDeque<SessionEvent>,
+    outbox: VecDeque<OutItem>,
+}
 
 /// The wire form of a refusal reason.
 fn recovery_failure(reason: RecoveryFailure) -> pb::RecoveryFailure {
@@ -386,31 +395,26 @@ impl Session {
         self.events.pop_front()
     }
 
-    /// Swaps the session's event queue with `queue` when both are empty (so no event ever
-    /// moves): a shard lends one for the events of a read and takes it back once they are
-    /// handled, so a request does not allocate a queue.
-    pub fn swap_event_queue(&mut self, queue: &mut VecDeque<SessionEvent>) {
-        if self.events.is_empty() && queue.is_empty() {
-            std::mem::swap(&mut self.events, queue);
-        }
+    /// Takes the queues the shard lends for a read that it has none of (see `LentQueues`).
+    pub fn borrow_queues(&mut self, lent: &mut LentQueues) {
+        crate::borrow_queue(&mut self.events, &mut lent.events);
+        self.outbox.borrow_queue(&mut lent.outbox);
     }
 
-    /// Gives back an empty event queue's memory: between bursts of commands an idle session
+    /// Hands back what it borrowed, once empty (an outbox queue only up to `up_to` slots),
+    /// and frees an empty event queue of its own: between bursts of commands an idle session
     /// keeps no queue.
+    pub fn give_back_queues(&mut self, lent: &mut LentQueues, up_to: usize) {
+        crate::give_back_queue(&mut self.events, &mut lent.events, usize::MAX);
+        self.release_event_queue();
+        self.outbox.give_back_queue(&mut lent.outbox, up_to);
+    }
+
+    /// Frees an empty event queue's memory.
     pub fn release_event_queue(&mut self) {
         if self.events.is_empty() && self.events.capacity() > 0 {
             self.events = VecDeque::new();
         }
-    }
-
-    /// Lends the outbox a small queue for one read (see `Outbox::borrow_queue`).
-    pub fn borrow_outbox_queue(&mut self, spare: &mut VecDeque<OutItem>) {
-        self.outbox.borrow_queue(spare);
-    }
-
-    /// Returns the outbox's empty small queue to the lender (see `Outbox::give_back_queue`).
-    pub fn give_back_outbox_queue(&mut self, spare: &mut VecDeque<OutItem>, up_to: usize) {
-        self.outbox.give_back_queue(spare, up_to);
     }
 
     /// Gives back the queues of an empty outbox up to `keep_up_to` slots (`usize::MAX`: all),
@@ -696,8 +700,7 @@ impl Session {
         if frame_log::enabled() {
             FrameLog::server(&frame).log(self.client_id, false);
         }
-        let mut bytes = Vec::with_capacity(frame_len(&frame));
-        write_frame(&mut bytes, &frame);
+        let bytes = encoded_frame(&frame);
         self.outbox.push_unbounded(OutItem::Frame(bytes));
     }
 
@@ -723,38 +726,33 @@ impl Session {
     }
 
     fn handle_message(&mut self, now: Now, data: &[u8]) {
-        // Always put back empty (below).
-        let mut frames = DECODED_FRAMES.take();
-        let decoded = envelope::decode_into::<ClientMessage>(
-            &mut frames,
-            data,
-            self.limits.max_message_size,
-            &Dictionaries::default(),
-        );
-        match decoded {
-            Ok(()) if frames.len() > self.limits.max_frames_per_message => {
-                let limit = self.limits.max_frames_per_message;
-                self.close(
-                    CloseCode::TooManyFrames,
-                    format!("{} frames in one message, the limit is {limit}", frames.len()),
-                )
-            }
-            Ok(()) => {
-                for frame in frames.drain(..) {
-                    if self.is_closing() {
-                        break;
-                    }
-                    self.handle_frame(now, frame);
+        crate::with_scratch(&DECODED_FRAMES, DECODED_FRAMES_KEEP, |frames| {
+            let decoded = envelope::decode_into::<ClientMessage>(
+                frames,
+                data,
+                self.limits.max_message_size,
+                &Dictionaries::default(),
+            );
+            match decoded {
+                Ok(()) if frames.len() > self.limits.max_frames_per_message => {
+                    let limit = self.limits.max_frames_per_message;
+                    self.close(
+                        CloseCode::TooManyFrames,
+                        format!("{} frames in one message, the limit is {limit}", frames.len()),
+                    )
                 }
+                Ok(()) => {
+                    for frame in frames.drain(..) {
+                        if self.is_closing() {
+                            break;
+                        }
+                        self.handle_frame(now, frame);
+                    }
+                }
+                Err(err @ EnvelopeError::Zstd { .. }) => self.close(CloseCode::MessageTooBig, err.to_string()),
+                Err(err) => self.close(CloseCode::BadMessage, err.to_string()),
             }
-            Err(err @ EnvelopeError::Zstd { .. }) => self.close(CloseCode::MessageTooBig, err.to_string()),
-            Err(err) => self.close(CloseCode::BadMessage, err.to_string()),
-        }
-        frames.clear();
-        if frames.capacity() > DECODED_FRAMES_KEEP {
-            frames = Vec::new();
-        }
-        DECODED_FRAMES.set(frames);
+        })
     }
 
     /// Takes a token for a request of `class`; refused, answers 429 (and after too many
@@ -811,8 +809,7 @@ impl Session {
         if frame_log::enabled() {
             FrameLog::server(&frame).log(self.client_id, false);
         }
-        let mut bytes = Vec::with_capacity(frame_len(&frame));
-        write_frame(&mut bytes, &frame);
+        let bytes = encoded_frame(&frame);
         self.enqueue(OutItem::Frame(bytes));
     }
 

@@ -7,7 +7,7 @@
 //! length, and the `sub_id` field. A batch of frames is the concatenation of such pieces.
 
 use bytes::Bytes;
-use prost::encoding::{encode_varint, encoded_len_varint};
+use prost::encoding::encoded_len_varint;
 use prost::Message;
 
 use super::pb::{ServerFrame, Update};
@@ -24,14 +24,8 @@ const UPDATE_SUB_ID_KEY: u8 = 0x08;
 /// which costs the payload a shared header (an allocation) on every publish.
 pub fn encode_update_body(update: &Update) -> Bytes {
     debug_assert_eq!(update.sub_id, 0);
-    let confidence_len = if update.confidence != 0.0 { 1 + std::mem::size_of_val(&update.confidence) } else { 0 };
-    let len = varint_field_len(update.offset)
-        + varint_field_len(update.r#type as i64 as u64)
-        + bytes_field_len(update.key.as_bytes())
-        + confidence_len
-        + varint_field_len(update.timestamp_us)
-        + bytes_field_len(&update.payload)
-        + varint_field_len(u64::from(update.skipped));
+    // The same bytes as prost's, so prost's length.
+    let len = update.encoded_len();
     let mut body = Vec::with_capacity(len);
     put_varint_field(&mut body, UPDATE_OFFSET_KEY, update.offset);
     // An enum is an int32: negative values take ten bytes, sign-extended.
@@ -57,7 +51,7 @@ const UPDATE_TIMESTAMP_KEY: u8 = 0x30;
 const UPDATE_PAYLOAD_KEY: u8 = 0x3a;
 
 /// The answer to a `Publish`, as a `ServerMessage.frames` element, byte for byte as
-/// `write_frame` would: what every publish with a request id costs, without building
+/// `encoded_frame` would: what every publish with a request id costs, without building
 /// the frame's messages (and its epoch string) first. Allocated at its exact size.
 pub fn publish_result(id: u32, epoch: &str, offset: u64) -> Vec<u8> {
     let result_len = bytes_field_len(epoch.as_bytes()) + varint_field_len(offset);
@@ -181,19 +175,21 @@ pub fn write_push_skipped(out: &mut Vec<u8>, sub_id: u32, skipped: u32, body: &[
 }
 
 /// Appends `value` as a varint. prost's `encode_varint` goes through `BufMut::put_slice` for
-/// every byte; plain pushes cost a few instructions each, and never reach past the exact
-/// capacity the encoders here allocate.
+/// every byte; this pushes a one-byte varint (most lengths and ids) directly, and copies a
+/// longer one from the stack. Never reaches past the exact capacity the encoders here ask.
 #[inline(always)]
-fn append_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push(value as u8 | 0x80);
-        value >>= 7;
+pub(crate) fn append_varint(out: &mut Vec<u8>, value: u64) {
+    if value < 0x80 {
+        out.push(value as u8);
+    } else {
+        let mut bytes = [0u8; 10];
+        let len = put_varint(&mut bytes, value);
+        out.extend_from_slice(&bytes[..len]);
     }
-    out.push(value as u8);
 }
 
-/// Writes `value` as a varint at the start of `buf` (which must have room: up to 5 bytes for
-/// the lengths and ids written here); returns its length.
+/// Writes `value` as a varint at the start of `buf` (which must have room: 10 bytes for any
+/// `u64`, 5 for the lengths and ids of a push prefix); returns its length.
 #[inline(always)]
 fn put_varint(buf: &mut [u8], mut value: u64) -> usize {
     let mut i = 0;
@@ -234,19 +230,15 @@ pub fn key_hash_of(key: &[u8]) -> u64 {
     BuildHasherDefault::<DefaultHasher>::default().hash_one(key) | 1
 }
 
-/// Appends any frame as an element of `ServerMessage.frames`.
-pub fn write_frame(out: &mut Vec<u8>, frame: &ServerFrame) {
+/// Any frame as an element of `ServerMessage.frames`, allocated at its exact size.
+pub fn encoded_frame(frame: &ServerFrame) -> Vec<u8> {
     let len = frame.encoded_len();
+    let mut out = Vec::with_capacity(1 + encoded_len_varint(len as u64) + len);
     out.push(SERVER_MESSAGE_FRAMES_KEY);
-    encode_varint(len as u64, out);
+    append_varint(&mut out, len as u64);
     // Encoding into a Vec only fails for lack of capacity, which a Vec grows.
-    let _ = frame.encode(out);
-}
-
-/// Bytes `write_frame` appends for `frame`.
-pub fn frame_len(frame: &ServerFrame) -> usize {
-    let len = frame.encoded_len();
-    1 + encoded_len_varint(len as u64) + len
+    let _ = frame.encode(&mut out);
+    out
 }
 
 #[cfg(test)]
@@ -275,7 +267,7 @@ mod tests {
             write_push(&mut message, sub_id, &body);
         }
         let pong = ServerFrame { kind: Some(Kind::Pong(Pong { timestamp_us: 9 })) };
-        write_frame(&mut message, &pong);
+        message.extend_from_slice(&encoded_frame(&pong));
         let decoded = ServerMessage::decode(message.as_slice()).unwrap();
         let subs: Vec<u32> = decoded
             .frames
@@ -327,7 +319,7 @@ mod tests {
     }
 
     #[test]
-    fn publish_results_by_hand_are_what_write_frame_writes() {
+    fn publish_results_by_hand_are_what_encoded_frame_gives() {
         use crate::protocol::pb::{reply, PublishResult, Reply};
         for (id, epoch, offset) in
             [(1, "k3x9", 1), (0, "", 0), (u32::MAX, "e".repeat(300).as_str(), u64::MAX), (7, "", 5)]
@@ -335,8 +327,7 @@ mod tests {
             let result = PublishResult { epoch: epoch.into(), offset };
             let frame =
                 ServerFrame { kind: Some(Kind::Reply(Reply { id, result: Some(reply::Result::Publish(result)) })) };
-            let mut expected = Vec::new();
-            write_frame(&mut expected, &frame);
+            let expected = encoded_frame(&frame);
             let out = publish_result(id, epoch, offset);
             assert_eq!(out, expected, "id {id}, epoch {epoch:?}, offset {offset}");
             assert_eq!(out.capacity(), expected.len(), "allocated at its exact size");
@@ -376,8 +367,8 @@ mod tests {
         let Some(Kind::Update(u)) = &decoded.frames[0].kind else { panic!("an update") };
         assert_eq!((u.sub_id, u.skipped, u.payload.len()), (u32::MAX, 5, 70_000));
         let pong = ServerFrame { kind: Some(Kind::Pong(Pong { timestamp_us: 1 })) };
-        let mut out = Vec::new();
-        write_frame(&mut out, &pong);
-        assert_eq!(out.len(), frame_len(&pong));
+        let out = encoded_frame(&pong);
+        assert_eq!(out.len(), out.capacity(), "allocated at its exact size");
+        assert_eq!(ServerMessage::decode(out.as_slice()).unwrap().frames, [pong]);
     }
 }

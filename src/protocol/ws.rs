@@ -224,20 +224,17 @@ thread_local! {
 impl WholeBinaryMessages<'_> {
     /// Hands each message, unmasked, to `handle`, until it returns false.
     pub fn unmask_each(mut self, mut handle: impl FnMut(&[u8]) -> bool) {
-        let mut unmasked = UNMASKED.take();
-        while let Some((header, mask, len)) = whole_binary_frame(self.rest, usize::MAX) {
-            unmasked.clear();
-            unmasked.extend_from_slice(&self.rest[header..header + len]);
-            unmask(&mut unmasked, mask);
-            self.rest = &self.rest[header + len..];
-            if !handle(&unmasked) {
-                break;
+        crate::with_scratch(&UNMASKED, UNMASKED_KEEP, |unmasked| {
+            while let Some((header, mask, len)) = whole_binary_frame(self.rest, usize::MAX) {
+                unmasked.clear();
+                unmasked.extend_from_slice(&self.rest[header..header + len]);
+                unmask(unmasked, mask);
+                self.rest = &self.rest[header + len..];
+                if !handle(unmasked) {
+                    break;
+                }
             }
-        }
-        if unmasked.capacity() > UNMASKED_KEEP {
-            unmasked = Vec::new();
-        }
-        UNMASKED.set(unmasked);
+        })
     }
 }
 

@@ -24,10 +24,9 @@ use crate::broker::{owner_shard, Joining, Publication};
 use crate::compression::{CompressionCounters, SharedBatches};
 use crate::config::Config;
 use crate::metrics::{channel_slot, CommandKind, LocalMetrics, RequestClock, UPDATE_TYPES};
-use crate::outbox::OutItem;
 use crate::protocol::{pb, CloseCode, ErrorCode};
 use crate::router::{ConnId, ConnLabel, Router, Subscriber};
-use crate::session::{Now, Session, SessionEvent, SessionLimits};
+use crate::session::{LentQueues, Now, Session, SessionEvent, SessionLimits};
 
 /// Most messages kept for one full inbox before deliveries to it are dropped (and counted).
 const MAX_BACKLOG: usize = 1 << 18;
@@ -108,11 +107,9 @@ pub(crate) struct ShardState {
     wall_clock: WallClock,
     /// See `clock`.
     read_step_at: Option<Instant>,
-    /// The event queue lent to the session whose read is handled (see `on_bytes`).
-    event_queue: VecDeque<SessionEvent>,
-    /// A small outbox queue lent the same way, so answering a request allocates no queue:
-    /// it comes back when the connection's outbox drains (`went_idle`) or stays empty.
-    outbox_queue: VecDeque<OutItem>,
+    /// Lent to the session whose read is handled (see `on_bytes`); they come back at the
+    /// read's end, or when the connection's outbox drains (`went_idle`).
+    lent: LentQueues,
     /// Subscriptions on this shard's connections, by channel type.
     subscriptions: [u64; UPDATE_TYPES],
     timings_flushed_at: Instant,
@@ -166,8 +163,7 @@ impl ShardState {
             requests: RequestClock::default(),
             wall_clock: WallClock::anchored_now(),
             read_step_at: None,
-            event_queue: VecDeque::new(),
-            outbox_queue: VecDeque::new(),
+            lent: LentQueues::default(),
             subscriptions: [0; UPDATE_TYPES],
             timings_flushed_at: Instant::now(),
             api: Waiters::default(),
@@ -249,27 +245,22 @@ impl ShardState {
     pub fn on_bytes(&mut self, id: ConnId, bytes: &[u8], direct: Option<RawFd>) {
         self.metrics.count_received(bytes.len());
         let now = self.wall_clock.at(Instant::now());
-        // The table alone (not `conn`), as the shard's event queue is borrowed beside it.
+        // The table alone (not `conn`), as the shard's queues are borrowed beside it.
         let Some(conn) = live_conn(&mut self.conns, id) else { return };
-        conn.session.swap_event_queue(&mut self.event_queue);
-        conn.session.borrow_outbox_queue(&mut self.outbox_queue);
+        conn.session.borrow_queues(&mut self.lent);
         conn.session.handle_bytes(now, bytes);
         // Answers this shard gives at once (it owns the channel) join the direct send.
         self.reading = Some(id);
         self.read_step_at = Some(now.instant);
         self.handle_events(id);
         self.reading = None;
-        if let Some(conn) = live_conn(&mut self.conns, id) {
-            conn.session.swap_event_queue(&mut self.event_queue);
-            conn.session.release_event_queue();
-        }
         let handled_at = Instant::now();
         self.metrics.finish_read(handled_at.saturating_duration_since(now.instant));
         self.read_step_at = Some(handled_at);
         self.send_or_wake(id, direct);
         self.read_step_at = None;
         if let Some(conn) = live_conn(&mut self.conns, id) {
-            conn.session.give_back_outbox_queue(&mut self.outbox_queue, SMALL_QUEUE_SLOTS);
+            conn.session.give_back_queues(&mut self.lent, SMALL_QUEUE_SLOTS);
         }
     }
 
@@ -348,7 +339,7 @@ impl ShardState {
         match live_conn(&mut self.conns, id) {
             Some(conn) if conn.session.wants_write() => false,
             Some(conn) => {
-                conn.session.give_back_outbox_queue(&mut self.outbox_queue, SMALL_QUEUE_SLOTS);
+                conn.session.give_back_queues(&mut self.lent, SMALL_QUEUE_SLOTS);
                 conn.session.release_idle_buffers(SMALL_QUEUE_SLOTS);
                 true
             }
