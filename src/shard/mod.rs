@@ -5,6 +5,7 @@
 pub mod admission;
 mod api;
 mod conn;
+mod event_loop;
 mod exposition;
 mod http;
 mod inbox;
@@ -44,8 +45,6 @@ use crate::tls::ServerCertificate;
 use admission::{Admission, Refusal};
 use state::ShardState;
 
-/// How often a shard expires history and forgets idle channels.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a draining shard looks whether its connections have all ended.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
@@ -579,7 +578,6 @@ fn run_shard(
     core: Option<usize>,
     started: Started,
 ) -> DrainReport {
-    let ShardListeners { main: listener, metrics: metrics_listener, api: api_listener } = listeners;
     let (runtime, kind) = match first_runtime(id, cluster.config.get().driver, core) {
         Ok(built) => built,
         Err(err) => {
@@ -589,52 +587,63 @@ fn run_shard(
     };
     let driver = if runtime.driver_type().is_iouring() { 1 } else { 2 };
     cluster.stats[id].driver.store(driver, Ordering::Relaxed);
-    let report = runtime.block_on(async move {
-        let listener = match TcpListener::from_std(listener) {
-            Ok(listener) => listener,
-            Err(err) => {
-                refuse(&started, id, "cannot register the listener", err);
-                return DrainReport::default();
-            }
+    let report = runtime.enter(|| {
+        let Some(state) = start_shard(id, cluster, listeners, kind, core, &started) else {
+            return DrainReport::default();
         };
-        let metrics_listener = match metrics_listener.map(TcpListener::from_std).transpose() {
-            Ok(listener) => listener,
-            Err(err) => {
-                refuse(&started, id, "cannot register the metrics listener", err);
-                return DrainReport::default();
-            }
+        let main = async {
+            let deadline = inbox_loop(state.clone()).await;
+            drain(&state, deadline).await
         };
-        let api_listener = match api_listener.map(TcpListener::from_std).transpose() {
-            Ok(listener) => listener,
-            Err(err) => {
-                refuse(&started, id, "cannot register the API listener", err);
-                return DrainReport::default();
-            }
-        };
-        tracing::info!(shard = id, driver = cluster.stats[id].driver_name(), ?kind, core = ?core, "shard started");
-        let _ = started.send(Ok(()));
-        let state = Rc::new(RefCell::new(ShardState::new(id, cluster)));
-        compio::runtime::spawn(sweep_loop(state.clone())).detach();
-        compio::runtime::spawn(timeout_loop(state.clone())).detach();
-        if state.borrow().pacing.enabled() {
-            compio::runtime::spawn(pacing_loop(state.clone())).detach();
-        }
-        if let Some(listener) = metrics_listener {
-            compio::runtime::spawn(metrics_accept_loop(listener, state.clone())).detach();
-        }
-        if let Some(listener) = api_listener {
-            compio::runtime::spawn(api::accept_loop(listener, state.clone())).detach();
-        }
-        if id == 0 {
-            // State shared by every shard is swept by one.
-            compio::runtime::spawn(cleanup_loop(state.borrow().cluster.clone())).detach();
-        }
-        compio::runtime::spawn(accept_loop(listener, state.clone())).detach();
-        let deadline = inbox_loop(state.clone()).await;
-        drain(&state, deadline).await
+        event_loop::run(&runtime, &state, main)
     });
     tracing::info!(shard = id, drained = report.drained, cut = report.cut, "shard stopped");
     report
+}
+
+/// Registers the shard's listeners and starts its accept loops; `None` (after telling
+/// `started` why) when a listener cannot be registered.
+fn start_shard(
+    id: usize,
+    cluster: Arc<Cluster>,
+    listeners: ShardListeners,
+    kind: RuntimeKind,
+    core: Option<usize>,
+    started: &Started,
+) -> Option<Rc<RefCell<ShardState>>> {
+    let ShardListeners { main: listener, metrics: metrics_listener, api: api_listener } = listeners;
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(err) => {
+            refuse(started, id, "cannot register the listener", err);
+            return None;
+        }
+    };
+    let metrics_listener = match metrics_listener.map(TcpListener::from_std).transpose() {
+        Ok(listener) => listener,
+        Err(err) => {
+            refuse(started, id, "cannot register the metrics listener", err);
+            return None;
+        }
+    };
+    let api_listener = match api_listener.map(TcpListener::from_std).transpose() {
+        Ok(listener) => listener,
+        Err(err) => {
+            refuse(started, id, "cannot register the API listener", err);
+            return None;
+        }
+    };
+    tracing::info!(shard = id, driver = cluster.stats[id].driver_name(), ?kind, core = ?core, "shard started");
+    let _ = started.send(Ok(()));
+    let state = Rc::new(RefCell::new(ShardState::new(id, cluster)));
+    if let Some(listener) = metrics_listener {
+        compio::runtime::spawn(metrics_accept_loop(listener, state.clone())).detach();
+    }
+    if let Some(listener) = api_listener {
+        compio::runtime::spawn(api::accept_loop(listener, state.clone())).detach();
+    }
+    compio::runtime::spawn(accept_loop(listener, state.clone())).detach();
+    Some(state)
 }
 
 fn refuse(started: &Started, id: usize, what: &str, err: io::Error) {
@@ -705,57 +714,6 @@ async fn backlog_flusher(state: Rc<RefCell<ShardState>>) {
             shard.backlog_flusher_running = false;
             return;
         }
-    }
-}
-
-/// Ticks the shard's adaptive batching: samples the load, releases waiting writers.
-async fn pacing_loop(state: Rc<RefCell<ShardState>>) {
-    let mut due = Instant::now();
-    loop {
-        let period = state.borrow().pacing.period();
-        // Ticks keep their cadence however long a tick's sends take (10,000 batches take a
-        // few hundred milliseconds): the linger, not the linger plus the sends, spaces a
-        // connection's writes. A tick that ran past the next one's time is followed at once,
-        // and the load it measures then says the shard is busy.
-        due = (due + period).max(Instant::now());
-        compio::time::sleep_until(due).await;
-        state.borrow_mut().on_pacing_tick(Instant::now(), pacing::thread_cpu_time());
-    }
-}
-
-/// Lets every session act on the passing of time (overdue acknowledgements).
-async fn timeout_loop(state: Rc<RefCell<ShardState>>) {
-    let mut period = Duration::MAX;
-    loop {
-        // A quarter of the shortest timeout keeps resends and pings within 25 % of their
-        // deadline. It only ever shortens: connections opened before a reload keep the
-        // timeouts they started with.
-        let config = state.borrow_mut().config();
-        let shortest = config
-            .acks
-            .timeout
-            .min(config.heartbeat.interval)
-            .min(config.auth.expiry_grace.max(Duration::from_millis(20)));
-        period = period.min((shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1)));
-        compio::time::sleep(period).await;
-        state.borrow_mut().on_tick(Instant::now());
-    }
-}
-
-/// Forgets the rate-limit buckets of users and addresses that left (or calmed down).
-async fn cleanup_loop(cluster: Arc<Cluster>) {
-    loop {
-        compio::time::sleep(cluster.config.get().cleanup.interval).await;
-        cluster.users.sweep(Instant::now());
-        cluster.admission.sweep(Instant::now());
-    }
-}
-
-async fn sweep_loop(state: Rc<RefCell<ShardState>>) {
-    let mut interval = compio::time::interval(SWEEP_INTERVAL);
-    loop {
-        interval.tick().await;
-        state.borrow_mut().sweep();
     }
 }
 
