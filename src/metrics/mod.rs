@@ -5,8 +5,8 @@
 //! microseconds, exported as Prometheus histograms (fixed buckets) plus quantiles over the last
 //! one to two minutes.
 
-mod delivery;
 mod histogram;
+mod latencies;
 pub mod process;
 pub mod prometheus;
 
@@ -142,7 +142,12 @@ pub struct LocalMetrics {
     /// Commands answered within the current read, timed when the read is handled.
     answered_in_read: RefCell<Vec<CommandKind>>,
     /// Publish→write latencies by type: counted in plain buckets on the delivery path.
-    deliveries: RefCell<delivery::DeliveryLatencies>,
+    deliveries: RefCell<latencies::Latencies<UPDATE_TYPES>>,
+    /// Arrival→answer latencies by command, in the same plain buckets.
+    requests: RefCell<latencies::Latencies<{ CommandKind::ALL.len() }>>,
+    /// Messages written with one frame, the common case, counted here and added to the
+    /// frames-per-message histogram when the shard publishes its figures.
+    single_frame_messages: Cell<u64>,
     timings: RefCell<LocalTimings>,
 }
 
@@ -151,6 +156,7 @@ struct LocalTimings {
     /// The delivery buckets as histograms, on their way to the shared ones.
     scratch: [Option<Box<Timing>>; UPDATE_TYPES],
     acked: [Option<Box<Timing>>; UPDATE_TYPES],
+    /// The request buckets as histograms, on their way to the shared ones.
     requests: [Option<Box<Timing>>; CommandKind::ALL.len()],
     frames: Option<Box<Timing>>,
 }
@@ -172,6 +178,8 @@ impl Default for LocalMetrics {
             closed_by_peer: Cell::new(0),
             answered_in_read: RefCell::new(Vec::new()),
             deliveries: RefCell::default(),
+            requests: RefCell::default(),
+            single_frame_messages: Cell::new(0),
             timings: RefCell::new(LocalTimings {
                 scratch: Default::default(),
                 acked: Default::default(),
@@ -209,7 +217,11 @@ impl LocalMetrics {
     /// One WebSocket message of `frames` frames was written.
     pub fn record_message(&self, frames: usize) {
         bump(&self.messages_sent, 1);
-        record(&mut self.timings.borrow_mut().frames, FRAMES_MAX, frames as u64);
+        if frames == 1 {
+            bump(&self.single_frame_messages, 1);
+        } else {
+            record(&mut self.timings.borrow_mut().frames, FRAMES_MAX, frames as u64);
+        }
     }
 
     /// An acknowledgement settled `publication` at `now`: end-to-end delivery latency.
@@ -221,7 +233,7 @@ impl LocalMetrics {
 
     /// A request took `elapsed` from its arrival to its answer.
     pub fn record_request(&self, command: CommandKind, elapsed: Duration) {
-        record(&mut self.timings.borrow_mut().requests[command as usize], LATENCY_MAX_US, micros(elapsed));
+        self.requests.borrow_mut().counts().record(command as usize, micros(elapsed));
     }
 
     /// A command arrived. It is timed when the read is done, unless it goes on to a channel's
@@ -245,9 +257,11 @@ impl LocalMetrics {
         if answered.is_empty() {
             return;
         }
-        let mut timings = self.timings.borrow_mut();
+        let mut requests = self.requests.borrow_mut();
+        let mut counts = requests.counts();
+        let elapsed = micros(elapsed);
         for command in answered.drain(..) {
-            record(&mut timings.requests[command as usize], LATENCY_MAX_US, micros(elapsed));
+            counts.record(command as usize, elapsed);
         }
     }
 
@@ -303,6 +317,13 @@ impl LocalMetrics {
         let mut shared_guard = shared.timings.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (local, shared_timings) = (&mut *local_guard, &mut *shared_guard);
         self.deliveries.borrow_mut().drain_into(&mut local.scratch);
+        self.requests.borrow_mut().drain_into(&mut local.requests);
+        let singles = self.single_frame_messages.replace(0);
+        if singles > 0 {
+            let frames = local.frames.get_or_insert_with(|| Box::new(Timing::new(FRAMES_MAX)));
+            frames.record_n(1, singles);
+            frames.add_to_sum(singles);
+        }
         let families = [
             (&mut local.scratch[..], &mut shared_timings.delivery[..], LATENCY_MAX_US),
             (&mut local.acked[..], &mut shared_timings.acked[..], LATENCY_MAX_US),

@@ -1,9 +1,10 @@
-//! Publish→write latencies on the delivery path, where an hdrhistogram record per update
-//! cost more than the rest of the bookkeeping: plain log-linear buckets (128 per power of
-//! two, under 0.8 % wide, the same resolution as the histograms they are moved into), with
-//! the exact sum, turned into `Timing`s when the shard publishes its figures.
+//! Latencies recorded on hot paths (publish→write for every delivery, arrival→answer for
+//! every request), where an hdrhistogram record each cost more than the rest of the
+//! bookkeeping: plain log-linear buckets (128 per power of two, under 0.8 % wide, the same
+//! resolution as the histograms they are moved into), with the exact sum, turned into
+//! `Timing`s when the shard publishes its figures.
 
-use super::{Timing, LATENCY_MAX_US, UPDATE_TYPES};
+use super::{Timing, LATENCY_MAX_US};
 
 /// Sub-buckets per power of two, as a shift.
 const SUB_BITS: u32 = 7;
@@ -29,24 +30,29 @@ fn bucket_value(index: usize) -> u64 {
     lowest + (1 << shift) / 2
 }
 
-/// Latencies of one shard's deliveries since the last drain, by update type.
-#[derive(Default)]
-pub struct DeliveryLatencies {
-    /// By type; allocated on the first delivery.
-    counts: Option<Box<[[u32; BUCKETS]; UPDATE_TYPES]>>,
-    sums: [u64; UPDATE_TYPES],
+/// Latencies recorded since the last drain, in `SLOTS` families (update types, commands).
+pub struct Latencies<const SLOTS: usize> {
+    /// By slot; allocated on the first record.
+    counts: Option<Box<[[u32; BUCKETS]; SLOTS]>>,
+    sums: [u64; SLOTS],
 }
 
-impl DeliveryLatencies {
+impl<const SLOTS: usize> Default for Latencies<SLOTS> {
+    fn default() -> Self {
+        Self { counts: None, sums: [0; SLOTS] }
+    }
+}
+
+impl<const SLOTS: usize> Latencies<SLOTS> {
     /// The buckets to count into (made on first use, kept after).
     #[inline]
-    pub fn counts(&mut self) -> DeliveryCounts<'_> {
-        let counts = self.counts.get_or_insert_with(|| Box::new([[0; BUCKETS]; UPDATE_TYPES]));
-        DeliveryCounts { counts, sums: &mut self.sums }
+    pub fn counts(&mut self) -> LatencyCounts<'_, SLOTS> {
+        let counts = self.counts.get_or_insert_with(|| Box::new([[0; BUCKETS]; SLOTS]));
+        LatencyCounts { counts, sums: &mut self.sums }
     }
 
-    /// Adds what was recorded to `into` (a histogram per type, made when needed) and starts again.
-    pub fn drain_into(&mut self, into: &mut [Option<Box<Timing>>; UPDATE_TYPES]) {
+    /// Adds what was recorded to `into` (a histogram per slot, made when needed) and starts again.
+    pub fn drain_into(&mut self, into: &mut [Option<Box<Timing>>; SLOTS]) {
         let Some(all) = self.counts.as_deref_mut() else { return };
         for (slot, counts) in all.iter_mut().enumerate() {
             let sum = std::mem::take(&mut self.sums[slot]);
@@ -62,14 +68,14 @@ impl DeliveryLatencies {
     }
 }
 
-/// Where one write's deliveries are counted.
-pub struct DeliveryCounts<'a> {
-    counts: &'a mut [[u32; BUCKETS]; UPDATE_TYPES],
-    sums: &'a mut [u64; UPDATE_TYPES],
+/// Where a batch of latencies (one write's deliveries, one read's answers) is counted.
+pub struct LatencyCounts<'a, const SLOTS: usize> {
+    counts: &'a mut [[u32; BUCKETS]; SLOTS],
+    sums: &'a mut [u64; SLOTS],
 }
 
-impl DeliveryCounts<'_> {
-    /// `slot` is below `UPDATE_TYPES` (`type_slot`).
+impl<const SLOTS: usize> LatencyCounts<'_, SLOTS> {
+    /// `slot` is below `SLOTS`.
     #[inline]
     pub fn record(&mut self, slot: usize, latency_us: u64) {
         let latency_us = latency_us.min(LATENCY_MAX_US);
@@ -82,6 +88,7 @@ impl DeliveryCounts<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::UPDATE_TYPES;
 
     #[test]
     fn buckets_are_exact_below_128_and_under_one_percent_wide_above() {
@@ -103,7 +110,7 @@ mod tests {
 
     #[test]
     fn drained_latencies_become_histograms_with_their_exact_sum() {
-        let mut latencies = DeliveryLatencies::default();
+        let mut latencies = Latencies::<UPDATE_TYPES>::default();
         let mut counts = latencies.counts();
         for value in [40, 40, 2_000, 9_000_000] {
             counts.record(1, value);
