@@ -22,6 +22,7 @@ use crate::compression::{SharedBatches, ZstdSettings};
 use crate::config::{Bucket, Config};
 use crate::metrics::LocalMetrics;
 use crate::outbox::{Delivered, GaveWay, OutItem, Outbox, Overflow, Pressure, Sharing};
+use crate::protocol::client_frames;
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
 use crate::protocol::push::{encoded_frame, publish_result};
@@ -727,12 +728,16 @@ impl Session {
 
     fn handle_message(&mut self, now: Now, data: &[u8]) {
         crate::with_scratch(&DECODED_FRAMES, DECODED_FRAMES_KEEP, |frames| {
-            let decoded = envelope::decode_into::<ClientMessage>(
-                frames,
-                data,
-                self.limits.max_message_size,
-                &Dictionaries::default(),
-            );
+            let decoded = if client_frames::decode_common(data, frames) {
+                Ok(())
+            } else {
+                envelope::decode_into::<ClientMessage>(
+                    frames,
+                    data,
+                    self.limits.max_message_size,
+                    &Dictionaries::default(),
+                )
+            };
             match decoded {
                 Ok(()) if frames.len() > self.limits.max_frames_per_message => {
                     let limit = self.limits.max_frames_per_message;

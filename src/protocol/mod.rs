@@ -1,7 +1,8 @@
 //! Bytes in, bytes out, no I/O: the protobuf types generated from `proto/realtime.proto`, the
-//! zstd envelope, pre-encoded pushes, WebSocket framing helpers, the HTTP request head, and the
-//! tables of error and close codes.
+//! zstd envelope, a hand reader of the commonest client messages, pre-encoded pushes,
+//! WebSocket framing helpers, the HTTP request head, and the tables of error and close codes.
 
+pub mod client_frames;
 pub mod codes;
 pub mod envelope;
 pub mod http;
