@@ -1,16 +1,19 @@
-//! The loop a shard thread runs: compio's tasks and completions, and the shard's periodic
-//! work (pacing ticks, timeouts, sweeps) on deadlines of its own.
+//! The loop a shard thread runs: compio's tasks and completions, with the shard's periodic
+//! work (pacing ticks, timeouts, sweeps) in one task that sleeps on an io_uring timeout.
 //!
-//! compio's `block_on` would do, but while any compio timer is set its every turn reads the
-//! clock twice and splits its timer tree (a node allocated and freed), and it polls the
-//! top-level future every turn. A shard always has its periodic timers set, and a request
-//! often has a turn of its own, so that was about a twentieth of a request's instructions.
-//! Here the periodic work needs one clock reading a turn, and the top-level future (the
-//! inbox) is polled only when woken. compio timers still work (handshake and close
-//! timeouts, the drain): the loop sleeps no longer than the earliest of them.
+//! compio's `block_on` would do, but two of its habits cost a shard on every turn of the loop,
+//! which a request often has to itself:
+//! - While any compio timer is set (a shard always had its periodic ones), each turn read the
+//!   clock twice and split its timer tree (a node allocated and freed), and each wait for
+//!   completions carried a timeout: the kernel armed and cancelled a timer around every sleep,
+//!   which in a virtual machine traps to the hypervisor. The periodic work now waits on one
+//!   io_uring timeout operation, armed once per tick, so waits carry no timeout while no
+//!   compio timer is set (handshake and close timeouts and the drain still use them).
+//! - It polled the top-level future every turn; here the inbox future is polled when woken.
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::io;
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +21,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use compio::driver::{Decision, IourOpCode, OpEntry, OpType, PollOpCode};
 use compio::runtime::Runtime;
+use io_uring::{opcode, types::Timespec};
 
 use super::pacing;
 use super::state::ShardState;
@@ -26,9 +31,10 @@ use super::state::ShardState;
 /// How often a shard expires history and forgets idle channels.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Runs `main` on `runtime` to its end, with the shard's periodic work between polls.
+/// Runs `main` on `runtime` to its end, with the shard's periodic work beside it.
 pub(super) fn run<F: Future>(runtime: &Runtime, state: &Rc<RefCell<ShardState>>, main: F) -> F::Output {
-    let mut ticks = Ticks::new(state, Instant::now());
+    let on_io_uring = runtime.driver_type().is_iouring();
+    compio::runtime::spawn(periodic_work(state.clone(), on_io_uring)).detach();
     let woken = Arc::new(MainWaker { woken: AtomicBool::new(true), driver: runtime.waker() });
     let waker = Waker::from(woken.clone());
     let mut cx = Context::from_waker(&waker);
@@ -40,16 +46,71 @@ pub(super) fn run<F: Future>(runtime: &Runtime, state: &Rc<RefCell<ShardState>>,
                 return output;
             }
         }
-        let more_tasks = runtime.run();
-        let now = Instant::now();
-        ticks.run_due(state, now);
-        let timeout = if more_tasks {
-            Duration::ZERO
+        let timeout = if runtime.run() { Some(Duration::ZERO) } else { runtime.current_timeout() };
+        runtime.poll_with(timeout);
+    }
+}
+
+/// The shard's periodic work, each piece when it is due.
+async fn periodic_work(state: Rc<RefCell<ShardState>>, mut on_io_uring: bool) {
+    let mut ticks = Ticks::new(&state, Instant::now());
+    loop {
+        let due = ticks.next_due();
+        if on_io_uring {
+            let wait = due.saturating_duration_since(Instant::now());
+            // The timeout's own completion is ETIME; anything else means the kernel would not
+            // time it, and compio's timers take over.
+            match compio::runtime::submit(Alarm::after(wait)).await.0 {
+                Ok(_) => {}
+                Err(err) if err.raw_os_error() == Some(libc::ETIME) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "io_uring timeouts unavailable; the shard's ticks use compio timers");
+                    on_io_uring = false;
+                }
+            }
         } else {
-            let until_tick = ticks.next_due().saturating_duration_since(now);
-            runtime.current_timeout().map_or(until_tick, |timer| timer.min(until_tick))
-        };
-        runtime.poll_with(Some(timeout));
+            compio::time::sleep_until(due).await;
+        }
+        ticks.run_due(&state, Instant::now());
+    }
+}
+
+/// An io_uring timeout: completes (with ETIME) once its time has passed.
+struct Alarm {
+    /// Read by the kernel when the operation is submitted; the operation is not moved until
+    /// it completes.
+    after: Timespec,
+}
+
+impl Alarm {
+    fn after(wait: Duration) -> Self {
+        Self { after: Timespec::from(wait) }
+    }
+}
+
+// SAFETY: the entry points at `after`, which lives in the operation until it completes.
+unsafe impl IourOpCode for Alarm {
+    type Control = ();
+
+    fn create_entry(&mut self, _: &mut ()) -> OpEntry {
+        opcode::Timeout::new(&self.after).build().into()
+    }
+}
+
+// SAFETY: never submitted to the epoll driver (`periodic_work` uses compio's timers there).
+unsafe impl PollOpCode for Alarm {
+    type Control = ();
+
+    fn pre_submit(&mut self, _: &mut ()) -> io::Result<Decision> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring timeouts need the io_uring driver"))
+    }
+
+    fn op_type(&mut self, _: &mut ()) -> Option<OpType> {
+        None
+    }
+
+    fn operate(&mut self, _: &mut ()) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring timeouts need the io_uring driver")))
     }
 }
 
