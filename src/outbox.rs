@@ -565,6 +565,9 @@ impl Outbox {
     pub fn drain_into(&mut self, out: &mut Vec<u8>, batch_size: usize, mut sharing: Option<Sharing<'_>>) -> usize {
         self.end_run();
         self.frames = 0;
+        if self.write_lone_frame(out, sharing.as_ref()) {
+            return 1;
+        }
         let Some(lane) = self.low.as_deref_mut() else {
             let frames = write_batches(out, self.high.iter(), batch_size, None, sharing.as_mut());
             self.high.clear();
@@ -581,6 +584,27 @@ impl Outbox {
         lane.unindex_keys();
         self.bytes = lane.skipped.values().map(|ranges| ranges.len() * SKIPPED_BYTES).sum();
         frames
+    }
+
+    /// The common write of request/reply, one answer and nothing else, as `write_batches`
+    /// writes it (a message of one frame) without its run and sharing bookkeeping. Returns
+    /// whether that was the case; not when the answer is to be compressed.
+    fn write_lone_frame(&mut self, out: &mut Vec<u8>, sharing: Option<&Sharing<'_>>) -> bool {
+        let (None, [OutItem::Frame(frame)], []) = (&self.low, self.high.as_slices().0, self.high.as_slices().1) else {
+            return false;
+        };
+        if sharing.is_some_and(|sharing| sharing.compresses(frame.len())) {
+            return false;
+        }
+        if let Some((metrics, _)) = sharing.and_then(|sharing| sharing.observed) {
+            metrics.record_message(1);
+        }
+        out.reserve(frame.len() + 10);
+        write_binary_header(out, frame.len());
+        out.extend_from_slice(frame);
+        self.high.clear();
+        self.bytes = 0;
+        true
     }
 
     fn is_high_priority(&self, publication: &Publication) -> bool {
@@ -724,6 +748,14 @@ pub struct Sharing<'a> {
     pub observed: Observed<'a>,
 }
 
+impl Sharing<'_> {
+    /// Whether a message of `len` plain bytes goes out compressed.
+    fn compresses(&self, len: usize) -> bool {
+        let threshold = self.batches.threshold();
+        self.zstd && threshold != 0 && len >= threshold
+    }
+}
+
 /// The shard's tallies and the time of the write being made, when it is observed.
 pub type Observed<'a> = Option<(&'a LocalMetrics, Instant)>;
 
@@ -784,8 +816,7 @@ where
             metrics.record_message(count);
         }
         if let Some(sharing) = sharing.as_deref_mut() {
-            let threshold = sharing.batches.threshold();
-            let compress = sharing.zstd && threshold != 0 && len >= threshold;
+            let compress = sharing.compresses(len);
             // One update alone is as cheap to write as to look up, unless it is to be compressed.
             let worth_sharing = (count >= 2 || compress) && skips.iter().all(|&n| n == 0);
             let shared_sub = if worth_sharing { one_subscription(run.clone()) } else { None };
@@ -1426,6 +1457,29 @@ mod tests {
         let index = Delivered::append(&mut delivered, &publication);
         assert_eq!(outbox.push_delivered(1, &publication, &delivered, index), Err(Overflow));
         assert_eq!(outbox.queued_bytes(), one * 2);
+    }
+
+    #[test]
+    fn a_lone_answer_is_a_message_of_one_frame_unless_it_is_to_be_compressed() {
+        let answer = crate::protocol::push::publish_result(7, "9f1c2b7a44e0d311", 3);
+        let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
+        outbox.push(OutItem::Frame(answer.clone())).unwrap();
+        let (mut batches, mut wire) = (plain_batches(), Vec::new());
+        assert_eq!(outbox.drain_into(&mut wire, 100, Some(plain_sharing(&mut batches))), 1);
+        assert!(outbox.is_empty() && outbox.queued_bytes() == 0);
+        let written = messages(&wire);
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0].encode_to_vec(), answer, "the frame, as the only element of `frames`");
+        // Above the threshold of a client that takes zstd it goes the batch writer's way.
+        let settings = crate::compression::ZstdSettings { threshold: 16, level: 1, dictionaries: Vec::new() };
+        let mut batches = SharedBatches::new(Arc::new(settings));
+        let large = crate::protocol::push::publish_result(7, &"e".repeat(200), 3);
+        outbox.push(OutItem::Frame(large.clone())).unwrap();
+        let sharing = Sharing { batches: &mut batches, zstd: true, held: 0, observed: None };
+        let mut compressed = Vec::new();
+        assert_eq!(outbox.drain_into(&mut compressed, 100, Some(sharing)), 1);
+        let written = messages(&compressed);
+        assert!(written[0].frames.is_empty() && !written[0].zstd.is_empty(), "{written:?}");
     }
 
     #[test]

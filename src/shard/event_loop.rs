@@ -193,11 +193,11 @@ impl Ticks {
             shard.sweep();
             self.sweep = now + SWEEP_INTERVAL;
         }
-        if let Some(due) = self.cleanup.filter(|&due| now >= due) {
+        if self.cleanup.is_some_and(|due| now >= due) {
             let cluster = shard.cluster.clone();
             cluster.users.sweep(now);
             cluster.admission.sweep(now);
-            self.cleanup = Some(due.max(now) + cluster.config.get().cleanup.interval);
+            self.cleanup = Some(now + cluster.config.get().cleanup.interval);
         }
     }
 }
