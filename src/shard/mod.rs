@@ -587,16 +587,27 @@ fn run_shard(
     };
     let driver = if runtime.driver_type().is_iouring() { 1 } else { 2 };
     cluster.stats[id].driver.store(driver, Ordering::Relaxed);
-    let report = runtime.enter(|| {
-        let Some(state) = start_shard(id, cluster, listeners, kind, core, &started) else {
-            return DrainReport::default();
-        };
-        let main = async {
-            let deadline = inbox_loop(state.clone()).await;
-            drain(&state, deadline).await
-        };
-        event_loop::run(&runtime, &state, main)
-    });
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.enter(|| {
+            let Some(state) = start_shard(id, cluster, listeners, kind, core, &started) else {
+                return DrainReport::default();
+            };
+            let main = async {
+                let deadline = inbox_loop(state.clone()).await;
+                drain(&state, deadline).await
+            };
+            event_loop::run(&runtime, &state, main)
+        })
+    }));
+    let report = match run {
+        Ok(report) => report,
+        Err(panic) => {
+            // As compio's `block_on` does: the runtime's tasks are dropped once the unwind has
+            // been caught, not during it.
+            drop(runtime);
+            std::panic::resume_unwind(panic)
+        }
+    };
     tracing::info!(shard = id, drained = report.drained, cut = report.cut, "shard stopped");
     report
 }
