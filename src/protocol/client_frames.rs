@@ -101,20 +101,9 @@ impl<'a> Reader<'a> {
         Some(first)
     }
 
-    /// A varint of up to ten bytes, as protobuf allows; the tenth may only hold the top bit.
+    /// prost's own varint reading, so the two agree on every varint by construction.
     fn varint(&mut self) -> Option<u64> {
-        let mut value = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = self.byte()?;
-            if shift == 63 && byte > 1 {
-                return None;
-            }
-            value |= u64::from(byte & 0x7f) << shift;
-            if byte < 0x80 {
-                return Some(value);
-            }
-        }
-        None
+        prost::encoding::decode_varint(&mut self.0).ok()
     }
 
     fn fixed32(&mut self) -> Option<[u8; 4]> {
