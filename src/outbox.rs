@@ -565,9 +565,6 @@ impl Outbox {
     pub fn drain_into(&mut self, out: &mut Vec<u8>, batch_size: usize, mut sharing: Option<Sharing<'_>>) -> usize {
         self.end_run();
         self.frames = 0;
-        if self.write_lone_frame(out, sharing.as_ref()) {
-            return 1;
-        }
         let Some(lane) = self.low.as_deref_mut() else {
             let frames = write_batches(out, self.high.iter(), batch_size, None, sharing.as_mut());
             self.high.clear();
@@ -584,27 +581,6 @@ impl Outbox {
         lane.unindex_keys();
         self.bytes = lane.skipped.values().map(|ranges| ranges.len() * SKIPPED_BYTES).sum();
         frames
-    }
-
-    /// The common write of request/reply, one answer and nothing else, as `write_batches`
-    /// writes it (a message of one frame) without its run and sharing bookkeeping. Returns
-    /// whether that was the case; not when the answer is to be compressed.
-    fn write_lone_frame(&mut self, out: &mut Vec<u8>, sharing: Option<&Sharing<'_>>) -> bool {
-        let (None, [OutItem::Frame(frame)], []) = (&self.low, self.high.as_slices().0, self.high.as_slices().1) else {
-            return false;
-        };
-        if sharing.is_some_and(|sharing| sharing.compresses(frame.len())) {
-            return false;
-        }
-        if let Some((metrics, _)) = sharing.and_then(|sharing| sharing.observed) {
-            metrics.record_message(1);
-        }
-        out.reserve(frame.len() + 10);
-        write_binary_header(out, frame.len());
-        out.extend_from_slice(frame);
-        self.high.clear();
-        self.bytes = 0;
-        true
     }
 
     fn is_high_priority(&self, publication: &Publication) -> bool {
