@@ -5,8 +5,8 @@
 //! microseconds, exported as Prometheus histograms (fixed buckets) plus quantiles over the last
 //! one to two minutes.
 
+mod buckets;
 mod histogram;
-mod latencies;
 pub mod process;
 pub mod prometheus;
 
@@ -20,6 +20,7 @@ pub use histogram::{Timing, TimingWindows};
 use crate::broker::Publication;
 use crate::protocol::ErrorCode;
 use crate::router::ConnId;
+use buckets::Buckets;
 
 /// Update types as label slots: 0 for none or unknown, then the protocol's numbers.
 pub const UPDATE_TYPES: usize = 6;
@@ -142,27 +143,23 @@ pub struct LocalMetrics {
     /// Commands answered within the current read, timed when the read is handled.
     answered_in_read: RefCell<Vec<CommandKind>>,
     /// Publish→write latencies by type: counted in plain buckets on the delivery path.
-    deliveries: RefCell<latencies::Latencies<UPDATE_TYPES>>,
-    /// Arrival→answer latencies by command, in the same plain buckets.
-    requests: RefCell<latencies::Latencies<{ CommandKind::ALL.len() }>>,
-    /// Messages written with one frame, the common case, counted here and added to the
-    /// frames-per-message histogram when the shard publishes its figures.
-    single_frame_messages: Cell<u64>,
+    deliveries: RefCell<Buckets<UPDATE_TYPES>>,
+    /// Publish→acknowledgement latencies by type, in the same plain buckets.
+    acked: RefCell<Buckets<UPDATE_TYPES>>,
+    /// Arrival→answer latencies by command.
+    requests: RefCell<Buckets<{ CommandKind::ALL.len() }>>,
+    /// Frames per written WebSocket message.
+    frames: RefCell<Buckets<1>>,
     timings: RefCell<LocalTimings>,
 }
 
-/// The shard-local histograms, made when first recorded into.
+/// The buckets as histograms, on their way to the shared ones (made when first needed).
+#[derive(Default)]
 struct LocalTimings {
-    /// The delivery buckets as histograms, on their way to the shared ones.
-    scratch: [Option<Box<Timing>>; UPDATE_TYPES],
+    delivery: [Option<Box<Timing>>; UPDATE_TYPES],
     acked: [Option<Box<Timing>>; UPDATE_TYPES],
-    /// The request buckets as histograms, on their way to the shared ones.
     requests: [Option<Box<Timing>>; CommandKind::ALL.len()],
-    frames: Option<Box<Timing>>,
-}
-
-fn record(slot: &mut Option<Box<Timing>>, max: u64, value: u64) {
-    slot.get_or_insert_with(|| Box::new(Timing::new(max))).record(value);
+    frames: [Option<Box<Timing>>; 1],
 }
 
 impl Default for LocalMetrics {
@@ -178,14 +175,10 @@ impl Default for LocalMetrics {
             closed_by_peer: Cell::new(0),
             answered_in_read: RefCell::new(Vec::new()),
             deliveries: RefCell::default(),
+            acked: RefCell::default(),
             requests: RefCell::default(),
-            single_frame_messages: Cell::new(0),
-            timings: RefCell::new(LocalTimings {
-                scratch: Default::default(),
-                acked: Default::default(),
-                requests: Default::default(),
-                frames: None,
-            }),
+            frames: RefCell::default(),
+            timings: RefCell::default(),
         }
     }
 }
@@ -217,18 +210,14 @@ impl LocalMetrics {
     /// One WebSocket message of `frames` frames was written.
     pub fn record_message(&self, frames: usize) {
         bump(&self.messages_sent, 1);
-        if frames == 1 {
-            bump(&self.single_frame_messages, 1);
-        } else {
-            record(&mut self.timings.borrow_mut().frames, FRAMES_MAX, frames as u64);
-        }
+        self.frames.borrow_mut().counts().record(0, frames as u64);
     }
 
     /// An acknowledgement settled `publication` at `now`: end-to-end delivery latency.
     pub fn record_acked(&self, now: Instant, publication: &Publication) {
         let slot = type_slot(publication.update_type);
         let latency = micros(now.saturating_duration_since(publication.accepted_at));
-        record(&mut self.timings.borrow_mut().acked[slot], LATENCY_MAX_US, latency);
+        self.acked.borrow_mut().counts().record(slot, latency);
     }
 
     /// A request took `elapsed` from its arrival to its answer.
@@ -316,19 +305,15 @@ impl LocalMetrics {
         let mut local_guard = self.timings.borrow_mut();
         let mut shared_guard = shared.timings.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (local, shared_timings) = (&mut *local_guard, &mut *shared_guard);
-        self.deliveries.borrow_mut().drain_into(&mut local.scratch);
-        self.requests.borrow_mut().drain_into(&mut local.requests);
-        let singles = self.single_frame_messages.replace(0);
-        if singles > 0 {
-            let frames = local.frames.get_or_insert_with(|| Box::new(Timing::new(FRAMES_MAX)));
-            frames.record_n(1, singles);
-            frames.add_to_sum(singles);
-        }
+        self.deliveries.borrow_mut().drain_into(&mut local.delivery, LATENCY_MAX_US);
+        self.acked.borrow_mut().drain_into(&mut local.acked, LATENCY_MAX_US);
+        self.requests.borrow_mut().drain_into(&mut local.requests, LATENCY_MAX_US);
+        self.frames.borrow_mut().drain_into(&mut local.frames, FRAMES_MAX);
         let families = [
-            (&mut local.scratch[..], &mut shared_timings.delivery[..], LATENCY_MAX_US),
+            (&mut local.delivery[..], &mut shared_timings.delivery[..], LATENCY_MAX_US),
             (&mut local.acked[..], &mut shared_timings.acked[..], LATENCY_MAX_US),
             (&mut local.requests[..], &mut shared_timings.requests[..], LATENCY_MAX_US),
-            (std::slice::from_mut(&mut local.frames), std::slice::from_mut(&mut shared_timings.frames), FRAMES_MAX),
+            (&mut local.frames[..], std::slice::from_mut(&mut shared_timings.frames), FRAMES_MAX),
         ];
         for (local, shared, max) in families {
             for (from, into) in local.iter_mut().zip(shared.iter_mut()) {

@@ -65,6 +65,7 @@ fn local_tallies_move_to_the_shared_figures_and_start_again() {
     let route = publication(1, published);
     let poi = publication(5, published);
     local.record_deliveries(now, [&*route, &*route, &*poi].into_iter());
+    local.record_acked(now, &poi);
     local.record_message(3);
     local.record_message(1);
     local.record_message(1);
@@ -87,10 +88,14 @@ fn local_tallies_move_to_the_shared_figures_and_start_again() {
     assert_eq!(route_latency.count(), 2);
     assert!((2_970..=3_030).contains(&route_latency.quantile(0.5)), "{}", route_latency.quantile(0.5));
     // Ping is answered within the read; publish waits for the owner and is timed there.
+    let poi_acked = &timings.acked[5].as_ref().unwrap().total;
+    assert_eq!(poi_acked.count(), 1);
+    assert!((2_970..=3_030).contains(&poi_acked.quantile(0.5)), "{}", poi_acked.quantile(0.5));
+    assert!(timings.acked[1].is_none(), "no route update was acknowledged");
     let ping = &timings.requests[CommandKind::Ping as usize].as_ref().unwrap().total;
     assert_eq!((ping.count(), ping.sum()), (1, 40));
     assert!(timings.requests[CommandKind::Publish as usize].is_none());
-    // One-frame messages are counted apart and join the histogram at the flush.
+    // Frames per message are counted in buckets and join the histogram at the flush.
     let frames = &timings.frames.as_ref().unwrap().total;
     assert_eq!((frames.count(), frames.sum(), frames.count_at_most(1)), (3, 5, 2));
     drop(timings);
