@@ -622,27 +622,16 @@ fn start_shard(
     core: Option<usize>,
     started: &Started,
 ) -> Option<Rc<RefCell<ShardState>>> {
-    let ShardListeners { main: listener, metrics: metrics_listener, api: api_listener } = listeners;
-    let listener = match TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(err) => {
-            refuse(started, id, "cannot register the listener", err);
-            return None;
-        }
+    let ShardListeners { main, metrics, api } = listeners;
+    let register = |listener, what| TcpListener::from_std(listener).map_err(|err| refuse(started, id, what, err)).ok();
+    let listener = register(main, "cannot register the listener")?;
+    let metrics_listener = match metrics {
+        Some(listener) => Some(register(listener, "cannot register the metrics listener")?),
+        None => None,
     };
-    let metrics_listener = match metrics_listener.map(TcpListener::from_std).transpose() {
-        Ok(listener) => listener,
-        Err(err) => {
-            refuse(started, id, "cannot register the metrics listener", err);
-            return None;
-        }
-    };
-    let api_listener = match api_listener.map(TcpListener::from_std).transpose() {
-        Ok(listener) => listener,
-        Err(err) => {
-            refuse(started, id, "cannot register the API listener", err);
-            return None;
-        }
+    let api_listener = match api {
+        Some(listener) => Some(register(listener, "cannot register the API listener")?),
+        None => None,
     };
     tracing::info!(shard = id, driver = cluster.stats[id].driver_name(), ?kind, core = ?core, "shard started");
     let _ = started.send(Ok(()));
