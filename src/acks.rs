@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::broker::Publication;
@@ -44,11 +45,14 @@ pub struct AckTracker {
     /// Ordered by `sent_at`.
     unacked: VecDeque<Unacked>,
     acked: u64,
+    /// The epoch the subscription's offsets belong to (set when the subscription is
+    /// answered), so an acknowledged position is never applied to another epoch.
+    pub epoch: Arc<str>,
 }
 
 impl AckTracker {
     pub fn new(policy: Rc<AckPolicy>) -> Self {
-        Self { policy, unacked: VecDeque::new(), acked: 0 }
+        Self { policy, unacked: VecDeque::new(), acked: 0, epoch: Arc::from("") }
     }
 
     /// An update went out; returns how many older ones failed to make room.

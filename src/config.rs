@@ -105,11 +105,17 @@ pub struct Redis {
     /// re-publishes at start after a crash; keep it stable across restarts. Default: the host
     /// name and listen port.
     pub node_id: String,
+    /// Trust that a restarted Redis lost nothing it acknowledged, so channels keep their
+    /// epoch across its restarts. Only true when Redis writes every command to disk before
+    /// answering (`appendonly yes`, `appendfsync always`) and no replica that may be behind can
+    /// be promoted. False: a channel used after a Redis restart or failover starts a new
+    /// epoch (subscribers are told `EPOCH_CHANGED`). Default false.
+    pub trust_restarts: bool,
 }
 
 impl Default for Redis {
     fn default() -> Self {
-        Self { prefix: "realtime".into(), queue_consumer: true, node_id: String::new() }
+        Self { prefix: "realtime".into(), queue_consumer: true, node_id: String::new(), trust_restarts: false }
     }
 }
 

@@ -93,7 +93,7 @@ pub enum SessionEvent {
     /// or from the last position `resume` acknowledged); answer with `on_subscribed`.
     Subscribe { channel: Arc<str>, sub_id: u32, req_id: u32, since: Option<Position>, resume: Option<Arc<str>> },
     /// Remember that `identity` processed `channel` up to `offset` (acknowledged delivery).
-    Acked { channel: Arc<str>, identity: Arc<str>, offset: u64 },
+    Acked { channel: Arc<str>, identity: Arc<str>, epoch: Arc<str>, offset: u64 },
     /// Read the channel's history from its owner; answer with `on_history`.
     History { channel: Arc<str>, req_id: u32, since: u64, limit: usize },
     /// Drop a subscription (from the router when it was active, and from the owner's count).
@@ -502,6 +502,9 @@ impl Session {
         }
         let Some(sub) = self.subs.get_mut(sub_id) else { return false };
         sub.active = true;
+        if let Some(acks) = sub.acks.as_mut() {
+            acks.epoch = position.epoch.clone();
+        }
         let (recovered, failure, missed) = match recovery {
             Some(Recovery::Recovered(missed)) => (true, pb::RecoveryFailure::None, missed),
             Some(Recovery::Refused(reason)) => (false, recovery_failure(reason), Vec::new()),

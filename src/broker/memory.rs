@@ -104,8 +104,11 @@ pub enum Mirrored {
     Fresh,
     /// Already delivered (or older): skip it.
     Seen,
-    /// From a new epoch: deliver it, and local subscribers must resync.
+    /// From a new epoch: local subscribers must resync.
     EpochChanged,
+    /// Offsets between the last one fanned out here and this one never arrived (the node
+    /// lost Redis for a while): local subscribers must resync.
+    Gap,
 }
 
 /// A channel as an operator lists it.
@@ -249,9 +252,13 @@ impl ChannelTable {
         Ok((channel.position(), recovery))
     }
 
-    /// Remembers that `identity` processed `name` up to `offset` (the highest wins).
-    pub fn ack(&mut self, name: &str, identity: &Arc<str>, offset: u64, now: Instant) {
+    /// Remembers that `identity` processed `name` up to `offset` of `epoch` (the highest
+    /// wins); an acknowledgement of another epoch than the channel's is ignored.
+    pub fn ack(&mut self, name: &str, identity: &Arc<str>, epoch: &str, offset: u64, now: Instant) {
         let Some(channel) = self.channels.get_mut(name) else { return };
+        if *channel.epoch != *epoch {
+            return;
+        }
         let offset = offset.min(channel.offset);
         let room = channel.acked.len() < self.policy.max_positions;
         match channel.acked.get_mut(identity) {
@@ -263,12 +270,19 @@ impl ChannelTable {
         }
     }
 
-    /// Counts one subscriber fewer on `shard`; returns whether the node has none left.
+    /// Counts one subscriber fewer on `shard`; returns whether the node has none left. With
+    /// an external broker the node stops hearing the channel then, so what it knew of it no
+    /// longer holds: the next subscriber starts from the broker's position.
     pub fn unsubscribe(&mut self, name: &str, shard: usize, now: Instant) -> bool {
         let Some(channel) = self.channels.get_mut(name) else { return false };
         channel.subscribers[shard] = channel.subscribers[shard].saturating_sub(1);
         channel.last_used = now;
-        channel.subscribers.iter().all(|&n| n == 0)
+        let none_left = channel.subscribers.iter().all(|&n| n == 0);
+        if none_left && channel.mirrored {
+            channel.mirrored = false;
+            channel.history.clear();
+        }
+        none_left
     }
 
     /// With an external broker: counts one more subscriber on `shard`; returns whether it is
@@ -283,7 +297,8 @@ impl ChannelTable {
     /// With an external broker: a publication it fanned out to this node. Keeps it (for
     /// subscribers that join while it travels) and fills `targets` with the shards to deliver
     /// to (none for one already seen). A different epoch means the broker lost the channel's
-    /// history: the local subscribers must resync.
+    /// history, and an offset past the next one means publications never reached this node:
+    /// either way the local subscribers must resync, as nothing may be skipped silently.
     pub fn mirror(
         &mut self,
         epoch: &Arc<str>,
@@ -303,6 +318,9 @@ impl ChannelTable {
             channel.epoch = epoch.clone();
             channel.history.clear();
             channel.offset = 0;
+        } else if channel.mirrored && publication.offset > channel.offset.saturating_add(1) {
+            outcome = Mirrored::Gap;
+            channel.history.clear();
         }
         channel.mirrored = true;
         if publication.offset <= channel.offset {
@@ -318,20 +336,32 @@ impl ChannelTable {
     }
 
     /// With an external broker: the epoch and offset a subscriber's position came with, kept
-    /// when nothing was fanned out here yet (later publications tell the rest).
-    pub fn learn(&mut self, name: &str, epoch: &Arc<str>, offset: u64) {
-        if let Some(channel) = self.channels.get_mut(name) {
-            if !channel.mirrored {
-                channel.epoch = epoch.clone();
-                channel.offset = offset;
-                channel.mirrored = true;
-            }
+    /// when nothing was fanned out here yet (later publications tell the rest). A position in
+    /// another epoch than the one fanned out here means one of them is gone: the table takes
+    /// the position's, and the local subscribers (on the shards put in `targets`, the joining
+    /// one not yet among them) must resync; returns whether they must. Should the position be
+    /// the stale one, the next publication's epoch tells, and everyone resyncs then.
+    pub fn learn(&mut self, name: &str, epoch: &Arc<str>, offset: u64, targets: &mut Vec<usize>) -> bool {
+        targets.clear();
+        let Some(channel) = self.channels.get_mut(name) else { return false };
+        if channel.mirrored && channel.epoch == *epoch {
+            return false;
         }
+        let changed = channel.mirrored;
+        channel.epoch = epoch.clone();
+        channel.offset = offset;
+        channel.history.clear();
+        channel.mirrored = true;
+        if changed {
+            targets.extend(channel.subscribers.iter().enumerate().filter(|(_, &n)| n > 0).map(|(shard, _)| shard));
+        }
+        changed
     }
 
-    /// With an external broker: where the broker says the channel stands. Returns whether
-    /// local subscribers may have missed publications (a new epoch, or offsets past what was
-    /// fanned out here) and must resync; fills `targets` with their shards then.
+    /// With an external broker: where the broker says the channel stands (offset 0: only that
+    /// a new epoch began). Returns whether local subscribers may have missed publications (a
+    /// new epoch, or offsets past what was fanned out here) and must resync; fills `targets`
+    /// with their shards then.
     pub fn observe(&mut self, name: &str, epoch: &Arc<str>, offset: u64, targets: &mut Vec<usize>) -> bool {
         targets.clear();
         let Some(channel) = self.channels.get_mut(name) else { return false };
@@ -341,6 +371,8 @@ impl ChannelTable {
             channel.mirrored = true;
             return false;
         }
+        // An offset below what was fanned out here is no news: fan-outs that came after the
+        // position was read (Redis behind this node is caught by the scripts, see `known`).
         if channel.epoch == *epoch && offset <= channel.offset {
             return false;
         }

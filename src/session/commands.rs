@@ -177,8 +177,8 @@ impl Session {
         let metrics = &self.limits.metrics;
         acks.ack(ack.offset, |settled| metrics.record_acked(now, settled));
         if let Some(identity) = self.identity.clone() {
-            let channel = sub.channel.clone();
-            self.events.push_back(SessionEvent::Acked { channel, identity, offset: ack.offset });
+            let (channel, epoch) = (sub.channel.clone(), acks.epoch.clone());
+            self.events.push_back(SessionEvent::Acked { channel, identity, epoch, offset: ack.offset });
         }
     }
 

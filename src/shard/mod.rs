@@ -55,7 +55,7 @@ pub enum ShardMsg {
     /// missed when it asks to recover.
     Subscribe(Joining),
     /// To a channel's owner: `identity` processed the channel up to `offset`.
-    Acked { channel: Arc<str>, identity: Arc<str>, offset: u64 },
+    Acked { channel: Arc<str>, identity: Arc<str>, epoch: Arc<str>, offset: u64 },
     /// To a channel's owner: one subscriber fewer on shard `from`.
     Unsubscribe { channel: Arc<str>, from: usize },
     /// To a channel's owner: publish; answer with `Published`.

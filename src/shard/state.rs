@@ -402,13 +402,13 @@ impl ShardState {
                     self.route(owner, ShardMsg::Unsubscribe { channel, from: self.id });
                 }
             }
-            SessionEvent::Acked { channel, identity, offset } => {
+            SessionEvent::Acked { channel, identity, epoch, offset } => {
                 if let Some(bridge) = &self.cluster.redis {
-                    let _ = bridge.send(BridgeRequest::Acked { channel, identity, offset });
+                    let _ = bridge.send(BridgeRequest::Acked { channel, identity, epoch, offset });
                     return;
                 }
                 let owner = owner_shard(&channel, shards);
-                self.route(owner, ShardMsg::Acked { channel, identity, offset });
+                self.route(owner, ShardMsg::Acked { channel, identity, epoch, offset });
             }
             SessionEvent::History { channel, req_id, since, limit } => {
                 self.forwarded(id, req_id, CommandKind::History);
@@ -501,9 +501,15 @@ impl ShardState {
             ShardMsg::Fanout { epoch, publication } => {
                 let mut targets = std::mem::take(&mut self.targets);
                 let outcome = self.channels.mirror(&epoch, &publication, Instant::now(), &mut targets);
+                if matches!(outcome, Mirrored::EpochChanged | Mirrored::Gap) {
+                    let (channel, offset) = (&*publication.channel, publication.offset);
+                    tracing::warn!(channel, %epoch, offset, ?outcome, "publications did not reach this node; subscribers resync");
+                }
                 for &shard in &targets {
                     let msg = match outcome {
-                        Mirrored::EpochChanged => ShardMsg::Resubscribe { channel: publication.channel.clone() },
+                        Mirrored::EpochChanged | Mirrored::Gap => {
+                            ShardMsg::Resubscribe { channel: publication.channel.clone() }
+                        }
                         Mirrored::Fresh | Mirrored::Seen => ShardMsg::Deliver(publication.clone()),
                     };
                     self.route(shard, msg);
@@ -547,8 +553,8 @@ impl ShardState {
                     self.wake_writer(conn);
                 }
             }
-            ShardMsg::Acked { channel, identity, offset } => {
-                self.channels.ack(&channel, &identity, offset, Instant::now())
+            ShardMsg::Acked { channel, identity, epoch, offset } => {
+                self.channels.ack(&channel, &identity, &epoch, offset, Instant::now())
             }
             ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Err(code), .. } => {
                 self.answered(conn, req_id);
@@ -659,6 +665,11 @@ impl ShardState {
         for (slot, subscriber) in subscribers.iter().enumerate() {
             if pass_parked && delivered_run.is_parked(slot) {
                 delivered += 1;
+                continue;
+            }
+            if publication.offset <= subscriber.after {
+                // It reached the subscriber with its position, recovery or catch-up (a
+                // fan-out from Redis may arrive after the position that already counts it).
                 continue;
             }
             let Some(conn) = self.conns.get_mut(subscriber.conn.index as usize) else {
@@ -977,7 +988,15 @@ impl ShardState {
         let Joining { channel, from, conn, sub_id, req_id, .. } = joining;
         let catch_up = match &result {
             Ok((position, recovery)) => {
-                self.channels.learn(&channel, &position.epoch, position.offset);
+                let mut targets = std::mem::take(&mut self.targets);
+                if self.channels.learn(&channel, &position.epoch, position.offset, &mut targets) {
+                    let epoch = &position.epoch;
+                    tracing::warn!(%channel, %epoch, "a position in another epoch than fanned out here; subscribers resync");
+                    for &shard in &targets {
+                        self.route(shard, ShardMsg::Resubscribe { channel: channel.clone() });
+                    }
+                }
+                self.targets = targets;
                 if let Some(recovery) = recovery {
                     let counter = match recovery {
                         Recovery::Recovered(_) => &self.stats().recoveries_served,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 
 use super::scripts;
-use super::{deliver, new_epoch, BridgeRequest, Keys, META_TTL};
+use super::{deliver, new_epoch, BridgeRequest, Continuity, Keys, META_TTL};
 use crate::broker::memory::{recover, HistoryPage, HistoryPolicy, Position, Recovery};
 use crate::broker::{owner_shard, Publication};
 use crate::metrics::{type_slot, RedisOp};
@@ -28,6 +28,7 @@ pub(super) struct Job {
     pub(super) policy: HistoryPolicy,
     pub(super) max_positions: usize,
     pub(super) keys: Keys,
+    pub(super) continuity: Continuity,
 }
 
 impl Job {
@@ -82,12 +83,14 @@ impl Job {
                 };
                 deliver(&self.cluster, from, ShardMsg::HistoryPage { conn, req_id, page });
             }
-            BridgeRequest::Acked { identity, offset, .. } => {
+            BridgeRequest::Acked { identity, epoch, offset, .. } => {
                 let started = Instant::now();
                 let script = &*scripts::ACK;
                 let result: redis::RedisResult<()> = script
+                    .key(&self.keys.meta)
                     .key(&self.keys.acked)
                     .arg(&*identity)
+                    .arg(&*epoch)
                     .arg(offset)
                     .arg(self.max_positions)
                     .arg(self.policy.position_ttl.as_millis() as u64)
@@ -102,7 +105,8 @@ impl Job {
         }
     }
 
-    /// After a reconnect: tell the owner where the channel stands in Redis.
+    /// After a reconnect, or when Redis repeated an offset: tell the owner where the channel
+    /// stands in Redis (the script starts a new epoch where Redis is behind this node).
     pub(super) async fn resync(mut self) {
         match self.position(None, None).await {
             Ok((position, _)) => {
@@ -116,7 +120,8 @@ impl Job {
     }
 
     async fn publish(&mut self, update: &pb::Update, rest: &Bytes) -> redis::RedisResult<Position> {
-        publish(&mut self.connection, &self.keys, update.r#type, rest, &self.policy).await
+        let continuity = &self.continuity;
+        publish(&mut self.connection, &self.channel, &self.keys, update.r#type, rest, &self.policy, continuity).await
     }
 
     async fn position(
@@ -125,6 +130,7 @@ impl Job {
         resume: Option<&str>,
     ) -> redis::RedisResult<(Position, Option<Recovery>)> {
         let script = &*scripts::POSITION;
+        let (run_id, trust, known_epoch, known_offset) = self.continuity.args(&self.channel);
         let (epoch, offset, since_epoch, since_offset, entries): (String, u64, String, u64, StreamEntries) = script
             .key(&self.keys.meta)
             .key(&self.keys.history)
@@ -135,9 +141,15 @@ impl Job {
             .arg(self.policy.max_recovery_messages)
             .arg(resume.unwrap_or(""))
             .arg(META_TTL.as_millis() as u64)
+            .arg(&self.keys.pubsub)
+            .arg(&*run_id)
+            .arg(trust)
+            .arg(&*known_epoch)
+            .arg(known_offset)
             .invoke_async(&mut self.connection)
             .await?;
         let position = Position { epoch: Arc::from(epoch.as_str()), offset };
+        self.continuity.saw(&self.channel, &position.epoch, offset);
         if since_epoch.is_empty() {
             return Ok((position, None));
         }
@@ -159,18 +171,23 @@ impl Job {
     }
 }
 
-/// Assigns the next offset, appends to history and fans out, atomically (one script).
+/// Assigns the next offset, appends to history and fans out, atomically (one script), in a
+/// new epoch where Redis is behind what this node knows or restarted untrusted.
 pub(super) async fn publish(
     connection: &mut MultiplexedConnection,
+    channel: &Arc<str>,
     keys: &Keys,
     update_type: i32,
     rest: &Bytes,
     policy: &HistoryPolicy,
+    continuity: &Continuity,
 ) -> redis::RedisResult<Position> {
     let script = &*scripts::PUBLISH;
+    let (run_id, trust, known_epoch, known_offset) = continuity.args(channel);
     let (epoch, offset): (String, u64) = script
         .key(&keys.meta)
         .key(&keys.history)
+        .key(&keys.acked)
         .arg(&keys.pubsub)
         .arg(rest.as_ref())
         .arg(policy.size)
@@ -178,9 +195,15 @@ pub(super) async fn publish(
         .arg(new_epoch())
         .arg(META_TTL.as_millis() as u64)
         .arg(update_type)
+        .arg(&*run_id)
+        .arg(trust)
+        .arg(&*known_epoch)
+        .arg(known_offset)
         .invoke_async(connection)
         .await?;
-    Ok(Position { epoch: Arc::from(epoch), offset })
+    let epoch: Arc<str> = Arc::from(epoch);
+    continuity.saw(channel, &epoch, offset);
+    Ok(Position { epoch, offset })
 }
 
 /// Stream entries as XREVRANGE returns them: id and field/value pairs, newest first.

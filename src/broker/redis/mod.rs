@@ -15,7 +15,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -31,10 +31,12 @@ use crate::router::ConnId;
 use crate::shard::{Cluster, ShardMsg};
 
 mod job;
+pub mod known;
 mod queue;
 mod scripts;
 
 use job::{instant_of, Job};
+use known::{FanoutCheck, KnownPositions};
 
 /// What shards ask of Redis.
 #[derive(Debug)]
@@ -68,6 +70,7 @@ pub enum BridgeRequest {
     Acked {
         channel: Arc<str>,
         identity: Arc<str>,
+        epoch: Arc<str>,
         offset: u64,
     },
 }
@@ -128,17 +131,21 @@ pub fn run(url: String, cluster: Arc<Cluster>, requests: mpsc::Receiver<BridgeRe
         Err(err) => return tracing::error!(error = %err, "cannot start the Redis bridge"),
     };
     let config = cluster.config.get();
+    let known = Arc::new(Mutex::new(KnownPositions::new(config.limits.max_channels.max(1))));
     let bridge = Bridge {
         url,
         policy: config.history_policy(),
         max_positions: config.acks.max_positions_per_channel,
         prefix: config.redis.prefix.clone(),
+        trust_restarts: config.redis.trust_restarts,
+        known: known.clone(),
+        run_id: Arc::from(""),
         cluster,
         up,
         listening: HashSet::new(),
     };
     if cluster_queue_consumer(&bridge.cluster) {
-        let consumer = queue::Consumer::new(&bridge.url, bridge.cluster.clone(), bridge.policy.clone());
+        let consumer = queue::Consumer::new(&bridge.url, bridge.cluster.clone(), bridge.policy.clone(), known);
         runtime.spawn(consumer.run());
     }
     runtime.block_on(bridge.serve(requests));
@@ -157,6 +164,51 @@ struct Bridge {
     up: Arc<AtomicBool>,
     /// Redis pub/sub channels this node subscribes to.
     listening: HashSet<Arc<str>>,
+    /// The latest position this node saw of each channel (shared with the queue consumer).
+    known: Arc<Mutex<KnownPositions>>,
+    /// `redis.trust_restarts`.
+    trust_restarts: bool,
+    /// The `run_id` of the Redis process the current connection reached.
+    run_id: Arc<str>,
+}
+
+/// What a script needs to tell whether a channel's history can still be trusted (see
+/// `scripts::CURRENT_EPOCH`): the Redis process the connection reached, whether restarts
+/// are trusted, and what this node knows of the channel.
+#[derive(Clone)]
+pub(super) struct Continuity {
+    pub(super) run_id: Arc<str>,
+    pub(super) trust_restarts: bool,
+    pub(super) known: Arc<Mutex<KnownPositions>>,
+}
+
+impl Continuity {
+    /// The script arguments: run id, trust flag, known epoch ('' = none), known offset.
+    pub(super) fn args(&self, channel: &str) -> (Arc<str>, &'static str, Arc<str>, u64) {
+        let known = lock(&self.known).get(channel);
+        let (epoch, offset) = known.unwrap_or_else(|| (Arc::from(""), 0));
+        (self.run_id.clone(), if self.trust_restarts { "1" } else { "0" }, epoch, offset)
+    }
+
+    /// Redis answered with `channel` at `position`.
+    pub(super) fn saw(&self, channel: &Arc<str>, epoch: &Arc<str>, offset: u64) {
+        lock(&self.known).saw(channel, epoch, offset);
+    }
+}
+
+/// The known positions, whatever a panicking holder left (each update is a single step).
+fn lock(known: &Mutex<KnownPositions>) -> std::sync::MutexGuard<'_, KnownPositions> {
+    known.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The `run_id` of the Redis process `connection` reached: it changes at every restart, and
+/// a replica promoted in a failover has its own.
+pub(super) async fn run_id(connection: &mut MultiplexedConnection) -> redis::RedisResult<String> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(connection).await?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+        .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "INFO without run_id")))
 }
 
 struct Keys {
@@ -186,7 +238,10 @@ impl Bridge {
         loop {
             let (push_tx, mut pushes) = mpsc::unbounded_channel();
             let connection = match self.connect(push_tx).await {
-                Ok(connection) => connection,
+                Ok((connection, run_id)) => {
+                    self.run_id = Arc::from(run_id);
+                    connection
+                }
                 Err(err) => {
                     let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(6))).min(Duration::from_secs(5));
                     tracing::warn!(error = %err, retry_in = ?delay, "Redis unavailable");
@@ -223,7 +278,7 @@ impl Bridge {
                     },
                     push = pushes.recv() => match push {
                         Some(push) if push.kind == PushKind::Disconnection => break,
-                        Some(push) => self.on_push(push),
+                        Some(push) => self.on_push(&connection, push),
                         None => break,
                     },
                 }
@@ -233,7 +288,10 @@ impl Bridge {
         }
     }
 
-    async fn connect(&self, pushes: mpsc::UnboundedSender<PushInfo>) -> redis::RedisResult<MultiplexedConnection> {
+    async fn connect(
+        &self,
+        pushes: mpsc::UnboundedSender<PushInfo>,
+    ) -> redis::RedisResult<(MultiplexedConnection, String)> {
         let info = self.url.as_str().into_connection_info()?;
         let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
         let client = redis::Client::open(info.set_redis_settings(settings))?;
@@ -247,10 +305,11 @@ impl Bridge {
         for script in scripts::all() {
             script.prepare_invoke().load_async(&mut connection).await?;
         }
+        let run_id = run_id(&mut connection).await?;
         for channel in &self.listening {
             connection.subscribe(self.keys(channel).pubsub).await?;
         }
-        Ok(connection)
+        Ok((connection, run_id))
     }
 
     /// Answers a request 503 without asking Redis.
@@ -297,7 +356,18 @@ impl Bridge {
     }
 
     fn job(&self, connection: &MultiplexedConnection, channel: &str) -> Job {
+        let mut known = lock(&self.known);
+        if known.is_full() {
+            // Channels this node listens to matter most: a repeat of their offsets is caught.
+            known.retain(|channel| self.listening.contains(channel));
+        }
+        drop(known);
         Job {
+            continuity: Continuity {
+                run_id: self.run_id.clone(),
+                trust_restarts: self.trust_restarts,
+                known: self.known.clone(),
+            },
             channel: Arc::from(channel),
             connection: connection.clone(),
             cluster: self.cluster.clone(),
@@ -307,8 +377,8 @@ impl Bridge {
         }
     }
 
-    /// A publication arrived on a channel this node listens to.
-    fn on_push(&self, push: PushInfo) {
+    /// A publication arrived on a channel this node listens to (offset 0: a new epoch began).
+    fn on_push(&self, connection: &MultiplexedConnection, push: PushInfo) {
         if push.kind != PushKind::Message {
             return;
         }
@@ -323,6 +393,17 @@ impl Bridge {
             return;
         };
         let owner = owner_shard(channel, self.cluster.inboxes.len());
+        if lock(&self.known).fanned_out(&publication.channel, &epoch, publication.offset) == FanoutCheck::Repeated {
+            // Redis came back older than it was and hands out offsets again: the channel's
+            // position script, told what this node knows, starts a new epoch.
+            tracing::warn!(%channel, %epoch, offset = publication.offset, "Redis repeated an offset; starting a new epoch");
+            tokio::spawn(self.job(connection, channel).resync());
+            return;
+        }
+        if publication.offset == 0 {
+            let channel = publication.channel.clone();
+            return deliver(&self.cluster, owner, ShardMsg::Resync { channel, epoch, offset: 0 });
+        }
         deliver(&self.cluster, owner, ShardMsg::Fanout { epoch, publication: Arc::new(publication) });
     }
 }

@@ -5,7 +5,7 @@
 //! are not valid publications move to `<prefix>:queue:dead` and are logged.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
@@ -13,7 +13,8 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, AsyncTypedCommands};
 
 use super::job::publish;
-use super::{keys, HistoryPolicy};
+use super::known::KnownPositions;
+use super::{keys, run_id, Continuity, HistoryPolicy};
 use crate::broker::accept_publish;
 use crate::metrics::{type_slot, RedisOp};
 use crate::protocol::pb;
@@ -34,10 +35,17 @@ pub(super) struct Consumer {
     policy: HistoryPolicy,
     /// For the limits in force (a reload may change them).
     cluster: Arc<Cluster>,
+    /// What the bridge knows of each channel's position (see `Continuity`).
+    known: Arc<Mutex<KnownPositions>>,
 }
 
 impl Consumer {
-    pub(super) fn new(url: &str, cluster: Arc<Cluster>, policy: HistoryPolicy) -> Self {
+    pub(super) fn new(
+        url: &str,
+        cluster: Arc<Cluster>,
+        policy: HistoryPolicy,
+        known: Arc<Mutex<KnownPositions>>,
+    ) -> Self {
         let config = cluster.config.get();
         let prefix = config.redis.prefix.clone();
         let node_id = if config.redis.node_id.is_empty() {
@@ -53,6 +61,7 @@ impl Consumer {
             prefix,
             policy,
             cluster,
+            known,
         }
     }
 
@@ -84,6 +93,11 @@ impl Consumer {
     }
 
     async fn consume(&self, connection: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let continuity = Continuity {
+            run_id: Arc::from(run_id(connection).await?),
+            trust_restarts: self.cluster.config.get().redis.trust_restarts,
+            known: self.known.clone(),
+        };
         // First what this node had in flight when it last stopped.
         let left: Vec<Vec<u8>> =
             redis::cmd("LRANGE").arg(&self.in_flight).arg(0).arg(-1).query_async(connection).await?;
@@ -91,7 +105,7 @@ impl Consumer {
             tracing::info!(items = left.len(), "re-publishing queue items left in flight");
         }
         for item in left {
-            self.settle(connection, &item).await?;
+            self.settle(connection, &item, &continuity).await?;
         }
         let mut measured_at: Option<Instant> = None;
         loop {
@@ -108,7 +122,7 @@ impl Consumer {
                 .query_async(connection)
                 .await?;
             if let Some(item) = item {
-                self.settle(connection, &item).await?;
+                self.settle(connection, &item, &continuity).await?;
             }
         }
     }
@@ -124,13 +138,20 @@ impl Consumer {
     }
 
     /// Publishes one in-flight item (or moves it to the dead list), then lets it go.
-    async fn settle(&self, connection: &mut MultiplexedConnection, item: &[u8]) -> redis::RedisResult<()> {
+    async fn settle(
+        &self,
+        connection: &mut MultiplexedConnection,
+        item: &[u8],
+        continuity: &Continuity,
+    ) -> redis::RedisResult<()> {
         match self.decode(item) {
             Ok((channel, update)) => {
                 let rest = encode_update_body(&update);
                 let started = Instant::now();
-                let published =
-                    publish(connection, &keys(&self.prefix, &channel), update.r#type, &rest, &self.policy).await;
+                let keys = keys(&self.prefix, &channel);
+                let channel = Arc::from(channel);
+                let policy = &self.policy;
+                let published = publish(connection, &channel, &keys, update.r#type, &rest, policy, continuity).await;
                 let metrics = &self.cluster.redis_metrics;
                 metrics.record(RedisOp::Publish, started.elapsed(), published.is_err());
                 published?;
