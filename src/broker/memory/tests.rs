@@ -364,12 +364,10 @@ fn property_deliveries_are_consecutive_or_a_resync_is_called_for() {
                         Mirrored::Seen => {}
                     }
                 }
-                8 if rng.below(4) == 0 => {
-                    // The bridge reconnected: where Redis stands, read now.
-                    if table.observe(&channel, &epoch, offset, &mut targets) {
-                        subscriber = None;
-                        resyncs += 1;
-                    }
+                // The bridge reconnected: where Redis stands, read now.
+                8 if rng.below(4) == 0 && table.observe(&channel, &epoch, offset, &mut targets) => {
+                    subscriber = None;
+                    resyncs += 1;
                 }
                 _ if rng.below(4) == 0 => {
                     // Redis lost the channel or came back older: a new epoch.

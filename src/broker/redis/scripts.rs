@@ -17,6 +17,7 @@ use redis::Script;
 /// - Redis restarted (or failed over) since the channel was last written (`run`, the
 ///   incarnation the node connected to) and restarts are not trusted (`trust` = '0'): what
 ///   it reloaded may be older than what it acknowledged, and no node may know.
+///
 /// A new epoch of an existing channel is announced on `pubsub` with offset 0, so every node
 /// closes its subscribers of the old one (4003) at once.
 const CURRENT_EPOCH: &str = r#"
