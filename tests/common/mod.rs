@@ -295,8 +295,14 @@ impl RedisServer {
 
     /// Starts `redis-server` on `port` (e.g. again, after `stop`).
     pub fn start_on(port: u16) -> RedisServer {
+        Self::start_with(port, &["--save", "", "--appendonly", "no"])
+    }
+
+    /// Starts `redis-server` on `port` with more arguments (persistence, its directory).
+    pub fn start_with(port: u16, args: &[&str]) -> RedisServer {
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -324,21 +330,7 @@ impl RedisServer {
 
     /// Sends one command (binary-safe) and returns the raw reply's first line.
     pub fn command(&self, args: &[&[u8]]) -> String {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut request = format!("*{}\r\n", args.len()).into_bytes();
-        for arg in args {
-            request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-            request.extend_from_slice(arg);
-            request.extend_from_slice(b"\r\n");
-        }
-        stream.write_all(&request).unwrap();
-        let mut reply = Vec::new();
-        let mut byte = [0u8; 1];
-        while stream.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
-            reply.push(byte[0]);
-        }
-        String::from_utf8_lossy(&reply).trim().to_owned()
+        redis_command(self.port, args)
     }
 
     /// Kills the server (its data is gone: no persistence).
@@ -347,6 +339,25 @@ impl RedisServer {
         let _ = self.child.wait();
         self.port
     }
+}
+
+/// Sends one command (binary-safe) to the Redis on `port` and returns the raw reply's first line.
+pub fn redis_command(port: u16, args: &[&[u8]]) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut request = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        request.extend_from_slice(arg);
+        request.extend_from_slice(b"\r\n");
+    }
+    stream.write_all(&request).unwrap();
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+        reply.push(byte[0]);
+    }
+    String::from_utf8_lossy(&reply).trim().to_owned()
 }
 
 impl Drop for RedisServer {
