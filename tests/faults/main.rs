@@ -126,7 +126,7 @@ const SUBSCRIBERS: usize = 4;
 /// of the contract. Returns the faults injected and what the clients did.
 async fn run_schedule(seed: u64, length: Duration) -> (usize, Tally) {
     let mut rng = Schedule::new(seed);
-    let persistence = if seed % 2 == 0 { Persistence::Snapshots } else { Persistence::AppendOnly };
+    let persistence = if seed.is_multiple_of(2) { Persistence::Snapshots } else { Persistence::AppendOnly };
     let mut cluster = Cluster::start(persistence, 2, false);
     let channels: Vec<String> = (1..=3).map(|n| format!("traffic:fault-{n}")).collect();
     let clients = Clients::new(cluster.addrs.clone(), channels.clone());

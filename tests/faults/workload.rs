@@ -15,6 +15,9 @@ use routopia_realtime::protocol::pb::{self, server_frame::Kind, UpdateType};
 use super::checker::{History, Seen};
 use crate::common::options;
 
+/// Per (subscriber, channel): the (epoch, offset) it stands at while subscribed.
+type Positions = HashMap<(usize, String), Option<(String, u64)>>;
+
 /// What the clients share: the log, the nodes, and when to stop.
 #[derive(Clone)]
 pub struct Clients {
@@ -26,7 +29,7 @@ pub struct Clients {
     /// Subscribers stop when set.
     pub stop_subscribing: Rc<Cell<bool>>,
     /// Per (subscriber, channel): where it stands while subscribed (None between connections).
-    pub positions: Rc<RefCell<HashMap<(usize, String), Option<(String, u64)>>>>,
+    pub positions: Rc<RefCell<Positions>>,
 }
 
 impl Clients {
