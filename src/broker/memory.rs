@@ -135,7 +135,10 @@ struct Channel {
     /// The last offset each identity acknowledged, for resuming without client state.
     /// Per identity: the highest acknowledged offset and when it was last acknowledged.
     acked: HashMap<Arc<str>, (u64, Instant)>,
-    /// With an external broker: whether `epoch` and `offset` are the broker's (not local).
+    /// With an external broker: whether `epoch` and `offset` follow the broker's from a
+    /// position it gave since the node began listening (`learn`, `observe`), so that a jump
+    /// or another epoch in its fan-out means something was missed. Fan-outs before that
+    /// (some from before the node last stopped listening) only say where it has got to.
     mirrored: bool,
     last_used: Instant,
 }
@@ -176,6 +179,20 @@ impl Channel {
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(at) };
             }
         }
+    }
+
+    /// With an external broker: follows the broker's fan-out from `offset` of `epoch`, a
+    /// position it gave after the node began listening. Fan-outs that came first and went
+    /// past it stay (a joining subscriber catches up on them).
+    fn follow_from(&mut self, epoch: &Arc<str>, offset: u64) {
+        if self.epoch == *epoch {
+            self.offset = self.offset.max(offset);
+        } else {
+            self.epoch = epoch.clone();
+            self.offset = offset;
+            self.history.clear();
+        }
+        self.mirrored = true;
     }
 
     /// Index in `history` of the publication with `offset`, if still held.
@@ -322,7 +339,6 @@ impl ChannelTable {
             outcome = Mirrored::Gap;
             channel.history.clear();
         }
-        channel.mirrored = true;
         if publication.offset <= channel.offset {
             return Mirrored::Seen;
         }
@@ -348,10 +364,11 @@ impl ChannelTable {
             return false;
         }
         let changed = channel.mirrored;
-        channel.epoch = epoch.clone();
-        channel.offset = offset;
-        channel.history.clear();
-        channel.mirrored = true;
+        if changed {
+            channel.mirrored = false;
+            channel.history.clear();
+        }
+        channel.follow_from(epoch, offset);
         if changed {
             targets.extend(channel.subscribers.iter().enumerate().filter(|(_, &n)| n > 0).map(|(shard, _)| shard));
         }
@@ -366,9 +383,7 @@ impl ChannelTable {
         targets.clear();
         let Some(channel) = self.channels.get_mut(name) else { return false };
         if !channel.mirrored {
-            channel.epoch = epoch.clone();
-            channel.offset = offset;
-            channel.mirrored = true;
+            channel.follow_from(epoch, offset);
             return false;
         }
         // An offset below what was fanned out here is no news: fan-outs that came after the

@@ -11,6 +11,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod cases;
 mod checker;
 mod proxy;
 mod redis_process;
@@ -122,6 +123,41 @@ impl Schedule {
 
 const SUBSCRIBERS: usize = 4;
 
+type Tasks = Vec<compio::runtime::JoinHandle<()>>;
+
+/// Stops the publishers, heals every link, waits until every subscriber stands where each
+/// channel ends, then stops them and checks the history: panics with every breach.
+async fn finish(cluster: &Cluster, clients: &Clients, publishers: Tasks, subscribers: Tasks, context: &str) -> Tally {
+    clients.stop_publishing.set(true);
+    for publisher in publishers {
+        within("a publisher stopping", publisher).await.unwrap();
+    }
+    cluster.heal();
+    let channels: Vec<String> = clients.channels.to_vec();
+    let count = subscribers.len();
+    let mut finals = HashMap::new();
+    for _ in 0..10 {
+        finals = positions(cluster.addrs[0], &channels).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !clients.caught_up(count, &finals) && Instant::now() < deadline {
+            sleep(Duration::from_millis(50)).await;
+        }
+        if clients.caught_up(count, &finals) && positions(cluster.addrs[1], &channels).await == finals {
+            break;
+        }
+    }
+    drop(subscribers);
+    let (breaches, tally) = clients.history.borrow().check(&finals);
+    assert!(
+        breaches.is_empty(),
+        "{context}: {} breaches of the contract:\n{}",
+        breaches.len(),
+        breaches.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
+    );
+    assert!(tally.acknowledged > 0 && tally.delivered > 0, "{context}: the clients worked: {tally:?}");
+    tally
+}
+
 /// One seeded schedule of faults for `length` while clients work; panics with every breach
 /// of the contract. Returns the faults injected and what the clients did.
 async fn run_schedule(seed: u64, length: Duration) -> (usize, Tally) {
@@ -176,35 +212,8 @@ async fn run_schedule(seed: u64, length: Duration) -> (usize, Tally) {
             _ => {}
         }
     }
-    clients.stop_publishing.set(true);
-    for publisher in publishers {
-        within("a publisher stopping", publisher).await.unwrap();
-    }
-    cluster.heal();
-    // Once the faults stop, everyone catches up with where each channel ends.
-    let mut finals = HashMap::new();
-    for _ in 0..10 {
-        finals = positions(cluster.addrs[0], &channels).await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !clients.caught_up(SUBSCRIBERS, &finals) && Instant::now() < deadline {
-            sleep(Duration::from_millis(50)).await;
-        }
-        if clients.caught_up(SUBSCRIBERS, &finals) && positions(cluster.addrs[1], &channels).await == finals {
-            break;
-        }
-    }
-    clients.stop_subscribing.set(true);
-    for subscriber in subscribers {
-        within("a subscriber stopping", subscriber).await.unwrap();
-    }
-    let (breaches, tally) = clients.history.borrow().check(&finals);
-    assert!(
-        breaches.is_empty(),
-        "seed {seed} ({persistence:?}), faults {faults:?}: {} breaches of the contract:\n{}",
-        breaches.len(),
-        breaches.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
-    );
-    assert!(tally.acknowledged > 0 && tally.delivered > 0, "seed {seed}: the clients worked: {tally:?}");
+    let context = format!("seed {seed} ({persistence:?}), faults {faults:?}");
+    let tally = finish(&cluster, &clients, publishers, subscribers, &context).await;
     (faults.len(), tally)
 }
 

@@ -22,35 +22,41 @@ type Positions = HashMap<(usize, String), Option<(String, u64)>>;
 #[derive(Clone)]
 pub struct Clients {
     pub history: Rc<RefCell<History>>,
-    pub nodes: Rc<Vec<SocketAddr>>,
+    /// The nodes publishers use, in turn.
+    pub publish_to: Rc<Vec<SocketAddr>>,
+    /// The nodes subscribers use, in turn.
+    pub subscribe_to: Rc<Vec<SocketAddr>>,
     pub channels: Rc<Vec<String>>,
     /// Publishers stop when set.
     pub stop_publishing: Rc<Cell<bool>>,
-    /// Subscribers stop when set.
-    pub stop_subscribing: Rc<Cell<bool>>,
     /// Per (subscriber, channel): where it stands while subscribed (None between connections).
     pub positions: Rc<RefCell<Positions>>,
 }
 
 impl Clients {
     pub fn new(nodes: Vec<SocketAddr>, channels: Vec<String>) -> Clients {
+        Self::with_roles(nodes.clone(), nodes, channels)
+    }
+
+    /// Publishers on `publish_to`, subscribers on `subscribe_to`.
+    pub fn with_roles(publish_to: Vec<SocketAddr>, subscribe_to: Vec<SocketAddr>, channels: Vec<String>) -> Clients {
         Clients {
             history: Rc::default(),
-            nodes: Rc::new(nodes),
+            publish_to: Rc::new(publish_to),
+            subscribe_to: Rc::new(subscribe_to),
             channels: Rc::new(channels),
             stop_publishing: Rc::default(),
-            stop_subscribing: Rc::default(),
             positions: Rc::default(),
         }
     }
 
-    /// Publishes round the channels every `every` through node `id % nodes` (the next one
-    /// when that fails), logging each acknowledgement, until told to stop.
+    /// Publishes round the channels every `every` through publishing node `id` (the next
+    /// one when that fails), logging each acknowledgement, until told to stop.
     pub async fn publisher(self, id: usize, every: Duration) {
         let mut n = 0u64;
         let mut attempt = id;
         while !self.stop_publishing.get() {
-            let node = self.nodes[attempt % self.nodes.len()];
+            let node = self.publish_to[attempt % self.publish_to.len()];
             attempt += 1;
             let Ok(Ok((mut client, _))) =
                 timeout(Duration::from_secs(2), Client::connect(node, options("publisher"))).await
@@ -82,14 +88,14 @@ impl Clients {
         }
     }
 
-    /// Subscribes to every channel through node `id % nodes` (the next one when that fails),
-    /// logging what it sees, until told to stop.
+    /// Subscribes to every channel through subscribing node `id` (the next one when that fails),
+    /// logging what it sees, until its task is dropped.
     pub async fn subscriber(self, id: usize) {
         let mut attempt = id;
         // The last (epoch, offset) seen per channel, to recover from.
         let mut last: HashMap<String, (String, u64)> = HashMap::new();
-        while !self.stop_subscribing.get() {
-            let node = self.nodes[attempt % self.nodes.len()];
+        loop {
+            let node = self.subscribe_to[attempt % self.subscribe_to.len()];
             attempt += 1;
             let Ok(Ok((mut client, _))) =
                 timeout(Duration::from_secs(2), Client::connect(node, options(&format!("subscriber-{id}")))).await
@@ -100,7 +106,6 @@ impl Clients {
             let mut subscriptions: HashMap<u32, String> = HashMap::new();
             // Some(code) once the connection ended (None: without a Disconnect).
             let mut ended = None;
-            let mut stopping = false;
             for channel in self.channels.iter() {
                 let asked = last.get(channel).cloned();
                 let subscribe = pb::Subscribe {
@@ -133,14 +138,11 @@ impl Clients {
                     }
                 }
             }
+            // Never a read under a timeout: one cancelled mid-frame would lose its bytes.
+            // The task is dropped (cancelled) when the run ends.
             while ended.is_none() {
-                match timeout(Duration::from_millis(100), client.next_frame()).await {
-                    Err(_) if self.stop_subscribing.get() => {
-                        stopping = true;
-                        ended = Some(None);
-                    }
-                    Err(_) => {}
-                    Ok(Ok(pb::ServerFrame { kind: Some(Kind::Update(update)) })) => {
+                match client.next_frame().await {
+                    Ok(pb::ServerFrame { kind: Some(Kind::Update(update)) }) => {
                         let Some(channel) = subscriptions.get(&update.sub_id) else { continue };
                         let seen = Seen::Update {
                             offset: update.offset,
@@ -152,15 +154,14 @@ impl Clients {
                         at.1 = update.offset;
                         self.positions.borrow_mut().insert((id, channel.clone()), Some(at.clone()));
                     }
-                    Ok(Ok(pb::ServerFrame { kind: Some(Kind::Disconnect(disconnect)) })) => {
+                    Ok(pb::ServerFrame { kind: Some(Kind::Disconnect(disconnect)) }) => {
                         ended = Some(Some(disconnect.code))
                     }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(_)) => ended = Some(None),
+                    Ok(_) => {}
+                    Err(ClientError::Disconnected(disconnect)) => ended = Some(Some(disconnect.code)),
+                    Err(ClientError::Closed(code)) => ended = Some(code.map(u32::from)),
+                    Err(_) => ended = Some(None),
                 }
-            }
-            if stopping {
-                return;
             }
             for channel in subscriptions.values() {
                 self.log(id, channel, Seen::Ended { code: ended.flatten() });
