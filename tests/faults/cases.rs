@@ -99,15 +99,18 @@ async fn trusted_restarts_from_an_append_only_file_keep_the_epoch_and_lose_nothi
 #[compio::test]
 async fn a_node_cut_off_redis_while_another_publishes_never_skips_silently() {
     let cluster = Cluster::start(Persistence::Snapshots, 2, false);
-    let channels = vec!["traffic:cut-1".to_string(), "traffic:cut-2".to_string()];
+    let channels: Vec<String> = (1..=4).map(|n| format!("traffic:cut-{n}")).collect();
     let clients = Clients::with_roles(vec![cluster.addrs[0]], vec![cluster.addrs[1]], channels);
     let publishers = vec![compio::runtime::spawn(clients.clone().publisher(0, Duration::from_millis(2)))];
     let subscribers = (0..3).map(|id| compio::runtime::spawn(clients.clone().subscriber(id))).collect();
-    for _ in 0..6 {
-        sleep(Duration::from_millis(400)).await;
+    for _ in 0..20 {
+        sleep(Duration::from_millis(200)).await;
         cluster.proxies[1].cut();
-        sleep(Duration::from_millis(600)).await;
+        sleep(Duration::from_millis(300)).await;
+        cluster.proxies[1].delay(Duration::from_millis(3));
         cluster.proxies[1].heal();
+        sleep(Duration::from_millis(100)).await;
+        cluster.proxies[1].delay(Duration::ZERO);
     }
     sleep(Duration::from_millis(400)).await;
     let tally = finish(&cluster, &clients, publishers, subscribers, "cut one node").await;
