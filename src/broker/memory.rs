@@ -376,26 +376,27 @@ impl ChannelTable {
     }
 
     /// With an external broker: where the broker says the channel stands (offset 0: only that
-    /// a new epoch began). Returns whether local subscribers may have missed publications (a
-    /// new epoch, or offsets past what was fanned out here) and must resync; fills `targets`
-    /// with their shards then.
-    pub fn observe(&mut self, name: &str, epoch: &Arc<str>, offset: u64, targets: &mut Vec<usize>) -> bool {
+    /// a new epoch began). Says whether local subscribers may have missed publications and
+    /// must resync: `EpochChanged`, or `Gap` (offsets past what was fanned out here); `Seen`
+    /// when nothing changed. Fills `targets` with their shards when they must.
+    pub fn observe(&mut self, name: &str, epoch: &Arc<str>, offset: u64, targets: &mut Vec<usize>) -> Mirrored {
         targets.clear();
-        let Some(channel) = self.channels.get_mut(name) else { return false };
+        let Some(channel) = self.channels.get_mut(name) else { return Mirrored::Seen };
         if !channel.mirrored {
             channel.follow_from(epoch, offset);
-            return false;
+            return Mirrored::Seen;
         }
         // An offset below what was fanned out here is no news: fan-outs that came after the
         // position was read (Redis behind this node is caught by the scripts, see `known`).
         if channel.epoch == *epoch && offset <= channel.offset {
-            return false;
+            return Mirrored::Seen;
         }
+        let outcome = if channel.epoch == *epoch { Mirrored::Gap } else { Mirrored::EpochChanged };
         channel.epoch = epoch.clone();
         channel.offset = offset;
         channel.history.clear();
         targets.extend(channel.subscribers.iter().enumerate().filter(|(_, &n)| n > 0).map(|(shard, _)| shard));
-        true
+        outcome
     }
 
     /// With an external broker: publications this node already fanned out after `offset` in

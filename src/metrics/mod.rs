@@ -107,6 +107,30 @@ impl RedisOp {
     }
 }
 
+/// Why a node told a channel's local subscribers to resync (4003), as label slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resync {
+    /// Publications never reached the node (a fan-out skipped offsets, or Redis was further
+    /// on after the node was away).
+    Gap,
+    /// The channel's epoch changed (Redis lost its history, or came back older).
+    EpochChanged,
+    /// Redis fanned out an offset again: it came back older than it was.
+    RepeatedOffset,
+}
+
+impl Resync {
+    pub const ALL: [Resync; 3] = [Resync::Gap, Resync::EpochChanged, Resync::RepeatedOffset];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Resync::Gap => "gap",
+            Resync::EpochChanged => "epoch_changed",
+            Resync::RepeatedOffset => "repeated_offset",
+        }
+    }
+}
+
 /// Latencies are kept in microseconds up to a minute; longer ones count as a minute.
 pub const LATENCY_MAX_US: u64 = 60_000_000;
 /// Frames per WebSocket message are kept up to this many.
@@ -376,10 +400,16 @@ pub struct RedisMetrics {
     pub queue_length: AtomicU64,
     pub dead_length: AtomicU64,
     pub failures: [AtomicU64; RedisOp::ALL.len()],
+    /// Channels whose local subscribers were told to resync, by reason.
+    pub resyncs: [AtomicU64; Resync::ALL.len()],
     pub round_trips: Mutex<[Option<Box<TimingWindows>>; RedisOp::ALL.len()]>,
 }
 
 impl RedisMetrics {
+    pub fn count_resync(&self, reason: Resync) {
+        self.resyncs[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A round trip of `op` took `elapsed`, and failed when `failed`.
     pub fn record(&self, op: RedisOp, elapsed: Duration, failed: bool) {
         if failed {

@@ -413,6 +413,15 @@ fn redis(page: &mut Exposition, cluster: &Cluster, now: Instant) {
         let failures = metrics.failures[op as usize].load(Ordering::Relaxed);
         page.sample("realtime_redis_failures_total", &[("op", op.label())], failures);
     }
+    page.family(
+        "realtime_redis_resyncs_total",
+        Kind::Counter,
+        "Channels whose subscribers on this node were told to resync (4003), by what the node saw.",
+    );
+    for reason in crate::metrics::Resync::ALL {
+        let resyncs = metrics.resyncs[reason as usize].load(Ordering::Relaxed);
+        page.sample("realtime_redis_resyncs_total", &[("reason", reason.label())], resyncs);
+    }
     page.single(
         "realtime_redis_publish_queue_consumed_total",
         Kind::Counter,

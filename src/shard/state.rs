@@ -23,7 +23,7 @@ use crate::broker::redis::BridgeRequest;
 use crate::broker::{owner_shard, Joining, Publication};
 use crate::compression::{CompressionCounters, SharedBatches};
 use crate::config::Config;
-use crate::metrics::{channel_slot, CommandKind, LocalMetrics, RequestClock, UPDATE_TYPES};
+use crate::metrics::{channel_slot, CommandKind, LocalMetrics, RequestClock, Resync, UPDATE_TYPES};
 use crate::protocol::{pb, CloseCode, ErrorCode};
 use crate::router::{ConnId, ConnLabel, Router, Subscriber};
 use crate::session::{LentQueues, Now, Session, SessionEvent, SessionLimits};
@@ -502,6 +502,8 @@ impl ShardState {
                 let mut targets = std::mem::take(&mut self.targets);
                 let outcome = self.channels.mirror(&epoch, &publication, Instant::now(), &mut targets);
                 if matches!(outcome, Mirrored::EpochChanged | Mirrored::Gap) {
+                    let reason = if outcome == Mirrored::Gap { Resync::Gap } else { Resync::EpochChanged };
+                    self.cluster.redis_metrics.count_resync(reason);
                     let (channel, offset) = (&*publication.channel, publication.offset);
                     tracing::warn!(channel, %epoch, offset, ?outcome, "publications did not reach this node; subscribers resync");
                 }
@@ -518,7 +520,10 @@ impl ShardState {
             }
             ShardMsg::Resync { channel, epoch, offset } => {
                 let mut targets = std::mem::take(&mut self.targets);
-                if self.channels.observe(&channel, &epoch, offset, &mut targets) {
+                let outcome = self.channels.observe(&channel, &epoch, offset, &mut targets);
+                if outcome != Mirrored::Seen {
+                    let reason = if outcome == Mirrored::Gap { Resync::Gap } else { Resync::EpochChanged };
+                    self.cluster.redis_metrics.count_resync(reason);
                     tracing::warn!(%channel, %epoch, offset, "channel moved while Redis was away; subscribers resync");
                     for &shard in &targets {
                         self.route(shard, ShardMsg::Resubscribe { channel: channel.clone() });
@@ -990,6 +995,7 @@ impl ShardState {
             Ok((position, recovery)) => {
                 let mut targets = std::mem::take(&mut self.targets);
                 if self.channels.learn(&channel, &position.epoch, position.offset, &mut targets) {
+                    self.cluster.redis_metrics.count_resync(Resync::EpochChanged);
                     let epoch = &position.epoch;
                     tracing::warn!(%channel, %epoch, "a position in another epoch than fanned out here; subscribers resync");
                     for &shard in &targets {

@@ -9,7 +9,7 @@ use routopia_realtime::protocol::pb::{self, server_frame::Kind, RecoveryFailure,
 use super::redis_process::Persistence;
 use super::workload::Clients;
 use super::{finish, Cluster};
-use crate::common::{expect_disconnect, options, payload, within};
+use crate::common::{expect_disconnect, options, payload, within, Metrics};
 
 /// Publishes `n` updates on `channel` through `client`, retrying while Redis is away (503);
 /// returns the (epoch, offset) of each.
@@ -62,6 +62,8 @@ async fn back_from_an_older_snapshot(trust_restarts: bool) {
     assert!(!recovery.recovered);
     assert_eq!(recovery.recovery_failure, RecoveryFailure::EpochChanged as i32, "{recovery:?}");
     assert_eq!((recovery.epoch.as_str(), recovery.offset), (after[4].0.as_str(), after[4].1));
+    let metrics = Metrics::fetch(cluster.addrs[1]);
+    assert!(metrics.get("realtime_redis_resyncs_total", &[("reason", "epoch_changed")]) >= 1.0);
 }
 
 #[compio::test]
@@ -115,6 +117,8 @@ async fn a_node_cut_off_redis_while_another_publishes_never_skips_silently() {
     sleep(Duration::from_millis(400)).await;
     let tally = finish(&cluster, &clients, publishers, subscribers, "cut one node").await;
     assert!(tally.told_to_resync > 0, "the cut node's subscribers were told to resync: {tally:?}");
+    let metrics = Metrics::fetch(cluster.addrs[1]);
+    assert!(metrics.get("realtime_redis_resyncs_total", &[("reason", "gap")]) >= 1.0);
 }
 
 /// Subscribing over and over on one node while another publishes fast: each subscription's

@@ -225,8 +225,8 @@ fn mirror_delivers_new_publications_once_and_flags_a_new_epoch() {
     assert_eq!(offsets(&table.fanned_out_after(&channel, "e1", 3)), vec![4]);
     assert_eq!(table.mirror(&e2, &at(1), now, &mut targets), Mirrored::EpochChanged);
     assert_eq!(targets, vec![1]);
-    assert!(!table.observe(&channel, &e2, 1, &mut targets), "in step with the broker");
-    assert!(table.observe(&channel, &e2, 5, &mut targets), "publications this node never saw");
+    assert_eq!(table.observe(&channel, &e2, 1, &mut targets), Mirrored::Seen, "in step with the broker");
+    assert_eq!(table.observe(&channel, &e2, 5, &mut targets), Mirrored::Gap, "publications this node never saw");
     assert_eq!(targets, vec![1]);
 }
 
@@ -259,8 +259,9 @@ fn a_fan_out_past_the_next_offset_is_a_gap_never_a_silent_skip() {
     assert_eq!(targets, vec![1], "the shards whose subscribers must resync");
     assert!(table.fanned_out_after(&channel, "e1", 250).iter().all(|p| p.offset == 445), "no hole kept for catch-up");
     // The resync that follows finds nothing more to do, and the next one is in order.
-    assert!(!table.observe(&channel, &e1, 445, &mut targets));
+    assert_eq!(table.observe(&channel, &e1, 445, &mut targets), Mirrored::Seen);
     assert_eq!(table.mirror(&e1, &at(446), now, &mut targets), Mirrored::Fresh);
+    assert_eq!(table.observe(&channel, &name("e2"), 0, &mut targets), Mirrored::EpochChanged, "a new epoch announced");
 }
 
 #[test]
@@ -365,7 +366,7 @@ fn property_deliveries_are_consecutive_or_a_resync_is_called_for() {
                     }
                 }
                 // The bridge reconnected: where Redis stands, read now.
-                8 if rng.below(4) == 0 && table.observe(&channel, &epoch, offset, &mut targets) => {
+                8 if rng.below(4) == 0 && table.observe(&channel, &epoch, offset, &mut targets) != Mirrored::Seen => {
                     subscriber = None;
                     resyncs += 1;
                 }

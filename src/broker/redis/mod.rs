@@ -397,6 +397,7 @@ impl Bridge {
             // Redis came back older than it was and hands out offsets again: the channel's
             // position script, told what this node knows, starts a new epoch.
             tracing::warn!(%channel, %epoch, offset = publication.offset, "Redis repeated an offset; starting a new epoch");
+            self.cluster.redis_metrics.count_resync(crate::metrics::Resync::RepeatedOffset);
             tokio::spawn(self.job(connection, channel).resync());
             return;
         }
