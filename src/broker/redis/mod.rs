@@ -320,6 +320,7 @@ impl Bridge {
             }
             BridgeRequest::Unlisten { channel } => {
                 self.listening.remove(&channel);
+                self.make_room_in_known();
             }
             other => refuse(&self.cluster, other),
         }
@@ -342,6 +343,7 @@ impl Bridge {
             }
             BridgeRequest::Unlisten { channel } => {
                 if self.listening.remove(&channel) {
+                    self.make_room_in_known();
                     let mut connection = connection.clone();
                     let _ = connection.unsubscribe(self.keys(&channel).pubsub).await;
                 }
@@ -355,13 +357,17 @@ impl Bridge {
         }
     }
 
-    fn job(&self, connection: &MultiplexedConnection, channel: &str) -> Job {
+    /// When the known positions are full, keeps those of the channels this node listens to
+    /// (a repeat of their offsets is caught) and forgets the rest; as channels stop being
+    /// listened to, not on every request.
+    fn make_room_in_known(&self) {
         let mut known = lock(&self.known);
         if known.is_full() {
-            // Channels this node listens to matter most: a repeat of their offsets is caught.
             known.retain(|channel| self.listening.contains(channel));
         }
-        drop(known);
+    }
+
+    fn job(&self, connection: &MultiplexedConnection, channel: &str) -> Job {
         Job {
             continuity: Continuity {
                 run_id: self.run_id.clone(),
