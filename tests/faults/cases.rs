@@ -154,3 +154,35 @@ async fn subscribing_while_publications_flow_never_delivers_one_twice() {
     within("the publisher stopping", publisher).await.unwrap();
     assert_eq!(checked, 300);
 }
+
+/// Redis loses a channel's epoch but keeps its acknowledged positions (the meta key expired
+/// or was evicted under `maxmemory`, or an ack of the old epoch arrives late): an identity's
+/// position in the old epoch must never place it in the new one, where it would skip the
+/// new epoch's first publications as if already processed.
+#[compio::test]
+async fn an_acknowledged_position_never_resumes_into_another_epoch() {
+    let cluster = Cluster::start(Persistence::Snapshots, 2, false);
+    let channel = "route:acked";
+    let acked = pb::Subscribe { channel: channel.into(), ack: true, ..Default::default() };
+    let mut truck = within("connect", Client::connect(cluster.addrs[1], options("truck-7"))).await.unwrap().0;
+    let sub = within("subscribe", truck.subscribe_with(acked.clone())).await.unwrap();
+    let mut publisher = within("connect", Client::connect(cluster.addrs[0], options("backend"))).await.unwrap().0;
+    publish_all(&mut publisher, channel, 1, 5).await;
+    for n in 1..=5 {
+        assert_eq!(within("update", truck.next_update()).await.unwrap().offset, n);
+    }
+    // The epoch is gone; the truck's ack of offset 5 of the old epoch still comes in.
+    cluster.redis.command(&[b"DEL", b"realtime:{route:acked}:meta"]);
+    within("ack", truck.ack(sub.sub_id, 5)).await.unwrap();
+    // The bridge handles one node's requests in order: once this answer is back, so is the ack.
+    within("history", truck.history(channel, 0, 1)).await.unwrap();
+    drop(truck);
+    let acks = publish_all(&mut publisher, channel, 6, 8).await;
+    let epoch = &acks[0].0;
+    assert!(acks.iter().enumerate().all(|(i, (e, o))| (e, *o) == (epoch, i as u64 + 1)), "a new epoch: {acks:?}");
+    let mut truck = within("connect", Client::connect(cluster.addrs[0], options("truck-7"))).await.unwrap().0;
+    let resumed = within("subscribe", truck.subscribe_with(acked)).await.unwrap();
+    assert_eq!(&resumed.epoch, epoch);
+    assert!(!resumed.recovered, "an old epoch's position resumed into the new one: {resumed:?}");
+    assert_eq!(resumed.offset, 8);
+}

@@ -113,7 +113,8 @@ impl Clients {
                     recover: asked.is_some(),
                     epoch: asked.as_ref().map(|(epoch, _)| epoch.clone()).unwrap_or_default(),
                     offset: asked.as_ref().map_or(0, |(_, offset)| *offset),
-                    ..Default::default()
+                    // Odd subscribers ask for acknowledged delivery and acknowledge each update.
+                    ack: id % 2 == 1,
                 };
                 match timeout(Duration::from_secs(5), client.subscribe_with(subscribe)).await {
                     Ok(Ok(result)) => {
@@ -144,6 +145,9 @@ impl Clients {
                 match client.next_frame().await {
                     Ok(pb::ServerFrame { kind: Some(Kind::Update(update)) }) => {
                         let Some(channel) = subscriptions.get(&update.sub_id) else { continue };
+                        if id % 2 == 1 && client.ack(update.sub_id, update.offset).await.is_err() {
+                            ended = Some(None);
+                        }
                         let seen = Seen::Update {
                             offset: update.offset,
                             skipped: update.skipped,
