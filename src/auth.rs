@@ -3,7 +3,8 @@
 //!
 //! Claims the server reads:
 //! - `sub` (required): the user; identities of acknowledged positions and per-user limits.
-//! - `exp` (required), `nbf` (optional): seconds since the Unix epoch.
+//! - `exp` (required), `nbf` (optional): seconds since the Unix epoch; an `exp` further ahead
+//!   than `auth.max_token_lifetime` is refused, so every expiry stays a time the clocks hold.
 //! - `aud`, `iss`: checked when `auth.audience` / `auth.issuer` are set.
 //! - `subscribe`, `publish` (optional): lists of channel patterns; absent, the configured
 //!   defaults apply. `*` matches any run of characters, `{sub}` exactly the token's subject.
@@ -222,6 +223,8 @@ pub struct Verifier {
     audience: Option<String>,
     issuer: Option<String>,
     leeway: u64,
+    /// `auth.max_token_lifetime`, seconds.
+    max_lifetime: u64,
     default_subscribe: Arc<[ChannelPattern]>,
     default_publish: Arc<[ChannelPattern]>,
 }
@@ -269,7 +272,8 @@ impl Verifier {
             Some(DecodingKey::from_secret(config.hmac_secret.as_bytes()))
         } else if rsa.is_empty() && ec.is_empty() {
             let secret: [u8; 32] = rand::random();
-            let claims = DevClaims { sub: "developer", exp: now_unix + 24 * 3600, subscribe: ["*"], publish: ["*"] };
+            let exp = now_unix.saturating_add(24 * 3600);
+            let claims = DevClaims { sub: "developer", exp, subscribe: ["*"], publish: ["*"] };
             let token =
                 jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(&secret))
                     .map_err(|err| format!("cannot sign the development token: {err}"))?;
@@ -285,6 +289,7 @@ impl Verifier {
             audience: (!config.audience.is_empty()).then(|| config.audience.clone()),
             issuer: (!config.issuer.is_empty()).then(|| config.issuer.clone()),
             leeway: config.leeway.as_secs(),
+            max_lifetime: config.max_token_lifetime.as_secs(),
             default_subscribe: parse_patterns(&config.default_subscribe)?,
             default_publish: parse_patterns(&config.default_publish)?,
         };
@@ -350,6 +355,10 @@ impl Verifier {
         };
         if exp.saturating_add(self.leeway) <= now_unix {
             return Err(Refusal::new(AuthFailure::Expired, format!("the token expired at {exp}")));
+        }
+        if exp > now_unix.saturating_add(self.max_lifetime) {
+            let detail = format!("`exp` {exp} is more than auth.max_token_lifetime ({} s) ahead", self.max_lifetime);
+            return Err(Refusal::new(AuthFailure::BadClaim, detail));
         }
         if let Some(nbf) = claims.nbf {
             if nbf > now_unix.saturating_add(self.leeway) {

@@ -665,10 +665,11 @@ impl Session {
         if self.is_closing() {
             return;
         }
-        if now >= expires_at + self.limits.expiry_grace {
+        // Differences of instants, never sums: no setting or claim can overflow the clock.
+        if now.checked_duration_since(expires_at).is_some_and(|past| past >= self.limits.expiry_grace) {
             return self.close(CloseCode::TokenExpired, "the token expired and was not refreshed".into());
         }
-        if !self.reminded && now + self.limits.refresh_reminder >= expires_at {
+        if !self.reminded && expires_at.saturating_duration_since(now) <= self.limits.refresh_reminder {
             self.reminded = true;
             let expiring = pb::TokenExpiring { expires_at_unix: self.grant.expires_at_unix };
             self.frame(pb::ServerFrame { kind: Some(Kind::TokenExpiring(expiring)) });

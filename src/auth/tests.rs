@@ -102,6 +102,27 @@ fn leeway_applies_to_expiry() {
 }
 
 #[test]
+fn an_exp_beyond_the_lifetime_horizon_is_a_bad_claim() {
+    let v = verifier(&config());
+    let horizon = NOW + Auth::default().max_token_lifetime.as_secs();
+    for exp in [u64::MAX, i64::MAX as u64, horizon + 1] {
+        let refusal = v.verify(&sign(Algorithm::HS256, json!({"sub": "u1", "exp": exp})), NOW).unwrap_err();
+        assert_eq!(refusal.failure, AuthFailure::BadClaim, "exp {exp}: {refusal}");
+        assert!(refusal.detail.contains("max_token_lifetime"), "{refusal}");
+    }
+    let at_horizon = sign(Algorithm::HS256, json!({"sub": "u1", "exp": horizon}));
+    assert_eq!(v.verify(&at_horizon, NOW).unwrap().expires_at_unix, horizon);
+    // Absurd times elsewhere are refused by the rules that already apply, without overflow.
+    let never_valid = json!({"sub": "u1", "exp": NOW + 60, "nbf": u64::MAX});
+    assert_eq!(v.verify(&sign(Algorithm::HS256, never_valid), NOW).unwrap_err().failure, AuthFailure::NotYetValid);
+    let at_end_of_time = sign(Algorithm::HS256, json!({"sub": "u1", "exp": NOW + 60}));
+    assert_eq!(v.verify(&at_end_of_time, u64::MAX).unwrap_err().failure, AuthFailure::Expired);
+    let short = Auth { max_token_lifetime: std::time::Duration::from_secs(3600), ..config() };
+    let day = sign(Algorithm::HS256, json!({"sub": "u1", "exp": NOW + 86_400}));
+    assert_eq!(verifier(&short).verify(&day, NOW).unwrap_err().failure, AuthFailure::BadClaim);
+}
+
+#[test]
 fn default_permissions_keep_users_to_their_own_route() {
     let grant =
         verifier(&config()).verify(&sign(Algorithm::HS256, json!({"sub": "alice", "exp": NOW + 60})), NOW).unwrap();

@@ -118,7 +118,9 @@ impl Session {
     fn set_grant(&mut self, now: Now, grant: Grant) {
         let now_unix = now.unix_us / 1_000_000;
         let left = Duration::from_secs(grant.expires_at_unix.saturating_sub(now_unix));
-        self.expires_at = (grant.expires_at_unix > 0).then(|| now.instant + left);
+        // The verifier keeps `exp` within `auth.max_token_lifetime`, so the sum fits; one the
+        // monotonic clock could not hold would not come in this process's life.
+        self.expires_at = if grant.expires_at_unix > 0 { now.instant.checked_add(left) } else { None };
         self.reminded = false;
         self.grant = grant;
     }

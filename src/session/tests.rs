@@ -391,6 +391,43 @@ mod security {
     }
 
     #[test]
+    fn an_exp_past_the_horizon_is_refused_as_a_bad_claim_without_touching_the_clock() {
+        let base = Instant::now();
+        for exp in [u64::MAX, i64::MAX as u64, UNIX + 11 * 366 * 86_400] {
+            let (mut session, _, frames, close) = connect(&jwt_config(), token(json!({"sub": "u", "exp": exp})), base);
+            assert_eq!(close, Some(4503), "exp {exp}");
+            assert!(
+                matches!(&frames[..], [pb::ServerFrame { kind: Some(Kind::Disconnect(d)) }] if d.reason.starts_with("bad_claim")),
+                "exp {exp}: {frames:?}"
+            );
+            assert_eq!(session.poll_event(), Some(SessionEvent::AuthFailed(AuthFailure::BadClaim)));
+        }
+    }
+
+    #[test]
+    fn expiry_checks_never_overflow_whatever_the_settings_and_the_time() {
+        let base = Instant::now();
+        let config = jwt_config();
+        let mut limits = SessionLimits::clone(&limits(&config));
+        (limits.refresh_reminder, limits.expiry_grace) = (Duration::MAX, Duration::MAX);
+        (limits.ping_interval, limits.heartbeat_timeout) = (Duration::MAX, Duration::MAX);
+        let limits = Rc::new(limits);
+        let mut session = Session::new(label(), limits, base);
+        let mut peer = Peer::new();
+        let horizon = UNIX + config.auth.max_token_lifetime.as_secs();
+        let connect = pb::Connect { token: token(json!({"sub": "u", "exp": horizon})), ..Default::default() };
+        send(&mut peer, &mut session, at(base, 0), 1, Command::Connect(connect));
+        assert_eq!(session.phase(), Phase::Connected);
+        // A reminder at once (the whole lifetime is within `Duration::MAX` of expiry), and
+        // never a close: the grace never ends.
+        session.handle_timeout(at(base, 1).instant);
+        let (frames, _) = peer.receive(&mut session);
+        assert!(matches!(&frames[1..], [pb::ServerFrame { kind: Some(Kind::TokenExpiring(_)) }]), "{frames:?}");
+        session.handle_timeout(base + Duration::from_secs(config.auth.max_token_lifetime.as_secs() + 3600));
+        assert_eq!(session.phase(), Phase::Connected);
+    }
+
+    #[test]
     fn refresh_for_another_subject_or_with_a_bad_token_is_refused_and_the_connection_stays() {
         let base = Instant::now();
         let (mut session, mut peer, _, _) = connect(&jwt_config(), token(json!({"sub": "u", "exp": UNIX + 600})), base);

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use super::supervise::Task;
 use super::{Cluster, ShardStats};
 use crate::auth::AuthFailure;
 use crate::metrics::prometheus::{Exposition, Kind};
@@ -300,6 +301,20 @@ fn shards(page: &mut Exposition, cluster: &Cluster) {
     for (id, stats) in cluster.stats.iter().enumerate() {
         let linger = stats.linger_us.load(Ordering::Relaxed) as f64 / MICROS_PER_SECOND;
         page.sample_f64("realtime_linger_seconds", &[("shard", &id.to_string())], linger);
+    }
+    page.family(
+        "realtime_shard_panics_total",
+        Kind::Counter,
+        "Panics caught on a shard, by the task they came out of; the shard carried on.",
+    );
+    for (id, stats) in cluster.stats.iter().enumerate() {
+        for task in Task::ALL {
+            page.sample(
+                "realtime_shard_panics_total",
+                &[("shard", &id.to_string()), ("task", task.label())],
+                stats.panics.get(task),
+            );
+        }
     }
 }
 

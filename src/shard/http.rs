@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::supervise::Task;
 use super::Cluster;
 use crate::config::{AuthMode, Config};
 use crate::protocol::http::{self, RequestHead};
@@ -23,6 +24,7 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
                 "connections": stats.connections.load(Ordering::Relaxed),
                 "inbox_depth": cluster.inboxes[id].len(),
                 "linger_us": stats.linger_us.load(Ordering::Relaxed),
+                "panics": stats.panics.total(),
             })
         })
         .collect();
@@ -92,9 +94,17 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
     drivers.dedup();
     let driver = if drivers.len() == 1 { drivers[0] } else { "mixed" };
     let redis_down = cluster.redis.as_ref().is_some_and(|r| !r.is_up());
+    let mut panics = serde_json::Map::new();
+    for task in Task::ALL {
+        let count: u64 = cluster.stats.iter().map(|s| s.panics.get(task)).sum();
+        panics.insert(task.label().to_owned(), count.into());
+    }
+    let panicked = cluster.stats.iter().any(|s| s.panics.total() > 0);
+    // A caught panic is a bug met: the shard carries on, but its state may be off until a
+    // restart, which the operator can do when it suits (`per_shard` says where).
     let status = if cluster.draining.load(Ordering::Relaxed) {
         "draining"
-    } else if redis_down {
+    } else if redis_down || panicked {
         "degraded"
     } else {
         "ok"
@@ -111,6 +121,7 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         "connections": connections,
         "uptime_seconds": cluster.started_at.elapsed().as_secs(),
         "per_shard": shards,
+        "panics": panics,
         "broker": broker,
         "delivery": delivery,
         "compression": compression,
@@ -129,6 +140,8 @@ struct PublicAuth<'a> {
     #[serde(with = "humantime_serde")]
     leeway: Duration,
     #[serde(with = "humantime_serde")]
+    max_token_lifetime: Duration,
+    #[serde(with = "humantime_serde")]
     refresh_reminder: Duration,
     #[serde(with = "humantime_serde")]
     expiry_grace: Duration,
@@ -143,6 +156,7 @@ pub(super) fn limits_json(config: &Config) -> String {
     let public_auth = PublicAuth {
         mode: auth.mode,
         leeway: auth.leeway,
+        max_token_lifetime: auth.max_token_lifetime,
         refresh_reminder: auth.refresh_reminder,
         expiry_grace: auth.expiry_grace,
         default_subscribe: &auth.default_subscribe,
