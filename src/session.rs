@@ -755,7 +755,7 @@ impl Session {
                         self.handle_frame(now, frame);
                     }
                 }
-                Err(err @ EnvelopeError::Zstd { .. }) => self.close(CloseCode::MessageTooBig, err.to_string()),
+                Err(err @ EnvelopeError::TooLarge { .. }) => self.close(CloseCode::MessageTooBig, err.to_string()),
                 Err(err) => self.close(CloseCode::BadMessage, err.to_string()),
             }
         })
