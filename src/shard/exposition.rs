@@ -122,12 +122,16 @@ fn delivery(page: &mut Exposition, cluster: &Cluster) {
         "Channels with subscribers or history.",
         sum(cluster, |s| &s.channels),
     );
-    page.single(
-        "realtime_history_size",
-        Kind::Gauge,
-        "Publications held in history (embedded broker).",
-        sum(cluster, |s| &s.history_size),
-    );
+    // With Redis, history lives in Redis, shared by every node; no figure of this node's says
+    // how much.
+    if cluster.redis.is_none() {
+        page.single(
+            "realtime_history_size",
+            Kind::Gauge,
+            "Publications held in history (embedded broker).",
+            sum(cluster, |s| &s.history_size),
+        );
+    }
     page.family("realtime_updates_published_total", Kind::Counter, "Publications accepted, by update type.");
     for (slot, label) in UPDATE_TYPE_LABELS.iter().enumerate() {
         let count = sum(cluster, |s| &s.metrics.published[slot])

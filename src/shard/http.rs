@@ -32,16 +32,22 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
     let total = |field: fn(&super::ShardStats) -> &std::sync::atomic::AtomicU64| -> u64 {
         cluster.stats.iter().map(|s| field(s).load(Ordering::Relaxed)).sum()
     };
-    let delivery = serde_json::json!({
-        "published": total(|s| &s.published),
+    // Publications through Redis are counted by its bridge, as `/metrics` counts them.
+    let through_redis: u64 = cluster.redis_metrics.published.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    let mut delivery = serde_json::json!({
+        "published": total(|s| &s.published) + through_redis,
         "delivered": total(|s| &s.delivered),
         "recoveries_served": total(|s| &s.recoveries_served),
         "recoveries_refused": total(|s| &s.recoveries_refused),
         "ack_failures": total(|s| &s.ack_failures),
         "inbox_dropped": total(|s| &s.inbox_dropped),
         "channels": total(|s| &s.channels),
-        "history_size": total(|s| &s.history_size),
     });
+    // With Redis, history lives in Redis, shared by every node: no figure of this node's says
+    // how much, so none is shown.
+    if cluster.redis.is_none() {
+        delivery["history_size"] = total(|s| &s.history_size).into();
+    }
     let by_reason = |counters: fn(&super::ShardStats) -> &[std::sync::atomic::AtomicU64], labels: &[&str]| {
         let mut map = serde_json::Map::new();
         for (index, label) in labels.iter().enumerate() {
