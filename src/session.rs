@@ -145,6 +145,9 @@ pub struct SessionLimits {
     pub verifier: Option<Arc<Verifier>>,
     pub refresh_reminder: Duration,
     pub expiry_grace: Duration,
+    /// Clock skew allowed around `exp` (`auth.leeway`): a token counts as expired from
+    /// `exp + leeway`, as at `Connect`.
+    pub leeway: Duration,
     pub ping_interval: Duration,
     pub heartbeat_timeout: Duration,
     /// `None`: rate limits are off.
@@ -209,6 +212,7 @@ impl SessionLimits {
             verifier,
             refresh_reminder: config.auth.refresh_reminder,
             expiry_grace: config.auth.expiry_grace,
+            leeway: config.auth.leeway,
             ping_interval: config.heartbeat.interval,
             heartbeat_timeout: config.heartbeat.timeout,
             rate_limits: r.enabled.then_some(RatePolicy {
@@ -674,6 +678,14 @@ impl Session {
             let expiring = pb::TokenExpiring { expires_at_unix: self.grant.expires_at_unix };
             self.frame(pb::ServerFrame { kind: Some(Kind::TokenExpiring(expiring)) });
         }
+    }
+
+    /// Whether the token expired (beyond the leeway): in its grace period, the connection may
+    /// only refresh it, acknowledge, ping and unsubscribe.
+    fn token_expired(&self, now: Instant) -> bool {
+        self.expires_at
+            .and_then(|expires_at| now.checked_duration_since(expires_at))
+            .is_some_and(|past| past >= self.limits.leeway)
     }
 
     /// Closes the session with `code`: a `Disconnect` frame (not on the echo endpoint, which

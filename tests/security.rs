@@ -232,6 +232,32 @@ async fn a_refresh_inside_the_grace_period_saves_the_connection() {
 }
 
 #[compio::test]
+async fn an_expired_token_in_its_grace_period_may_refresh_and_unsubscribe_but_not_subscribe_or_publish() {
+    let env = [("ROUTOPIA_AUTH__EXPIRY_GRACE", "1m"), ("ROUTOPIA_AUTH__LEEWAY", "0s")];
+    let server = TestServer::start(1, &env);
+    let exp = unix_now() + 3;
+    let claims = |exp| json!({"sub": "u", "exp": exp, "subscribe": ["*"], "publish": ["*"]});
+    let token = sign(claims(exp));
+    let (mut client, _) = Client::connect(server.addr, ConnectOptions { token, ..Default::default() }).await.unwrap();
+    let subscription = client.subscribe("route:u").await.unwrap();
+    until_after(exp).await;
+    match client.subscribe("route:other").await {
+        Err(ClientError::Server(error)) => assert_eq!(error.code, 401, "{error:?}"),
+        other => panic!("{other:?}"),
+    }
+    match client.publish("route:u", UpdateType::Route, "k", b"x".to_vec()).await {
+        Err(ClientError::Server(error)) => assert_eq!(error.code, 401, "{error:?}"),
+        other => panic!("{other:?}"),
+    }
+    client.unsubscribe(subscription.sub_id).await.expect("unsubscribing stays possible");
+    client.refresh(sign(claims(unix_now() + 600))).await.expect("refreshing stays possible");
+    client.subscribe("route:other").await.expect("served again once refreshed");
+    common::wait_for_metrics(server.addr, "two commands refused as expired", |m| {
+        m.get("realtime_errors_total", &[("code", "401")]) == 2.0
+    });
+}
+
+#[compio::test]
 async fn the_resilient_client_refreshes_by_itself_before_expiry() {
     let server = TestServer::start(1, &[("ROUTOPIA_AUTH__LEEWAY", "0s")]);
     let fetched = std::rc::Rc::new(std::cell::Cell::new(0u32));

@@ -30,6 +30,15 @@ impl Session {
                 return;
             }
         }
+        let allowed_when_expired = matches!(
+            command,
+            Command::Connect(_) | Command::Refresh(_) | Command::Ack(_) | Command::Ping(_) | Command::Unsubscribe(_)
+        );
+        if !allowed_when_expired && self.token_expired(now.instant) {
+            let expired_at = self.grant.expires_at_unix;
+            let message = format!("the token expired at {expired_at}: send Refresh with a new one first");
+            return self.error(id, ErrorCode::TokenRefused, message);
+        }
         match command {
             Command::Connect(connect) => self.handle_connect(now, id, connect),
             Command::Subscribe(subscribe) => self.handle_subscribe(id, subscribe),

@@ -428,6 +428,53 @@ mod security {
     }
 
     #[test]
+    fn in_the_grace_period_only_refresh_ack_ping_and_unsubscribe_are_served() {
+        let base = Instant::now();
+        let claims = json!({"sub": "u", "exp": UNIX + 120, "subscribe": ["*"], "publish": ["*"]});
+        let (mut session, mut peer, _, _) = connect(&jwt_config(), token(claims), base);
+        send(&mut peer, &mut session, at(base, 1), 2, subscribe("route:u"));
+        let Some(SessionEvent::Subscribe { sub_id, .. }) = session.poll_event() else { panic!("no subscribe") };
+        session.on_subscribed(sub_id, 2, &Position { epoch: Arc::from("e"), offset: 0 }, None, base);
+        peer.receive(&mut session);
+        // Within the leeway (5 s) past `exp` the token still serves, as it would at `Connect`.
+        send(&mut peer, &mut session, at(base, 124), 3, subscribe("route:early"));
+        assert!(matches!(session.poll_event(), Some(SessionEvent::Subscribe { .. })));
+        peer.receive(&mut session);
+        let expired = at(base, 125);
+        let publish = Command::Publish(pb::Publish {
+            channel: "route:u".into(),
+            r#type: UpdateType::Route as i32,
+            payload: b"x".to_vec().into(),
+            ..Default::default()
+        });
+        let history = Command::History(pb::History { channel: "route:u".into(), ..Default::default() });
+        for (id, command) in [(4, subscribe("route:v")), (5, publish), (6, history)] {
+            send(&mut peer, &mut session, expired, id, command);
+        }
+        let (frames, _) = peer.receive(&mut session);
+        assert_eq!(frames.iter().map(error_code).collect::<Vec<_>>(), vec![Some(401); 3]);
+        assert_eq!(session.poll_event(), None, "nothing reached the shard");
+        send(&mut peer, &mut session, expired, 7, Command::Ping(pb::Ping { timestamp_us: 9 }));
+        send(&mut peer, &mut session, expired, 8, Command::Ack(pb::Ack { sub_id, offset: 1 }));
+        send(&mut peer, &mut session, expired, 9, Command::Unsubscribe(pb::Unsubscribe { sub_id }));
+        let (frames, close) = peer.receive(&mut session);
+        assert!(matches!(frames[0].kind, Some(Kind::Pong(pb::Pong { timestamp_us: 9 }))), "{frames:?}");
+        assert_eq!(error_code(&frames[1]), Some(400), "the Ack is handled: the subscription has no acks");
+        assert!(matches!(
+            &frames[2].kind,
+            Some(Kind::Reply(pb::Reply { id: 9, result: Some(reply::Result::Unsubscribe(_)) }))
+        ));
+        assert_eq!(close, None);
+        let refresh = json!({"sub": "u", "exp": UNIX + 900, "subscribe": ["*"], "publish": ["*"]});
+        send(&mut peer, &mut session, expired, 10, Command::Refresh(pb::Refresh { token: token(refresh) }));
+        send(&mut peer, &mut session, expired, 11, subscribe("route:v"));
+        let (frames, _) = peer.receive(&mut session);
+        assert!(frames.iter().all(|f| error_code(f).is_none()), "{frames:?}");
+        assert!(session.poll_event().is_some_and(|e| matches!(e, SessionEvent::Unsubscribe { .. })));
+        assert!(matches!(session.poll_event(), Some(SessionEvent::Subscribe { req_id: 11, .. })));
+    }
+
+    #[test]
     fn refresh_for_another_subject_or_with_a_bad_token_is_refused_and_the_connection_stays() {
         let base = Instant::now();
         let (mut session, mut peer, _, _) = connect(&jwt_config(), token(json!({"sub": "u", "exp": UNIX + 600})), base);
