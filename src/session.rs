@@ -618,8 +618,35 @@ impl Session {
     }
 
     /// Time passed: resend updates whose acknowledgement is overdue. Returns how many
-    /// acknowledged updates failed for good.
+    /// acknowledged updates failed for good. The shard calls this for every connection in
+    /// turn, so a panic in it (a bug) must not stop the others: it closes this connection with
+    /// 1011 instead, and is counted.
     pub fn handle_timeout(&mut self, now: Instant) -> u32 {
+        self.unless_panicking(|session| session.on_timeout(now))
+    }
+
+    /// Runs `work`; a panic out of it closes the session with 1011 (without a word when even
+    /// that panics: the queues may be what is broken) and counts it.
+    fn unless_panicking(&mut self, work: impl FnOnce(&mut Self) -> u32) -> u32 {
+        let payload = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut *self))) {
+            Ok(result) => return result,
+            Err(payload) => payload,
+        };
+        self.limits.metrics.count_timeout_panic();
+        let panic = crate::panic_message(&*payload);
+        tracing::error!(conn = %self.client_id, panic, "a panic in the connection's timeouts was caught; it is closed with 1011");
+        let detail = "internal server error".to_owned();
+        let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.close(CloseCode::InternalError, detail.clone())
+        }));
+        if closed.is_err() || !self.is_closing() {
+            self.phase = Phase::Closing(CloseCode::InternalError);
+            self.close_detail = Some(detail);
+        }
+        0
+    }
+
+    fn on_timeout(&mut self, now: Instant) -> u32 {
         if self.phase == Phase::AwaitingConnect
             && now.saturating_duration_since(self.opened_at) >= self.limits.connect_timeout
         {

@@ -267,6 +267,23 @@ fn a_connection_that_never_connects_is_closed_after_the_timeout() {
 
 /// Every idle connection keeps a session; a field added carelessly costs 10,000 times over.
 #[test]
+fn a_panic_in_the_timeouts_closes_only_that_connection_with_1011_and_is_counted() {
+    let (mut session, mut peer) = connected();
+    assert_eq!(session.unless_panicking(|_| panic!("a bug in a timeout")), 0);
+    assert_eq!(session.phase(), Phase::Closing(CloseCode::InternalError));
+    let (frames, close) = peer.receive(&mut session);
+    assert!(
+        matches!(&frames[..], [pb::ServerFrame { kind: Some(Kind::Disconnect(d)) }] if d.code == 1011 && d.reconnect)
+    );
+    assert_eq!(close, Some(1011));
+    let shared = crate::metrics::SharedMetrics::default();
+    session.limits.metrics.flush_into(&shared, false, Instant::now());
+    assert_eq!(shared.timeout_panics.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // Later ticks find a closing session, as any other.
+    assert_eq!(session.handle_timeout(Instant::now()), 0);
+}
+
+#[test]
 fn a_session_stays_small() {
     let size = std::mem::size_of::<Session>();
     eprintln!("Session: {size} bytes");

@@ -316,7 +316,7 @@ fn shards(page: &mut Exposition, cluster: &Cluster) {
             page.sample(
                 "realtime_shard_panics_total",
                 &[("shard", &id.to_string()), ("task", task.label())],
-                stats.panics.get(task),
+                stats.panic_count(task),
             );
         }
     }

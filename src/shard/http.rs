@@ -24,7 +24,7 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
                 "connections": stats.connections.load(Ordering::Relaxed),
                 "inbox_depth": cluster.inboxes[id].len(),
                 "linger_us": stats.linger_us.load(Ordering::Relaxed),
-                "panics": stats.panics.total(),
+                "panics": stats.panic_total(),
             })
         })
         .collect();
@@ -102,10 +102,10 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
     let redis_down = cluster.redis.as_ref().is_some_and(|r| !r.is_up());
     let mut panics = serde_json::Map::new();
     for task in Task::ALL {
-        let count: u64 = cluster.stats.iter().map(|s| s.panics.get(task)).sum();
+        let count: u64 = cluster.stats.iter().map(|s| s.panic_count(task)).sum();
         panics.insert(task.label().to_owned(), count.into());
     }
-    let panicked = cluster.stats.iter().any(|s| s.panics.total() > 0);
+    let panicked = cluster.stats.iter().any(|s| s.panic_total() > 0);
     // A caught panic is a bug met: the shard carries on, but its state may be off until a
     // restart, which the operator can do when it suits (`per_shard` says where).
     let status = if cluster.draining.load(Ordering::Relaxed) {

@@ -159,6 +159,17 @@ impl ShardStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Panics caught under `task`; those a session caught in its own timeouts (closing its
+    /// connection with 1011) count under `timeouts`.
+    pub fn panic_count(&self, task: Task) -> u64 {
+        let in_sessions = if task == Task::Timeouts { self.metrics.timeout_panics.load(Ordering::Relaxed) } else { 0 };
+        self.panics.get(task) + in_sessions
+    }
+
+    pub fn panic_total(&self) -> u64 {
+        Task::ALL.iter().map(|&task| self.panic_count(task)).sum()
+    }
+
     pub fn driver_name(&self) -> &'static str {
         match self.driver.load(Ordering::Relaxed) {
             1 => "io_uring",
@@ -611,7 +622,7 @@ fn run_shard(
             // service manager starts it again and clients reconnect and recover.
             tracing::error!(
                 shard = id,
-                panic = supervise::message(&*panic),
+                panic = crate::panic_message(&*panic),
                 "the shard stopped with a panic; the server exits (status 70) to be restarted"
             );
             std::process::exit(70);

@@ -85,7 +85,7 @@ impl Panics {
         tracing::error!(
             shard,
             task = task.label(),
-            panic = message(payload),
+            panic = crate::panic_message(payload),
             "a panic was caught; the shard carries on (see /health `panics`)"
         );
     }
@@ -135,17 +135,6 @@ where
     .detach();
 }
 
-/// What a panic said, when it said it with a string.
-pub fn message(payload: &(dyn Any + Send)) -> &str {
-    if let Some(text) = payload.downcast_ref::<&'static str>() {
-        text
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text
-    } else {
-        "a panic without a message"
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,8 +151,8 @@ mod tests {
 
     #[test]
     fn the_message_of_a_panic_is_read_from_either_string_type() {
-        assert_eq!(message(&"static"), "static");
-        assert_eq!(message(&String::from("formatted 7")), "formatted 7");
-        assert_eq!(message(&7u32), "a panic without a message");
+        assert_eq!(crate::panic_message(&"static"), "static");
+        assert_eq!(crate::panic_message(&String::from("formatted 7")), "formatted 7");
+        assert_eq!(crate::panic_message(&7u32), "a panic without a message");
     }
 }
