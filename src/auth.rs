@@ -3,7 +3,8 @@
 //!
 //! Claims the server reads:
 //! - `sub` (required): the user; identities of acknowledged positions and per-user limits.
-//! - `exp` (required), `nbf` (optional): seconds since the Unix epoch.
+//! - `exp` (required), `nbf` (optional): seconds since the Unix epoch; an `exp` further ahead
+//!   than `auth.max_token_lifetime` is refused, so every expiry stays a time the clocks hold.
 //! - `aud`, `iss`: checked when `auth.audience` / `auth.issuer` are set.
 //! - `subscribe`, `publish` (optional): lists of channel patterns; absent, the configured
 //!   defaults apply. `*` matches any run of characters, `{sub}` exactly the token's subject.
@@ -92,6 +93,15 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// The longest channel pattern.
+const MAX_PATTERN_LEN: usize = 1024;
+/// Patterns a `subscribe` or `publish` claim may list, and their bytes together: a check
+/// compares at most (channel length + 1) × these bytes, so a token's patterns cannot hold a
+/// shard (at the longest channel allowed, 1024, some 16 M byte comparisons; at the default
+/// 128, 2 M).
+const MAX_CLAIMED_PATTERNS: usize = 256;
+const MAX_CLAIMED_PATTERN_BYTES: usize = 16 * 1024;
+
 /// One piece of a channel pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
@@ -111,8 +121,8 @@ pub struct ChannelPattern {
 impl ChannelPattern {
     /// Parses a pattern: channel-name characters, `*` and `{sub}`.
     pub fn parse(pattern: &str) -> Result<Self, String> {
-        if pattern.is_empty() || pattern.len() > 1024 {
-            return Err("a pattern has 1 to 1024 characters".into());
+        if pattern.is_empty() || pattern.len() > MAX_PATTERN_LEN {
+            return Err(format!("a pattern has 1 to {MAX_PATTERN_LEN} characters"));
         }
         let mut parts = Vec::new();
         let mut literal = Vec::new();
@@ -147,20 +157,71 @@ impl ChannelPattern {
 
     /// Whether `channel` matches for a token whose subject is `subject`.
     pub fn matches(&self, channel: &str, subject: &str) -> bool {
-        matches_from(&self.parts, channel.as_bytes(), subject.as_bytes())
+        self.matches_counting(channel.as_bytes(), subject.as_bytes(), &mut 0)
+    }
+
+    /// Glob matching without backtracking. The `*`s cut the pattern into segments of literals
+    /// (`{sub}` is one once the subject is known): the first segment must begin the channel,
+    /// the last must end it, and each one between is taken at its leftmost place after the one
+    /// before, which is right because a `*` takes whatever lies between, so a match further
+    /// right leaves less for the segments after it. At most (channel length + 1) × (pattern
+    /// length, `{sub}` as the subject) bytes are compared, counted in `steps`.
+    fn matches_counting(&self, text: &[u8], subject: &[u8], steps: &mut u64) -> bool {
+        // `{sub}` never matches for a token without a subject.
+        if subject.is_empty() && self.parts.contains(&Part::Subject) {
+            return false;
+        }
+        let mut segments = self.parts.split(|part| *part == Part::Any);
+        let first = segments.next().unwrap_or_default();
+        let Some(last) = segments.next_back() else {
+            // No `*`: the one segment is the whole channel.
+            return segment_len(first, subject) == text.len() && segment_at(first, text, 0, subject, steps);
+        };
+        let (first_len, last_len) = (segment_len(first, subject), segment_len(last, subject));
+        let Some(last_at) = text.len().checked_sub(last_len).filter(|&at| at >= first_len) else { return false };
+        if !segment_at(first, text, 0, subject, steps) || !segment_at(last, text, last_at, subject, steps) {
+            return false;
+        }
+        let mut from = first_len;
+        for segment in segments {
+            let len = segment_len(segment, subject);
+            let Some(latest) = last_at.checked_sub(len) else { return false };
+            match (from..=latest).find(|&at| segment_at(segment, text, at, subject, steps)) {
+                Some(at) => from = at + len,
+                None => return false,
+            }
+        }
+        true
     }
 }
 
-/// Glob matching with backtracking over `*`; patterns are short, so this stays cheap.
-fn matches_from(parts: &[Part], text: &[u8], subject: &[u8]) -> bool {
-    let Some((first, rest)) = parts.split_first() else { return text.is_empty() };
-    match first {
-        Part::Literal(bytes) => text.strip_prefix(&bytes[..]).is_some_and(|t| matches_from(rest, t, subject)),
-        Part::Subject => {
-            !subject.is_empty() && text.strip_prefix(subject).is_some_and(|t| matches_from(rest, t, subject))
+/// Bytes a segment (parts without `*`) stands for.
+fn segment_len(segment: &[Part], subject: &[u8]) -> usize {
+    segment
+        .iter()
+        .map(|part| match part {
+            Part::Literal(bytes) => bytes.len(),
+            Part::Subject => subject.len(),
+            Part::Any => 0,
+        })
+        .sum()
+}
+
+/// Whether `segment` is found in `text` at `at` (which leaves room for it).
+fn segment_at(segment: &[Part], text: &[u8], mut at: usize, subject: &[u8], steps: &mut u64) -> bool {
+    for part in segment {
+        let expected: &[u8] = match part {
+            Part::Literal(bytes) => bytes,
+            Part::Subject => subject,
+            Part::Any => &[],
+        };
+        *steps += expected.len() as u64;
+        if text.get(at..at + expected.len()) != Some(expected) {
+            return false;
         }
-        Part::Any => (0..=text.len()).any(|skip| matches_from(rest, &text[skip..], subject)),
+        at += expected.len();
     }
+    true
 }
 
 /// What a connection may do, from its token (or everything, with auth disabled).
@@ -222,6 +283,8 @@ pub struct Verifier {
     audience: Option<String>,
     issuer: Option<String>,
     leeway: u64,
+    /// `auth.max_token_lifetime`, seconds.
+    max_lifetime: u64,
     default_subscribe: Arc<[ChannelPattern]>,
     default_publish: Arc<[ChannelPattern]>,
 }
@@ -269,7 +332,8 @@ impl Verifier {
             Some(DecodingKey::from_secret(config.hmac_secret.as_bytes()))
         } else if rsa.is_empty() && ec.is_empty() {
             let secret: [u8; 32] = rand::random();
-            let claims = DevClaims { sub: "developer", exp: now_unix + 24 * 3600, subscribe: ["*"], publish: ["*"] };
+            let exp = now_unix.saturating_add(24 * 3600);
+            let claims = DevClaims { sub: "developer", exp, subscribe: ["*"], publish: ["*"] };
             let token =
                 jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(&secret))
                     .map_err(|err| format!("cannot sign the development token: {err}"))?;
@@ -285,6 +349,7 @@ impl Verifier {
             audience: (!config.audience.is_empty()).then(|| config.audience.clone()),
             issuer: (!config.issuer.is_empty()).then(|| config.issuer.clone()),
             leeway: config.leeway.as_secs(),
+            max_lifetime: config.max_token_lifetime.as_secs(),
             default_subscribe: parse_patterns(&config.default_subscribe)?,
             default_publish: parse_patterns(&config.default_publish)?,
         };
@@ -351,6 +416,10 @@ impl Verifier {
         if exp.saturating_add(self.leeway) <= now_unix {
             return Err(Refusal::new(AuthFailure::Expired, format!("the token expired at {exp}")));
         }
+        if exp > now_unix.saturating_add(self.max_lifetime) {
+            let detail = format!("`exp` {exp} is more than auth.max_token_lifetime ({} s) ahead", self.max_lifetime);
+            return Err(Refusal::new(AuthFailure::BadClaim, detail));
+        }
         if let Some(nbf) = claims.nbf {
             if nbf > now_unix.saturating_add(self.leeway) {
                 return Err(Refusal::new(AuthFailure::NotYetValid, format!("the token is valid from {nbf}")));
@@ -358,7 +427,13 @@ impl Verifier {
         }
         let patterns = |list: Option<Vec<String>>, default: &Arc<[ChannelPattern]>| match list {
             None => Ok(default.clone()),
-            Some(list) if list.len() > 256 => Err(Refusal::new(AuthFailure::BadClaim, "at most 256 channel patterns")),
+            Some(list) if list.len() > MAX_CLAIMED_PATTERNS => {
+                Err(Refusal::new(AuthFailure::BadClaim, format!("at most {MAX_CLAIMED_PATTERNS} channel patterns")))
+            }
+            Some(list) if list.iter().map(String::len).sum::<usize>() > MAX_CLAIMED_PATTERN_BYTES => Err(Refusal::new(
+                AuthFailure::BadClaim,
+                format!("at most {MAX_CLAIMED_PATTERN_BYTES} bytes of channel patterns"),
+            )),
             Some(list) => parse_patterns(&list).map_err(|e| Refusal::new(AuthFailure::BadClaim, e)),
         };
         Ok(Grant {
@@ -410,5 +485,7 @@ fn declares_alg_none(token: &str) -> bool {
     serde_json::from_slice::<AlgOnly>(&bytes).is_ok_and(|h| h.alg.eq_ignore_ascii_case("none"))
 }
 
+#[cfg(test)]
+mod backtracking;
 #[cfg(test)]
 mod tests;

@@ -587,6 +587,9 @@ impl Config {
         if a.expiry_grace > Duration::from_secs(3600) {
             return Err(invalid("auth.expiry_grace", "at most 1h"));
         }
+        if !(Duration::from_secs(60)..=security::MAX_TOKEN_LIFETIME_LIMIT).contains(&a.max_token_lifetime) {
+            return Err(invalid("auth.max_token_lifetime", "between 1m and 100years"));
+        }
         for pattern in a.default_subscribe.iter().chain(&a.default_publish) {
             if let Err(err) = crate::auth::ChannelPattern::parse(pattern) {
                 return Err(invalid("auth.default_subscribe/default_publish", format!("`{pattern}`: {err}")));

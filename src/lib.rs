@@ -39,6 +39,17 @@ pub mod tls;
 /// fraction of SipHash's cost for short keys such as channel names.
 pub type FastMap<K, V> = hashbrown::HashMap<K, V>;
 
+/// What a panic said, when it said it with a string (for the lines that log a caught panic).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(text) = payload.downcast_ref::<&'static str>() {
+        text
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text
+    } else {
+        "a panic without a message"
+    }
+}
+
 /// Runs `f` with this thread's scratch vector in `cell`, and keeps the vector (emptied) for
 /// the next call unless it grew past `keep` items: one buffer per shard thread, not one per
 /// message. A nested call gets an empty vector of its own, never a panic.

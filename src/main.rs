@@ -1,8 +1,10 @@
 //! The `routopia-realtime` binary: command line → config → logging → shards → signals.
 
+use std::backtrace::{Backtrace, BacktraceStatus};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use clap::{Parser, Subcommand};
 use routopia_realtime::config::{Config, LogFormat, Overrides, Tls};
@@ -171,6 +173,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let log_filter = init_logging(&config);
+    install_panic_hook();
     let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(err) => {
@@ -313,6 +316,27 @@ impl LogFilter {
             tracing::warn!(error = %err, "cannot change the log filter");
         }
     }
+}
+
+/// Logs each panic as one error line (thread, place, message); the shard that catches it logs
+/// and counts it too (see `shard::supervise`). A backtrace comes with the first panic only,
+/// and only when `RUST_BACKTRACE` asks for one: resolving it reads the binary's debug
+/// information into memory (tens of MB), which a panic on every tick would pay again and again.
+fn install_panic_hook() {
+    static PANICS: AtomicU64 = AtomicU64::new(0);
+    std::panic::set_hook(Box::new(|info| {
+        let earlier = PANICS.fetch_add(1, Ordering::Relaxed);
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let place = info.location().map(ToString::to_string).unwrap_or_default();
+        let message = routopia_realtime::panic_message(info.payload());
+        let backtrace = if earlier == 0 { Backtrace::capture() } else { Backtrace::disabled() };
+        if backtrace.status() == BacktraceStatus::Captured {
+            tracing::error!(thread, place, %backtrace, "panic: {message}");
+        } else {
+            tracing::error!(thread, place, panics = earlier + 1, "panic: {message}");
+        }
+    }));
 }
 
 /// Logs to stderr. `log_level` is already the filter every layer (RUST_LOG included) agreed

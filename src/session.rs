@@ -145,6 +145,9 @@ pub struct SessionLimits {
     pub verifier: Option<Arc<Verifier>>,
     pub refresh_reminder: Duration,
     pub expiry_grace: Duration,
+    /// Clock skew allowed around `exp` (`auth.leeway`): a token counts as expired from
+    /// `exp + leeway`, as at `Connect`.
+    pub leeway: Duration,
     pub ping_interval: Duration,
     pub heartbeat_timeout: Duration,
     /// `None`: rate limits are off.
@@ -209,6 +212,7 @@ impl SessionLimits {
             verifier,
             refresh_reminder: config.auth.refresh_reminder,
             expiry_grace: config.auth.expiry_grace,
+            leeway: config.auth.leeway,
             ping_interval: config.heartbeat.interval,
             heartbeat_timeout: config.heartbeat.timeout,
             rate_limits: r.enabled.then_some(RatePolicy {
@@ -617,8 +621,35 @@ impl Session {
     }
 
     /// Time passed: resend updates whose acknowledgement is overdue. Returns how many
-    /// acknowledged updates failed for good.
+    /// acknowledged updates failed for good. The shard calls this for every connection in
+    /// turn, so a panic in it (a bug) must not stop the others: it closes this connection with
+    /// 1011 instead, and is counted.
     pub fn handle_timeout(&mut self, now: Instant) -> u32 {
+        self.unless_panicking(|session| session.on_timeout(now))
+    }
+
+    /// Runs `work`; a panic out of it closes the session with 1011 (without a word when even
+    /// that panics: the queues may be what is broken) and counts it.
+    fn unless_panicking(&mut self, work: impl FnOnce(&mut Self) -> u32) -> u32 {
+        let payload = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut *self))) {
+            Ok(result) => return result,
+            Err(payload) => payload,
+        };
+        self.limits.metrics.count_timeout_panic();
+        let panic = crate::panic_message(&*payload);
+        tracing::error!(conn = %self.client_id, panic, "a panic in the connection's timeouts was caught; it is closed with 1011");
+        let detail = "internal server error".to_owned();
+        let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.close(CloseCode::InternalError, detail.clone())
+        }));
+        if closed.is_err() || !self.is_closing() {
+            self.phase = Phase::Closing(CloseCode::InternalError);
+            self.close_detail = Some(detail);
+        }
+        0
+    }
+
+    fn on_timeout(&mut self, now: Instant) -> u32 {
         if self.phase == Phase::AwaitingConnect
             && now.saturating_duration_since(self.opened_at) >= self.limits.connect_timeout
         {
@@ -668,14 +699,23 @@ impl Session {
         if self.is_closing() {
             return;
         }
-        if now >= expires_at + self.limits.expiry_grace {
+        // Differences of instants, never sums: no setting or claim can overflow the clock.
+        if now.checked_duration_since(expires_at).is_some_and(|past| past >= self.limits.expiry_grace) {
             return self.close(CloseCode::TokenExpired, "the token expired and was not refreshed".into());
         }
-        if !self.reminded && now + self.limits.refresh_reminder >= expires_at {
+        if !self.reminded && expires_at.saturating_duration_since(now) <= self.limits.refresh_reminder {
             self.reminded = true;
             let expiring = pb::TokenExpiring { expires_at_unix: self.grant.expires_at_unix };
             self.frame(pb::ServerFrame { kind: Some(Kind::TokenExpiring(expiring)) });
         }
+    }
+
+    /// Whether the token expired (beyond the leeway): in its grace period, the connection may
+    /// only refresh it, acknowledge, ping and unsubscribe.
+    fn token_expired(&self, now: Instant) -> bool {
+        self.expires_at
+            .and_then(|expires_at| now.checked_duration_since(expires_at))
+            .is_some_and(|past| past >= self.limits.leeway)
     }
 
     /// Closes the session with `code`: a `Disconnect` frame (not on the echo endpoint, which
@@ -757,7 +797,7 @@ impl Session {
                         self.handle_frame(now, frame);
                     }
                 }
-                Err(err @ EnvelopeError::Zstd { .. }) => self.close(CloseCode::MessageTooBig, err.to_string()),
+                Err(err @ EnvelopeError::TooLarge { .. }) => self.close(CloseCode::MessageTooBig, err.to_string()),
                 Err(err) => self.close(CloseCode::BadMessage, err.to_string()),
             }
         })

@@ -336,6 +336,33 @@ fn oversize_and_malformed_bodies_are_refused_and_nothing_is_published() {
     assert_eq!(get(server.addr, "/api/publish").status, 405);
 }
 
+#[test]
+fn a_body_framed_two_ways_is_refused_with_400_and_nothing_is_published() {
+    let server = server(1, &[]);
+    let body = publication("route:framing", 1).to_string();
+    let head = |framing: &str| {
+        format!(
+            "POST /api/publish HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n{framing}"
+        )
+    };
+    let length = body.len();
+    for framing in [
+        format!("Content-Length: {length}\r\nContent-Length: 5"),
+        format!("Content-Length: {length}, 5"),
+        format!("Transfer-Encoding: chunked\r\nContent-Length: {length}"),
+    ] {
+        let refused = raw(server.addr, &head(&framing), body.as_bytes());
+        assert_eq!(refused.status, 400, "{framing}: {}", refused.text());
+        assert!(refused.text().contains("ambiguous body length"), "{}", refused.text());
+        assert_eq!(refused.header("Connection"), Some("close"));
+    }
+    // The same length twice is one length (RFC 9110 §8.6).
+    let twice =
+        raw(server.addr, &head(&format!("Content-Length: {length}\r\nContent-Length: {length}")), body.as_bytes());
+    assert_eq!(twice.json()["offset"], 1, "{}", twice.text());
+    wait_for_metrics(server.addr, "three refused heads", |m| m.get("realtime_http_bad_requests_total", &[]) == 3.0);
+}
+
 #[compio::test]
 async fn channels_list_with_subscribers_by_prefix_and_pages() {
     let server = server(2, &[]);

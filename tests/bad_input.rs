@@ -100,6 +100,30 @@ async fn zstd_bomb_closes_with_1009() {
 }
 
 #[compio::test]
+async fn corrupt_zstd_closes_with_4500_not_as_too_big() {
+    let server = TestServer::start(1, &[]);
+    let mut bystander = Bystander::new(&server).await;
+    let frames: Vec<pb::ClientFrame> =
+        (0..50).map(|id| pb::ClientFrame { id, command: Some(Command::Ping(pb::Ping::default())) }).collect();
+    let inner = pb::ClientMessage { frames, zstd: Bytes::new() }.encode_to_vec();
+    let mut compressed = zstd::bulk::compress(&inner, 3).unwrap();
+    let middle = compressed.len() / 2;
+    compressed[middle..].fill(0xa5);
+    for garbage in [compressed, b"not zstd at all".to_vec()] {
+        let mut bad = server.client().await;
+        let packed = pb::ClientMessage { frames: vec![], zstd: garbage.into() };
+        bad.send_binary(packed.encode_to_vec().into()).await.unwrap();
+        let disconnect = expect_disconnect(&mut bad, 4500).await;
+        assert!(disconnect.reason.contains("does not decompress"), "{disconnect:?}");
+    }
+    common::wait_for_metrics(server.addr, "two bad messages, no message too big", |m| {
+        m.get("realtime_connections_closed_total", &[("reason", "bad_message")]) == 2.0
+            && m.get("realtime_connections_closed_total", &[("reason", "message_too_big")]) == 0.0
+    });
+    bystander.still_receives().await;
+}
+
+#[compio::test]
 async fn unknown_command_gets_error_450_and_the_connection_stays() {
     let server = TestServer::start(1, &[]);
     let mut client = server.client().await;

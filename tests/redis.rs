@@ -355,3 +355,19 @@ async fn redis_round_trips_publications_and_outages_show_in_metrics() {
     drop(redis);
     wait_for_metrics(a.addr, "Redis down", |m| m.get("realtime_redis_up", &[]) == 0.0);
 }
+
+#[compio::test]
+async fn health_counts_publications_through_redis_as_metrics_do_and_shows_no_local_history_size() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let mut publisher = a.client().await;
+    for n in 1..=4 {
+        publisher.publish("poi:health", UpdateType::Poi, "k", payload(n)).await.unwrap();
+    }
+    let health = a.health();
+    assert_eq!(health["delivery"]["published"], 4, "{health}");
+    assert!(health["delivery"].get("history_size").is_none(), "history is in Redis: {health}");
+    let metrics = common::Metrics::fetch(a.addr);
+    assert_eq!(metrics.get("realtime_updates_published_total", &[("type", "poi")]), 4.0);
+    assert!(!metrics.text.contains("realtime_history_size"), "history is in Redis");
+}

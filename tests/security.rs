@@ -65,6 +65,59 @@ async fn forged_expired_wrong_alg_and_none_alg_tokens_are_refused_and_counted() 
 }
 
 #[compio::test]
+async fn an_exp_past_the_horizon_is_refused_as_a_bad_claim_and_the_server_serves_on_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("server.log");
+    let env = [("ROUTOPIA_AUTH__MAX_TOKEN_LIFETIME", "1day"), ("RUST_LOG", "info"), ("ROUTOPIA_LOG_FORMAT", "json")];
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut server = TestServer::start_with("127.0.0.1:0", 2, &[], &env, log);
+    let (mut bystander, _) = Client::connect(server.addr, options("bystander")).await.unwrap();
+    let subscription = bystander.subscribe("route:bystander").await.unwrap();
+    // The largest `exp` there is, one that overflowed the shard's clock sums, and one just
+    // past `auth.max_token_lifetime`.
+    let horizon = unix_now() + 86_400;
+    for exp in [u64::MAX, i64::MAX as u64, horizon + 60] {
+        refused(&server, sign(json!({"sub": "mallory", "exp": exp, "subscribe": ["*"]})), "bad_claim").await;
+    }
+    let mut publisher = server.client().await;
+    publisher.publish("route:bystander", UpdateType::Route, "leg", b"eta".to_vec()).await.unwrap();
+    let update = within("the bystander's update", bystander.next_update()).await.unwrap();
+    assert_eq!(update.sub_id, subscription.sub_id);
+    common::wait_for_health(&server, "three bad claims counted", |h| {
+        h["protection"]["auth_failures"]["bad_claim"] == 3 && h["protection"]["closed"]["unauthorized"] == 3
+    });
+    let health = server.health();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert!(health["panics"].as_object().unwrap().values().all(|count| count == 0), "{health}");
+    let metrics = common::Metrics::fetch(server.addr);
+    assert_eq!(metrics.get("realtime_auth_failures_total", &[("reason", "bad_claim")]), 3.0);
+    let panics: f64 = metrics
+        .scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "realtime_shard_panics_total")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) => v,
+            _ => panic!("a counter"),
+        })
+        .sum();
+    assert_eq!(panics, 0.0);
+    // Every connection ended and was forgotten: the shutdown drains the bystanders and cuts none.
+    server.signal(libc::SIGTERM);
+    let status = server.exited().await;
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let stopped = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["message"] == "stopped")
+        .unwrap_or_else(|| panic!("no `stopped` line in {log}"));
+    assert_eq!(stopped["cut_at_timeout"], 0, "{stopped}");
+    assert_eq!(stopped["drained"], 2, "{stopped}");
+    drop((bystander, publisher));
+}
+
+#[compio::test]
 async fn rs256_and_es256_tokens_verify_with_public_key_files_and_audience_is_checked() {
     let keys = format!("[\"{}\", \"{}\"]", fixture("rsa-public.pem"), fixture("ec-public.pem"));
     let server =
@@ -176,6 +229,32 @@ async fn a_refresh_inside_the_grace_period_saves_the_connection() {
     // Past the old token's grace, the connection still serves requests.
     until_after(exp + 6).await;
     client.subscribe("route:u").await.expect("the refreshed connection stays");
+}
+
+#[compio::test]
+async fn an_expired_token_in_its_grace_period_may_refresh_and_unsubscribe_but_not_subscribe_or_publish() {
+    let env = [("ROUTOPIA_AUTH__EXPIRY_GRACE", "1m"), ("ROUTOPIA_AUTH__LEEWAY", "0s")];
+    let server = TestServer::start(1, &env);
+    let exp = unix_now() + 3;
+    let claims = |exp| json!({"sub": "u", "exp": exp, "subscribe": ["*"], "publish": ["*"]});
+    let token = sign(claims(exp));
+    let (mut client, _) = Client::connect(server.addr, ConnectOptions { token, ..Default::default() }).await.unwrap();
+    let subscription = client.subscribe("route:u").await.unwrap();
+    until_after(exp).await;
+    match client.subscribe("route:other").await {
+        Err(ClientError::Server(error)) => assert_eq!(error.code, 401, "{error:?}"),
+        other => panic!("{other:?}"),
+    }
+    match client.publish("route:u", UpdateType::Route, "k", b"x".to_vec()).await {
+        Err(ClientError::Server(error)) => assert_eq!(error.code, 401, "{error:?}"),
+        other => panic!("{other:?}"),
+    }
+    client.unsubscribe(subscription.sub_id).await.expect("unsubscribing stays possible");
+    client.refresh(sign(claims(unix_now() + 600))).await.expect("refreshing stays possible");
+    client.subscribe("route:other").await.expect("served again once refreshed");
+    common::wait_for_metrics(server.addr, "two commands refused as expired", |m| {
+        m.get("realtime_errors_total", &[("code", "401")]) == 2.0
+    });
 }
 
 #[compio::test]

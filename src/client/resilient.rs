@@ -239,7 +239,7 @@ impl ResilientClient {
             return None;
         }
         let now = unix_now();
-        let due = now + self.options.refresh_threshold.as_secs() >= self.expires_at_unix;
+        let due = now.saturating_add(self.options.refresh_threshold.as_secs()) >= self.expires_at_unix;
         if !(due || reminded) || now < self.refresh_not_before {
             return None;
         }

@@ -17,6 +17,14 @@ pub enum AuthMode {
     Disabled,
 }
 
+/// A humantime year (365.25 days), as `10years` in a config file means.
+const YEAR: Duration = Duration::from_secs(31_557_600);
+/// `auth.max_token_lifetime` by default.
+const MAX_TOKEN_LIFETIME_DEFAULT: Duration = Duration::from_secs(10 * YEAR.as_secs());
+/// The longest `auth.max_token_lifetime` allowed: every expiry the server computes stays far
+/// inside what its clocks can represent.
+pub const MAX_TOKEN_LIFETIME_LIMIT: Duration = Duration::from_secs(100 * YEAR.as_secs());
+
 /// JWT authentication (`[auth]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -37,6 +45,11 @@ pub struct Auth {
     /// Clock skew allowed when checking `exp` and `nbf`. Default `5s`.
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
+    /// A token whose `exp` lies further ahead than this is refused (`bad_claim`): no issuer
+    /// means a token to outlive the deployment, and a far-future `exp` is a forgery or a bug.
+    /// Between `1m` and `100years`. Default `10years`.
+    #[serde(with = "humantime_serde")]
+    pub max_token_lifetime: Duration,
     /// The server sends `TokenExpiring` this long before a connection's token expires.
     /// Default `1m`.
     #[serde(with = "humantime_serde")]
@@ -63,6 +76,7 @@ impl Default for Auth {
             audience: String::new(),
             issuer: String::new(),
             leeway: Duration::from_secs(5),
+            max_token_lifetime: MAX_TOKEN_LIFETIME_DEFAULT,
             refresh_reminder: Duration::from_secs(60),
             expiry_grace: Duration::from_secs(30),
             default_subscribe: ["route:{sub}", "weather:*", "traffic:*", "incident:*", "poi:*"]

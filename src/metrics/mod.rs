@@ -164,6 +164,8 @@ pub struct LocalMetrics {
     bytes_received: Cell<u64>,
     bytes_sent: Cell<u64>,
     closed_by_peer: Cell<u64>,
+    /// Panics caught in a session's timeouts (each closed its connection with 1011).
+    timeout_panics: Cell<u64>,
     /// Commands answered within the current read, timed when the read is handled.
     answered_in_read: RefCell<Vec<CommandKind>>,
     /// Publish→write latencies by type: counted in plain buckets on the delivery path.
@@ -197,6 +199,7 @@ impl Default for LocalMetrics {
             bytes_received: Cell::new(0),
             bytes_sent: Cell::new(0),
             closed_by_peer: Cell::new(0),
+            timeout_panics: Cell::new(0),
             answered_in_read: RefCell::new(Vec::new()),
             deliveries: RefCell::default(),
             acked: RefCell::default(),
@@ -300,6 +303,10 @@ impl LocalMetrics {
         bump(&self.closed_by_peer, 1);
     }
 
+    pub fn count_timeout_panic(&self) {
+        bump(&self.timeout_panics, 1);
+    }
+
     /// Moves the counters into `shared`, and the histograms too when `with_timings` (they are
     /// larger, so the shard moves them less often).
     pub fn flush_into(&self, shared: &SharedMetrics, with_timings: bool, now: Instant) {
@@ -320,6 +327,7 @@ impl LocalMetrics {
             (&self.bytes_received, &shared.bytes_received),
             (&self.bytes_sent, &shared.bytes_sent),
             (&self.closed_by_peer, &shared.closed_by_peer),
+            (&self.timeout_panics, &shared.timeout_panics),
         ] {
             drain(std::slice::from_ref(cell), std::slice::from_ref(atomic));
         }
@@ -367,6 +375,8 @@ pub struct SharedMetrics {
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub closed_by_peer: AtomicU64,
+    /// Panics caught in a session's timeouts.
+    pub timeout_panics: AtomicU64,
     /// Current subscriptions on this shard's connections, by channel type.
     pub subscriptions: [AtomicU64; UPDATE_TYPES],
     /// Messages waiting for other shards' full inboxes.

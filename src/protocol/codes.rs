@@ -7,7 +7,8 @@
 pub enum ErrorCode {
     /// The command is malformed: a missing or invalid field, or a bad channel name.
     BadRequest = 400,
-    /// A token was refused (`Refresh`); the reason says why.
+    /// A token was refused (`Refresh`; the reason says why), or the connection's token
+    /// expired and the command waits for a `Refresh`.
     TokenRefused = 401,
     /// The token does not allow this channel, or a `Refresh` names another subject.
     Forbidden = 403,

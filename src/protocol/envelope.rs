@@ -15,8 +15,12 @@ use super::pb::{server_frame, ClientFrame, ClientMessage, ServerFrame, ServerMes
 pub enum EnvelopeError {
     #[error("not a valid protobuf message: {0}")]
     Decode(#[from] prost::DecodeError),
-    #[error("zstd envelope does not decompress within {limit} bytes: {reason}")]
-    Zstd { limit: usize, reason: String },
+    /// The envelope is fine but holds more than the limit (close 1009).
+    #[error("zstd envelope decompresses past {limit} bytes")]
+    TooLarge { limit: usize },
+    /// The envelope is not valid zstd (close 4500).
+    #[error("zstd envelope does not decompress: {reason}")]
+    Zstd { reason: String },
     #[error("a message carries both frames and a zstd envelope")]
     Ambiguous,
     #[error("a zstd envelope holds another zstd envelope")]
@@ -144,14 +148,31 @@ pub fn decode_into<M: Envelope>(
 }
 
 fn decompress(compressed: &[u8], limit: usize, dictionaries: &Dictionaries) -> Result<Vec<u8>, EnvelopeError> {
-    let failed = |reason: String| EnvelopeError::Zstd { limit, reason };
-    let Some(id) = zstd_safe::get_dict_id_from_frame(compressed) else {
-        return zstd::bulk::decompress(compressed, limit).map_err(|err| failed(err.to_string()));
+    let dictionary = match zstd_safe::get_dict_id_from_frame(compressed) {
+        Some(id) => Some(dictionaries.by_id.get(&id.get()).ok_or(EnvelopeError::UnknownDictionary(id.get()))?),
+        None => None,
     };
-    let dictionary = dictionaries.by_id.get(&id.get()).ok_or(EnvelopeError::UnknownDictionary(id.get()))?;
-    zstd::bulk::Decompressor::with_prepared_dictionary(dictionary)
-        .and_then(|mut decompressor| decompressor.decompress(compressed, limit))
-        .map_err(|err| failed(err.to_string()))
+    let corrupt = |reason: &str| EnvelopeError::Zstd { reason: reason.to_owned() };
+    let mut context = zstd_safe::DCtx::try_create().ok_or_else(|| corrupt("no memory for a zstd context"))?;
+    // Decompressed into at most `limit` bytes: a bomb stops there.
+    let mut out = Vec::with_capacity(limit);
+    let decompressed = match dictionary {
+        Some(dictionary) => context.decompress_using_ddict(&mut out, compressed, dictionary.as_ddict()),
+        None => context.decompress(&mut out, compressed),
+    };
+    match decompressed {
+        Ok(_) => Ok(out),
+        Err(code) if output_would_not_fit(code) => Err(EnvelopeError::TooLarge { limit }),
+        Err(code) => Err(corrupt(zstd_safe::get_error_name(code))),
+    }
+}
+
+/// Whether a zstd error says the output would not fit in the space given: too large, not
+/// corrupt.
+fn output_would_not_fit(code: zstd_safe::ErrorCode) -> bool {
+    // SAFETY: ZSTD_getErrorCode only reads the integer it is given.
+    let code = unsafe { zstd_safe::zstd_sys::ZSTD_getErrorCode(code) };
+    code == zstd_safe::zstd_sys::ZSTD_ErrorCode::ZSTD_error_dstSize_tooSmall
 }
 
 /// Encodes frames as one message, compressed with zstd at `level` when `compress` is set.
@@ -191,7 +212,20 @@ mod tests {
         let big = ClientMessage::from_frames(ping_frames(5000)).encode_to_vec();
         let packed = ClientMessage::from_zstd(zstd::bulk::compress(&big, 1).unwrap().into()).encode_to_vec();
         let err = decode::<ClientMessage>(&packed[..], 1024, &Dictionaries::default()).unwrap_err();
-        assert!(matches!(err, EnvelopeError::Zstd { limit: 1024, .. }), "{err}");
+        assert_eq!(err, EnvelopeError::TooLarge { limit: 1024 });
+    }
+
+    #[test]
+    fn corrupt_zstd_is_told_apart_from_too_large() {
+        let big = ClientMessage::from_frames(ping_frames(50)).encode_to_vec();
+        let mut compressed = zstd::bulk::compress(&big, 1).unwrap();
+        let middle = compressed.len() / 2;
+        compressed[middle..].fill(0xa5);
+        for garbage in [compressed, b"not zstd at all".to_vec(), vec![0x28, 0xb5, 0x2f, 0xfd]] {
+            let packed = ClientMessage::from_zstd(garbage.into()).encode_to_vec();
+            let err = decode::<ClientMessage>(&packed[..], 1 << 20, &Dictionaries::default()).unwrap_err();
+            assert!(matches!(err, EnvelopeError::Zstd { .. }), "{err}");
+        }
     }
 
     #[test]

@@ -43,13 +43,17 @@ pub enum HeadError {
     TooManyHeaders,
     #[error("malformed HTTP request")]
     Malformed,
+    /// The head frames its body two ways (RFC 9112 §6.3: a server must refuse it, as a
+    /// proxy ahead may have read the body the other way: request smuggling).
+    #[error("ambiguous body length: {0}")]
+    AmbiguousLength(&'static str),
 }
 
 impl HeadError {
     pub fn status(self) -> u16 {
         match self {
             HeadError::TooLarge | HeadError::TooManyHeaders => 431,
-            HeadError::Malformed => 400,
+            HeadError::Malformed | HeadError::AmbiguousLength(_) => 400,
         }
     }
 }
@@ -97,9 +101,14 @@ pub fn parse_head(buf: &[u8], max_bytes: usize, max_headers: usize) -> Result<Op
             _ => (None, Some("missing or invalid `Sec-WebSocket-Key`")),
         }
     };
+    let content_length = content_length(request.headers)?;
+    let transfer_encoding = request.headers.iter().any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    if transfer_encoding && content_length.is_some() {
+        return Err(HeadError::AmbiguousLength("both Transfer-Encoding and Content-Length"));
+    }
     let body = BodyHeaders {
-        content_length: header("content-length").map(|v| v.parse::<usize>().map_err(|_| ())),
-        transfer_encoding: header("transfer-encoding").is_some(),
+        content_length,
+        transfer_encoding,
         content_type: header("content-type")
             .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()),
         accept: header("accept").map(str::to_owned),
@@ -109,6 +118,24 @@ pub fn parse_head(buf: &[u8], max_bytes: usize, max_headers: usize) -> Result<Op
     let head =
         RequestHead { method, path: path.to_owned(), query: query.to_owned(), websocket_key, upgrade_problem, body };
     Ok(Some((head, consumed)))
+}
+
+/// The `Content-Length` of a head: `None` when absent, `Some(Err(()))` when not a number. The
+/// same number repeated (in several fields or a list) is that number (RFC 9110 §8.6);
+/// different numbers are refused.
+fn content_length(headers: &[httparse::Header<'_>]) -> Result<Option<Result<usize, ()>>, HeadError> {
+    let mut length: Option<Result<usize, ()>> = None;
+    let values = headers.iter().filter(|h| h.name.eq_ignore_ascii_case("content-length"));
+    for value in values.flat_map(|h| h.value.split(|&b| b == b',')) {
+        let parsed = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<usize>().ok()).ok_or(());
+        match length {
+            Some(seen) if seen != parsed => {
+                return Err(HeadError::AmbiguousLength("Content-Length fields with different values"))
+            }
+            _ => length = Some(parsed),
+        }
+    }
+    Ok(length)
 }
 
 /// A key is the base64 of 16 bytes: 22 characters and `==`.
@@ -203,6 +230,28 @@ mod tests {
         assert_eq!(parse_head(partial, 40, 32), Err(HeadError::TooLarge));
         assert_eq!(parse_head(UPGRADE.as_bytes(), 64, 32), Err(HeadError::TooLarge));
         assert_eq!(parse_head(UPGRADE.as_bytes(), 8192, 3).map_err(HeadError::status), Err(431));
+    }
+
+    #[test]
+    fn a_body_framed_two_ways_is_refused() {
+        let head = |headers: &str| format!("POST /api/publish HTTP/1.1\r\nHost: a\r\n{headers}\r\n");
+        let parse = |headers: &str| parse_head(head(headers).as_bytes(), 8192, 32).map(|h| h.map(|(h, _)| h.body));
+        assert_eq!(parse("Content-Length: 5\r\n").unwrap().unwrap().content_length, Some(Ok(5)));
+        assert_eq!(parse("Content-Length: 5\r\nContent-Length: 5\r\n").unwrap().unwrap().content_length, Some(Ok(5)));
+        assert_eq!(parse("Content-Length: 5, 5\r\n").unwrap().unwrap().content_length, Some(Ok(5)));
+        assert_eq!(parse("Content-Length: five\r\n").unwrap().unwrap().content_length, Some(Err(())));
+        for ambiguous in [
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: 5, 6\r\n",
+            "Content-Length: 5\r\ncontent-length: five\r\n",
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: chunked\r\nContent-Length: 0\r\n",
+        ] {
+            let refused = parse(ambiguous).unwrap_err();
+            assert!(matches!(refused, HeadError::AmbiguousLength(_)), "{ambiguous:?}: {refused:?}");
+            assert_eq!(refused.status(), 400);
+        }
+        assert!(parse("Transfer-Encoding: chunked\r\n").unwrap().unwrap().transfer_encoding);
     }
 
     #[test]

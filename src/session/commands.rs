@@ -30,6 +30,15 @@ impl Session {
                 return;
             }
         }
+        let allowed_when_expired = matches!(
+            command,
+            Command::Connect(_) | Command::Refresh(_) | Command::Ack(_) | Command::Ping(_) | Command::Unsubscribe(_)
+        );
+        if !allowed_when_expired && self.token_expired(now.instant) {
+            let expired_at = self.grant.expires_at_unix;
+            let message = format!("the token expired at {expired_at}: send Refresh with a new one first");
+            return self.error(id, ErrorCode::TokenRefused, message);
+        }
         match command {
             Command::Connect(connect) => self.handle_connect(now, id, connect),
             Command::Subscribe(subscribe) => self.handle_subscribe(id, subscribe),
@@ -118,7 +127,9 @@ impl Session {
     fn set_grant(&mut self, now: Now, grant: Grant) {
         let now_unix = now.unix_us / 1_000_000;
         let left = Duration::from_secs(grant.expires_at_unix.saturating_sub(now_unix));
-        self.expires_at = (grant.expires_at_unix > 0).then(|| now.instant + left);
+        // The verifier keeps `exp` within `auth.max_token_lifetime`, so the sum fits; one the
+        // monotonic clock could not hold would not come in this process's life.
+        self.expires_at = if grant.expires_at_unix > 0 { now.instant.checked_add(left) } else { None };
         self.reminded = false;
         self.grant = grant;
     }

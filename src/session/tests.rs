@@ -267,6 +267,23 @@ fn a_connection_that_never_connects_is_closed_after_the_timeout() {
 
 /// Every idle connection keeps a session; a field added carelessly costs 10,000 times over.
 #[test]
+fn a_panic_in_the_timeouts_closes_only_that_connection_with_1011_and_is_counted() {
+    let (mut session, mut peer) = connected();
+    assert_eq!(session.unless_panicking(|_| panic!("a bug in a timeout")), 0);
+    assert_eq!(session.phase(), Phase::Closing(CloseCode::InternalError));
+    let (frames, close) = peer.receive(&mut session);
+    assert!(
+        matches!(&frames[..], [pb::ServerFrame { kind: Some(Kind::Disconnect(d)) }] if d.code == 1011 && d.reconnect)
+    );
+    assert_eq!(close, Some(1011));
+    let shared = crate::metrics::SharedMetrics::default();
+    session.limits.metrics.flush_into(&shared, false, Instant::now());
+    assert_eq!(shared.timeout_panics.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // Later ticks find a closing session, as any other.
+    assert_eq!(session.handle_timeout(Instant::now()), 0);
+}
+
+#[test]
 fn a_session_stays_small() {
     let size = std::mem::size_of::<Session>();
     eprintln!("Session: {size} bytes");
@@ -388,6 +405,90 @@ mod security {
         // Never refreshed again: closed once the grace after the new expiry is over.
         session.handle_timeout(at(base, 930).instant);
         assert_eq!(session.phase(), Phase::Closing(CloseCode::TokenExpired));
+    }
+
+    #[test]
+    fn an_exp_past_the_horizon_is_refused_as_a_bad_claim_without_touching_the_clock() {
+        let base = Instant::now();
+        for exp in [u64::MAX, i64::MAX as u64, UNIX + 11 * 366 * 86_400] {
+            let (mut session, _, frames, close) = connect(&jwt_config(), token(json!({"sub": "u", "exp": exp})), base);
+            assert_eq!(close, Some(4503), "exp {exp}");
+            assert!(
+                matches!(&frames[..], [pb::ServerFrame { kind: Some(Kind::Disconnect(d)) }] if d.reason.starts_with("bad_claim")),
+                "exp {exp}: {frames:?}"
+            );
+            assert_eq!(session.poll_event(), Some(SessionEvent::AuthFailed(AuthFailure::BadClaim)));
+        }
+    }
+
+    #[test]
+    fn expiry_checks_never_overflow_whatever_the_settings_and_the_time() {
+        let base = Instant::now();
+        let config = jwt_config();
+        let mut limits = SessionLimits::clone(&limits(&config));
+        (limits.refresh_reminder, limits.expiry_grace) = (Duration::MAX, Duration::MAX);
+        (limits.ping_interval, limits.heartbeat_timeout) = (Duration::MAX, Duration::MAX);
+        let limits = Rc::new(limits);
+        let mut session = Session::new(label(), limits, base);
+        let mut peer = Peer::new();
+        let horizon = UNIX + config.auth.max_token_lifetime.as_secs();
+        let connect = pb::Connect { token: token(json!({"sub": "u", "exp": horizon})), ..Default::default() };
+        send(&mut peer, &mut session, at(base, 0), 1, Command::Connect(connect));
+        assert_eq!(session.phase(), Phase::Connected);
+        // A reminder at once (the whole lifetime is within `Duration::MAX` of expiry), and
+        // never a close: the grace never ends.
+        session.handle_timeout(at(base, 1).instant);
+        let (frames, _) = peer.receive(&mut session);
+        assert!(matches!(&frames[1..], [pb::ServerFrame { kind: Some(Kind::TokenExpiring(_)) }]), "{frames:?}");
+        session.handle_timeout(base + Duration::from_secs(config.auth.max_token_lifetime.as_secs() + 3600));
+        assert_eq!(session.phase(), Phase::Connected);
+    }
+
+    #[test]
+    fn in_the_grace_period_only_refresh_ack_ping_and_unsubscribe_are_served() {
+        let base = Instant::now();
+        let claims = json!({"sub": "u", "exp": UNIX + 120, "subscribe": ["*"], "publish": ["*"]});
+        let (mut session, mut peer, _, _) = connect(&jwt_config(), token(claims), base);
+        send(&mut peer, &mut session, at(base, 1), 2, subscribe("route:u"));
+        let Some(SessionEvent::Subscribe { sub_id, .. }) = session.poll_event() else { panic!("no subscribe") };
+        session.on_subscribed(sub_id, 2, &Position { epoch: Arc::from("e"), offset: 0 }, None, base);
+        peer.receive(&mut session);
+        // Within the leeway (5 s) past `exp` the token still serves, as it would at `Connect`.
+        send(&mut peer, &mut session, at(base, 124), 3, subscribe("route:early"));
+        assert!(matches!(session.poll_event(), Some(SessionEvent::Subscribe { .. })));
+        peer.receive(&mut session);
+        let expired = at(base, 125);
+        let publish = Command::Publish(pb::Publish {
+            channel: "route:u".into(),
+            r#type: UpdateType::Route as i32,
+            payload: b"x".to_vec().into(),
+            ..Default::default()
+        });
+        let history = Command::History(pb::History { channel: "route:u".into(), ..Default::default() });
+        for (id, command) in [(4, subscribe("route:v")), (5, publish), (6, history)] {
+            send(&mut peer, &mut session, expired, id, command);
+        }
+        let (frames, _) = peer.receive(&mut session);
+        assert_eq!(frames.iter().map(error_code).collect::<Vec<_>>(), vec![Some(401); 3]);
+        assert_eq!(session.poll_event(), None, "nothing reached the shard");
+        send(&mut peer, &mut session, expired, 7, Command::Ping(pb::Ping { timestamp_us: 9 }));
+        send(&mut peer, &mut session, expired, 8, Command::Ack(pb::Ack { sub_id, offset: 1 }));
+        send(&mut peer, &mut session, expired, 9, Command::Unsubscribe(pb::Unsubscribe { sub_id }));
+        let (frames, close) = peer.receive(&mut session);
+        assert!(matches!(frames[0].kind, Some(Kind::Pong(pb::Pong { timestamp_us: 9 }))), "{frames:?}");
+        assert_eq!(error_code(&frames[1]), Some(400), "the Ack is handled: the subscription has no acks");
+        assert!(matches!(
+            &frames[2].kind,
+            Some(Kind::Reply(pb::Reply { id: 9, result: Some(reply::Result::Unsubscribe(_)) }))
+        ));
+        assert_eq!(close, None);
+        let refresh = json!({"sub": "u", "exp": UNIX + 900, "subscribe": ["*"], "publish": ["*"]});
+        send(&mut peer, &mut session, expired, 10, Command::Refresh(pb::Refresh { token: token(refresh) }));
+        send(&mut peer, &mut session, expired, 11, subscribe("route:v"));
+        let (frames, _) = peer.receive(&mut session);
+        assert!(frames.iter().all(|f| error_code(f).is_none()), "{frames:?}");
+        assert!(session.poll_event().is_some_and(|e| matches!(e, SessionEvent::Unsubscribe { .. })));
+        assert!(matches!(session.poll_event(), Some(SessionEvent::Subscribe { req_id: 11, .. })));
     }
 
     #[test]

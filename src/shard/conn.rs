@@ -21,8 +21,10 @@ use compio::tls::{TlsAcceptor, TlsStream};
 
 use super::admission::{retry_after_secs, Refusal, Ticket};
 use super::state::{Endpoint, ShardState, KEEP_WRITE_BUFFER};
+use super::supervise::{self, Task};
 use super::transport::{Receive, Transport};
 use crate::protocol::http::{self, HeadError, RequestHead};
+use crate::protocol::CloseCode;
 use crate::router::ConnId;
 
 /// How long a closing connection may take to accept its last bytes.
@@ -275,11 +277,13 @@ async fn websocket<S: Transport>(state: Rc<RefCell<ShardState>>, upgrade: Upgrad
         if tracing::enabled!(tracing::Level::DEBUG) {
             shard.remember_peer(id, peer);
         }
-        if !early.is_empty() {
-            shard.on_bytes(id, &early, None);
-        }
         id
     };
+    if !early.is_empty()
+        && supervise::on_shard(&state, Task::Connection, |shard| shard.on_bytes(id, &early, None)).is_none()
+    {
+        close_after_panic(&state, id, fd);
+    }
     drop(early);
     // The connection's lifetime tasks, fresh: none of this task's HTTP and upgrade states
     // stays (idle memory), and the writer holds no write future while parked (each write is
@@ -322,7 +326,12 @@ fn read_loop<R: Receive>(
                 break false;
             }
             let direct = reader.direct_fd();
-            if !reader.receive(|bytes| state.borrow_mut().on_bytes(id, bytes, direct)).await {
+            let handle = |bytes: &[u8]| {
+                if supervise::on_shard(&state, Task::Connection, |shard| shard.on_bytes(id, bytes, direct)).is_none() {
+                    close_after_panic(&state, id, fd);
+                }
+            };
+            if !reader.receive(handle).await {
                 break true;
             }
         };
@@ -363,35 +372,10 @@ fn write_loop<S: Transport>(
     async move {
         let mut out = Vec::new();
         loop {
+            // A panic here ends the connection (as a failed write does), not the writer alone.
             let next = poll_fn(|cx| {
-                let mut shard = state.borrow_mut();
-                let gate = shard.pacing.gate();
-                if let Some(left_over) = shard.take_unsent(id) {
-                    // A direct send's rest goes first (see `ShardState::send_directly`).
-                    out = left_over;
-                    return Poll::Ready(Next::Write(None));
-                }
-                let Some(conn) = shard.conn(id) else {
-                    return Poll::Ready(Next::Finish);
-                };
-                if conn.session.wants_write() {
-                    if gate.holds(conn.last_write_epoch, conn.is_urgent()) {
-                        // The shard is busy and this connection wrote within the linger: wait for
-                        // its next tick.
-                        conn.writer = Some(cx.waker().clone());
-                        if !std::mem::replace(&mut conn.paced, true) {
-                            shard.pacing.wait(id, direct);
-                        }
-                        return Poll::Pending;
-                    }
-                    conn.last_write_epoch = gate.stamp(id.index);
-                    return Poll::Ready(Next::Write(shard.transmit(id, &mut out)));
-                }
-                if conn.session.is_closing() || conn.reader_done {
-                    return Poll::Ready(Next::Finish);
-                }
-                conn.writer = Some(cx.waker().clone());
-                Poll::Pending
+                supervise::on_shard(&state, Task::Connection, |shard| next_step(shard, id, direct, &mut out, cx))
+                    .unwrap_or(Poll::Ready(Next::Finish))
             })
             .await;
             let shared = match next {
@@ -431,7 +415,7 @@ fn write_loop<S: Transport>(
             }
             out.clear();
             // A connection going idle gives its buffers back; a busy one keeps moderate ones.
-            let idle = state.borrow_mut().went_idle(id);
+            let Some(idle) = supervise::on_shard(&state, Task::Connection, |shard| shard.went_idle(id)) else { break };
             if idle || out.capacity() > KEEP_WRITE_BUFFER {
                 out = Vec::new();
             }
@@ -440,6 +424,58 @@ fn write_loop<S: Transport>(
         finish(&state, fd, id).await;
         // Held to the end: the admitted place is the connection's until then.
         drop(ticket);
+    }
+}
+
+/// What the writer of `id` does next: write `out` (filled here), wait, or finish.
+fn next_step(
+    shard: &mut ShardState,
+    id: ConnId,
+    direct: Option<RawFd>,
+    out: &mut Vec<u8>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Next> {
+    let gate = shard.pacing.gate();
+    if let Some(left_over) = shard.take_unsent(id) {
+        // A direct send's rest goes first (see `ShardState::send_directly`).
+        *out = left_over;
+        return Poll::Ready(Next::Write(None));
+    }
+    let Some(conn) = shard.conn(id) else {
+        return Poll::Ready(Next::Finish);
+    };
+    if conn.session.wants_write() {
+        if gate.holds(conn.last_write_epoch, conn.is_urgent()) {
+            // The shard is busy and this connection wrote within the linger: wait for its
+            // next tick.
+            conn.writer = Some(cx.waker().clone());
+            if !std::mem::replace(&mut conn.paced, true) {
+                shard.pacing.wait(id, direct);
+            }
+            return Poll::Pending;
+        }
+        conn.last_write_epoch = gate.stamp(id.index);
+        return Poll::Ready(Next::Write(shard.transmit(id, out)));
+    }
+    if conn.session.is_closing() || conn.reader_done {
+        return Poll::Ready(Next::Finish);
+    }
+    conn.writer = Some(cx.waker().clone());
+    Poll::Pending
+}
+
+/// After a panic while handling `id`'s input: close it with 1011, which its writer sends as
+/// any close. Its session may be in any state, so that is caught too; failing it, the socket
+/// is shut, which ends the connection as a peer that left.
+fn close_after_panic(state: &RefCell<ShardState>, id: ConnId, fd: RawFd) {
+    let closed = supervise::on_shard(state, Task::Connection, |shard| {
+        if let Some(conn) = shard.conn(id) {
+            conn.session.close(CloseCode::InternalError, "internal server error".into());
+        }
+        shard.drive(id);
+    });
+    if closed.is_none() {
+        shutdown(fd);
     }
 }
 

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use super::supervise::Task;
 use super::{Cluster, ShardStats};
 use crate::auth::AuthFailure;
 use crate::metrics::prometheus::{Exposition, Kind};
@@ -121,12 +122,16 @@ fn delivery(page: &mut Exposition, cluster: &Cluster) {
         "Channels with subscribers or history.",
         sum(cluster, |s| &s.channels),
     );
-    page.single(
-        "realtime_history_size",
-        Kind::Gauge,
-        "Publications held in history (embedded broker).",
-        sum(cluster, |s| &s.history_size),
-    );
+    // With Redis, history lives in Redis, shared by every node; no figure of this node's says
+    // how much.
+    if cluster.redis.is_none() {
+        page.single(
+            "realtime_history_size",
+            Kind::Gauge,
+            "Publications held in history (embedded broker).",
+            sum(cluster, |s| &s.history_size),
+        );
+    }
     page.family("realtime_updates_published_total", Kind::Counter, "Publications accepted, by update type.");
     for (slot, label) in UPDATE_TYPE_LABELS.iter().enumerate() {
         let count = sum(cluster, |s| &s.metrics.published[slot])
@@ -300,6 +305,20 @@ fn shards(page: &mut Exposition, cluster: &Cluster) {
     for (id, stats) in cluster.stats.iter().enumerate() {
         let linger = stats.linger_us.load(Ordering::Relaxed) as f64 / MICROS_PER_SECOND;
         page.sample_f64("realtime_linger_seconds", &[("shard", &id.to_string())], linger);
+    }
+    page.family(
+        "realtime_shard_panics_total",
+        Kind::Counter,
+        "Panics caught on a shard, by the task they came out of; the shard carried on.",
+    );
+    for (id, stats) in cluster.stats.iter().enumerate() {
+        for task in Task::ALL {
+            page.sample(
+                "realtime_shard_panics_total",
+                &[("shard", &id.to_string()), ("task", task.label())],
+                stats.panic_count(task),
+            );
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::supervise::Task;
 use super::Cluster;
 use crate::config::{AuthMode, Config};
 use crate::protocol::http::{self, RequestHead};
@@ -23,6 +24,7 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
                 "connections": stats.connections.load(Ordering::Relaxed),
                 "inbox_depth": cluster.inboxes[id].len(),
                 "linger_us": stats.linger_us.load(Ordering::Relaxed),
+                "panics": stats.panic_total(),
             })
         })
         .collect();
@@ -30,16 +32,22 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
     let total = |field: fn(&super::ShardStats) -> &std::sync::atomic::AtomicU64| -> u64 {
         cluster.stats.iter().map(|s| field(s).load(Ordering::Relaxed)).sum()
     };
-    let delivery = serde_json::json!({
-        "published": total(|s| &s.published),
+    // Publications through Redis are counted by its bridge, as `/metrics` counts them.
+    let through_redis: u64 = cluster.redis_metrics.published.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    let mut delivery = serde_json::json!({
+        "published": total(|s| &s.published) + through_redis,
         "delivered": total(|s| &s.delivered),
         "recoveries_served": total(|s| &s.recoveries_served),
         "recoveries_refused": total(|s| &s.recoveries_refused),
         "ack_failures": total(|s| &s.ack_failures),
         "inbox_dropped": total(|s| &s.inbox_dropped),
         "channels": total(|s| &s.channels),
-        "history_size": total(|s| &s.history_size),
     });
+    // With Redis, history lives in Redis, shared by every node: no figure of this node's says
+    // how much, so none is shown.
+    if cluster.redis.is_none() {
+        delivery["history_size"] = total(|s| &s.history_size).into();
+    }
     let by_reason = |counters: fn(&super::ShardStats) -> &[std::sync::atomic::AtomicU64], labels: &[&str]| {
         let mut map = serde_json::Map::new();
         for (index, label) in labels.iter().enumerate() {
@@ -92,9 +100,17 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
     drivers.dedup();
     let driver = if drivers.len() == 1 { drivers[0] } else { "mixed" };
     let redis_down = cluster.redis.as_ref().is_some_and(|r| !r.is_up());
+    let mut panics = serde_json::Map::new();
+    for task in Task::ALL {
+        let count: u64 = cluster.stats.iter().map(|s| s.panic_count(task)).sum();
+        panics.insert(task.label().to_owned(), count.into());
+    }
+    let panicked = cluster.stats.iter().any(|s| s.panic_total() > 0);
+    // A caught panic is a bug met: the shard carries on, but its state may be off until a
+    // restart, which the operator can do when it suits (`per_shard` says where).
     let status = if cluster.draining.load(Ordering::Relaxed) {
         "draining"
-    } else if redis_down {
+    } else if redis_down || panicked {
         "degraded"
     } else {
         "ok"
@@ -111,6 +127,7 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         "connections": connections,
         "uptime_seconds": cluster.started_at.elapsed().as_secs(),
         "per_shard": shards,
+        "panics": panics,
         "broker": broker,
         "delivery": delivery,
         "compression": compression,
@@ -129,6 +146,8 @@ struct PublicAuth<'a> {
     #[serde(with = "humantime_serde")]
     leeway: Duration,
     #[serde(with = "humantime_serde")]
+    max_token_lifetime: Duration,
+    #[serde(with = "humantime_serde")]
     refresh_reminder: Duration,
     #[serde(with = "humantime_serde")]
     expiry_grace: Duration,
@@ -143,6 +162,7 @@ pub(super) fn limits_json(config: &Config) -> String {
     let public_auth = PublicAuth {
         mode: auth.mode,
         leeway: auth.leeway,
+        max_token_lifetime: auth.max_token_lifetime,
         refresh_reminder: auth.refresh_reminder,
         expiry_grace: auth.expiry_grace,
         default_subscribe: &auth.default_subscribe,

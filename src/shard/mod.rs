@@ -12,6 +12,7 @@ mod inbox;
 mod pacing;
 mod readable;
 mod state;
+pub mod supervise;
 mod transport;
 
 use std::cell::RefCell;
@@ -44,6 +45,7 @@ use crate::router::ConnId;
 use crate::tls::ServerCertificate;
 use admission::{Admission, Refusal};
 use state::ShardState;
+use supervise::Task;
 
 /// How often a draining shard looks whether its connections have all ended.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
@@ -139,6 +141,8 @@ pub struct ShardStats {
     pub linger_us: AtomicU64,
     /// 0 = not started, 1 = io_uring, 2 = epoll.
     pub driver: AtomicU8,
+    /// Panics caught on this shard, by task (see `supervise`).
+    pub panics: supervise::Panics,
     /// Counters by type, command and code, and the latency histograms (see `metrics`).
     pub metrics: crate::metrics::SharedMetrics,
 }
@@ -153,6 +157,17 @@ impl ShardStats {
             Refusal::PerIp => &self.refused_per_ip,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Panics caught under `task`; those a session caught in its own timeouts (closing its
+    /// connection with 1011) count under `timeouts`.
+    pub fn panic_count(&self, task: Task) -> u64 {
+        let in_sessions = if task == Task::Timeouts { self.metrics.timeout_panics.load(Ordering::Relaxed) } else { 0 };
+        self.panics.get(task) + in_sessions
+    }
+
+    pub fn panic_total(&self) -> u64 {
+        Task::ALL.iter().map(|&task| self.panic_count(task)).sum()
     }
 
     pub fn driver_name(&self) -> &'static str {
@@ -602,10 +617,15 @@ fn run_shard(
     let report = match run {
         Ok(report) => report,
         Err(panic) => {
-            // As compio's `block_on` does: the runtime's tasks are dropped once the unwind has
-            // been caught, not during it.
-            drop(runtime);
-            std::panic::resume_unwind(panic)
+            // The shard's work runs under `supervise`; a panic that got out of it all leaves a
+            // shard that owns channels and answers nothing. The process stops, so that its
+            // service manager starts it again and clients reconnect and recover.
+            tracing::error!(
+                shard = id,
+                panic = crate::panic_message(&*panic),
+                "the shard stopped with a panic; the server exits (status 70) to be restarted"
+            );
+            std::process::exit(70);
         }
     };
     tracing::info!(shard = id, drained = report.drained, cut = report.cut, "shard stopped");
@@ -658,9 +678,7 @@ async fn accept_loop(listener: TcpListener, state: Rc<RefCell<ShardState>>) {
     let mut incoming = listener.incoming();
     while let Some(accepted) = incoming.next().await {
         match accepted.and_then(|stream| stream.peer_addr().map(|peer| (stream, peer))) {
-            Ok((stream, peer)) => {
-                compio::runtime::spawn(conn::serve(state.clone(), stream, peer)).detach();
-            }
+            Ok((stream, peer)) => supervise::spawn(&state, Task::Http, conn::serve(state.clone(), stream, peer)),
             Err(_) if !state.borrow().cluster.accepting.load(Ordering::SeqCst) => return,
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning; the backlog waits.
@@ -675,7 +693,7 @@ async fn accept_loop(listener: TcpListener, state: Rc<RefCell<ShardState>>) {
 async fn metrics_accept_loop(listener: TcpListener, state: Rc<RefCell<ShardState>>) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => compio::runtime::spawn(conn::serve_metrics(state.clone(), stream)).detach(),
+            Ok((stream, _)) => supervise::spawn(&state, Task::Http, conn::serve_metrics(state.clone(), stream)),
             Err(err) => {
                 tracing::warn!(error = %err, "metrics accept failed");
                 compio::time::sleep(Duration::from_millis(20)).await;
@@ -696,7 +714,8 @@ async fn inbox_loop(state: Rc<RefCell<ShardState>>) -> Instant {
             if let ShardMsg::Shutdown { deadline } = msg {
                 return deadline;
             }
-            shard.handle_msg(msg);
+            // A message whose handling panics is lost (and counted); the next ones are handled.
+            supervise::catch(&cluster.stats[id].panics, id, Task::Inbox, || shard.handle_msg(msg));
         }
         if shard.has_backlog() && !shard.backlog_flusher_running {
             shard.backlog_flusher_running = true;
@@ -709,9 +728,10 @@ async fn inbox_loop(state: Rc<RefCell<ShardState>>) -> Instant {
 async fn backlog_flusher(state: Rc<RefCell<ShardState>>) {
     loop {
         compio::time::sleep(Duration::from_micros(500)).await;
-        let mut shard = state.borrow_mut();
-        if !shard.flush_backlog() {
-            shard.backlog_flusher_running = false;
+        // After a panic this flusher ends; the inbox loop starts another while a backlog waits.
+        let flushing = supervise::on_shard(&state, Task::Backlog, ShardState::flush_backlog);
+        if flushing != Some(true) {
+            state.borrow_mut().backlog_flusher_running = false;
             return;
         }
     }

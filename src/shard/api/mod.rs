@@ -177,9 +177,7 @@ pub(super) async fn accept_loop(listener: TcpListener, state: Rc<RefCell<ShardSt
     let mut incoming = listener.incoming();
     while let Some(accepted) = incoming.next().await {
         match accepted {
-            Ok(stream) => {
-                compio::runtime::spawn(serve_connection(state.clone(), stream)).detach();
-            }
+            Ok(stream) => super::supervise::spawn(&state, super::Task::Http, serve_connection(state.clone(), stream)),
             Err(_) if !state.borrow().cluster.accepting.load(Ordering::SeqCst) => return,
             Err(err) => {
                 tracing::warn!(error = %err, "API accept failed");
