@@ -146,9 +146,34 @@ pub fn run(url: String, cluster: Arc<Cluster>, requests: mpsc::Receiver<BridgeRe
     };
     if cluster_queue_consumer(&bridge.cluster) {
         let consumer = queue::Consumer::new(&bridge.url, bridge.cluster.clone(), bridge.policy.clone(), known);
-        runtime.spawn(consumer.run());
+        runtime.spawn(supervised(consumer.run()));
     }
-    runtime.block_on(bridge.serve(requests));
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(bridge.serve(requests))));
+    if let Err(panic) = served {
+        fail_stop(&*panic);
+    }
+}
+
+/// `work`, stopping the process should it panic (see `fail_stop`).
+async fn supervised(work: impl std::future::Future<Output = ()>) {
+    use futures_util::FutureExt;
+    if let Err(panic) = std::panic::AssertUnwindSafe(work).catch_unwind().await {
+        fail_stop(&*panic);
+    }
+}
+
+/// Runs `work` as its own task on the bridge's runtime, stopping the process should it panic.
+fn spawn_supervised(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    tokio::spawn(supervised(work));
+}
+
+/// A panic in the bridge is a bug that would leave Redis silently gone (the requests it held
+/// never answered, its state unknown): the process stops, as for a shard's panic that nothing
+/// caught, so that its service manager starts it again and clients reconnect and recover.
+fn fail_stop(panic: &(dyn std::any::Any + Send)) -> ! {
+    let panic = crate::panic_message(panic);
+    tracing::error!(panic, "the Redis bridge stopped with a panic; the server exits (status 70) to be restarted");
+    std::process::exit(70);
 }
 
 fn cluster_queue_consumer(cluster: &Cluster) -> bool {
@@ -268,7 +293,7 @@ impl Bridge {
             // channel it listens to with what Redis holds.
             for channel in &self.listening {
                 let job = self.job(&connection, channel);
-                tokio::spawn(job.resync());
+                spawn_supervised(job.resync());
             }
             loop {
                 tokio::select! {
@@ -352,7 +377,7 @@ impl Bridge {
                 // Commands run concurrently on the multiplexed connection; tasks start in the
                 // order spawned, so one publisher's commands reach Redis in its order.
                 let job = self.job(connection, request_channel(&other));
-                tokio::spawn(job.run(other));
+                spawn_supervised(job.run(other));
             }
         }
     }
@@ -404,7 +429,7 @@ impl Bridge {
             // position script, told what this node knows, starts a new epoch.
             tracing::warn!(%channel, %epoch, offset = publication.offset, "Redis repeated an offset; starting a new epoch");
             self.cluster.redis_metrics.count_resync(crate::metrics::Resync::RepeatedOffset);
-            tokio::spawn(self.job(connection, channel).resync());
+            spawn_supervised(self.job(connection, channel).resync());
             return;
         }
         if publication.offset == 0 {
