@@ -22,25 +22,26 @@ use redis::Script;
 /// closes its subscribers of the old one (4003) at once.
 const CURRENT_EPOCH: &str = r#"
 local function new_epoch_of(epoch, run, ms)
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'ms', ms or 0, 'run', run)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'ms', ms, 'run', run)
   redis.call('DEL', KEYS[2], KEYS[3])
 end
+-- Returns the epoch and the channel's last publication time (ms).
 local function current_epoch(new_epoch, run, trust, known_epoch, known_offset, pubsub)
   local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset', 'run', 'ms')
-  local epoch, offset, last_run = meta[1], tonumber(meta[2] or '0'), meta[3]
+  local epoch, offset, last_run, ms = meta[1], tonumber(meta[2] or '0'), meta[3], meta[4] or '0'
   if not epoch then
     new_epoch_of(new_epoch, run, 0)
-    return new_epoch
+    return new_epoch, 0
   end
   local behind = known_epoch == epoch and offset < tonumber(known_offset)
   local restarted = last_run ~= run and trust ~= '1'
   if behind or restarted then
-    new_epoch_of(new_epoch, run, meta[4])
+    new_epoch_of(new_epoch, run, ms)
     redis.call('PUBLISH', pubsub, new_epoch .. ':0:0:0:')
-    return new_epoch
+    return new_epoch, tonumber(ms)
   end
   if last_run ~= run then redis.call('HSET', KEYS[1], 'run', run) end
-  return epoch
+  return epoch, tonumber(ms)
 end
 "#;
 
@@ -59,11 +60,10 @@ pub(super) fn all() -> [&'static Script; 4] {
 /// history ttl ms, epoch if a new one starts, meta ttl ms, update type, then the trust
 /// arguments of `current_epoch` (run, trust, known epoch, known offset). Returns {epoch, offset}.
 const PUBLISH_BODY: &str = r#"
-local epoch = current_epoch(ARGV[5], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[1])
+local epoch, last = current_epoch(ARGV[5], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[1])
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local last = tonumber(redis.call('HGET', KEYS[1], 'ms') or '0')
 if ms < last then ms = last end
 redis.call('HSET', KEYS[1], 'ms', ms)
 local size = tonumber(ARGV[3])
