@@ -11,7 +11,7 @@
 //! up is thus O(updates queued + subscriptions), never O(updates given up), and it does not
 //! count against the queue's byte limit: it cannot make a queue overflow.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use super::{OutItem, Pressure};
 use crate::protocol::push::push_len;
@@ -22,25 +22,24 @@ const MARKS_BEFORE_COMPACTING: usize = 64;
 
 #[derive(Debug, Default)]
 pub(super) struct LowLane {
-    slots: VecDeque<Slot>,
-    /// Position of `slots.front()`, so positions survive pops.
-    head: u64,
+    /// In order; an index stays an update's place until `compact` or `clear`.
+    slots: Vec<Slot>,
     /// Slots that are marks of updates given up.
     marks: usize,
     /// Replies and control frames queued here (see `push_frame`).
     frames: usize,
     /// Bytes of the updates that may be given up (lower priority, queued).
     droppable_bytes: usize,
-    /// No update before this position may be given up: the oldest are found without walking
+    /// No update before this index may be given up: the oldest are found without walking
     /// again past the high-priority ones that stay.
-    droppable_from: u64,
+    droppable_from: usize,
     /// Slots (queued or marks) per subscription: a high-priority update of one of these
     /// queues here, behind them.
     per_sub: HashMap<u32, u32>,
-    /// Position of the queued update per (subscription, key hash).
+    /// Index of the queued update per (subscription, key hash).
     /// Kept only under pressure (`keyed`): built from `slots` the first time conflation is
     /// needed, so pushes below the threshold pay no key bookkeeping.
-    by_key: HashMap<(u32, u64), u64>,
+    by_key: HashMap<(u32, u64), usize>,
     keyed: bool,
     /// Per subscription: updates given up after every one of it queued, reported by the next
     /// one queued.
@@ -98,23 +97,23 @@ impl LowLane {
     /// Queues an update of `sub_id` after every slot; one that may give way (lower priority,
     /// `droppable` of its `len` bytes) is also indexed by its `key_hash` under pressure.
     pub(super) fn push_update(&mut self, sub_id: u32, item: OutItem, key_hash: u64, droppable: Option<usize>) {
-        let position = self.head + self.slots.len() as u64;
+        let index = self.slots.len();
         *self.per_sub.entry(sub_id).or_insert(0) += 1;
         if let Some(len) = droppable {
             self.droppable_bytes += len;
             if self.keyed && key_hash != 0 {
-                self.by_key.insert((sub_id, key_hash), position);
+                self.by_key.insert((sub_id, key_hash), index);
             }
         }
         let skipped = self.take_pending(sub_id);
-        self.slots.push_back(Slot::Queued { item, skipped });
+        self.slots.push(Slot::Queued { item, skipped });
     }
 
     /// Queues a reply or control frame after every slot (it never gives way): one that must
     /// follow everything queued, or an answer that must follow such a one.
     pub(super) fn push_frame(&mut self, item: OutItem) {
         self.frames += 1;
-        self.slots.push_back(Slot::Queued { item, skipped: 0 });
+        self.slots.push(Slot::Queued { item, skipped: 0 });
     }
 
     /// Whether replies or control frames are queued here.
@@ -133,13 +132,13 @@ impl LowLane {
     /// the key is coming); returns its bytes.
     pub(super) fn conflate(&mut self, sub_id: u32, key_hash: u64, pressure: &Pressure) -> Option<usize> {
         self.index_keys(pressure);
-        let position = self.by_key.get(&(sub_id, key_hash)).copied()?;
-        self.give_up(position, pressure)
+        let index = self.by_key.get(&(sub_id, key_hash)).copied()?;
+        self.give_up(index, pressure)
     }
 
     /// Gives up the oldest update that may give way; returns its bytes (`None`: none left).
     pub(super) fn give_up_oldest(&mut self, pressure: &Pressure) -> Option<usize> {
-        while let Some(slot) = self.slots.get((self.droppable_from - self.head) as usize) {
+        while let Some(slot) = self.slots.get(self.droppable_from) {
             if slot.is_droppable(pressure) {
                 return self.give_up(self.droppable_from, pressure);
             }
@@ -169,7 +168,6 @@ impl LowLane {
     /// Forgets everything queued; what is waiting to be reported stays.
     pub(super) fn clear(&mut self) {
         self.slots.clear();
-        self.head = 0;
         self.marks = 0;
         self.frames = 0;
         self.droppable_bytes = 0;
@@ -205,10 +203,10 @@ impl LowLane {
         freed
     }
 
-    /// Turns the update at `position` into a mark; returns its bytes. Only an update that may
+    /// Turns the update at `index` into a mark; returns its bytes. Only an update that may
     /// give way (the conflation index holds no other).
-    fn give_up(&mut self, position: u64, pressure: &Pressure) -> Option<usize> {
-        let slot = self.slots.get_mut((position - self.head) as usize)?;
+    fn give_up(&mut self, index: usize, pressure: &Pressure) -> Option<usize> {
+        let slot = self.slots.get_mut(index)?;
         if !slot.is_droppable(pressure) {
             return None;
         }
@@ -216,7 +214,7 @@ impl LowLane {
         let (sub_id, key_hash, len) = (*sub_id, publication.key_hash, push_len(*sub_id, publication.body.len()));
         *slot = Slot::GivenUp { sub_id, skipped: skipped.saturating_add(1) };
         // Only if it is the one indexed: a newer update with the key may be.
-        if self.by_key.get(&(sub_id, key_hash)) == Some(&position) {
+        if self.by_key.get(&(sub_id, key_hash)) == Some(&index) {
             self.by_key.remove(&(sub_id, key_hash));
         }
         self.marks += 1;
@@ -230,7 +228,7 @@ impl LowLane {
         if self.marks == 0 {
             return;
         }
-        let droppable_from = (self.droppable_from - self.head) as usize;
+        let droppable_from = self.droppable_from;
         let Self { slots, per_sub, carry, pending, .. } = self;
         let (mut index, mut kept_before) = (0, 0);
         per_sub.clear();
@@ -259,8 +257,7 @@ impl LowLane {
             let waiting = pending.entry(sub_id).or_insert(0);
             *waiting = waiting.saturating_add(carried);
         }
-        self.head = 0;
-        self.droppable_from = kept_before as u64;
+        self.droppable_from = kept_before;
         self.marks = 0;
         if self.keyed {
             self.unindex_keys();
@@ -275,17 +272,17 @@ impl LowLane {
         self.pending.remove(&sub_id).unwrap_or(0)
     }
 
-    /// Indexes the queued lower-priority updates by (subscription, key), latest position
+    /// Indexes the queued lower-priority updates by (subscription, key), latest index
     /// winning (high-priority ones queued here are never conflated).
     fn index_keys(&mut self, pressure: &Pressure) {
         if self.keyed {
             return;
         }
         self.keyed = true;
-        for (position, slot) in (self.head..).zip(&self.slots) {
+        for (index, slot) in self.slots.iter().enumerate() {
             if let Slot::Queued { item: OutItem::Push { sub_id, publication }, .. } = slot {
                 if publication.key_hash != 0 && !pressure.is_priority(publication) {
-                    self.by_key.insert((*sub_id, publication.key_hash), position);
+                    self.by_key.insert((*sub_id, publication.key_hash), index);
                 }
             }
         }
