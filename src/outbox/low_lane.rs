@@ -176,6 +176,11 @@ impl LowLane {
         self.unindex_keys();
     }
 
+    /// Frees the memory of an empty lane, keeping only what waits to be reported.
+    pub(super) fn release_memory(&mut self) {
+        *self = Self { pending: std::mem::take(&mut self.pending), ..Self::default() };
+    }
+
     /// Forgets subscription `sub_id`, which ended: its updates queued here and what it had
     /// given up. Returns the bytes freed.
     pub(super) fn forget(&mut self, sub_id: u32, pressure: &Pressure) -> usize {

@@ -391,15 +391,18 @@ impl Outbox {
         crate::give_back_queue(&mut self.high, spare, up_to);
     }
 
-    /// Frees the memory of each lane that holds nothing (nor updates given up to report) and
-    /// has room for at most `up_to` items.
+    /// Frees the memory of each lane that holds nothing and has room for at most `up_to`
+    /// items (of the low lane, all but the counts of updates given up yet to be reported).
     pub fn release_if_empty(&mut self, up_to: usize) {
         if self.high.is_empty() && self.high.capacity() <= up_to {
             self.high = VecDeque::new();
         }
-        let idle_lane = |lane: &LowLane| lane.is_idle() && lane.capacity() <= up_to;
-        if self.low.as_deref().is_some_and(idle_lane) {
-            self.low = None;
+        match self.low.as_deref_mut() {
+            Some(lane) if lane.is_empty() && lane.capacity() <= up_to => match lane.is_idle() {
+                true => self.low = None,
+                false => lane.release_memory(),
+            },
+            _ => {}
         }
     }
 

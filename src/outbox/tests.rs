@@ -760,3 +760,26 @@ fn answers_after_a_control_frame_queued_behind_updates_keep_their_order() {
     let order: Vec<(u32, u64)> = updates(&wire[..pong_at]).iter().map(|u| (u.sub_id, u.offset)).collect();
     assert_eq!(order, [(2, 1), (1, 1)], "the ROUTE update first, then the TRAFFIC one, then the pong");
 }
+
+/// After a stall, a lane that drained but still has a count to report (its subscription has
+/// sent nothing since) keeps only the count when idle memory is released; the count is still
+/// reported by the subscription's next update.
+#[test]
+fn an_idle_lane_keeps_only_the_counts_it_has_to_report() {
+    let one = push_len(1, typed(1, TRAFFIC, "").body.len());
+    let mut outbox = Outbox::new(one * 2, pressure(1 << 20));
+    outbox.push(OutItem::Push { sub_id: 1, publication: typed(1, ROUTE, "") }).unwrap();
+    outbox.push(OutItem::Push { sub_id: 2, publication: typed(1, ROUTE, "") }).unwrap();
+    outbox.push(OutItem::Push { sub_id: 3, publication: typed(1, TRAFFIC, "") }).unwrap();
+    let mut wire = Vec::new();
+    outbox.drain_into(&mut wire, 100, None);
+    outbox.release_if_empty(usize::MAX);
+    let lane = outbox.low.as_deref().expect("a count to report");
+    assert_eq!((lane.capacity(), lane.pending_subscriptions()), (0, 1));
+    outbox.push(OutItem::Push { sub_id: 3, publication: typed(2, TRAFFIC, "") }).unwrap();
+    outbox.drain_into(&mut wire, 100, None);
+    let got: Vec<(u32, u64, u32)> = updates(&wire).iter().map(|u| (u.sub_id, u.offset, u.skipped)).collect();
+    assert_eq!(got, [(1, 1, 0), (2, 1, 0), (3, 2, 1)]);
+    outbox.release_if_empty(usize::MAX);
+    assert!(outbox.low.is_none(), "nothing left to report: the lane goes");
+}
