@@ -11,7 +11,7 @@
 //! up is thus O(updates queued + subscriptions), never O(updates given up), and it does not
 //! count against the queue's byte limit: it cannot make a queue overflow.
 
-use std::collections::HashMap;
+use crate::FastMap;
 
 use super::{OutItem, Pressure};
 use crate::protocol::push::push_len;
@@ -35,17 +35,17 @@ pub(super) struct LowLane {
     droppable_from: usize,
     /// Slots (queued or marks) per subscription: a high-priority update of one of these
     /// queues here, behind them.
-    per_sub: HashMap<u32, u32>,
+    per_sub: FastMap<u32, u32>,
     /// Index of the queued update per (subscription, key hash).
     /// Kept only under pressure (`keyed`): built from `slots` the first time conflation is
     /// needed, so pushes below the threshold pay no key bookkeeping.
-    by_key: HashMap<(u32, u64), usize>,
+    by_key: FastMap<(u32, u64), usize>,
     keyed: bool,
     /// Per subscription: updates given up after every one of it queued, reported by the next
     /// one queued.
-    pending: HashMap<u32, u32>,
+    pending: FastMap<u32, u32>,
     /// Scratch of `compact`: counts being carried to the next update of their subscription.
-    carry: HashMap<u32, u32>,
+    carry: FastMap<u32, u32>,
 }
 
 #[derive(Debug)]
