@@ -11,10 +11,9 @@
 //! up is thus O(updates queued + subscriptions), never O(updates given up), and it does not
 //! count against the queue's byte limit: it cannot make a queue overflow.
 
-use crate::FastMap;
-
 use super::{OutItem, Pressure};
 use crate::protocol::push::push_len;
+use crate::FastMap;
 
 /// Marks of updates given up that the lane keeps before folding them (besides one per
 /// update queued): enough that folding is rare, few enough to stay small.
