@@ -1,6 +1,8 @@
-//! A client that stops reading while updates flood in: the server keeps its memory bounded,
-//! gives way on lower-priority updates, then closes it with 4001, while a healthy client on
-//! the same channel gets every ROUTE update. A client that stops reading while its answers
+//! A client that stops reading while updates flood in: the server keeps its memory bounded
+//! and gives way on lower-priority updates; it closes it with 4001 only when ROUTE updates
+//! alone overflow its queue, while a healthy client on the same channel gets every ROUTE
+//! update. A client that stalls on a channel where ROUTE is rare keeps every ROUTE update and
+//! is told what it missed. A client that stops reading while its answers
 //! are large gets them whole and in order once it reads again, and so do subscribers whose
 //! batches wait for the pacing tick.
 
@@ -138,6 +140,89 @@ async fn a_stalled_reader_is_closed_with_4001_and_memory_stays_bounded_while_a_h
     common::wait_for_health(&server, "the slow consumer counted", |h| {
         h["protection"]["closed"]["slow_consumer"] == 1 && h["connections"] == 2
     });
+}
+
+/// The operator's probe: a reader stalls on a channel where ROUTE is 1 % of the updates, far
+/// under its queue's limit, while the flood is many times the limit (and the socket's
+/// buffers), and the server pings it meanwhile. It is not closed; when it reads again it gets
+/// every ROUTE update, and every update says how many before it were skipped.
+#[compio::test]
+async fn a_stalled_reader_on_a_channel_with_rare_routes_keeps_every_route_and_is_not_closed() {
+    const UPDATES: u64 = 20_000;
+    const CHANNEL: &str = "city:lyon";
+    let env = [
+        ("ROUTOPIA_LIMITS__MAX_OUTBOX_BYTES", "262144"),
+        ("ROUTOPIA_LIMITS__MAX_PAYLOAD_SIZE", "2048"),
+        ("ROUTOPIA_DELIVERY__CONFLATE_ABOVE_BYTES", "65536"),
+        ("ROUTOPIA_HISTORY__SIZE", "100"),
+        // Pings queue behind the stalled reader's updates, as over a long stall.
+        ("ROUTOPIA_HEARTBEAT__INTERVAL", "100ms"),
+        ("ROUTOPIA_HEARTBEAT__TIMEOUT", "10m"),
+    ];
+    let server = TestServer::start(1, &env);
+    let mut stalled = stalled_subscriber(&server, CHANNEL);
+    // A healthy subscriber reads everything: once it has the last update, the stalled one's
+    // queue has been offered every update too.
+    let mut healthy = server.client().await;
+    healthy.subscribe(CHANNEL).await.unwrap();
+    let (_healthy_tx, mut healthy_rx) = healthy.split();
+    let reader = compio::runtime::spawn(async move {
+        while healthy_rx.next_update().await.expect("the healthy client stays connected").offset < UPDATES {}
+    });
+    // Every hundredth update (the last among them) is a ROUTE update; the rest TRAFFIC, keyless.
+    let rare_route = |n: u64| {
+        let mut payload = vec![b'.'; PAYLOAD];
+        payload[..8].copy_from_slice(&n.to_be_bytes());
+        match n.is_multiple_of(100) {
+            true => publish(CHANNEL, UpdateType::Route, "route".into(), payload),
+            false => publish(CHANNEL, UpdateType::Traffic, String::new(), payload),
+        }
+    };
+    let mut publisher = server.client().await;
+    for batch in (1..=UPDATES).collect::<Vec<_>>().chunks(50) {
+        let frames = batch.iter().map(|&n| pb::ClientFrame { id: 0, command: Some(rare_route(n)) });
+        publisher.send_frames(frames.collect()).await.unwrap();
+    }
+    within("the healthy client's updates", reader).await.unwrap();
+
+    // The stalled client reads again: every ROUTE update, offsets that add up, and no close.
+    let (mut last, mut routes, mut skipped) = (0u64, 0u64, 0u64);
+    while last < UPDATES {
+        let message = match stalled.read() {
+            Ok(tungstenite::Message::Binary(data)) => pb::ServerMessage::decode(data).unwrap(),
+            Ok(tungstenite::Message::Close(frame)) => panic!("closed after offset {last}: {frame:?}"),
+            Ok(_) => continue,
+            Err(err) => panic!("after offset {last}: {err}"),
+        };
+        for frame in message.frames {
+            match frame.kind {
+                Some(Kind::Update(update)) => {
+                    assert_eq!(update.offset, last + 1 + u64::from(update.skipped), "offsets add up with skipped");
+                    assert_eq!(update.payload[..8], update.offset.to_be_bytes());
+                    skipped += u64::from(update.skipped);
+                    routes += u64::from(update.r#type == UpdateType::Route as i32);
+                    last = update.offset;
+                }
+                Some(Kind::Disconnect(disconnect)) => panic!("disconnected after offset {last}: {disconnect:?}"),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(routes, UPDATES / 100, "every ROUTE update arrived ({skipped} others skipped)");
+    assert!(skipped > 0, "the flood outgrew the queue");
+    // Still connected: a ping is answered.
+    let ping = pb::ClientFrame { id: 3, command: Some(Command::Ping(pb::Ping { timestamp_us: 7 })) };
+    stalled.send(tungstenite::Message::Binary(envelope::encode::<pb::ClientMessage>(vec![ping], None).into())).unwrap();
+    loop {
+        let tungstenite::Message::Binary(data) = stalled.read().unwrap() else { continue };
+        let frames = pb::ServerMessage::decode(data).unwrap().frames;
+        if frames.iter().any(|f| matches!(&f.kind, Some(Kind::Pong(pong)) if pong.timestamp_us == 7)) {
+            break;
+        }
+    }
+    let health = server.health();
+    assert_eq!(health["protection"]["closed"]["slow_consumer"], 0, "{health}");
+    assert!(health["protection"]["dropped"].as_u64() > Some(0), "{health}");
 }
 
 /// The answer to a read goes out from the reader as far as the socket takes it; what it does

@@ -1,0 +1,237 @@
+//! Queued items as WebSocket bytes: batches of frames per message, shared between
+//! subscribers and compressed where that pays.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use prost::encoding::encoded_len_varint;
+
+use super::OutItem;
+use crate::broker::Publication;
+use crate::compression::SharedBatches;
+use crate::metrics::LocalMetrics;
+use crate::protocol::push::{append_varint, push_len_skipped, write_push_skipped};
+use crate::protocol::ws::write_binary_header;
+
+/// The shard's shared batches, and what this connection takes of them.
+pub struct Sharing<'a> {
+    pub batches: &'a mut SharedBatches,
+    /// The connection accepts zstd envelopes.
+    pub zstd: bool,
+    /// Bit `i`: the connection holds the server's dictionary `i`.
+    pub held: u32,
+    /// Where to tally the write and when it happens.
+    pub observed: Observed<'a>,
+}
+
+impl Sharing<'_> {
+    /// Whether a message of `len` plain bytes goes out compressed.
+    fn compresses(&self, len: usize) -> bool {
+        let threshold = self.batches.threshold();
+        self.zstd && threshold != 0 && len >= threshold
+    }
+}
+
+/// The shard's tallies and the time of the write being made, when it is observed.
+pub type Observed<'a> = Option<(&'a LocalMetrics, Instant)>;
+
+/// Writes `items`, each with the number of updates before it on its subscription that were
+/// given up (reported as `skipped`), as WebSocket messages of up to `batch_size` frames (raw
+/// items go out as they are, between batches).
+/// With `sharing`, a message of two or more updates of one subscription (and nothing per copy)
+/// is the shard's shared batch, encoded once for every subscriber, with the `sub_id` in the
+/// envelope; over the threshold, for a client that accepts it, a zstd envelope (shared, or the
+/// connection's own when the message holds more than one subscription's updates or reports
+/// skipped ones).
+#[inline]
+pub(super) fn write_batches<'a, I>(
+    out: &mut Vec<u8>,
+    mut items: I,
+    batch_size: usize,
+    mut sharing: Option<&mut Sharing<'_>>,
+) -> usize
+where
+    I: Iterator<Item = (&'a OutItem, u32)> + Clone,
+{
+    let mut frames = 0;
+    loop {
+        match items.clone().next() {
+            None => return frames,
+            Some((OutItem::Raw(bytes), _)) => {
+                out.extend_from_slice(bytes);
+                items.next();
+                continue;
+            }
+            Some(_) => {}
+        }
+        let run = items.clone().take_while(|(item, _)| !matches!(item, OutItem::Raw(_))).take(batch_size);
+        let (count, len) =
+            run.clone().fold((0, 0), |(count, len), (item, skipped)| (count + 1, len + wire_len(item, skipped)));
+        frames += count;
+        if let Some((metrics, now)) = sharing.as_deref().and_then(|sharing| sharing.observed) {
+            metrics.record_deliveries(now, publications(run.clone()).map(|p| &**p));
+            metrics.record_message(count);
+        }
+        if let Some(sharing) = sharing.as_deref_mut() {
+            let compress = sharing.compresses(len);
+            // One update alone is as cheap to write as to look up, unless it is to be compressed.
+            let worth_sharing = (count >= 2 || compress) && run.clone().all(|(_, skipped)| skipped == 0);
+            let shared_sub = if worth_sharing { one_subscription(run.clone().map(|(item, _)| item)) } else { None };
+            let written = match (shared_sub, compress) {
+                (Some(sub_id), true) => {
+                    match sharing.batches.shared_compressed(publications(run.clone()), sharing.held) {
+                        Some(compressed) => write_envelope(out, &compressed, sub_id),
+                        None => {
+                            write_shared_plain(out, sharing.batches.shared_plain(publications(run.clone())), sub_id)
+                        }
+                    }
+                    true
+                }
+                (Some(sub_id), false) => {
+                    write_shared_plain(out, sharing.batches.shared_plain(publications(run.clone())), sub_id);
+                    true
+                }
+                (None, true) => write_own_compressed(out, run.clone(), count, len, sharing),
+                (None, false) => false,
+            };
+            if written {
+                items.nth(count - 1);
+                continue;
+            }
+        }
+        out.reserve(len + 10);
+        write_binary_header(out, len);
+        write_run(out, &mut items, count);
+    }
+}
+
+/// Bytes `item` adds to a `ServerMessage` when it reports `skipped` updates before it.
+fn wire_len(item: &OutItem, skipped: u32) -> usize {
+    match item {
+        OutItem::Push { sub_id, publication } if skipped != 0 => {
+            push_len_skipped(*sub_id, skipped, publication.body.len())
+        }
+        other => other.len(),
+    }
+}
+
+/// The publications of the updates among `items`.
+fn publications<'a>(
+    items: impl Iterator<Item = (&'a OutItem, u32)> + Clone,
+) -> impl Iterator<Item = &'a Rc<Publication>> + Clone {
+    items.filter_map(|(item, _)| match item {
+        OutItem::Push { publication, .. } => Some(publication),
+        _ => None,
+    })
+}
+
+/// The subscription of a run that holds only updates of one subscription.
+pub(super) fn one_subscription<'a>(mut run: impl Iterator<Item = &'a OutItem>) -> Option<u32> {
+    let Some(OutItem::Push { sub_id: first, .. }) = run.next() else { return None };
+    run.all(|item| matches!(item, OutItem::Push { sub_id, .. } if sub_id == first)).then_some(*first)
+}
+
+/// Appends the next `count` items as elements of `ServerMessage.frames`.
+fn write_run<'a>(out: &mut Vec<u8>, items: &mut impl Iterator<Item = (&'a OutItem, u32)>, count: usize) {
+    for _ in 0..count {
+        match items.next() {
+            Some((OutItem::Push { sub_id, publication }, skipped)) => {
+                write_push_skipped(out, *sub_id, skipped, &publication.body)
+            }
+            Some((OutItem::Frame(bytes), _)) => out.extend_from_slice(bytes),
+            Some((OutItem::Raw(_), _)) | None => unreachable!("runs stop before raw items"),
+        }
+    }
+}
+
+/// Key of `ServerMessage.zstd` (field 2, length-delimited) and `ServerMessage.sub_id` (field 3).
+const SERVER_MESSAGE_ZSTD_KEY: u8 = 0x12;
+const SERVER_MESSAGE_SUB_ID_KEY: u8 = 0x18;
+
+/// A shared plain batch: its head, then its frames as they are.
+fn write_shared_plain(out: &mut Vec<u8>, frames: Bytes, sub_id: u32) {
+    out.reserve(frames.len() + 16);
+    write_shared_head(out, frames.len(), sub_id);
+    out.extend_from_slice(&frames);
+}
+
+/// Shared batches (`stretch`, one iterator per message) of subscription `sub_id`, tallied as
+/// written at `observed`: the first message's head goes to `head`, and the parts to write
+/// after it are returned (the first batch's frames, then each further message's head and
+/// frames).
+pub(super) fn shared_parts<'p, B>(
+    head: &mut Vec<u8>,
+    sub_id: u32,
+    stretch: impl Iterator<Item = B>,
+    batches: &mut SharedBatches,
+    observed: Observed<'_>,
+) -> Vec<Bytes>
+where
+    B: Iterator<Item = &'p Rc<Publication>> + Clone,
+{
+    let mut parts = Vec::new();
+    for batch in stretch {
+        if let Some((metrics, now)) = observed {
+            metrics.record_deliveries(now, batch.clone().map(|p| &**p));
+            metrics.record_message(batch.clone().count());
+        }
+        let frames = batches.shared_plain(batch);
+        if parts.is_empty() {
+            write_shared_head(head, frames.len(), sub_id);
+        } else {
+            let mut next_head = Vec::with_capacity(16);
+            write_shared_head(&mut next_head, frames.len(), sub_id);
+            parts.push(Bytes::from(next_head));
+        }
+        parts.push(frames);
+    }
+    parts
+}
+
+/// What one connection's copy of a shared batch of `frames_len` bytes starts with: the
+/// WebSocket header and `ServerMessage.sub_id` (protobuf allows it before the frames), so the
+/// shared bytes can follow untouched, copied or by a vectored write.
+fn write_shared_head(out: &mut Vec<u8>, frames_len: usize, sub_id: u32) {
+    write_binary_header(out, 1 + encoded_len_varint(u64::from(sub_id)) + frames_len);
+    out.push(SERVER_MESSAGE_SUB_ID_KEY);
+    append_varint(out, u64::from(sub_id));
+}
+
+/// Writes `run` (of `len` bytes plain, several subscriptions' or with skip reports) as the
+/// connection's own zstd envelope; false when compressing would not make it smaller (nothing
+/// written then).
+fn write_own_compressed<'a>(
+    out: &mut Vec<u8>,
+    run: impl Iterator<Item = (&'a OutItem, u32)> + Clone,
+    count: usize,
+    len: usize,
+    sharing: &mut Sharing<'_>,
+) -> bool {
+    let mut plain = Vec::with_capacity(len);
+    write_run(&mut plain, &mut run.clone(), count);
+    let mut types = run.map(|(item, _)| match item {
+        OutItem::Push { publication, .. } => publication.update_type,
+        _ => -1,
+    });
+    let first = types.next();
+    let update_type = first.filter(|&t| t >= 0 && types.all(|other| other == t));
+    let Some(compressed) = sharing.batches.own(&plain, update_type, sharing.held) else { return false };
+    write_envelope(out, &compressed, 0);
+    true
+}
+
+/// A `ServerMessage` holding only `zstd` (and the `sub_id` its updates lack, if shared).
+fn write_envelope(out: &mut Vec<u8>, compressed: &[u8], sub_id: u32) {
+    let sub_id_len = if sub_id == 0 { 0 } else { 1 + encoded_len_varint(u64::from(sub_id)) };
+    let len = 1 + encoded_len_varint(compressed.len() as u64) + compressed.len() + sub_id_len;
+    out.reserve(len + 10);
+    write_binary_header(out, len);
+    out.push(SERVER_MESSAGE_ZSTD_KEY);
+    append_varint(out, compressed.len() as u64);
+    out.extend_from_slice(compressed);
+    if sub_id != 0 {
+        out.push(SERVER_MESSAGE_SUB_ID_KEY);
+        append_varint(out, u64::from(sub_id));
+    }
+}
