@@ -728,9 +728,10 @@ impl Session {
             self.queue_disconnect(code, &detail);
         }
         self.ws.close(code.code(), code.label());
-        self.collect_ws_output();
+        // Closing before the close frame is queued: past the limit, queueing it closes nothing again.
         self.phase = Phase::Closing(code);
         self.close_detail = Some(detail);
+        self.collect_ws_output();
     }
 
     fn queue_disconnect(&mut self, code: CloseCode, detail: &str) {
@@ -762,10 +763,20 @@ impl Session {
         self.subs.iter().map(|(id, sub)| (&sub.channel, id, sub.active))
     }
 
+    /// Queues what the WebSocket layer wrote (pongs, pings, the close). These never give way,
+    /// so a client that pings without reading would grow them without end: past
+    /// `max_outbox_bytes` the connection is closed as a slow consumer.
     fn collect_ws_output(&mut self) {
         if self.ws.has_output() {
             let bytes = self.ws.take_output();
             self.outbox.push_unbounded(OutItem::Raw(bytes));
+            if self.outbox.queued_bytes() > self.limits.max_outbox_bytes && !self.is_closing() {
+                let limit = self.limits.max_outbox_bytes;
+                self.close(
+                    CloseCode::SlowConsumer,
+                    format!("more than {limit} bytes waiting to be sent, pongs the client does not read"),
+                );
+            }
         }
     }
 

@@ -239,6 +239,27 @@ fn second_connect_is_an_error_and_the_session_stays() {
 }
 
 #[test]
+fn a_client_that_pings_without_reading_is_closed_once_its_pongs_pass_the_outbox_limit() {
+    let mut config = open_config();
+    config.limits.max_outbox_bytes = 4096;
+    let mut session = Session::new(label(), limits(&config), Instant::now());
+    let mut peer = Peer::new();
+    peer.command(&mut session, 1, Command::Connect(pb::Connect::default()));
+    peer.receive(&mut session);
+    let mut pings = 0;
+    while !session.is_closing() && pings < 10_000 {
+        peer.ws.ping(vec![7; 100].into());
+        session.handle_bytes(now(), &peer.ws.take_output());
+        pings += 1;
+    }
+    assert_eq!(session.phase(), Phase::Closing(CloseCode::SlowConsumer), "after {pings} pings");
+    assert!(pings < 50, "closed at the limit, not later: {pings} pings of 100 bytes against 4096");
+    let (frames, close) = peer.receive(&mut session);
+    assert_eq!(close, Some(4001));
+    assert!(frames.iter().any(|f| matches!(f.kind, Some(Kind::Disconnect(pb::Disconnect { code: 4001, .. })))));
+}
+
+#[test]
 fn client_close_is_answered_and_ends_the_session() {
     let (mut session, mut peer) = connected();
     peer.ws.close(1000, "bye");
