@@ -656,13 +656,19 @@ fn a_stalled_reader_on_a_mixed_channel_keeps_every_route_and_the_newest_traffic(
     let mut wire = Vec::new();
     outbox.drain_into(&mut wire, 100, None);
     let received = updates(&wire);
-    assert_eq!(offsets_add_up(&received)[&1], UPDATES, "the newest update is kept");
-    assert_eq!(received.iter().filter(|u| u.r#type == ROUTE).count() as u64, UPDATES / 100);
-    let traffic: Vec<u64> = received.iter().filter(|u| u.r#type == TRAFFIC).map(|u| u.offset).collect();
-    assert!(are_the_newest(&traffic, (1..=UPDATES).filter(|o| o % 100 != 0)), "{:?}", &traffic[..10]);
+    assert_every_route_and_the_newest_traffic(&received, UPDATES);
     // The limit holds updates, not the record of those given up.
     let one = push_len(1, sized(UPDATES, TRAFFIC, "", 1000).body.len());
     assert!(received.len() * one > max - one, "{} updates kept", received.len());
+}
+
+/// What a stalled reader of `updates` publications (every hundredth a ROUTE, the rest
+/// TRAFFIC) gets once it reads: the newest, every ROUTE, and the newest TRAFFIC.
+fn assert_every_route_and_the_newest_traffic(received: &[Update], updates: u64) {
+    assert_eq!(offsets_add_up(received)[&1], updates, "the newest update is kept");
+    assert_eq!(received.iter().filter(|u| u.r#type == ROUTE).count() as u64, updates / 100);
+    let traffic: Vec<u64> = received.iter().filter(|u| u.r#type == TRAFFIC).map(|u| u.offset).collect();
+    assert!(are_the_newest(&traffic, (1..=updates).filter(|o| o % 100 != 0)), "{:?}", &traffic[..10]);
 }
 
 /// The server's pings (and any control frame) queue after everything during a stall; the
@@ -685,10 +691,7 @@ fn a_control_frame_queued_during_a_stall_leaves_the_updates_before_it_droppable(
     let mut wire = Vec::new();
     outbox.drain_into(&mut wire, 100, None);
     let received = updates(&wire);
-    assert_eq!(offsets_add_up(&received)[&1], UPDATES, "the newest update is kept");
-    assert_eq!(received.iter().filter(|u| u.r#type == ROUTE).count() as u64, UPDATES / 100);
-    let traffic: Vec<u64> = received.iter().filter(|u| u.r#type == TRAFFIC).map(|u| u.offset).collect();
-    assert!(are_the_newest(&traffic, (1..=UPDATES).filter(|o| o % 100 != 0)), "{:?}", &traffic[..10]);
+    assert_every_route_and_the_newest_traffic(&received, UPDATES);
 }
 
 /// A reader that never reads, on three subscriptions of lower-priority updates (keyed on
