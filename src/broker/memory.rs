@@ -383,7 +383,11 @@ impl ChannelTable {
         targets.clear();
         let Some(channel) = self.channels.get_mut(name) else { return Mirrored::Seen };
         if !channel.mirrored {
-            channel.follow_from(epoch, offset);
+            // A new epoch's announcement says nothing of where it stands: the joining
+            // subscriber's position will.
+            if offset > 0 {
+                channel.follow_from(epoch, offset);
+            }
             return Mirrored::Seen;
         }
         // An offset below what was fanned out here is no news: fan-outs that came after the
@@ -400,14 +404,20 @@ impl ChannelTable {
     }
 
     /// With an external broker: publications this node already fanned out after `offset` in
-    /// `epoch` (a joining subscriber's position may predate them).
-    pub fn fanned_out_after(&self, name: &str, epoch: &str, offset: u64) -> Vec<Arc<Publication>> {
-        match self.channels.get(name) {
-            Some(channel) if *channel.epoch == *epoch => {
-                channel.history.iter().filter(|p| p.offset > offset).cloned().collect()
-            }
-            _ => Vec::new(),
+    /// `epoch` (a joining subscriber's position may predate them), every one of them; `None`
+    /// when this node did not hear them all (it lost Redis meanwhile), so the subscriber would
+    /// start with a gap: it must ask again.
+    pub fn fanned_out_after(&self, name: &str, epoch: &str, offset: u64) -> Option<Vec<Arc<Publication>>> {
+        let channel = match self.channels.get(name) {
+            Some(channel) if *channel.epoch == *epoch => channel,
+            _ => return Some(Vec::new()),
+        };
+        if channel.offset <= offset {
+            return Some(Vec::new());
         }
+        let continues = channel.history.front().is_some_and(|first| first.offset <= offset + 1)
+            && channel.history.back().is_some_and(|last| last.offset == channel.offset);
+        continues.then(|| channel.history.iter().filter(|p| p.offset > offset).cloned().collect())
     }
 
     /// Assigns the next offset, builds the publication with `make(name, offset)` (`name`

@@ -992,7 +992,7 @@ impl ShardState {
     fn on_positioned(&mut self, joining: Joining, result: Result<(Position, Option<Recovery>), ErrorCode>) {
         let Joining { channel, from, conn, sub_id, req_id, .. } = joining;
         let catch_up = match &result {
-            Ok((position, recovery)) => {
+            Ok((position, _)) => {
                 let mut targets = std::mem::take(&mut self.targets);
                 if self.channels.learn(&channel, &position.epoch, position.offset, &mut targets) {
                     self.cluster.redis_metrics.count_resync(Resync::EpochChanged);
@@ -1003,20 +1003,26 @@ impl ShardState {
                     }
                 }
                 self.targets = targets;
-                if let Some(recovery) = recovery {
-                    let counter = match recovery {
-                        Recovery::Recovered(_) => &self.stats().recoveries_served,
-                        Recovery::Refused(_) => &self.stats().recoveries_refused,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
                 self.channels.fanned_out_after(&channel, &position.epoch, position.offset)
             }
-            Err(_) => {
+            Err(_) => None,
+        };
+        let (result, catch_up) = match (result, catch_up) {
+            (Ok(answer), Some(catch_up)) => (Ok(answer), catch_up),
+            // Refused (Redis away), or this node did not hear everything after the position:
+            // the client asks again (503) rather than start with a gap.
+            (result, _) => {
                 self.unsubscribe_owned(channel.clone(), from);
-                Vec::new()
+                (Err(result.err().unwrap_or(ErrorCode::Unavailable)), Vec::new())
             }
         };
+        if let Ok((_, Some(recovery))) = &result {
+            let counter = match recovery {
+                Recovery::Recovered(_) => &self.stats().recoveries_served,
+                Recovery::Refused(_) => &self.stats().recoveries_refused,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         self.route(from, ShardMsg::Subscribed { conn, channel, sub_id, req_id, result, catch_up });
     }
 
