@@ -10,15 +10,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use prost::Message;
-use routopia_realtime::broker::Publication;
 use routopia_realtime::compression::{SharedBatches, ZstdSettings};
 use routopia_realtime::config::Config;
+use routopia_realtime::core::Publication;
+use routopia_realtime::core::{ConnId, ConnLabel};
 use routopia_realtime::outbox::{OutItem, Outbox, Pressure, Sharing};
 use routopia_realtime::protocol::envelope;
 use routopia_realtime::protocol::pb::{self, client_frame::Command};
 use routopia_realtime::protocol::push::encode_update_body;
 use routopia_realtime::ratelimit::KeyedBuckets;
-use routopia_realtime::router::{ConnId, ConnLabel};
 use routopia_realtime::session::{Session, SessionLimits};
 
 /// The client id of subscriber `i` (shard 0, slot `i`).
@@ -40,7 +40,13 @@ fn update(payload: usize) -> pb::Update {
 }
 
 fn publication(payload: usize) -> Rc<Publication> {
-    Rc::new(Publication::new(Arc::from("route:42"), 1234, 1, encode_update_body(&update(payload)), Instant::now()))
+    Rc::new(routopia_realtime::protocol::push::publication(
+        Arc::from("route:42"),
+        1234,
+        1,
+        encode_update_body(&update(payload)),
+        Instant::now(),
+    ))
 }
 
 fn protocol(c: &mut Criterion) {
@@ -150,7 +156,13 @@ fn route_like_payload(len: usize) -> Vec<u8> {
 
 fn publication_with(payload: Vec<u8>) -> Rc<Publication> {
     let update = pb::Update { payload: payload.into(), ..update(0) };
-    Rc::new(Publication::new(Arc::from("route:42"), 1234, 1, encode_update_body(&update), Instant::now()))
+    Rc::new(routopia_realtime::protocol::push::publication(
+        Arc::from("route:42"),
+        1234,
+        1,
+        encode_update_body(&update),
+        Instant::now(),
+    ))
 }
 
 fn batching(c: &mut Criterion) {

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::broker::Publication;
+use crate::core::Publication;
 
 /// How acknowledged delivery behaves.
 #[derive(Debug, Clone)]
@@ -21,6 +21,17 @@ pub struct AckPolicy {
     pub max_redeliveries: u32,
     /// Updates awaiting acknowledgement per subscription; the oldest beyond it has failed.
     pub max_unacked: usize,
+}
+
+impl AckPolicy {
+    /// The acknowledged-delivery policy every session applies under `config`.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            timeout: config.acks.timeout,
+            max_redeliveries: config.acks.max_redeliveries,
+            max_unacked: config.acks.max_unacked,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -127,7 +138,7 @@ mod tests {
     }
 
     fn publication(offset: u64) -> Rc<Publication> {
-        Rc::new(Publication::new(Arc::from("route:1"), offset, 1, Bytes::new(), Instant::now()))
+        Rc::new(crate::protocol::push::publication(Arc::from("route:1"), offset, 1, Bytes::new(), Instant::now()))
     }
 
     fn offsets(list: &[Rc<Publication>]) -> Vec<u64> {

@@ -17,6 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Auth, AuthMode};
+use crate::core::ChannelPattern;
 
 /// Why a token was refused; the label goes into the `Disconnect` reason and the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,136 +94,12 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// The longest channel pattern.
-const MAX_PATTERN_LEN: usize = 1024;
 /// Patterns a `subscribe` or `publish` claim may list, and their bytes together: a check
 /// compares at most (channel length + 1) × these bytes, so a token's patterns cannot hold a
 /// shard (at the longest channel allowed, 1024, some 16 M byte comparisons; at the default
 /// 128, 2 M).
 const MAX_CLAIMED_PATTERNS: usize = 256;
 const MAX_CLAIMED_PATTERN_BYTES: usize = 16 * 1024;
-
-/// One piece of a channel pattern.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(Box<[u8]>),
-    /// `*`: any run of characters, also none.
-    Any,
-    /// `{sub}`: exactly the token's subject.
-    Subject,
-}
-
-/// A channel pattern such as `route:{sub}` or `weather:*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChannelPattern {
-    parts: Vec<Part>,
-}
-
-impl ChannelPattern {
-    /// Parses a pattern: channel-name characters, `*` and `{sub}`.
-    pub fn parse(pattern: &str) -> Result<Self, String> {
-        if pattern.is_empty() || pattern.len() > MAX_PATTERN_LEN {
-            return Err(format!("a pattern has 1 to {MAX_PATTERN_LEN} characters"));
-        }
-        let mut parts = Vec::new();
-        let mut literal = Vec::new();
-        let mut rest = pattern.as_bytes();
-        let flush = |literal: &mut Vec<u8>, parts: &mut Vec<Part>| {
-            if !literal.is_empty() {
-                parts.push(Part::Literal(std::mem::take(literal).into_boxed_slice()));
-            }
-        };
-        while let Some(&byte) = rest.first() {
-            if let Some(after) = rest.strip_prefix(b"{sub}") {
-                flush(&mut literal, &mut parts);
-                parts.push(Part::Subject);
-                rest = after;
-                continue;
-            }
-            match byte {
-                b'*' => {
-                    flush(&mut literal, &mut parts);
-                    if parts.last() != Some(&Part::Any) {
-                        parts.push(Part::Any);
-                    }
-                }
-                b if b.is_ascii_alphanumeric() || b":_-.@/".contains(&b) => literal.push(b),
-                _ => return Err(format!("`{}` is not allowed in a channel pattern", byte as char)),
-            }
-            rest = &rest[1..];
-        }
-        flush(&mut literal, &mut parts);
-        Ok(Self { parts })
-    }
-
-    /// Whether `channel` matches for a token whose subject is `subject`.
-    pub fn matches(&self, channel: &str, subject: &str) -> bool {
-        self.matches_counting(channel.as_bytes(), subject.as_bytes(), &mut 0)
-    }
-
-    /// Glob matching without backtracking. The `*`s cut the pattern into segments of literals
-    /// (`{sub}` is one once the subject is known): the first segment must begin the channel,
-    /// the last must end it, and each one between is taken at its leftmost place after the one
-    /// before, which is right because a `*` takes whatever lies between, so a match further
-    /// right leaves less for the segments after it. At most (channel length + 1) × (pattern
-    /// length, `{sub}` as the subject) bytes are compared, counted in `steps`.
-    fn matches_counting(&self, text: &[u8], subject: &[u8], steps: &mut u64) -> bool {
-        // `{sub}` never matches for a token without a subject.
-        if subject.is_empty() && self.parts.contains(&Part::Subject) {
-            return false;
-        }
-        let mut segments = self.parts.split(|part| *part == Part::Any);
-        let first = segments.next().unwrap_or_default();
-        let Some(last) = segments.next_back() else {
-            // No `*`: the one segment is the whole channel.
-            return segment_len(first, subject) == text.len() && segment_at(first, text, 0, subject, steps);
-        };
-        let (first_len, last_len) = (segment_len(first, subject), segment_len(last, subject));
-        let Some(last_at) = text.len().checked_sub(last_len).filter(|&at| at >= first_len) else { return false };
-        if !segment_at(first, text, 0, subject, steps) || !segment_at(last, text, last_at, subject, steps) {
-            return false;
-        }
-        let mut from = first_len;
-        for segment in segments {
-            let len = segment_len(segment, subject);
-            let Some(latest) = last_at.checked_sub(len) else { return false };
-            match (from..=latest).find(|&at| segment_at(segment, text, at, subject, steps)) {
-                Some(at) => from = at + len,
-                None => return false,
-            }
-        }
-        true
-    }
-}
-
-/// Bytes a segment (parts without `*`) stands for.
-fn segment_len(segment: &[Part], subject: &[u8]) -> usize {
-    segment
-        .iter()
-        .map(|part| match part {
-            Part::Literal(bytes) => bytes.len(),
-            Part::Subject => subject.len(),
-            Part::Any => 0,
-        })
-        .sum()
-}
-
-/// Whether `segment` is found in `text` at `at` (which leaves room for it).
-fn segment_at(segment: &[Part], text: &[u8], mut at: usize, subject: &[u8], steps: &mut u64) -> bool {
-    for part in segment {
-        let expected: &[u8] = match part {
-            Part::Literal(bytes) => bytes,
-            Part::Subject => subject,
-            Part::Any => &[],
-        };
-        *steps += expected.len() as u64;
-        if text.get(at..at + expected.len()) != Some(expected) {
-            return false;
-        }
-        at += expected.len();
-    }
-    true
-}
 
 /// What a connection may do, from its token (or everything, with auth disabled).
 #[derive(Debug, Clone)]

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use zstd::zstd_safe::{self, CCtx, CDict};
 
-use crate::broker::Publication;
 use crate::config::{parse_update_type, Delivery};
+use crate::core::Publication;
 use crate::protocol::push::{push_len, write_push};
 
 /// Shared batches a shard remembers; a subscriber whose batch is among them gets the same
@@ -376,7 +376,13 @@ mod tests {
 
     fn publication(offset: u64, text: &str) -> Rc<Publication> {
         let update = Update { offset, r#type: 1, payload: Bytes::from(text.repeat(20)), ..Default::default() };
-        Rc::new(Publication::new(StdArc::from("route:7"), offset, 1, encode_update_body(&update), Instant::now()))
+        Rc::new(crate::protocol::push::publication(
+            StdArc::from("route:7"),
+            offset,
+            1,
+            encode_update_body(&update),
+            Instant::now(),
+        ))
     }
 
     /// Decodes a message the way a client does: the envelope's `sub_id` fills the updates.
@@ -442,7 +448,13 @@ mod tests {
             })
             .collect();
         let update = Update { offset: 1, r#type: 1, payload: noise.into(), ..Default::default() };
-        let noisy = Rc::new(Publication::new(StdArc::from("c"), 1, 1, encode_update_body(&update), Instant::now()));
+        let noisy = Rc::new(crate::protocol::push::publication(
+            StdArc::from("c"),
+            1,
+            1,
+            encode_update_body(&update),
+            Instant::now(),
+        ));
         assert!(compressor.shared_compressed([&noisy].into_iter(), 0).is_none());
         assert!(compressor.shared_compressed([&noisy].into_iter(), 0).is_none(), "remembered as not worth it");
         assert_eq!(compressor.take_counters().messages, 0);

@@ -553,7 +553,7 @@ impl Config {
             return Err(invalid("acks.max_unacked", "must be at least 1"));
         }
         if let Some(url) = self.redis_url() {
-            if let Err(err) = crate::broker::redis::validate_url(url) {
+            if let Err(err) = redis::IntoConnectionInfo::into_connection_info(url) {
                 return Err(invalid("broker", format!("not a Redis URL: {err}")));
             }
         } else if self.broker != "memory" {
@@ -591,7 +591,7 @@ impl Config {
             return Err(invalid("auth.max_token_lifetime", "between 1m and 100years"));
         }
         for pattern in a.default_subscribe.iter().chain(&a.default_publish) {
-            if let Err(err) = crate::auth::ChannelPattern::parse(pattern) {
+            if let Err(err) = crate::core::ChannelPattern::parse(pattern) {
                 return Err(invalid("auth.default_subscribe/default_publish", format!("`{pattern}`: {err}")));
             }
         }
@@ -653,31 +653,6 @@ impl Config {
     /// The Redis URL when the broker is Redis.
     pub fn redis_url(&self) -> Option<&str> {
         (self.broker.starts_with("redis://") || self.broker.starts_with("rediss://")).then_some(self.broker.as_str())
-    }
-
-    /// The history policy every owner shard applies.
-    pub fn history_policy(&self) -> crate::broker::memory::HistoryPolicy {
-        let h = &self.history;
-        crate::broker::memory::HistoryPolicy {
-            size: h.size,
-            ttl: h.ttl,
-            recovery_window: h.recovery_window,
-            max_recovery_messages: h.max_recovery_messages,
-            // A recovery must fit the outbox with room to spare for live updates.
-            max_recovery_bytes: self.limits.max_outbox_bytes / 2,
-            idle_ttl: h.channel_idle_ttl,
-            max_positions: self.acks.max_positions_per_channel,
-            position_ttl: self.cleanup.max_inactive,
-        }
-    }
-
-    /// The acknowledged-delivery policy every session applies.
-    pub fn ack_policy(&self) -> crate::acks::AckPolicy {
-        crate::acks::AckPolicy {
-            timeout: self.acks.timeout,
-            max_redeliveries: self.acks.max_redeliveries,
-            max_unacked: self.acks.max_unacked,
-        }
     }
 
     /// Shards to start: the configured number, or one per core.

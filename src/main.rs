@@ -329,7 +329,7 @@ fn install_panic_hook() {
         let thread = std::thread::current();
         let thread = thread.name().unwrap_or("unnamed");
         let place = info.location().map(ToString::to_string).unwrap_or_default();
-        let message = routopia_realtime::panic_message(info.payload());
+        let message = routopia_realtime::core::panic_message(info.payload());
         let backtrace = if earlier == 0 { Backtrace::capture() } else { Backtrace::disabled() };
         if backtrace.status() == BacktraceStatus::Captured {
             tracing::error!(thread, place, %backtrace, "panic: {message}");

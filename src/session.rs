@@ -16,10 +16,10 @@ use bytes::Bytes;
 
 use crate::acks::{AckPolicy, AckTracker};
 use crate::auth::{AuthFailure, Grant, Verifier};
-use crate::broker::memory::{HistoryPage, Position, Recovery, RecoveryFailure};
-use crate::broker::{validate_channel, Publication};
 use crate::compression::{SharedBatches, ZstdSettings};
 use crate::config::{Bucket, Config};
+use crate::core::ConnLabel;
+use crate::core::{validate_channel, HistoryPage, Now, Position, Publication, Recovery, RecoveryFailure};
 use crate::metrics::LocalMetrics;
 use crate::outbox::{Delivered, GaveWay, OutItem, Outbox, Overflow, Pressure, Sharing};
 use crate::protocol::client_frames;
@@ -29,7 +29,6 @@ use crate::protocol::push::{encoded_frame, publish_result};
 use crate::protocol::ws::{binary_header_len, write_data_header, WsEndpoint, WsEvent};
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::{KeyedBuckets, TokenBucket};
-use crate::router::ConnLabel;
 use frame_log::FrameLog;
 use subscriptions::Subscriptions;
 
@@ -75,15 +74,6 @@ fn recovery_failure(reason: RecoveryFailure) -> pb::RecoveryFailure {
         RecoveryFailure::TooMany => pb::RecoveryFailure::TooMany,
         RecoveryFailure::OffsetAhead => pb::RecoveryFailure::OffsetAhead,
     }
-}
-
-/// The wall clock as the shard read it, passed into the session.
-#[derive(Debug, Clone, Copy)]
-pub struct Now {
-    /// Monotonic time, for timeouts.
-    pub instant: Instant,
-    /// Microseconds since the Unix epoch, for timestamps clients see.
-    pub unix_us: u64,
 }
 
 /// Something the shard must do for this session.
@@ -207,7 +197,7 @@ impl SessionLimits {
             max_channel_length: l.max_channel_length,
             max_payload_size: l.max_payload_size,
             batch_size: config.delivery.batch_size,
-            acks: Rc::new(config.ack_policy()),
+            acks: Rc::new(crate::acks::AckPolicy::from_config(config)),
             connect_timeout: l.connect_timeout,
             verifier,
             refresh_reminder: config.auth.refresh_reminder,
@@ -402,7 +392,7 @@ impl Session {
 
     /// Takes the queues the shard lends for a read that it has none of (see `LentQueues`).
     pub fn borrow_queues(&mut self, lent: &mut LentQueues) {
-        crate::borrow_queue(&mut self.events, &mut lent.events);
+        crate::core::borrow_queue(&mut self.events, &mut lent.events);
         self.outbox.borrow_queue(&mut lent.outbox);
     }
 
@@ -410,7 +400,7 @@ impl Session {
     /// and frees an empty event queue of its own: between bursts of commands an idle session
     /// keeps no queue.
     pub fn give_back_queues(&mut self, lent: &mut LentQueues, up_to: usize) {
-        crate::give_back_queue(&mut self.events, &mut lent.events, usize::MAX);
+        crate::core::give_back_queue(&mut self.events, &mut lent.events, usize::MAX);
         self.release_event_queue();
         self.outbox.give_back_queue(&mut lent.outbox, up_to);
     }
@@ -535,7 +525,7 @@ impl Session {
 
     /// The owner answered a `History` event.
     pub fn on_history(&mut self, req_id: u32, page: &HistoryPage) {
-        self.reply(req_id, reply::Result::History(page.to_result()));
+        self.reply(req_id, reply::Result::History(crate::protocol::push::history_result(page)));
     }
 
     /// The owner could not take the subscription: forget it and tell the client.
@@ -636,7 +626,7 @@ impl Session {
             Err(payload) => payload,
         };
         self.limits.metrics.count_timeout_panic();
-        let panic = crate::panic_message(&*payload);
+        let panic = crate::core::panic_message(&*payload);
         tracing::error!(conn = %self.client_id, panic, "a panic in the connection's timeouts was caught; it is closed with 1011");
         let detail = "internal server error".to_owned();
         let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -781,7 +771,7 @@ impl Session {
     }
 
     fn handle_message(&mut self, now: Now, data: &[u8]) {
-        crate::with_scratch(&DECODED_FRAMES, DECODED_FRAMES_KEEP, |frames| {
+        crate::core::with_scratch(&DECODED_FRAMES, DECODED_FRAMES_KEEP, |frames| {
             let decoded = if client_frames::decode_common(data, frames) {
                 Ok(())
             } else {

@@ -2,7 +2,7 @@
 //! channel and subject, spelled from small alphabets so that they often match.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use routopia_realtime::auth::ChannelPattern;
+use routopia_realtime::core::ChannelPattern;
 
 #[path = "../../src/auth/backtracking.rs"]
 mod backtracking;

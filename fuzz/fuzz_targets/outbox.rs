@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use routopia_realtime::broker::Publication;
+use routopia_realtime::core::Publication;
 use routopia_realtime::compression::{SharedBatches, ZstdSettings};
 use routopia_realtime::outbox::{Delivered, OutItem, Outbox, Overflow, Pressure, Sharing};
 use routopia_realtime::protocol::envelope::{self, Dictionaries};
@@ -129,7 +129,7 @@ fuzz_target!(|data: &[u8]| {
         };
         let body = encode_update_body(&update);
         let len = push_len(sub_id, body.len());
-        let publication = Rc::new(Publication::new(Arc::from("c"), offsets[slot], update_type, body, Instant::now()));
+        let publication = Rc::new(routopia_realtime::protocol::push::publication(Arc::from("c"), offsets[slot], update_type, body, Instant::now()));
         let queued = if a & 0x10 != 0 {
             let index = Delivered::append(&mut delivered[slot], &publication);
             outbox.push_delivered(sub_id, &publication, &delivered[slot], index)

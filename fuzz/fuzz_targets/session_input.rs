@@ -9,8 +9,8 @@ use std::time::Instant;
 use libfuzzer_sys::fuzz_target;
 use routopia_realtime::config::{AuthMode, Config};
 use routopia_realtime::ratelimit::KeyedBuckets;
-use routopia_realtime::router::{ConnId, ConnLabel};
-use routopia_realtime::session::{Now, Session, SessionLimits};
+use routopia_realtime::core::{ConnId, ConnLabel, Now};
+use routopia_realtime::session::{Session, SessionLimits};
 
 fuzz_target!(|data: &[u8]| {
     let mut config = Config::default();

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(grant) = verifier.verify(token, 1_800_000_000) {
         let _ = grant.may_subscribe(token) && grant.may_publish(token);
     }
-    if let Ok(pattern) = routopia_realtime::auth::ChannelPattern::parse(token) {
+    if let Ok(pattern) = routopia_realtime::core::ChannelPattern::parse(token) {
         let _ = pattern.matches(token, token);
     }
 });

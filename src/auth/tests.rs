@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::Auth;
+use crate::core::channel::MAX_PATTERN_LEN;
 use serde_json::json;
 
 const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";

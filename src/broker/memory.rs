@@ -6,8 +6,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Publication;
-use crate::FastMap;
+use crate::core::FastMap;
+use crate::core::{HistoryPage, Position, Publication, Recovery, RecoveryFailure};
 use hashbrown::hash_map::RawEntryMut;
 
 /// How much history each channel keeps, and what a recovery may ask of it.
@@ -31,72 +31,6 @@ pub struct HistoryPolicy {
     pub position_ttl: Duration,
 }
 
-/// Where a channel stands: its epoch and the offset of its latest publication (0 = none).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    pub epoch: Arc<str>,
-    pub offset: u64,
-}
-
-/// Why a recovery was refused; the client must resync from its source of truth.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecoveryFailure {
-    /// The channel's history was lost (new process, channel forgotten): the epoch differs.
-    EpochChanged,
-    /// History no longer holds the publication after the client's offset.
-    GapTooOld,
-    /// The first missed publication is older than the recovery window.
-    WindowExceeded,
-    /// More publications (or bytes) missed than one recovery may carry.
-    TooMany,
-    /// The client claims an offset the channel never reached.
-    OffsetAhead,
-}
-
-/// The outcome of a subscription that asked to recover from a position.
-#[derive(Debug, Clone)]
-pub enum Recovery {
-    /// Every missed publication, oldest first (possibly none).
-    Recovered(Vec<Arc<Publication>>),
-    Refused(RecoveryFailure),
-}
-
-/// A range read from history.
-#[derive(Debug, Clone)]
-pub struct HistoryPage {
-    pub position: Position,
-    pub publications: Vec<Arc<Publication>>,
-    /// Publications after the asked offset were already dropped: the page starts later.
-    pub truncated: bool,
-}
-
-impl HistoryPage {
-    /// The page as the protocol's `HistoryResult` (WebSocket `History` and the server API).
-    pub fn to_result(&self) -> crate::protocol::pb::HistoryResult {
-        use crate::protocol::pb;
-        use prost::Message;
-        let publications = self
-            .publications
-            .iter()
-            .filter_map(|p| pb::Update::decode(p.body.clone()).ok())
-            .map(|u| pb::Publication {
-                offset: u.offset,
-                r#type: u.r#type,
-                key: u.key,
-                confidence: u.confidence,
-                timestamp_us: u.timestamp_us,
-                payload: u.payload,
-            })
-            .collect();
-        pb::HistoryResult {
-            epoch: self.position.epoch.to_string(),
-            offset: self.position.offset,
-            publications,
-            truncated: self.truncated,
-        }
-    }
-}
-
 /// What became of a publication an external broker fanned out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mirrored {
@@ -117,6 +51,24 @@ pub struct ChannelSummary {
     pub name: Arc<str>,
     pub subscribers: u64,
     pub position: Position,
+}
+
+impl HistoryPolicy {
+    /// The history policy every owner shard applies under `config`.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let h = &config.history;
+        Self {
+            size: h.size,
+            ttl: h.ttl,
+            recovery_window: h.recovery_window,
+            max_recovery_messages: h.max_recovery_messages,
+            // A recovery must fit the outbox with room to spare for live updates.
+            max_recovery_bytes: config.limits.max_outbox_bytes / 2,
+            idle_ttl: h.channel_idle_ttl,
+            max_positions: config.acks.max_positions_per_channel,
+            position_ttl: config.cleanup.max_inactive,
+        }
+    }
 }
 
 /// The table holds its most channels and may not create another.

@@ -385,7 +385,7 @@ impl ResilientClient {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    crate::core::unix_us() / 1_000_000
 }
 
 #[cfg(test)]

@@ -12,14 +12,14 @@ pub mod prometheus;
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use histogram::{Timing, TimingWindows};
 
-use crate::broker::Publication;
+use crate::core::ConnId;
+use crate::core::{clock_us, Publication};
 use crate::protocol::ErrorCode;
-use crate::router::ConnId;
 use buckets::Buckets;
 
 /// Update types as label slots: 0 for none or unknown, then the protocol's numbers.
@@ -138,19 +138,6 @@ pub const FRAMES_MAX: u64 = 100_000;
 
 fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
-}
-
-/// Microseconds on the metrics clock, so a latency on the delivery path is one subtraction.
-/// The clock starts a while before the first time anyone asks (publications replayed from
-/// Redis may be older than the process); instants before it read 0.
-pub fn clock_us(at: Instant) -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(|| {
-        let now = Instant::now();
-        // The monotonic clock may have started less than a day ago (it counts from boot).
-        [86_400, 3_600, 60].iter().find_map(|&secs| now.checked_sub(Duration::from_secs(secs))).unwrap_or(now)
-    });
-    at.checked_duration_since(start).map_or(0, micros)
 }
 
 /// A shard's tallies since its last flush, touched only by its own thread (sessions reach it
@@ -441,7 +428,7 @@ impl std::fmt::Debug for RedisMetrics {
 /// Requests waiting for a channel's owner, to time them when the answer comes.
 #[derive(Default)]
 pub struct RequestClock {
-    waiting: crate::FastMap<(ConnId, u32), (CommandKind, Instant)>,
+    waiting: crate::core::FastMap<(ConnId, u32), (CommandKind, Instant)>,
 }
 
 /// Requests timed at once at most; more (a client flooding with requests while the owner is

@@ -8,7 +8,13 @@ use super::prometheus::{Exposition, Kind};
 use super::*;
 
 fn publication(update_type: i32, accepted_at: Instant) -> Rc<Publication> {
-    Rc::new(Publication::new(Arc::from("route:1"), 1, update_type, Bytes::from_static(b"x"), accepted_at))
+    Rc::new(crate::protocol::push::publication(
+        Arc::from("route:1"),
+        1,
+        update_type,
+        Bytes::from_static(b"x"),
+        accepted_at,
+    ))
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use crate::broker::Publication;
+use crate::core::Publication;
 
 /// One channel's publications in the order a shard delivers them. A subscriber whose queue
 /// ends with a stretch of them for one subscription refers to the stretch (`Run`) instead of

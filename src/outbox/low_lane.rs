@@ -12,8 +12,8 @@
 //! count against the queue's byte limit: it cannot make a queue overflow.
 
 use super::{OutItem, Pressure};
+use crate::core::FastMap;
 use crate::protocol::push::push_len;
-use crate::FastMap;
 
 /// Marks of updates given up that the lane keeps before folding them (besides one per
 /// update queued): enough that folding is rare, few enough to stay small.

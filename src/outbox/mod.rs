@@ -23,8 +23,8 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
-use crate::broker::Publication;
 use crate::compression::SharedBatches;
+use crate::core::Publication;
 use crate::protocol::push::push_len;
 pub use delivered::Delivered;
 use delivered::Run;
@@ -382,13 +382,13 @@ impl Outbox {
     /// Takes `spare` as its high-priority queue when it has none (no slots, nothing queued)
     /// and `spare` is empty: a queue lent for the span of one read (see `give_back_queue`).
     pub fn borrow_queue(&mut self, spare: &mut VecDeque<OutItem>) {
-        crate::borrow_queue(&mut self.high, spare);
+        crate::core::borrow_queue(&mut self.high, spare);
     }
 
     /// Hands an empty high-priority queue of at most `up_to` slots to `spare` when `spare`
     /// has none, so the next connection's answer reuses it instead of allocating its own.
     pub fn give_back_queue(&mut self, spare: &mut VecDeque<OutItem>, up_to: usize) {
-        crate::give_back_queue(&mut self.high, spare, up_to);
+        crate::core::give_back_queue(&mut self.high, spare, up_to);
     }
 
     /// Frees the memory of each lane that holds nothing and has room for at most `up_to`

@@ -34,7 +34,13 @@ fn plain_sharing(batches: &mut SharedBatches) -> Sharing<'_> {
 fn typed(offset: u64, update_type: i32, key: &str) -> Rc<Publication> {
     let update =
         Update { offset, r#type: update_type, key: key.into(), payload: vec![7; 40].into(), ..Default::default() };
-    Rc::new(Publication::new(Arc::from("c"), offset, update_type, encode_update_body(&update), Instant::now()))
+    Rc::new(crate::protocol::push::publication(
+        Arc::from("c"),
+        offset,
+        update_type,
+        encode_update_body(&update),
+        Instant::now(),
+    ))
 }
 
 fn updates(wire: &[u8]) -> Vec<Update> {
@@ -576,8 +582,13 @@ fn a_tiny_update_given_up_near_the_limit_is_still_reported_as_skipped() {
     let push = |outbox: &mut Outbox, sub_id: u32, offset: u64, key: &str, payload: usize| {
         let update =
             Update { offset, r#type: TRAFFIC, key: key.into(), payload: vec![0; payload].into(), ..Default::default() };
-        let publication =
-            Rc::new(Publication::new(Arc::from("c"), offset, TRAFFIC, encode_update_body(&update), Instant::now()));
+        let publication = Rc::new(crate::protocol::push::publication(
+            Arc::from("c"),
+            offset,
+            TRAFFIC,
+            encode_update_body(&update),
+            Instant::now(),
+        ));
         outbox.push(OutItem::Push { sub_id, publication })
     };
     push(&mut outbox, 4, 1, "", 76).unwrap();
@@ -618,7 +629,13 @@ fn a_high_priority_update_in_the_low_lane_is_never_conflated() {
 fn sized(offset: u64, update_type: i32, key: &str, payload: usize) -> Rc<Publication> {
     let update =
         Update { offset, r#type: update_type, key: key.into(), payload: vec![7; payload].into(), ..Default::default() };
-    Rc::new(Publication::new(Arc::from("c"), offset, update_type, encode_update_body(&update), Instant::now()))
+    Rc::new(crate::protocol::push::publication(
+        Arc::from("c"),
+        offset,
+        update_type,
+        encode_update_body(&update),
+        Instant::now(),
+    ))
 }
 
 /// Checks that every subscription's offsets add up with `skipped`; returns the last

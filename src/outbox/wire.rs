@@ -8,8 +8,8 @@ use bytes::Bytes;
 use prost::encoding::encoded_len_varint;
 
 use super::OutItem;
-use crate::broker::Publication;
 use crate::compression::SharedBatches;
+use crate::core::Publication;
 use crate::metrics::LocalMetrics;
 use crate::protocol::push::{append_varint, push_len_skipped, write_push_skipped};
 use crate::protocol::ws::write_binary_header;

@@ -10,7 +10,11 @@ use bytes::Bytes;
 use prost::encoding::encoded_len_varint;
 use prost::Message;
 
-use super::pb::{ServerFrame, Update};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::pb::{self, ServerFrame, Update};
+use crate::core::{HistoryPage, Publication};
 
 /// Key of `ServerMessage.frames` (field 1, length-delimited).
 const SERVER_MESSAGE_FRAMES_KEY: u8 = 0x0a;
@@ -228,6 +232,45 @@ pub fn key_hash_of(key: &[u8]) -> u64 {
         return 0;
     }
     BuildHasherDefault::<DefaultHasher>::default().hash_one(key) | 1
+}
+
+/// A publication from an encoded update body (another node's, through Redis; history): its
+/// key is found in the body.
+pub fn publication(channel: Arc<str>, offset: u64, update_type: i32, body: Bytes, accepted_at: Instant) -> Publication {
+    let key_hash = key_hash(&body);
+    Publication::with_key_hash(channel, offset, update_type, body, accepted_at, key_hash)
+}
+
+/// A publication of an update this server accepted: encodes it, and hashes the key it
+/// already has instead of walking the body for it.
+pub fn publication_of(channel: Arc<str>, update: &Update, accepted_at: Instant) -> Publication {
+    let body = encode_update_body(update);
+    let key_hash = key_hash_of(update.key.as_bytes());
+    Publication::with_key_hash(channel, update.offset, update.r#type, body, accepted_at, key_hash)
+}
+
+/// A page of history as the protocol's `HistoryResult` (WebSocket `History` and the server
+/// API).
+pub fn history_result(page: &HistoryPage) -> pb::HistoryResult {
+    let publications = page
+        .publications
+        .iter()
+        .filter_map(|p| Update::decode(p.body.clone()).ok())
+        .map(|u| pb::Publication {
+            offset: u.offset,
+            r#type: u.r#type,
+            key: u.key,
+            confidence: u.confidence,
+            timestamp_us: u.timestamp_us,
+            payload: u.payload,
+        })
+        .collect();
+    pb::HistoryResult {
+        epoch: page.position.epoch.to_string(),
+        offset: page.position.offset,
+        publications,
+        truncated: page.truncated,
+    }
 }
 
 /// Any frame as an element of `ServerMessage.frames`, allocated at its exact size.

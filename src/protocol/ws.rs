@@ -224,7 +224,7 @@ thread_local! {
 impl WholeBinaryMessages<'_> {
     /// Hands each message, unmasked, to `handle`, until it returns false.
     pub fn unmask_each(mut self, mut handle: impl FnMut(&[u8]) -> bool) {
-        crate::with_scratch(&UNMASKED, UNMASKED_KEEP, |unmasked| {
+        crate::core::with_scratch(&UNMASKED, UNMASKED_KEEP, |unmasked| {
             while let Some((header, mask, len)) = whole_binary_frame(self.rest, usize::MAX) {
                 unmasked.clear();
                 unmasked.extend_from_slice(&self.rest[header..header + len]);

@@ -2,8 +2,8 @@
 //! A token is never among them, only its length. Strings the client chose are logged quoted
 //! and escaped, so none can pass for another field or line.
 
+use crate::core::ConnLabel;
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind};
-use crate::router::ConnLabel;
 
 /// One frame as a log line shows it. `None` fields are left out of the line.
 #[derive(Debug, Default, Clone, PartialEq)]

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 /// The client id of a session under test: shard 0, slot 1, generation 1.
 fn label() -> ConnLabel {
-    ConnLabel { shard: 0, conn: crate::router::ConnId { index: 1, generation: 1 } }
+    ConnLabel { shard: 0, conn: crate::core::ConnId { index: 1, generation: 1 } }
 }
 
 fn now() -> Now {
@@ -171,7 +171,7 @@ fn slow_consumer_is_closed_with_4001_and_nothing_else_is_queued() {
         payload: vec![0; 1000].into(),
         ..Default::default()
     });
-    let publication = Rc::new(Publication::new(Arc::from("route:1"), 1, 1, body, Instant::now()));
+    let publication = Rc::new(crate::protocol::push::publication(Arc::from("route:1"), 1, 1, body, Instant::now()));
     for _ in 0..5 {
         session.push_update(1, &publication, Instant::now());
     }
@@ -202,7 +202,7 @@ fn updates_are_urgent_from_several_full_batches_and_frames_at_once() {
     peer.receive(&mut session);
     assert!(!session.has_urgent());
     let body = crate::protocol::push::encode_update_body(&pb::Update { offset: 1, ..Default::default() });
-    let publication = Rc::new(Publication::new(Arc::from("route:1"), 1, 1, body, Instant::now()));
+    let publication = Rc::new(crate::protocol::push::publication(Arc::from("route:1"), 1, 1, body, Instant::now()));
     for _ in 0..3 {
         session.push_update(1, &publication, Instant::now());
     }

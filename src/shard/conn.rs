@@ -23,9 +23,9 @@ use super::admission::{retry_after_secs, Refusal, Ticket};
 use super::state::{Endpoint, ShardState, KEEP_WRITE_BUFFER};
 use super::supervise::{self, Task};
 use super::transport::{Receive, Transport};
+use crate::core::ConnId;
 use crate::protocol::http::{self, HeadError, RequestHead};
 use crate::protocol::CloseCode;
-use crate::router::ConnId;
 
 /// How long a closing connection may take to accept its last bytes.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);

@@ -313,7 +313,7 @@ mod tests {
         }
         fn cleanup(&mut self, _: Instant) {}
         fn panicked(&self, task: Task, payload: &(dyn Any + Send)) {
-            self.panics.borrow_mut().push((task, crate::panic_message(payload).to_owned()));
+            self.panics.borrow_mut().push((task, crate::core::panic_message(payload).to_owned()));
         }
     }
 

@@ -11,6 +11,7 @@ mod http;
 mod inbox;
 mod pacing;
 mod readable;
+mod router;
 mod state;
 pub mod supervise;
 mod transport;
@@ -32,16 +33,16 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 pub use inbox::Inbox;
 
 use crate::auth::Verifier;
-use crate::broker::memory::{HistoryPage, Position, Recovery};
 use crate::broker::redis::BridgeHandle;
-use crate::broker::{Joining, Publication};
+use crate::broker::Joining;
 use crate::compression::ZstdSettings;
 use crate::config::reload::Reload;
 use crate::config::{Bucket, Config, Driver};
+use crate::core::ConnId;
+use crate::core::{HistoryPage, Position, Publication, Recovery};
 use crate::protocol::pb;
 use crate::protocol::{CloseCode, ErrorCode};
 use crate::ratelimit::KeyedBuckets;
-use crate::router::ConnId;
 use crate::tls::ServerCertificate;
 use admission::{Admission, Refusal};
 use state::ShardState;
@@ -308,7 +309,7 @@ impl Server {
             }
             None => (None, None),
         };
-        let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now_unix = crate::core::unix_us() / 1_000_000;
         let auth =
             Verifier::setup(&config.auth, now_unix).map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
         if auth.verifier.is_none() {
@@ -622,7 +623,7 @@ fn run_shard(
             // service manager starts it again and clients reconnect and recover.
             tracing::error!(
                 shard = id,
-                panic = crate::panic_message(&*panic),
+                panic = crate::core::panic_message(&*panic),
                 "the shard stopped with a panic; the server exits (status 70) to be restarted"
             );
             std::process::exit(70);

@@ -16,7 +16,7 @@
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
-use crate::router::ConnId;
+use crate::core::ConnId;
 
 /// How often the load is sampled while nothing lingers.
 pub const SAMPLE_PERIOD: Duration = Duration::from_millis(10);

@@ -9,24 +9,25 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use slab::Slab;
 
 use super::api::Waiters;
 use super::pacing::Pacing;
+use super::router::{Router, Subscriber};
 use super::transport::{send_now, unsent_after};
 use super::{Cluster, ShardMsg};
-use crate::broker::memory::{ChannelTable, Mirrored, Position, Recovery};
+use crate::broker::memory::{ChannelTable, Mirrored};
 use crate::broker::redis::BridgeRequest;
-use crate::broker::{owner_shard, Joining, Publication};
+use crate::broker::{owner_shard, Joining};
 use crate::compression::{CompressionCounters, SharedBatches};
 use crate::config::Config;
+use crate::core::{ConnId, ConnLabel, Position, Publication, Recovery, WallClock};
 use crate::metrics::{channel_slot, CommandKind, LocalMetrics, RequestClock, Resync, UPDATE_TYPES};
 use crate::protocol::{pb, CloseCode, ErrorCode};
-use crate::router::{ConnId, ConnLabel, Router, Subscriber};
-use crate::session::{LentQueues, Now, Session, SessionEvent, SessionLimits};
+use crate::session::{LentQueues, Session, SessionEvent, SessionLimits};
 
 /// Most messages kept for one full inbox before deliveries to it are dropped (and counted).
 const MAX_BACKLOG: usize = 1 << 18;
@@ -118,7 +119,7 @@ pub(crate) struct ShardState {
     /// The buffer direct sends encode into (see `send_directly`).
     direct_buffer: Vec<u8>,
     /// By connection index: what a direct send left over, for the writer to send first.
-    unsent: crate::FastMap<u32, Vec<u8>>,
+    unsent: crate::core::FastMap<u32, Vec<u8>>,
     /// The connection whose input is being handled (see `wake_writer`).
     reading: Option<ConnId>,
     /// By connection index: peers' addresses for the debug line of a connection's end, kept
@@ -133,7 +134,8 @@ impl ShardState {
         let config = cluster.config.get();
         let conns_capacity = config.limits.max_connections_per_shard.min(MAX_PRESIZED_CONNS);
         let max_channels = config.limits.max_channels.div_ceil(shards);
-        let channels = ChannelTable::new(shards, max_channels, config.history_policy());
+        let channels =
+            ChannelTable::new(shards, max_channels, crate::broker::memory::HistoryPolicy::from_config(&config));
         let metrics = Rc::new(LocalMetrics::default());
         Self {
             id,
@@ -168,7 +170,7 @@ impl ShardState {
             timings_flushed_at: Instant::now(),
             api: Waiters::default(),
             direct_buffer: Vec::new(),
-            unsent: crate::FastMap::default(),
+            unsent: crate::core::FastMap::default(),
             peers: HashMap::new(),
             reading: None,
         }
@@ -625,7 +627,7 @@ impl ShardState {
         let update_type = update.r#type;
         let make = |name: &Arc<str>, offset| {
             update.offset = offset;
-            Publication::from_update(name.clone(), &update, accepted_at)
+            crate::protocol::push::publication_of(name.clone(), &update, accepted_at)
         };
         let result = self.channels.publish(channel, accepted_at, &mut targets, make);
         // The publisher's connection and request, and the channel and offset that identify
@@ -939,27 +941,6 @@ fn live_conn(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
     conns.get_mut(id.index as usize).filter(|c| c.generation == id.generation)
 }
 
-/// The wall clock for sessions, read off the monotonic clock so that a read takes one clock
-/// reading, not two. Anchored again at every timeout tick, which is how soon a step of the
-/// system clock shows.
-#[derive(Debug, Clone, Copy)]
-pub struct WallClock {
-    anchor: Instant,
-    anchor_unix_us: u64,
-}
-
-impl WallClock {
-    pub fn anchored_now() -> Self {
-        let anchor_unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-        Self { anchor: Instant::now(), anchor_unix_us }
-    }
-
-    pub fn at(&self, instant: Instant) -> Now {
-        let since = instant.saturating_duration_since(self.anchor).as_micros() as u64;
-        Now { instant, unix_us: self.anchor_unix_us.saturating_add(since) }
-    }
-}
-
 impl ShardState {
     /// Hands a request to the Redis bridge, answering 503 at once when it cannot take it.
     fn send_to_bridge(&mut self, request: BridgeRequest) {
@@ -1033,25 +1014,5 @@ impl ShardState {
         if last && self.cluster.redis.is_some() {
             self.send_to_bridge(BridgeRequest::Unlisten { channel });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wall_clock_follows_the_monotonic_clock_from_its_anchor() {
-        let clock = WallClock::anchored_now();
-        let later = clock.at(clock.anchor + Duration::from_millis(1500));
-        assert_eq!(later.unix_us, clock.anchor_unix_us + 1_500_000);
-        assert_eq!(later.instant, clock.anchor + Duration::from_millis(1500));
-        let before = clock.at(clock.anchor.checked_sub(Duration::from_millis(1)).unwrap());
-        assert_eq!(before.unix_us, clock.anchor_unix_us, "never before its anchor");
-        let unix_us = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
-        let before = unix_us();
-        let anchored = WallClock::anchored_now().anchor_unix_us;
-        let after = unix_us();
-        assert!((before..=after).contains(&anchored), "anchored at the system's time");
     }
 }

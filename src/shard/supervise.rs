@@ -85,7 +85,7 @@ impl Panics {
         tracing::error!(
             shard,
             task = task.label(),
-            panic = crate::panic_message(payload),
+            panic = crate::core::panic_message(payload),
             "a panic was caught; the shard carries on (see /health `panics`)"
         );
     }
@@ -151,8 +151,8 @@ mod tests {
 
     #[test]
     fn the_message_of_a_panic_is_read_from_either_string_type() {
-        assert_eq!(crate::panic_message(&"static"), "static");
-        assert_eq!(crate::panic_message(&String::from("formatted 7")), "formatted 7");
-        assert_eq!(crate::panic_message(&7u32), "a panic without a message");
+        assert_eq!(crate::core::panic_message(&"static"), "static");
+        assert_eq!(crate::core::panic_message(&String::from("formatted 7")), "formatted 7");
+        assert_eq!(crate::core::panic_message(&7u32), "a panic without a message");
     }
 }

@@ -19,7 +19,9 @@ fn name(s: &str) -> Arc<str> {
 }
 
 fn publish(table: &mut ChannelTable, channel: &Arc<str>, now: Instant) -> Position {
-    let make = |name: &Arc<str>, offset| Publication::new(name.clone(), offset, 1, Bytes::from(vec![0; 10]), now);
+    let make = |name: &Arc<str>, offset| {
+        crate::protocol::push::publication(name.clone(), offset, 1, Bytes::from(vec![0; 10]), now)
+    };
     table.publish(channel, now, &mut Vec::new(), make).unwrap().0
 }
 
@@ -49,7 +51,7 @@ fn offsets_increase_by_one_and_fan_out_follows_subscribers() {
     let (start, _) = table.subscribe(&channel, 2, now, None, None).unwrap();
     assert_eq!(start.offset, 0);
     let mut targets = Vec::new();
-    let make = |name: &Arc<str>, offset| Publication::new(name.clone(), offset, 1, Bytes::new(), now);
+    let make = |name: &Arc<str>, offset| crate::protocol::push::publication(name.clone(), offset, 1, Bytes::new(), now);
     for expected in 1..=5 {
         let (position, publication) = table.publish(&channel, now, &mut targets, make).unwrap();
         assert_eq!(position, Position { epoch: start.epoch.clone(), offset: expected });
@@ -169,7 +171,7 @@ fn a_full_table_refuses_new_channels_but_serves_known_ones() {
     let (a, b, c) = (name("a"), name("b"), name("c"));
     publish(&mut table, &a, now);
     table.subscribe(&b, 0, now, None, None).unwrap();
-    let make = |name: &Arc<str>, offset| Publication::new(name.clone(), offset, 1, Bytes::new(), now);
+    let make = |name: &Arc<str>, offset| crate::protocol::push::publication(name.clone(), offset, 1, Bytes::new(), now);
     assert_eq!(table.publish(&c, now, &mut Vec::new(), make).err(), Some(TableFull));
     assert_eq!(table.subscribe(&c, 0, now, None, None).err(), Some(TableFull));
     assert_eq!(publish(&mut table, &a, now).offset, 2);
@@ -214,7 +216,7 @@ fn mirror_delivers_new_publications_once_and_flags_a_new_epoch() {
     let mut table = ChannelTable::new(2, 100, policy());
     let channel = name("route:m");
     table.add_subscriber(&channel, 1, now).unwrap();
-    let at = |offset| Arc::new(Publication::new(channel.clone(), offset, 1, Bytes::new(), now));
+    let at = |offset| Arc::new(crate::protocol::push::publication(channel.clone(), offset, 1, Bytes::new(), now));
     let (e1, e2) = (name("e1"), name("e2"));
     let mut targets = Vec::new();
     assert!(!table.learn(&channel, &e1, 3, &mut targets));
@@ -249,7 +251,7 @@ fn a_fan_out_past_the_next_offset_is_a_gap_never_a_silent_skip() {
     let mut table = ChannelTable::new(2, 100, policy());
     let channel = name("route:gap");
     table.add_subscriber(&channel, 1, now).unwrap();
-    let at = |offset| Arc::new(Publication::new(channel.clone(), offset, 1, Bytes::new(), now));
+    let at = |offset| Arc::new(crate::protocol::push::publication(channel.clone(), offset, 1, Bytes::new(), now));
     let e1 = name("e1");
     let mut targets = Vec::new();
     assert!(!table.learn(&channel, &e1, 250, &mut targets));
@@ -274,7 +276,7 @@ fn a_position_in_another_epoch_than_fanned_out_makes_local_subscribers_resync() 
     let mut table = ChannelTable::new(2, 100, policy());
     let channel = name("route:pos");
     table.add_subscriber(&channel, 0, now).unwrap();
-    let at = |offset| Arc::new(Publication::new(channel.clone(), offset, 1, Bytes::new(), now));
+    let at = |offset| Arc::new(crate::protocol::push::publication(channel.clone(), offset, 1, Bytes::new(), now));
     let (e1, e2) = (name("e1"), name("e2"));
     let mut targets = Vec::new();
     assert_eq!(table.mirror(&e1, &at(7), now, &mut targets), Mirrored::Fresh);
@@ -291,7 +293,7 @@ fn the_last_subscriber_leaving_forgets_what_was_fanned_out() {
     let mut table = ChannelTable::new(1, 100, policy());
     let channel = name("route:quiet");
     table.add_subscriber(&channel, 0, now).unwrap();
-    let at = |offset| Arc::new(Publication::new(channel.clone(), offset, 1, Bytes::new(), now));
+    let at = |offset| Arc::new(crate::protocol::push::publication(channel.clone(), offset, 1, Bytes::new(), now));
     let e1 = name("e1");
     let mut targets = Vec::new();
     assert_eq!(table.mirror(&e1, &at(1), now, &mut targets), Mirrored::Fresh);
@@ -364,7 +366,8 @@ fn property_deliveries_are_consecutive_or_a_resync_is_called_for() {
                 }
                 3..=7 => {
                     let Some((e, o)) = in_flight.pop_front() else { continue };
-                    let publication = Arc::new(Publication::new(channel.clone(), o, 1, Bytes::new(), now));
+                    let publication =
+                        Arc::new(crate::protocol::push::publication(channel.clone(), o, 1, Bytes::new(), now));
                     match table.mirror(&e, &publication, now, &mut targets) {
                         Mirrored::Fresh if subscriber.is_none() => {}
                         Mirrored::Fresh => {
@@ -407,7 +410,7 @@ fn property_deliveries_are_consecutive_or_a_resync_is_called_for() {
 fn a_history_with_holes_is_never_used_for_recovery() {
     let now = Instant::now();
     let channel = name("route:holes");
-    let at = |offset| Arc::new(Publication::new(channel.clone(), offset, 1, Bytes::new(), now));
+    let at = |offset| Arc::new(crate::protocol::push::publication(channel.clone(), offset, 1, Bytes::new(), now));
     let history: VecDeque<Arc<Publication>> = [at(3), at(7), at(8)].into_iter().collect();
     let since = Position { epoch: name("e"), offset: 6 };
     let recovery = recover("e", 8, &history, &since, now, &HistoryPolicy { max_recovery_messages: 100, ..policy() });

@@ -4,20 +4,21 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 
 use super::scripts;
 use super::{deliver, new_epoch, BridgeRequest, Continuity, Keys, META_TTL};
-use crate::broker::memory::{recover, HistoryPage, HistoryPolicy, Position, Recovery};
-use crate::broker::{owner_shard, Publication};
+use crate::broker::memory::{recover, HistoryPolicy};
+use crate::broker::owner_shard;
+use crate::core::ConnLabel;
+use crate::core::{HistoryPage, Position, Publication, Recovery};
 use crate::metrics::{type_slot, RedisOp};
 use crate::protocol::pb;
 use crate::protocol::push::{body_with_offset, encode_update_body};
 use crate::protocol::ErrorCode;
-use crate::router::ConnLabel;
 use crate::shard::{Cluster, ShardMsg};
 
 /// One command's round trip.
@@ -217,8 +218,13 @@ fn entries_to_history(channel: &str, entries: StreamEntries) -> VecDeque<Arc<Pub
         let Some((ms, offset)) = parse_id(&id) else { continue };
         let Some((_, rest)) = fields.into_iter().find(|(name, _)| name == "b") else { continue };
         let update_type = fields_type(&rest);
-        let publication =
-            Publication::new(channel.clone(), offset, update_type, body_with_offset(offset, &rest), instant_of(ms));
+        let publication = crate::protocol::push::publication(
+            channel.clone(),
+            offset,
+            update_type,
+            body_with_offset(offset, &rest),
+            instant_of(ms),
+        );
         history.push_back(Arc::new(publication));
     }
     history
@@ -238,7 +244,7 @@ pub(super) fn parse_id(id: &str) -> Option<(u64, u64)> {
 
 /// The monotonic instant of a wall-clock time in milliseconds (for age checks).
 pub(super) fn instant_of(ms: u64) -> Instant {
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let now_ms = crate::core::unix_us() / 1000;
     let age = Duration::from_millis(now_ms.saturating_sub(ms));
     Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
 }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::FastMap;
+use crate::core::FastMap;
 
 /// The latest position seen per channel, bounded.
 #[derive(Debug)]

@@ -23,11 +23,12 @@ use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo
 use tokio::sync::mpsc;
 
 use super::memory::HistoryPolicy;
-use super::{owner_shard, Joining, Publication};
+use super::{owner_shard, Joining};
+use crate::core::ConnId;
+use crate::core::Publication;
 use crate::protocol::pb;
 use crate::protocol::push::body_with_offset;
 use crate::protocol::ErrorCode;
-use crate::router::ConnId;
 use crate::shard::{Cluster, ShardMsg};
 
 mod job;
@@ -119,11 +120,6 @@ pub fn channel() -> (BridgeHandle, mpsc::Receiver<BridgeRequest>, Arc<AtomicBool
     (BridgeHandle { tx, up: up.clone() }, rx, up)
 }
 
-/// Checks a broker URL without connecting.
-pub fn validate_url(url: &str) -> Result<(), String> {
-    url.into_connection_info().map(|_| ()).map_err(|err| err.to_string())
-}
-
 /// Runs the bridge on the current thread until the request queue closes.
 pub fn run(url: String, cluster: Arc<Cluster>, requests: mpsc::Receiver<BridgeRequest>, up: Arc<AtomicBool>) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -134,7 +130,7 @@ pub fn run(url: String, cluster: Arc<Cluster>, requests: mpsc::Receiver<BridgeRe
     let known = Arc::new(Mutex::new(KnownPositions::new(config.limits.max_channels.max(1))));
     let bridge = Bridge {
         url,
-        policy: config.history_policy(),
+        policy: HistoryPolicy::from_config(&config),
         max_positions: config.acks.max_positions_per_channel,
         prefix: config.redis.prefix.clone(),
         trust_restarts: config.redis.trust_restarts,
@@ -171,7 +167,7 @@ fn spawn_supervised(work: impl std::future::Future<Output = ()> + Send + 'static
 /// never answered, its state unknown): the process stops, as for a shard's panic that nothing
 /// caught, so that its service manager starts it again and clients reconnect and recover.
 fn fail_stop(panic: &(dyn std::any::Any + Send)) -> ! {
-    let panic = crate::panic_message(panic);
+    let panic = crate::core::panic_message(panic);
     tracing::error!(panic, "the Redis bridge stopped with a panic; the server exits (status 70) to be restarted");
     std::process::exit(70);
 }
@@ -460,8 +456,13 @@ fn parse_fanout(channel: &str, payload: &[u8]) -> Option<(Arc<str>, Publication)
     let ms = number(parts.next()?)?;
     let update_type = number(parts.next()?)? as i32;
     let rest = parts.next()?;
-    let publication =
-        Publication::new(Arc::from(channel), offset, update_type, body_with_offset(offset, rest), instant_of(ms));
+    let publication = crate::protocol::push::publication(
+        Arc::from(channel),
+        offset,
+        update_type,
+        body_with_offset(offset, rest),
+        instant_of(ms),
+    );
     Some((Arc::from(epoch), publication))
 }
 

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use redis::aio::MultiplexedConnection;
@@ -170,7 +170,7 @@ impl Consumer {
 
     fn decode(&self, item: &[u8]) -> Result<(String, pb::Update), String> {
         let publish = pb::Publish::decode(item).map_err(|err| format!("not a Publish message: {err}"))?;
-        let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
+        let unix_us = crate::core::unix_us();
         let limits = &self.cluster.config.get().limits;
         accept_publish(publish, unix_us, limits.max_channel_length, limits.max_payload_size)
             .map_err(|refused| refused.message)

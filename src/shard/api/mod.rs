@@ -24,12 +24,13 @@ use super::conn::{read_head, respond_and_close};
 use super::state::ShardState;
 use super::transport::Transport;
 use super::ShardMsg;
-use crate::broker::{accept_publish, validate_channel};
+use crate::broker::accept_publish;
 use crate::config::{Bucket, Config};
+use crate::core::ConnId;
+use crate::core::{unix_us, validate_channel};
 use crate::protocol::http::{self, RequestHead};
 use crate::protocol::{pb, CloseCode, ErrorCode};
 use crate::ratelimit::KeyedBuckets;
-use crate::router::ConnId;
 use codec::{Answer as _, Format};
 pub use waiters::{Answer, ApiMsg, Waiters};
 
@@ -631,7 +632,7 @@ async fn history(
         token
     };
     match answers(state, token).await.as_deref() {
-        Some([Answer::History(page)]) => Reply::ok(format, &page.to_result()),
+        Some([Answer::History(page)]) => Reply::ok(format, &crate::protocol::push::history_result(page)),
         Some([Answer::Failed(code)]) => Reply::error(error_status(*code), format, unavailable_message(*code)),
         _ => timed_out(format),
     }
@@ -755,10 +756,6 @@ pub(super) fn handle_msg(shard: &mut ShardState, msg: ApiMsg) {
         ApiMsg::Answer { token, part, answer } => return shard.api.answer_token(token, part, answer),
     };
     shard.route(from, ShardMsg::Api(ApiMsg::Answer { token, part: 0, answer }));
-}
-
-fn unix_us() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 #[cfg(test)]

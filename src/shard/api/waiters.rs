@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use crate::broker::memory::{ChannelSummary, HistoryPage, Position};
+use crate::broker::memory::ChannelSummary;
+use crate::core::ConnId;
+use crate::core::{HistoryPage, Position};
 use crate::protocol::{CloseCode, ErrorCode};
-use crate::router::ConnId;
 
 /// One part's answer.
 #[derive(Debug)]
