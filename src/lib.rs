@@ -3,33 +3,48 @@
 //! io_uring, speaking protobuf frames.
 //!
 //! # Layout
-//! Dependencies point down; nothing below `shard` knows about sockets, runtimes or clocks.
-//! - [`config`]: the one `Config` (TOML file, `ROUTOPIA_*` environment, flags), validated.
-//! - [`shard`]: a compio runtime per core with its own listener, connections and inbox.
-//! - [`session`]: one connection's protocol state machine, sans I/O.
-//! - [`outbox`]: a connection's bounded outbound queue, packing frames into batches.
-//! - [`compression`]: zstd for outgoing batches, shared by subscribers; trained dictionaries.
-//! - [`auth`]: JWT verification and channel permissions from claims.
-//! - [`acks`]: acknowledged delivery of one subscription: resend when overdue, then fail.
-//! - [`ratelimit`]: token buckets per connection, user and IP address.
-//! - [`router`]: a shard's index of local subscribers per channel.
-//! - [`broker`]: channels, offsets and epochs; the embedded in-memory broker.
-//! - [`protocol`]: protobuf types, zstd envelope, shared pushes, WebSocket and HTTP framing.
-//! - [`metrics`]: per-shard tallies and histograms, merged and written for Prometheus.
-//! - [`tls`]: the server's certificate and key for `wss://`, reloadable.
+//! The modules in layers, top first. A module imports only modules listed below it, never
+//! one above, so no two import each other; `tests/layers.rs` reads `src/` and holds the code
+//! to this list. Only `shard` knows about sockets and runtimes; below it, code is sans I/O
+//! and is handed the time.
+//! - [`shard`]: a compio runtime per core with its own listener, connections, inbox, HTTP
+//!   routes and server API; dispatches to sessions and to its part of the broker.
 //! - [`client`]: a client library (used by the tests and the loadtest).
+//! - [`session`]: one connection's protocol state machine.
+//! - [`outbox`]: a connection's bounded outbound queue: lanes, conflation, fan-out runs, batches.
+//! - [`broker`]: channels, offsets, epochs, history, recovery and acks behind `trait Broker`:
+//!   the embedded broker and the Redis broker.
+//! - [`acks`]: acknowledged delivery of one subscription: resend when overdue, then fail.
+//! - [`auth`]: JWT verification and channel permissions from claims.
+//! - [`ratelimit`]: token buckets per connection, user and IP address.
+//! - [`compression`]: zstd for outgoing batches, shared by subscribers; trained dictionaries.
+//! - [`tls`]: the server's certificate and key for `wss://`, reloadable.
+//! - [`metrics`]: per-shard tallies and histograms, merged and written for Prometheus.
+//! - [`config`]: the one `Config` (TOML file, `ROUTOPIA_*` environment, flags), validated.
+//! - [`protocol`]: bytes in, bytes out: protobuf types, zstd envelope, shared pushes,
+//!   WebSocket and HTTP framing.
+//! - [`core`]: the shared vocabulary: publications, connection ids, positions, channel names
+//!   and patterns, the clock.
+
+pub mod shard;
+
+pub mod client;
+pub mod session;
+
+pub mod outbox;
+
+pub mod broker;
 
 pub mod acks;
 pub mod auth;
-pub mod broker;
-pub mod client;
 pub mod compression;
-pub mod config;
-pub mod core;
-pub mod metrics;
-pub mod outbox;
-pub mod protocol;
 pub mod ratelimit;
-pub mod session;
-pub mod shard;
 pub mod tls;
+
+pub mod metrics;
+
+pub mod config;
+
+pub mod protocol;
+
+pub mod core;

@@ -33,7 +33,7 @@ pub struct HistoryPolicy {
 
 /// What became of a publication an external broker fanned out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mirrored {
+pub enum FanoutOutcome {
     /// New: deliver it.
     Fresh,
     /// Already delivered (or older): skip it.
@@ -274,25 +274,25 @@ impl ChannelTable {
         publication: &Arc<Publication>,
         now: Instant,
         targets: &mut Vec<usize>,
-    ) -> Mirrored {
+    ) -> FanoutOutcome {
         let size = self.policy.size.max(1);
         targets.clear();
-        let Some(channel) = self.channels.get_mut(&publication.channel) else { return Mirrored::Seen };
+        let Some(channel) = self.channels.get_mut(&publication.channel) else { return FanoutOutcome::Seen };
         channel.last_used = now;
-        let mut outcome = Mirrored::Fresh;
+        let mut outcome = FanoutOutcome::Fresh;
         if channel.epoch != *epoch {
             if channel.mirrored {
-                outcome = Mirrored::EpochChanged;
+                outcome = FanoutOutcome::EpochChanged;
             }
             channel.epoch = epoch.clone();
             channel.history.clear();
             channel.offset = 0;
         } else if channel.mirrored && publication.offset > channel.offset.saturating_add(1) {
-            outcome = Mirrored::Gap;
+            outcome = FanoutOutcome::Gap;
             channel.history.clear();
         }
         if publication.offset <= channel.offset {
-            return Mirrored::Seen;
+            return FanoutOutcome::Seen;
         }
         if channel.history.back().is_some_and(|last| last.offset + 1 != publication.offset) {
             channel.history.clear();
@@ -331,23 +331,23 @@ impl ChannelTable {
     /// a new epoch began). Says whether local subscribers may have missed publications and
     /// must resync: `EpochChanged`, or `Gap` (offsets past what was fanned out here); `Seen`
     /// when nothing changed. Fills `targets` with their shards when they must.
-    pub fn observe(&mut self, name: &str, epoch: &Arc<str>, offset: u64, targets: &mut Vec<usize>) -> Mirrored {
+    pub fn observe(&mut self, name: &str, epoch: &Arc<str>, offset: u64, targets: &mut Vec<usize>) -> FanoutOutcome {
         targets.clear();
-        let Some(channel) = self.channels.get_mut(name) else { return Mirrored::Seen };
+        let Some(channel) = self.channels.get_mut(name) else { return FanoutOutcome::Seen };
         if !channel.mirrored {
             // A new epoch's announcement says nothing of where it stands: the joining
             // subscriber's position will.
             if offset > 0 {
                 channel.follow_from(epoch, offset);
             }
-            return Mirrored::Seen;
+            return FanoutOutcome::Seen;
         }
         // An offset below what was fanned out here is no news: fan-outs that came after the
         // position was read (Redis behind this node is caught by the scripts, see `known`).
         if channel.epoch == *epoch && offset <= channel.offset {
-            return Mirrored::Seen;
+            return FanoutOutcome::Seen;
         }
-        let outcome = if channel.epoch == *epoch { Mirrored::Gap } else { Mirrored::EpochChanged };
+        let outcome = if channel.epoch == *epoch { FanoutOutcome::Gap } else { FanoutOutcome::EpochChanged };
         channel.epoch = epoch.clone();
         channel.offset = offset;
         channel.history.clear();

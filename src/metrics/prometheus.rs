@@ -112,3 +112,35 @@ fn format_f64(value: f64) -> String {
         format!("{value}")
     }
 }
+
+/// Latency bucket bounds, µs (exported in seconds): 25 µs to 10 s.
+const LATENCY_BOUNDS_US: [u64; 18] = [
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+const QUANTILES: [(f64, &str); 4] = [(0.5, "0.5"), (0.9, "0.9"), (0.99, "0.99"), (0.999, "0.999")];
+/// Microseconds per second: recorded values are µs, exported ones seconds.
+pub const MICROS_PER_SECOND: f64 = 1e6;
+
+impl Exposition {
+    /// A latency histogram family `name` (seconds) with one series per `(label value, timing)`,
+    /// and beside it `<name>_recent_seconds`: quantiles of the last minute or two.
+    pub fn latency_family(&mut self, name: &str, help: &str, label: &str, series: &[(&str, Option<(Timing, Timing)>)]) {
+        self.family(name, Kind::Histogram, help);
+        for (value, timing) in series {
+            if let Some((total, _)) = timing {
+                self.histogram(name, &[(label, value)], total, &LATENCY_BOUNDS_US, MICROS_PER_SECOND);
+            }
+        }
+        let recent_name = format!("{}_recent_seconds", name.trim_end_matches("_seconds"));
+        self.family(&recent_name, Kind::Gauge, &format!("Quantiles of {name} over the last 1-2 minutes."));
+        for (value, timing) in series {
+            if let Some((_, recent)) = timing.as_ref().filter(|(_, recent)| !recent.is_empty()) {
+                for (q, q_label) in QUANTILES {
+                    let seconds = recent.quantile(q) as f64 / MICROS_PER_SECOND;
+                    self.sample_f64(&recent_name, &[(label, value), ("quantile", q_label)], seconds);
+                }
+            }
+        }
+    }
+}

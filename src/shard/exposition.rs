@@ -7,19 +7,11 @@ use std::time::Instant;
 use super::supervise::Task;
 use super::{Cluster, ShardStats};
 use crate::auth::AuthFailure;
-use crate::metrics::prometheus::{Exposition, Kind};
-use crate::metrics::{process, CommandKind, RedisOp, Timing, TimingWindows, UPDATE_TYPE_LABELS};
+use crate::metrics::prometheus::{Exposition, Kind, MICROS_PER_SECOND};
+use crate::metrics::{process, CommandKind, Timing, TimingWindows, UPDATE_TYPE_LABELS};
 use crate::protocol::{CloseCode, ErrorCode};
 
-/// Latency bucket bounds, µs (exported in seconds): 25 µs to 10 s.
-const LATENCY_BOUNDS_US: [u64; 18] = [
-    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000, 5_000_000, 10_000_000,
-];
 const FRAMES_BOUNDS: [u64; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
-const QUANTILES: [(f64, &str); 4] = [(0.5, "0.5"), (0.9, "0.9"), (0.99, "0.99"), (0.999, "0.999")];
-/// Microseconds per second: recorded values are µs, exported ones seconds.
-const MICROS_PER_SECOND: f64 = 1e6;
 
 fn sum(cluster: &Cluster, field: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
     cluster.stats.iter().map(|s| field(s).load(Ordering::Relaxed)).sum()
@@ -35,7 +27,7 @@ pub(super) fn metrics_text(cluster: &Cluster) -> String {
     compression(&mut page, cluster);
     shards(&mut page, cluster);
     timings(&mut page, cluster, now);
-    redis(&mut page, cluster, now);
+    cluster.broker.write_metrics(&mut page, now);
     process_figures(&mut page);
     page.finish()
 }
@@ -122,9 +114,9 @@ fn delivery(page: &mut Exposition, cluster: &Cluster) {
         "Channels with subscribers or history.",
         sum(cluster, |s| &s.channels),
     );
-    // With Redis, history lives in Redis, shared by every node; no figure of this node's says
-    // how much.
-    if cluster.redis.is_none() {
+    // With an external broker history lives there, shared by every node; no figure of this
+    // node's says how much.
+    if cluster.broker.holds_history() {
         page.single(
             "realtime_history_size",
             Kind::Gauge,
@@ -134,8 +126,7 @@ fn delivery(page: &mut Exposition, cluster: &Cluster) {
     }
     page.family("realtime_updates_published_total", Kind::Counter, "Publications accepted, by update type.");
     for (slot, label) in UPDATE_TYPE_LABELS.iter().enumerate() {
-        let count = sum(cluster, |s| &s.metrics.published[slot])
-            + cluster.redis_metrics.published[slot].load(Ordering::Relaxed);
+        let count = sum(cluster, |s| &s.metrics.published[slot]) + cluster.broker.published(slot);
         page.sample("realtime_updates_published_total", &[("type", label)], count);
     }
     page.family("realtime_updates_delivered_total", Kind::Counter, "Updates written to subscribers' sockets, by type.");
@@ -334,31 +325,6 @@ fn merged<'a>(mut windows: impl Iterator<Item = &'a TimingWindows>, now: Instant
 }
 
 /// A latency histogram family and its recent quantiles, one series per label with data.
-fn latency_family(
-    page: &mut Exposition,
-    name: &str,
-    help: &str,
-    label: &str,
-    series: &[(&str, Option<(Timing, Timing)>)],
-) {
-    page.family(name, Kind::Histogram, help);
-    for (value, timing) in series {
-        if let Some((total, _)) = timing {
-            page.histogram(name, &[(label, value)], total, &LATENCY_BOUNDS_US, MICROS_PER_SECOND);
-        }
-    }
-    let recent_name = format!("{}_recent_seconds", name.trim_end_matches("_seconds"));
-    page.family(&recent_name, Kind::Gauge, &format!("Quantiles of {name} over the last 1-2 minutes."));
-    for (value, timing) in series {
-        if let Some((_, recent)) = timing.as_ref().filter(|(_, recent)| !recent.is_empty()) {
-            for (q, q_label) in QUANTILES {
-                let seconds = recent.quantile(q) as f64 / MICROS_PER_SECOND;
-                page.sample_f64(&recent_name, &[(label, value), ("quantile", q_label)], seconds);
-            }
-        }
-    }
-}
-
 fn timings(page: &mut Exposition, cluster: &Cluster, now: Instant) {
     let guards: Vec<_> = cluster
         .stats
@@ -373,16 +339,14 @@ fn timings(page: &mut Exposition, cluster: &Cluster, now: Instant) {
             .collect()
     };
     let delivery = by_type(|t, slot| t.delivery[slot].as_deref());
-    latency_family(
-        page,
+    page.latency_family(
         "realtime_latency_seconds",
         "Publish to written to the subscriber's socket, by update type.",
         "type",
         &delivery,
     );
     let acked = by_type(|t, slot| t.acked[slot].as_deref());
-    latency_family(
-        page,
+    page.latency_family(
         "realtime_delivery_acked_seconds",
         "Publish to the subscriber's acknowledgement (end to end, acknowledged subscriptions), by type.",
         "type",
@@ -392,8 +356,7 @@ fn timings(page: &mut Exposition, cluster: &Cluster, now: Instant) {
         .iter()
         .map(|&c| (c.label(), merged(guards.iter().filter_map(|g| g.requests[c as usize].as_deref()), now)))
         .collect();
-    latency_family(
-        page,
+    page.latency_family(
         "realtime_request_duration_seconds",
         "A command's arrival to its answer queued, by command.",
         "command",
@@ -407,73 +370,6 @@ fn timings(page: &mut Exposition, cluster: &Cluster, now: Instant) {
     if let Some((total, _)) = merged(guards.iter().filter_map(|g| g.frames.as_deref()), now) {
         page.histogram("realtime_frames_per_message", &[], &total, &FRAMES_BOUNDS, 1.0);
     }
-}
-
-fn redis(page: &mut Exposition, cluster: &Cluster, now: Instant) {
-    let Some(bridge) = &cluster.redis else {
-        return;
-    };
-    let metrics = &cluster.redis_metrics;
-    page.single("realtime_redis_up", Kind::Gauge, "1 while the Redis broker is connected.", u64::from(bridge.is_up()));
-    page.single(
-        "realtime_redis_queue_length",
-        Kind::Gauge,
-        "Requests waiting for the Redis bridge.",
-        bridge.queued() as u64,
-    );
-    page.single(
-        "realtime_redis_queue_capacity",
-        Kind::Gauge,
-        "Requests the Redis bridge holds before shards answer 503.",
-        bridge.capacity() as u64,
-    );
-    page.family("realtime_redis_failures_total", Kind::Counter, "Redis round trips that failed, by operation.");
-    for op in RedisOp::ALL {
-        let failures = metrics.failures[op as usize].load(Ordering::Relaxed);
-        page.sample("realtime_redis_failures_total", &[("op", op.label())], failures);
-    }
-    page.family(
-        "realtime_redis_resyncs_total",
-        Kind::Counter,
-        "Channels whose subscribers on this node were told to resync (4003), by what the node saw.",
-    );
-    for reason in crate::metrics::Resync::ALL {
-        let resyncs = metrics.resyncs[reason as usize].load(Ordering::Relaxed);
-        page.sample("realtime_redis_resyncs_total", &[("reason", reason.label())], resyncs);
-    }
-    page.single(
-        "realtime_redis_publish_queue_consumed_total",
-        Kind::Counter,
-        "Items of the Redis publish queue this node published.",
-        metrics.queue_consumed.load(Ordering::Relaxed),
-    );
-    page.single(
-        "realtime_redis_publish_queue_dead_total",
-        Kind::Counter,
-        "Items of the Redis publish queue moved to the dead list (not valid publications).",
-        metrics.queue_dead.load(Ordering::Relaxed),
-    );
-    if cluster.config.get().redis.queue_consumer {
-        page.single(
-            "realtime_redis_publish_queue_length",
-            Kind::Gauge,
-            "Items waiting in the Redis publish queue (read every 5 s).",
-            metrics.queue_length.load(Ordering::Relaxed),
-        );
-        page.single(
-            "realtime_redis_publish_queue_dead_length",
-            Kind::Gauge,
-            "Items in the publish queue's dead list (read every 5 s).",
-            metrics.dead_length.load(Ordering::Relaxed),
-        );
-    }
-    let round_trips = metrics.round_trips.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let series: Vec<(&str, Option<(Timing, Timing)>)> = RedisOp::ALL
-        .iter()
-        .map(|&op| (op.label(), round_trips[op as usize].as_deref().map(|w| (w.total.clone(), w.recent(now)))))
-        .collect();
-    drop(round_trips);
-    latency_family(page, "realtime_redis_roundtrip_seconds", "Redis round trips, by operation.", "op", &series);
 }
 
 fn process_figures(page: &mut Exposition) {

@@ -32,10 +32,10 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
     let total = |field: fn(&super::ShardStats) -> &std::sync::atomic::AtomicU64| -> u64 {
         cluster.stats.iter().map(|s| field(s).load(Ordering::Relaxed)).sum()
     };
-    // Publications through Redis are counted by its bridge, as `/metrics` counts them.
-    let through_redis: u64 = cluster.redis_metrics.published.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    // Publications an external broker counted itself, as `/metrics` counts them.
+    let through_broker: u64 = (0..crate::metrics::UPDATE_TYPES).map(|slot| cluster.broker.published(slot)).sum();
     let mut delivery = serde_json::json!({
-        "published": total(|s| &s.published) + through_redis,
+        "published": total(|s| &s.published) + through_broker,
         "delivered": total(|s| &s.delivered),
         "recoveries_served": total(|s| &s.recoveries_served),
         "recoveries_refused": total(|s| &s.recoveries_refused),
@@ -43,9 +43,9 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
         "inbox_dropped": total(|s| &s.inbox_dropped),
         "channels": total(|s| &s.channels),
     });
-    // With Redis, history lives in Redis, shared by every node: no figure of this node's says
-    // how much, so none is shown.
-    if cluster.redis.is_none() {
+    // With an external broker history lives there, shared by every node: no figure of this
+    // node's says how much, so none is shown.
+    if cluster.broker.holds_history() {
         delivery["history_size"] = total(|s| &s.history_size).into();
     }
     let by_reason = |counters: fn(&super::ShardStats) -> &[std::sync::atomic::AtomicU64], labels: &[&str]| {
@@ -99,7 +99,7 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
     let mut drivers: Vec<&str> = cluster.stats.iter().map(|s| s.driver_name()).collect();
     drivers.dedup();
     let driver = if drivers.len() == 1 { drivers[0] } else { "mixed" };
-    let redis_down = cluster.redis.as_ref().is_some_and(|r| !r.is_up());
+    let broker_down = !cluster.broker.is_up();
     let mut panics = serde_json::Map::new();
     for task in Task::ALL {
         let count: u64 = cluster.stats.iter().map(|s| s.panic_count(task)).sum();
@@ -110,15 +110,12 @@ pub(super) fn health_json(cluster: &Cluster) -> String {
     // restart, which the operator can do when it suits (`per_shard` says where).
     let status = if cluster.draining.load(Ordering::Relaxed) {
         "draining"
-    } else if redis_down || panicked {
+    } else if broker_down || panicked {
         "degraded"
     } else {
         "ok"
     };
-    let broker = match &cluster.redis {
-        Some(redis) => serde_json::json!({"kind": "redis", "connected": redis.is_up()}),
-        None => serde_json::json!({"kind": "memory"}),
-    };
+    let broker = cluster.broker.health();
     serde_json::json!({
         "status": status,
         "version": env!("CARGO_PKG_VERSION"),

@@ -33,15 +33,11 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 pub use inbox::Inbox;
 
 use crate::auth::Verifier;
-use crate::broker::redis::BridgeHandle;
-use crate::broker::Joining;
+use crate::broker::{BrokerMsg, BrokerNode, Inboxes};
 use crate::compression::ZstdSettings;
 use crate::config::reload::Reload;
 use crate::config::{Bucket, Config, Driver};
-use crate::core::ConnId;
-use crate::core::{HistoryPage, Position, Publication, Recovery};
-use crate::protocol::pb;
-use crate::protocol::{CloseCode, ErrorCode};
+use crate::protocol::CloseCode;
 use crate::ratelimit::KeyedBuckets;
 use crate::tls::ServerCertificate;
 use admission::{Admission, Refusal};
@@ -54,46 +50,8 @@ const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// What shards say to each other.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// To a channel's owner: one more subscriber; answer with `Subscribed`, including what it
-    /// missed when it asks to recover.
-    Subscribe(Joining),
-    /// To a channel's owner: `identity` processed the channel up to `offset`.
-    Acked { channel: Arc<str>, identity: Arc<str>, epoch: Arc<str>, offset: u64 },
-    /// To a channel's owner: one subscriber fewer on shard `from`.
-    Unsubscribe { channel: Arc<str>, from: usize },
-    /// To a channel's owner: publish; answer with `Published`.
-    Publish { channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, update: Box<pb::Update> },
-    /// From a channel's owner: where the channel stood when the subscriber was counted.
-    Subscribed {
-        conn: ConnId,
-        channel: Arc<str>,
-        sub_id: u32,
-        req_id: u32,
-        result: Result<(Position, Option<Recovery>), ErrorCode>,
-        /// Publications already fanned out past the position, to deliver after any recovered.
-        catch_up: Vec<Arc<Publication>>,
-    },
-    /// To a channel's owner: read history; answer with `HistoryPage`.
-    History { channel: Arc<str>, from: usize, conn: ConnId, req_id: u32, since: u64, limit: usize },
-    /// From a channel's owner: the history asked for.
-    HistoryPage { conn: ConnId, req_id: u32, page: HistoryPage },
-    /// From a channel's owner: the offset a publication got.
-    Published { conn: ConnId, req_id: u32, position: Result<Position, ErrorCode> },
-    /// From a channel's owner: a publication for this shard's subscribers.
-    Deliver(Arc<Publication>),
-    /// Redis mode, to a channel's owner on this node: a publication Redis fanned out.
-    Fanout { epoch: Arc<str>, publication: Arc<Publication> },
-    /// Redis mode, to a channel's owner on this node: where the channel stands for a joining
-    /// subscriber; the owner adds what it fanned out meanwhile and answers `Subscribed`.
-    Positioned { joining: Joining, result: Result<(Position, Option<Recovery>), ErrorCode> },
-    /// A request failed with `code`.
-    Failed { conn: ConnId, req_id: u32, code: ErrorCode },
-    /// Redis mode, to a channel's owner on this node: where Redis says the channel stands
-    /// after a reconnect; subscribers resync when it moved without this node.
-    Resync { channel: Arc<str>, epoch: Arc<str>, offset: u64 },
-    /// The channel's history changed under its subscribers here: close their connections
-    /// with 4003 so they reconnect and recover.
-    Resubscribe { channel: Arc<str> },
+    /// To a channel's owner, or from the broker (see `broker::BrokerMsg`).
+    Broker(BrokerMsg),
     /// Between a server API request's shard and the shards holding what it asks about.
     Api(api::ApiMsg),
     /// Tell every connection to go elsewhere, let them take what is queued for them until
@@ -220,8 +178,8 @@ pub struct Cluster {
     pub local_addr: SocketAddr,
     /// Where `/metrics` and `/health` are also served, alone (`metrics_listen`).
     pub metrics_addr: Option<SocketAddr>,
-    /// The Redis bridge, when Redis is the broker.
-    pub redis: Option<BridgeHandle>,
+    /// The node's broker: embedded, or Redis.
+    pub broker: Arc<dyn BrokerNode>,
     /// Verifies tokens; `None` when auth is disabled.
     pub verifier: Option<Arc<Verifier>>,
     /// Rate-limit buckets per user (`[commands, publishes]`), across every shard.
@@ -232,12 +190,32 @@ pub struct Cluster {
     pub tls: Option<ServerCertificate>,
     /// Compression of large outgoing messages, and its dictionaries.
     pub zstd: Arc<ZstdSettings>,
-    /// Round trips and publications of the Redis bridge.
-    pub redis_metrics: crate::metrics::RedisMetrics,
     /// The server API's rate limits per key and its counters.
     pub api: api::ApiShared,
     /// Where the server API is served alone (`api.listen`).
     pub api_addr: Option<SocketAddr>,
+}
+
+impl Inboxes for Cluster {
+    fn shard_count(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    fn deliver(&self, to: usize, msg: BrokerMsg) {
+        let mut msg = ShardMsg::Broker(msg);
+        while let Err(back) = self.inboxes[to].push(msg) {
+            msg = back;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.config.get()
+    }
+
+    fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
 }
 
 /// A running server: its shards and the address they listen on.
@@ -301,14 +279,7 @@ impl Server {
             .map(std::net::TcpListener::try_clone)
             .collect::<io::Result<Vec<_>>>()?;
         let mut api_listeners = api_listeners.into_iter();
-        let redis_url = config.redis_url().map(str::to_owned);
-        let (redis, bridge_inputs) = match redis_url {
-            Some(url) => {
-                let (handle, requests, up) = crate::broker::redis::channel();
-                (Some(handle), Some((url, requests, up)))
-            }
-            None => (None, None),
-        };
+        let broker = crate::broker::node(&config);
         let now_unix = crate::core::unix_us() / 1_000_000;
         let auth =
             Verifier::setup(&config.auth, now_unix).map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
@@ -340,7 +311,6 @@ impl Server {
             admission: Arc::new(Admission::new(&config, shards)),
             tls,
             zstd,
-            redis_metrics: Default::default(),
             api: api::ApiShared::new(api::request_limit(&config)),
             api_addr,
             config: LiveConfig::new(config),
@@ -349,14 +319,9 @@ impl Server {
             draining: AtomicBool::new(false),
             local_addr,
             metrics_addr,
-            redis,
+            broker,
         });
-        if let Some((url, requests, up)) = bridge_inputs {
-            let cluster = cluster.clone();
-            std::thread::Builder::new()
-                .name("redis-bridge".into())
-                .spawn(move || crate::broker::redis::run(url, cluster, requests, up))?;
-        }
+        cluster.broker.start(cluster.clone())?;
         let pin_shards = cluster.config.get().pin_shards;
         let cores = allowed_cores();
         let (started_tx, started_rx) = std::sync::mpsc::channel();

@@ -220,15 +220,15 @@ fn mirror_delivers_new_publications_once_and_flags_a_new_epoch() {
     let (e1, e2) = (name("e1"), name("e2"));
     let mut targets = Vec::new();
     assert!(!table.learn(&channel, &e1, 3, &mut targets));
-    assert_eq!(table.mirror(&e1, &at(3), now, &mut targets), Mirrored::Seen);
+    assert_eq!(table.mirror(&e1, &at(3), now, &mut targets), FanoutOutcome::Seen);
     assert!(targets.is_empty());
-    assert_eq!(table.mirror(&e1, &at(4), now, &mut targets), Mirrored::Fresh);
+    assert_eq!(table.mirror(&e1, &at(4), now, &mut targets), FanoutOutcome::Fresh);
     assert_eq!(targets, vec![1]);
     assert_eq!(offsets(&table.fanned_out_after(&channel, "e1", 3).unwrap()), vec![4]);
-    assert_eq!(table.mirror(&e2, &at(1), now, &mut targets), Mirrored::EpochChanged);
+    assert_eq!(table.mirror(&e2, &at(1), now, &mut targets), FanoutOutcome::EpochChanged);
     assert_eq!(targets, vec![1]);
-    assert_eq!(table.observe(&channel, &e2, 1, &mut targets), Mirrored::Seen, "in step with the broker");
-    assert_eq!(table.observe(&channel, &e2, 5, &mut targets), Mirrored::Gap, "publications this node never saw");
+    assert_eq!(table.observe(&channel, &e2, 1, &mut targets), FanoutOutcome::Seen, "in step with the broker");
+    assert_eq!(table.observe(&channel, &e2, 5, &mut targets), FanoutOutcome::Gap, "publications this node never saw");
     assert_eq!(targets, vec![1]);
 }
 
@@ -255,9 +255,9 @@ fn a_fan_out_past_the_next_offset_is_a_gap_never_a_silent_skip() {
     let e1 = name("e1");
     let mut targets = Vec::new();
     assert!(!table.learn(&channel, &e1, 250, &mut targets));
-    assert_eq!(table.mirror(&e1, &at(251), now, &mut targets), Mirrored::Fresh);
+    assert_eq!(table.mirror(&e1, &at(251), now, &mut targets), FanoutOutcome::Fresh);
     // The node lost Redis while 252..=444 were published elsewhere; 445 is the first it hears.
-    assert_eq!(table.mirror(&e1, &at(445), now, &mut targets), Mirrored::Gap);
+    assert_eq!(table.mirror(&e1, &at(445), now, &mut targets), FanoutOutcome::Gap);
     assert_eq!(targets, vec![1], "the shards whose subscribers must resync");
     // A subscriber joining at 250 (or 300) would start with a hole: it must ask again.
     assert!(table.fanned_out_after(&channel, "e1", 250).is_none());
@@ -265,9 +265,13 @@ fn a_fan_out_past_the_next_offset_is_a_gap_never_a_silent_skip() {
     assert_eq!(offsets(&table.fanned_out_after(&channel, "e1", 444).unwrap()), vec![445]);
     assert_eq!(table.fanned_out_after(&channel, "e1", 445).unwrap().len(), 0);
     // The resync that follows finds nothing more to do, and the next one is in order.
-    assert_eq!(table.observe(&channel, &e1, 445, &mut targets), Mirrored::Seen);
-    assert_eq!(table.mirror(&e1, &at(446), now, &mut targets), Mirrored::Fresh);
-    assert_eq!(table.observe(&channel, &name("e2"), 0, &mut targets), Mirrored::EpochChanged, "a new epoch announced");
+    assert_eq!(table.observe(&channel, &e1, 445, &mut targets), FanoutOutcome::Seen);
+    assert_eq!(table.mirror(&e1, &at(446), now, &mut targets), FanoutOutcome::Fresh);
+    assert_eq!(
+        table.observe(&channel, &name("e2"), 0, &mut targets),
+        FanoutOutcome::EpochChanged,
+        "a new epoch announced"
+    );
 }
 
 #[test]
@@ -279,7 +283,7 @@ fn a_position_in_another_epoch_than_fanned_out_makes_local_subscribers_resync() 
     let at = |offset| Arc::new(crate::protocol::push::publication(channel.clone(), offset, 1, Bytes::new(), now));
     let (e1, e2) = (name("e1"), name("e2"));
     let mut targets = Vec::new();
-    assert_eq!(table.mirror(&e1, &at(7), now, &mut targets), Mirrored::Fresh);
+    assert_eq!(table.mirror(&e1, &at(7), now, &mut targets), FanoutOutcome::Fresh);
     table.add_subscriber(&channel, 1, now).unwrap();
     assert!(!table.learn(&channel, &e1, 6, &mut targets), "the same epoch: the joining one catches up");
     assert!(table.learn(&channel, &e2, 2, &mut targets));
@@ -296,12 +300,12 @@ fn the_last_subscriber_leaving_forgets_what_was_fanned_out() {
     let at = |offset| Arc::new(crate::protocol::push::publication(channel.clone(), offset, 1, Bytes::new(), now));
     let e1 = name("e1");
     let mut targets = Vec::new();
-    assert_eq!(table.mirror(&e1, &at(1), now, &mut targets), Mirrored::Fresh);
+    assert_eq!(table.mirror(&e1, &at(1), now, &mut targets), FanoutOutcome::Fresh);
     assert!(table.unsubscribe(&channel, 0, now));
     // Nobody listened meanwhile; the next subscriber starts from where Redis is.
     table.add_subscriber(&channel, 0, now).unwrap();
     assert!(!table.learn(&channel, &e1, 90, &mut targets));
-    assert_eq!(table.mirror(&e1, &at(91), now, &mut targets), Mirrored::Fresh);
+    assert_eq!(table.mirror(&e1, &at(91), now, &mut targets), FanoutOutcome::Fresh);
 }
 
 /// A small deterministic generator for the schedules below (xorshift64*).
@@ -369,8 +373,8 @@ fn property_deliveries_are_consecutive_or_a_resync_is_called_for() {
                     let publication =
                         Arc::new(crate::protocol::push::publication(channel.clone(), o, 1, Bytes::new(), now));
                     match table.mirror(&e, &publication, now, &mut targets) {
-                        Mirrored::Fresh if subscriber.is_none() => {}
-                        Mirrored::Fresh => {
+                        FanoutOutcome::Fresh if subscriber.is_none() => {}
+                        FanoutOutcome::Fresh => {
                             let (se, so) = subscriber.clone().unwrap();
                             if se == e && o <= so {
                                 continue; // Its position already counted it (the router's `after`).
@@ -379,15 +383,17 @@ fn property_deliveries_are_consecutive_or_a_resync_is_called_for() {
                             subscriber = Some((e, o));
                             delivered += 1;
                         }
-                        Mirrored::EpochChanged | Mirrored::Gap => {
+                        FanoutOutcome::EpochChanged | FanoutOutcome::Gap => {
                             subscriber = None;
                             resyncs += 1;
                         }
-                        Mirrored::Seen => {}
+                        FanoutOutcome::Seen => {}
                     }
                 }
                 // The bridge reconnected: where Redis stands, read now.
-                8 if rng.below(4) == 0 && table.observe(&channel, &epoch, offset, &mut targets) != Mirrored::Seen => {
+                8 if rng.below(4) == 0
+                    && table.observe(&channel, &epoch, offset, &mut targets) != FanoutOutcome::Seen =>
+                {
                     subscriber = None;
                     resyncs += 1;
                 }

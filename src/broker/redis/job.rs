@@ -10,22 +10,21 @@ use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 
 use super::scripts;
-use super::{deliver, new_epoch, BridgeRequest, Continuity, Keys, META_TTL};
+use super::{new_epoch, BridgeRequest, Continuity, Keys, Link, META_TTL};
 use crate::broker::memory::{recover, HistoryPolicy};
-use crate::broker::owner_shard;
+use crate::broker::{BrokerEvent, OwnerMsg};
 use crate::core::ConnLabel;
 use crate::core::{HistoryPage, Position, Publication, Recovery};
 use crate::metrics::{type_slot, RedisOp};
 use crate::protocol::pb;
 use crate::protocol::push::{body_with_offset, encode_update_body};
 use crate::protocol::ErrorCode;
-use crate::shard::{Cluster, ShardMsg};
 
 /// One command's round trip.
 pub(super) struct Job {
     pub(super) channel: Arc<str>,
     pub(super) connection: MultiplexedConnection,
-    pub(super) cluster: Arc<Cluster>,
+    pub(super) link: Link,
     pub(super) policy: HistoryPolicy,
     pub(super) max_positions: usize,
     pub(super) keys: Keys,
@@ -39,11 +38,11 @@ impl Job {
                 let rest = encode_update_body(&update);
                 let started = Instant::now();
                 let position = self.publish(&update, &rest).await;
-                self.cluster.redis_metrics.record(RedisOp::Publish, started.elapsed(), position.is_err());
+                self.link.metrics.record(RedisOp::Publish, started.elapsed(), position.is_err());
                 let publisher = ConnLabel { shard: from, conn };
                 match &position {
                     Ok(position) => {
-                        self.cluster.redis_metrics.published[type_slot(update.r#type)].fetch_add(1, Ordering::Relaxed);
+                        self.link.metrics.published[type_slot(update.r#type)].fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(conn = %publisher, req_id, channel = &*channel, offset = position.offset, "published")
                     }
                     Err(err) => {
@@ -51,38 +50,35 @@ impl Job {
                     }
                 }
                 let position = position.map_err(|_| ErrorCode::Unavailable);
-                deliver(&self.cluster, from, ShardMsg::Published { conn, req_id, position });
+                self.link.to_shard(from, BrokerEvent::Published { conn, req_id, position });
             }
-            BridgeRequest::Position(joining) => {
+            BridgeRequest::Position(request) => {
                 let started = Instant::now();
-                let result = self.position(joining.since.as_ref(), joining.resume.as_deref()).await;
-                self.cluster.redis_metrics.record(RedisOp::Position, started.elapsed(), result.is_err());
+                let result = self.position(request.since.as_ref(), request.resume.as_deref()).await;
+                self.link.metrics.record(RedisOp::Position, started.elapsed(), result.is_err());
                 let result = result.map_err(|err| {
-                    let conn = ConnLabel { shard: joining.from, conn: joining.conn };
-                    let (req_id, channel) = (joining.req_id, &*joining.channel);
+                    let conn = ConnLabel { shard: request.from, conn: request.conn };
+                    let (req_id, channel) = (request.req_id, &*request.channel);
                     tracing::warn!(%conn, req_id, channel, error = %err, "Redis position failed");
                     ErrorCode::Unavailable
                 });
-                let owner = owner_shard(&joining.channel, self.cluster.inboxes.len());
-                deliver(&self.cluster, owner, ShardMsg::Positioned { joining, result });
+                let channel = request.channel.clone();
+                self.link.to_owner(&channel, OwnerMsg::Positioned { request, result });
             }
             BridgeRequest::History { channel, from, conn, req_id, since, limit } => {
                 let started = Instant::now();
                 let page = self.history(&channel, since, limit).await;
-                self.cluster.redis_metrics.record(RedisOp::History, started.elapsed(), page.is_err());
+                self.link.metrics.record(RedisOp::History, started.elapsed(), page.is_err());
                 let page = match page {
                     Ok(page) => page,
                     Err(err) => {
                         let requester = ConnLabel { shard: from, conn };
                         tracing::warn!(conn = %requester, req_id, channel = &*channel, error = %err, "Redis history failed");
-                        return deliver(
-                            &self.cluster,
-                            from,
-                            ShardMsg::Failed { conn, req_id, code: ErrorCode::Unavailable },
-                        );
+                        let code = ErrorCode::Unavailable;
+                        return self.link.to_shard(from, BrokerEvent::Failed { conn, req_id, code });
                     }
                 };
-                deliver(&self.cluster, from, ShardMsg::HistoryPage { conn, req_id, page });
+                self.link.to_shard(from, BrokerEvent::HistoryPage { conn, req_id, page });
             }
             BridgeRequest::Acked { identity, epoch, offset, .. } => {
                 let started = Instant::now();
@@ -97,7 +93,7 @@ impl Job {
                     .arg(self.policy.position_ttl.as_millis() as u64)
                     .invoke_async(&mut self.connection)
                     .await;
-                self.cluster.redis_metrics.record(RedisOp::Ack, started.elapsed(), result.is_err());
+                self.link.metrics.record(RedisOp::Ack, started.elapsed(), result.is_err());
                 if let Err(err) = result {
                     tracing::warn!(error = %err, "Redis ack failed");
                 }
@@ -111,10 +107,9 @@ impl Job {
     pub(super) async fn resync(mut self) {
         match self.position(None, None).await {
             Ok((position, _)) => {
-                let owner = owner_shard(&self.channel, self.cluster.inboxes.len());
                 let msg =
-                    ShardMsg::Resync { channel: self.channel.clone(), epoch: position.epoch, offset: position.offset };
-                deliver(&self.cluster, owner, msg);
+                    OwnerMsg::Resync { channel: self.channel.clone(), epoch: position.epoch, offset: position.offset };
+                self.link.to_owner(&self.channel, msg);
             }
             Err(err) => tracing::warn!(channel = %self.channel, error = %err, "Redis resync failed"),
         }

@@ -23,18 +23,23 @@ use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo
 use tokio::sync::mpsc;
 
 use super::memory::HistoryPolicy;
-use super::{owner_shard, Joining};
-use crate::core::ConnId;
-use crate::core::Publication;
+use super::{owner_shard, Broker, BrokerEvent, BrokerMsg, BrokerNode, Inboxes, OwnerMsg, Placement, SubscribeRequest};
+use crate::config::Config;
+use crate::core::{ConnId, Publication};
+use crate::metrics::prometheus::Exposition;
+use crate::metrics::RedisMetrics;
 use crate::protocol::pb;
 use crate::protocol::push::body_with_offset;
 use crate::protocol::ErrorCode;
-use crate::shard::{Cluster, ShardMsg};
 
 mod job;
 pub mod known;
+mod metrics;
+mod owner;
 mod queue;
 mod scripts;
+
+pub use owner::RedisBroker;
 
 use job::{instant_of, Job};
 use known::{FanoutCheck, KnownPositions};
@@ -52,7 +57,7 @@ pub enum BridgeRequest {
     },
     /// Where a channel stands (and what a subscriber missed); the answer (`Positioned`) goes
     /// to the channel's owner shard on this node.
-    Position(Joining),
+    Position(SubscribeRequest),
     /// This node has subscribers for the channel now / no longer.
     Listen {
         channel: Arc<str>,
@@ -77,6 +82,7 @@ pub enum BridgeRequest {
 }
 
 /// The shards' end of the bridge.
+#[derive(Clone)]
 pub struct BridgeHandle {
     tx: mpsc::Sender<BridgeRequest>,
     up: Arc<AtomicBool>,
@@ -113,20 +119,102 @@ const QUEUE: usize = 65536;
 /// An epoch key lives this long after the channel's last publish or subscribe.
 const META_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Creates the bridge's queue; `run` is started once the cluster exists.
-pub fn channel() -> (BridgeHandle, mpsc::Receiver<BridgeRequest>, Arc<AtomicBool>) {
-    let (tx, rx) = mpsc::channel(QUEUE);
-    let up = Arc::new(AtomicBool::new(false));
-    (BridgeHandle { tx, up: up.clone() }, rx, up)
+/// The Redis broker of the whole node: the bridge's queue and figures, shared by every
+/// shard's [`RedisBroker`]; the bridge starts once the shards' inboxes exist.
+pub struct RedisNode {
+    url: String,
+    bridge: BridgeHandle,
+    metrics: Arc<RedisMetrics>,
+    /// The bridge's end of the queue, until it starts.
+    requests: Mutex<Option<mpsc::Receiver<BridgeRequest>>>,
+    /// Whether the node runs a consumer of the publish queue (`redis.queue_consumer`).
+    queue_consumer: AtomicBool,
+}
+
+impl RedisNode {
+    pub fn new(url: &str) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let bridge = BridgeHandle { tx, up: Arc::new(AtomicBool::new(false)) };
+        Self {
+            url: url.to_owned(),
+            bridge,
+            metrics: Arc::default(),
+            requests: Mutex::new(Some(rx)),
+            queue_consumer: AtomicBool::new(false),
+        }
+    }
+}
+
+impl BrokerNode for RedisNode {
+    fn for_shard(&self, shard: usize, shards: usize, config: &Config) -> Box<dyn Broker> {
+        let placement = Placement { shard, shards };
+        Box::new(RedisBroker::new(placement, config, self.bridge.clone(), self.metrics.clone()))
+    }
+
+    fn start(&self, inboxes: Arc<dyn Inboxes>) -> std::io::Result<()> {
+        let requests = self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let Some(requests) = requests else { return Ok(()) };
+        self.queue_consumer.store(inboxes.config().redis.queue_consumer, Ordering::Relaxed);
+        let link = Link { inboxes, metrics: self.metrics.clone() };
+        let (url, up) = (self.url.clone(), self.bridge.up.clone());
+        std::thread::Builder::new().name("redis-bridge".into()).spawn(move || run(url, link, requests, up))?;
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn is_up(&self) -> bool {
+        self.bridge.is_up()
+    }
+
+    fn holds_history(&self) -> bool {
+        // History lives in Redis, shared by every node: no figure of this node's says how much.
+        false
+    }
+
+    fn published(&self, slot: usize) -> u64 {
+        self.metrics.published[slot].load(Ordering::Relaxed)
+    }
+
+    fn health(&self) -> serde_json::Value {
+        serde_json::json!({"kind": "redis", "connected": self.bridge.is_up()})
+    }
+
+    fn write_metrics(&self, page: &mut Exposition, now: std::time::Instant) {
+        let queue_consumer = self.queue_consumer.load(Ordering::Relaxed);
+        metrics::write(page, &self.bridge, &self.metrics, queue_consumer, now);
+    }
+}
+
+/// How the bridge's work reaches the shards, and where it counts.
+#[derive(Clone)]
+pub(super) struct Link {
+    inboxes: Arc<dyn Inboxes>,
+    metrics: Arc<RedisMetrics>,
+}
+
+impl Link {
+    /// Puts `event` in shard `to`'s inbox.
+    fn to_shard(&self, to: usize, event: BrokerEvent) {
+        self.inboxes.deliver(to, BrokerMsg::ToShard(event));
+    }
+
+    /// Puts `msg` in the inbox of `channel`'s owner shard.
+    fn to_owner(&self, channel: &str, msg: OwnerMsg) {
+        let owner = owner_shard(channel, self.inboxes.shard_count());
+        self.inboxes.deliver(owner, BrokerMsg::ToOwner(msg));
+    }
 }
 
 /// Runs the bridge on the current thread until the request queue closes.
-pub fn run(url: String, cluster: Arc<Cluster>, requests: mpsc::Receiver<BridgeRequest>, up: Arc<AtomicBool>) {
+fn run(url: String, link: Link, requests: mpsc::Receiver<BridgeRequest>, up: Arc<AtomicBool>) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => return tracing::error!(error = %err, "cannot start the Redis bridge"),
     };
-    let config = cluster.config.get();
+    let config = link.inboxes.config();
     let known = Arc::new(Mutex::new(KnownPositions::new(config.limits.max_channels.max(1))));
     let bridge = Bridge {
         url,
@@ -136,12 +224,12 @@ pub fn run(url: String, cluster: Arc<Cluster>, requests: mpsc::Receiver<BridgeRe
         trust_restarts: config.redis.trust_restarts,
         known: known.clone(),
         run_id: Arc::from(""),
-        cluster,
+        link,
         up,
         listening: HashSet::new(),
     };
-    if cluster_queue_consumer(&bridge.cluster) {
-        let consumer = queue::Consumer::new(&bridge.url, bridge.cluster.clone(), bridge.policy.clone(), known);
+    if config.redis.queue_consumer {
+        let consumer = queue::Consumer::new(&bridge.url, bridge.link.clone(), bridge.policy.clone(), known);
         runtime.spawn(supervised(consumer.run()));
     }
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(bridge.serve(requests))));
@@ -172,13 +260,9 @@ fn fail_stop(panic: &(dyn std::any::Any + Send)) -> ! {
     std::process::exit(70);
 }
 
-fn cluster_queue_consumer(cluster: &Cluster) -> bool {
-    cluster.config.get().redis.queue_consumer
-}
-
 struct Bridge {
     url: String,
-    cluster: Arc<Cluster>,
+    link: Link,
     policy: HistoryPolicy,
     max_positions: usize,
     prefix: String,
@@ -343,7 +427,7 @@ impl Bridge {
                 self.listening.remove(&channel);
                 self.make_room_in_known();
             }
-            other => refuse(&self.cluster, other),
+            other => refuse(&self.link, other),
         }
     }
 
@@ -355,7 +439,7 @@ impl Bridge {
                     let pubsub = self.keys(&channel).pubsub;
                     let started = std::time::Instant::now();
                     let result = connection.subscribe(pubsub).await;
-                    let metrics = &self.cluster.redis_metrics;
+                    let metrics = &self.link.metrics;
                     metrics.record(crate::metrics::RedisOp::Subscribe, started.elapsed(), result.is_err());
                     if let Err(err) = result {
                         tracing::warn!(%channel, error = %err, "Redis subscribe failed");
@@ -397,7 +481,7 @@ impl Bridge {
             },
             channel: Arc::from(channel),
             connection: connection.clone(),
-            cluster: self.cluster.clone(),
+            link: self.link.clone(),
             policy: self.policy.clone(),
             max_positions: self.max_positions,
             keys: self.keys(channel),
@@ -419,27 +503,26 @@ impl Bridge {
             tracing::warn!(%channel, "undecodable publication from Redis");
             return;
         };
-        let owner = owner_shard(channel, self.cluster.inboxes.len());
         if lock(&self.known).fanned_out(&publication.channel, &epoch, publication.offset) == FanoutCheck::Repeated {
             // Redis came back older than it was and hands out offsets again: the channel's
             // position script, told what this node knows, starts a new epoch.
             tracing::warn!(%channel, %epoch, offset = publication.offset, "Redis repeated an offset; starting a new epoch");
-            self.cluster.redis_metrics.count_resync(crate::metrics::Resync::RepeatedOffset);
+            self.link.metrics.count_resync(crate::metrics::Resync::RepeatedOffset);
             spawn_supervised(self.job(connection, channel).resync());
             return;
         }
         if publication.offset == 0 {
-            let channel = publication.channel.clone();
-            return deliver(&self.cluster, owner, ShardMsg::Resync { channel, epoch, offset: 0 });
+            let msg = OwnerMsg::Resync { channel: publication.channel.clone(), epoch, offset: 0 };
+            return self.link.to_owner(channel, msg);
         }
-        deliver(&self.cluster, owner, ShardMsg::Fanout { epoch, publication: Arc::new(publication) });
+        self.link.to_owner(channel, OwnerMsg::Fanout { epoch, publication: Arc::new(publication) });
     }
 }
 
 fn request_channel(request: &BridgeRequest) -> &str {
     match request {
         BridgeRequest::Publish { channel, .. }
-        | BridgeRequest::Position(Joining { channel, .. })
+        | BridgeRequest::Position(SubscribeRequest { channel, .. })
         | BridgeRequest::Listen { channel }
         | BridgeRequest::Unlisten { channel }
         | BridgeRequest::History { channel, .. }
@@ -466,32 +549,19 @@ fn parse_fanout(channel: &str, payload: &[u8]) -> Option<(Arc<str>, Publication)
     Some((Arc::from(epoch), publication))
 }
 
-/// Pushes `msg` into shard `to`'s inbox, waiting while it is full (the bridge may wait).
-fn deliver(cluster: &Cluster, to: usize, mut msg: ShardMsg) {
-    loop {
-        match cluster.inboxes[to].push(msg) {
-            Ok(()) => return,
-            Err(back) => {
-                msg = back;
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        }
-    }
-}
-
 /// Answers a request that cannot reach Redis with 503.
-pub fn refuse(cluster: &Cluster, request: BridgeRequest) {
-    let shards = cluster.inboxes.len();
+fn refuse(link: &Link, request: BridgeRequest) {
+    let unavailable = ErrorCode::Unavailable;
     match request {
         BridgeRequest::Publish { from, conn, req_id, .. } => {
-            deliver(cluster, from, ShardMsg::Published { conn, req_id, position: Err(ErrorCode::Unavailable) })
+            link.to_shard(from, BrokerEvent::Published { conn, req_id, position: Err(unavailable) })
         }
-        BridgeRequest::Position(joining) => {
-            let owner = owner_shard(&joining.channel, shards);
-            deliver(cluster, owner, ShardMsg::Positioned { joining, result: Err(ErrorCode::Unavailable) })
+        BridgeRequest::Position(request) => {
+            let channel = request.channel.clone();
+            link.to_owner(&channel, OwnerMsg::Positioned { request, result: Err(unavailable) })
         }
         BridgeRequest::History { from, conn, req_id, .. } => {
-            deliver(cluster, from, ShardMsg::Failed { conn, req_id, code: ErrorCode::Unavailable })
+            link.to_shard(from, BrokerEvent::Failed { conn, req_id, code: unavailable })
         }
         BridgeRequest::Acked { .. } | BridgeRequest::Listen { .. } | BridgeRequest::Unlisten { .. } => {}
     }

@@ -14,12 +14,11 @@ use redis::{AsyncConnectionConfig, AsyncTypedCommands};
 
 use super::job::publish;
 use super::known::KnownPositions;
-use super::{keys, run_id, Continuity, HistoryPolicy};
+use super::{keys, run_id, Continuity, HistoryPolicy, Link};
 use crate::broker::accept_publish;
 use crate::metrics::{type_slot, RedisOp};
 use crate::protocol::pb;
 use crate::protocol::push::encode_update_body;
-use crate::shard::Cluster;
 
 /// How long one BLMOVE waits for an item before asking again.
 const BLOCK: f64 = 1.0;
@@ -34,22 +33,17 @@ pub(super) struct Consumer {
     dead: String,
     policy: HistoryPolicy,
     /// For the limits in force (a reload may change them).
-    cluster: Arc<Cluster>,
+    link: Link,
     /// What the bridge knows of each channel's position (see `Continuity`).
     known: Arc<Mutex<KnownPositions>>,
 }
 
 impl Consumer {
-    pub(super) fn new(
-        url: &str,
-        cluster: Arc<Cluster>,
-        policy: HistoryPolicy,
-        known: Arc<Mutex<KnownPositions>>,
-    ) -> Self {
-        let config = cluster.config.get();
+    pub(super) fn new(url: &str, link: Link, policy: HistoryPolicy, known: Arc<Mutex<KnownPositions>>) -> Self {
+        let config = link.inboxes.config();
         let prefix = config.redis.prefix.clone();
         let node_id = if config.redis.node_id.is_empty() {
-            format!("{}:{}", host_name(), cluster.local_addr.port())
+            format!("{}:{}", host_name(), link.inboxes.port())
         } else {
             config.redis.node_id.clone()
         };
@@ -60,7 +54,7 @@ impl Consumer {
             dead: format!("{prefix}:queue:dead"),
             prefix,
             policy,
-            cluster,
+            link,
             known,
         }
     }
@@ -95,7 +89,7 @@ impl Consumer {
     async fn consume(&self, connection: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let continuity = Continuity {
             run_id: Arc::from(run_id(connection).await?),
-            trust_restarts: self.cluster.config.get().redis.trust_restarts,
+            trust_restarts: self.link.inboxes.config().redis.trust_restarts,
             known: self.known.clone(),
         };
         // First what this node had in flight when it last stopped.
@@ -131,7 +125,7 @@ impl Consumer {
     async fn measure(&self, connection: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let (queued, dead): (u64, u64) =
             redis::pipe().cmd("LLEN").arg(&self.queue).cmd("LLEN").arg(&self.dead).query_async(connection).await?;
-        let metrics = &self.cluster.redis_metrics;
+        let metrics = &self.link.metrics;
         metrics.queue_length.store(queued, Ordering::Relaxed);
         metrics.dead_length.store(dead, Ordering::Relaxed);
         Ok(())
@@ -152,7 +146,7 @@ impl Consumer {
                 let channel = Arc::from(channel);
                 let policy = &self.policy;
                 let published = publish(connection, &channel, &keys, update.r#type, &rest, policy, continuity).await;
-                let metrics = &self.cluster.redis_metrics;
+                let metrics = &self.link.metrics;
                 metrics.record(RedisOp::Publish, started.elapsed(), published.is_err());
                 published?;
                 metrics.published[type_slot(update.r#type)].fetch_add(1, Ordering::Relaxed);
@@ -161,7 +155,7 @@ impl Consumer {
             Err(reason) => {
                 tracing::warn!(reason, "queue item is not a valid publication; moved to the dead list");
                 connection.rpush(&self.dead, item).await?;
-                self.cluster.redis_metrics.queue_dead.fetch_add(1, Ordering::Relaxed);
+                self.link.metrics.queue_dead.fetch_add(1, Ordering::Relaxed);
             }
         }
         connection.lrem(&self.in_flight, 1, item).await?;
@@ -171,7 +165,7 @@ impl Consumer {
     fn decode(&self, item: &[u8]) -> Result<(String, pb::Update), String> {
         let publish = pb::Publish::decode(item).map_err(|err| format!("not a Publish message: {err}"))?;
         let unix_us = crate::core::unix_us();
-        let limits = &self.cluster.config.get().limits;
+        let limits = &self.link.inboxes.config().limits;
         accept_publish(publish, unix_us, limits.max_channel_length, limits.max_payload_size)
             .map_err(|refused| refused.message)
     }

@@ -728,7 +728,7 @@ async fn disconnect(state: &Rc<RefCell<ShardState>>, client_id: &str, body: &[u8
 pub(super) fn handle_msg(shard: &mut ShardState, msg: ApiMsg) {
     let (from, token, answer) = match msg {
         ApiMsg::ListChannels { from, token, shard: part, prefix, after, limit } => {
-            let list = shard.owned_channels().list(&prefix, &after, limit);
+            let list = shard.broker().list_channels(&prefix, &after, limit);
             let answer = ApiMsg::Answer { token, part: part as u32, answer: Answer::Channels(list) };
             return shard.route(from, ShardMsg::Api(answer));
         }
