@@ -145,6 +145,14 @@ impl RedisNode {
     }
 }
 
+#[cfg(test)]
+impl RedisNode {
+    /// Takes requests as a connected bridge would (they wait in its queue, never answered).
+    pub(crate) fn pretend_connected(&self) {
+        self.bridge.up.store(true, Ordering::Relaxed);
+    }
+}
+
 impl BrokerNode for RedisNode {
     fn for_shard(&self, shard: usize, shards: usize, config: &Config) -> Box<dyn Broker> {
         let placement = Placement { shard, shards };
