@@ -8,6 +8,8 @@
 #   loadtest/compare.sh --subscribers 10000 --rates 100 --servers "routopia bun"
 #   loadtest/compare.sh --scenario request-reply      # peers in echo mode, replies per server CPU-s
 #   loadtest/compare.sh --repeat 5 --rates 2000       # five alternated rounds, medians and the ratio
+#   loadtest/compare.sh --baseline old/routopia-realtime --servers "routopia baseline" --repeat 5
+#                                                     # this build against another, alternated
 #
 # See loadtest/README.md for every option and how to read the numbers.
 set -euo pipefail
@@ -22,6 +24,7 @@ publishers=1
 duration=10
 payload=64
 servers="routopia bun tokio node"
+baseline_bin=""
 peers_dir=/tmp/routopia-peers
 peers_src=""
 out=""
@@ -46,7 +49,8 @@ Options:
   --publishers P        publisher connections (default: $publishers)
   --duration D          seconds of publishing per run; keep it ≤ 10 on a shared machine (default: $duration)
   --payload S           payload bytes, at least 16 (default: $payload)
-  --servers "..."       any of: routopia bun tokio node (default: "$servers")
+  --servers "..."       any of: routopia baseline bun tokio node (default: "$servers")
+  --baseline BIN        another routopia-realtime binary, run as server "baseline" (before/after)
   --bound-ms MS         p99 / publisher-lag bound for the "held" verdict (default: $bound_ms)
   --peers-dir DIR       where the peers are (built there by shared/peers/setup.sh if missing) (default: $peers_dir)
   --peers-src DIR       the peers' sources with setup.sh (default: shared/peers next to the repo, or /work/shared/peers)
@@ -75,6 +79,7 @@ while [ $# -gt 0 ]; do
     --payload|-s) payload=$2; given="$given payload"; shift 2 ;;
     --scenario) scenario=$2; shift 2 ;;
     --servers) servers=$2; shift 2 ;;
+    --baseline) baseline_bin=$2; shift 2 ;;
     --bound-ms) bound_ms=$2; shift 2 ;;
     --peers-dir) peers_dir=$2; shift 2 ;;
     --peers-src) peers_src=$2; shift 2 ;;
@@ -110,8 +115,9 @@ need_peers=0
 for s in $servers; do
   case $s in
     routopia) ;;
+    baseline) [ -x "$baseline_bin" ] || die "server 'baseline' needs --baseline BIN (an executable)" ;;
     bun|tokio|node) need_peers=1 ;;
-    *) die "unknown server '$s' (routopia bun tokio node)" ;;
+    *) die "unknown server '$s' (routopia baseline bun tokio node)" ;;
   esac
 done
 bun_bin="$peers_dir/node/node_modules/@oven/bun-linux-x64/bin/bun"
@@ -183,14 +189,16 @@ trap 'stop_server; exit 130' INT TERM
 start_server() {
   local name=$1 port=$2 logfile=$3
   case $name in
-    routopia)
-      [ -x "$server_bin" ] || die "$server_bin missing"
+    routopia | baseline)
+      local bin=$server_bin
+      [ "$name" = baseline ] && bin=$baseline_bin
+      [ -x "$bin" ] || die "$bin missing"
       # The server pins its shard to the first core taskset allows. The peers check no
       # tokens and limit nothing, so for a like-for-like run neither does routopia-realtime;
       # every generated connection comes from 127.0.0.1, so the per-address limit is lifted.
       ROUTOPIA_LOG_LEVEL=${ROUTOPIA_LOG_LEVEL:-warn} ROUTOPIA_AUTH__MODE=disabled ROUTOPIA_RATE_LIMITS__ENABLED=false \
         ROUTOPIA_LIMITS__MAX_CONNECTIONS_PER_IP=1000000 \
-        taskset -c "$server_core" "$server_bin" serve --listen "127.0.0.1:$port" --shards 1 >"$logfile" 2>&1 &
+        taskset -c "$server_core" "$bin" serve --listen "127.0.0.1:$port" --shards 1 >"$logfile" 2>&1 &
       ;;
     bun) taskset -c "$server_core" "$bun_bin" "$peers_dir/node/bun_server.js" "$port" "$peer_mode" >"$logfile" 2>&1 & ;;
     tokio) taskset -c "$server_core" "$peers_dir/bin/peer-tokio-tungstenite" "$port" "$peer_mode" >"$logfile" 2>&1 & ;;
@@ -201,7 +209,7 @@ start_server() {
   while [ $SECONDS -lt $deadline ]; do
     kill -0 "$server_pid" 2>/dev/null || { log "$name exited at start; see $logfile"; server_pid=""; return 1; }
     if port_in_use "$port"; then
-      if [ "$name" != routopia ] || grep -q "listening on" "$logfile"; then
+      if { [ "$name" != routopia ] && [ "$name" != baseline ]; } || grep -q "listening on" "$logfile"; then
         # A watchdog so that no server can eat the machine's memory.
         (
           while kill -0 "$server_pid" 2>/dev/null; do
@@ -265,9 +273,10 @@ for rate in $rates; do
     run_id="r$rate"
     [ "$repeat" -gt 1 ] && run_id="r$rate-k$round"
     for name in $servers; do
-      if [ "$name" = routopia ]; then mode=routopia; else mode=raw; fi
+      case $name in routopia | baseline) mode=routopia ;; *) mode=raw ;; esac
       label=$name
       [ "$name" = routopia ] && label=routopia-realtime
+      [ "$name" = baseline ] && label=routopia-baseline
       if [ "$mode" = raw ] && { [ "$channels" != 1 ] || [ "$scenario" = many-channels ]; }; then
         log "skipping $name: the peers only broadcast (C=1)"
         continue
