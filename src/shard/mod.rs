@@ -12,6 +12,7 @@ mod inbox;
 mod pacing;
 mod readable;
 mod router;
+mod routes;
 mod state;
 pub mod supervise;
 mod transport;

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::Route;
 use crate::config::{Bucket, Config};
 use crate::ratelimit::KeyedBuckets;
+use crate::shard::routes::ApiRoute;
 
 /// HTTP statuses the API answers, as metric labels (anything else counts as `other`).
 const STATUSES: [u16; 13] = [200, 400, 401, 403, 404, 405, 411, 413, 415, 429, 500, 503, 504];
@@ -19,7 +19,7 @@ pub struct ApiShared {
     /// One bucket per key, keyed by the first bytes of the key's digest.
     buckets: KeyedBuckets<u64, 1>,
     /// Requests answered, by route and status (`STATUSES` and `other`).
-    requests: [[AtomicU64; STATUSES.len() + 1]; Route::ALL.len()],
+    requests: [[AtomicU64; STATUSES.len() + 1]; ApiRoute::ALL.len()],
     /// Publications (single or batched) that got an offset, and that were refused.
     published: AtomicU64,
     refused: AtomicU64,
@@ -45,7 +45,7 @@ impl ApiShared {
         self.buckets.take(&key, 0, Instant::now())
     }
 
-    pub(super) fn count(&self, route: Route, status: u16) {
+    pub(super) fn count(&self, route: ApiRoute, status: u16) {
         let column = STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len());
         self.requests[route as usize][column].fetch_add(1, Ordering::Relaxed);
     }
@@ -53,7 +53,7 @@ impl ApiShared {
     /// `(route, status, count)` of every pair counted at least once.
     pub fn request_counts(&self) -> Vec<(&'static str, String, u64)> {
         let mut counts = Vec::new();
-        for route in Route::ALL {
+        for route in ApiRoute::ALL {
             for (column, counter) in self.requests[route as usize].iter().enumerate() {
                 let count = counter.load(Ordering::Relaxed);
                 if count > 0 {

@@ -1,6 +1,6 @@
 //! The API over the socket: the accept loop of `api.listen`, and one request served (wherever
-//! it came in): the key checked and rate limited, the route and its method, the body read,
-//! then the endpoint's answer written back.
+//! it came in): the key checked and rate limited, the route's method, the body read, then the
+//! endpoint's answer written back.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -15,10 +15,10 @@ use super::codec::{self, Answer as _, Format};
 use super::handlers;
 use super::keys::authenticate;
 use super::ANSWER_TIMEOUT;
-use super::{is_api_path, Route};
 use crate::protocol::http::{self, RequestHead};
 use crate::protocol::pb;
-use crate::shard::conn::{read_head, respond_and_close};
+use crate::shard::conn::{self, respond_and_close};
+use crate::shard::routes::{ApiRoute, Listener};
 use crate::shard::state::ShardState;
 use crate::shard::supervise::{self, Task};
 use crate::shard::transport::Transport;
@@ -39,21 +39,9 @@ pub(in crate::shard) async fn accept_loop(listener: TcpListener, state: Rc<RefCe
     }
 }
 
-async fn serve_connection(state: Rc<RefCell<ShardState>>, mut stream: TcpStream) {
+async fn serve_connection(state: Rc<RefCell<ShardState>>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let limits = state.borrow_mut().config().limits.clone();
-    let mut head_bytes = Vec::new();
-    let read = read_head(&mut stream, &mut head_bytes, limits.max_request_header_bytes, limits.max_request_headers);
-    let response = match compio::time::timeout(limits.handshake_timeout, read).await {
-        Ok(Ok(Some((head, consumed)))) if is_api_path(&head.path) => {
-            return serve(&state, stream, head, head_bytes.split_off(consumed)).await;
-        }
-        Ok(Ok(Some(_))) => http::error_response(404, "this address serves the API only (/api/…)"),
-        Ok(Ok(None)) => return,
-        Ok(Err(err)) => http::error_response(err.status(), &err.to_string()),
-        Err(_) => http::error_response(408, "request head not received in time"),
-    };
-    respond_and_close(stream, response).await;
+    conn::serve_request(state, stream, Listener::Api).await;
 }
 
 /// An answer: status, body, and `Retry-After` for 429.
@@ -86,15 +74,18 @@ impl Reply {
     }
 }
 
-/// Serves one API request whose head was read; `early` is what followed the head.
+/// Serves one API request whose head was read and routed (`method` and `target` as the
+/// router gave them); `early` is what followed the head.
 pub(in crate::shard) async fn serve<S: Transport>(
     state: &Rc<RefCell<ShardState>>,
     mut stream: S,
-    head: RequestHead,
+    head: &RequestHead,
     early: Vec<u8>,
+    route: ApiRoute,
+    method: Option<&str>,
+    target: &str,
 ) {
-    let (route, method, target) = Route::of(&head.path);
-    let reply = match handle(state, &mut stream, &head, early, route, method, target).await {
+    let reply = match handle(state, &mut stream, head, early, route, method, target).await {
         Some(reply) => reply,
         // The client left before its body was complete.
         None => return,
@@ -112,8 +103,8 @@ async fn handle<S: Transport>(
     stream: &mut S,
     head: &RequestHead,
     early: Vec<u8>,
-    route: Route,
-    method: &str,
+    route: ApiRoute,
+    method: Option<&str>,
     target: &str,
 ) -> Option<Reply> {
     let config = state.borrow_mut().config();
@@ -134,23 +125,23 @@ async fn handle<S: Transport>(
         reply.retry_after = Some(crate::shard::admission::retry_after_secs(wait));
         return Some(reply);
     }
-    if route == Route::Unknown {
+    if route == ApiRoute::Unknown {
         return Some(Reply::error(404, format, "no such API route; see the README's \"Server API\""));
     }
-    if head.method != method {
+    if let Some(method) = method.filter(|&method| head.method != method) {
         return Some(Reply::error(405, format, format!("use {method}")));
     }
-    if method == "GET" {
+    if method == Some("GET") {
         let format = Format::of_accept(head.body.accept.as_deref());
         return Some(match route {
-            Route::Channels => handlers::channels(state, &head.query, format).await,
-            Route::History => handlers::history(state, target, &head.query, &config, format).await,
+            ApiRoute::Channels => handlers::channels(state, &head.query, format).await,
+            ApiRoute::History => handlers::history(state, target, &head.query, &config, format).await,
             _ => handlers::subscriptions(state, target, format).await,
         });
     }
     let format = match head.body.content_type.as_deref().map(Format::of_content_type) {
         Some(Some(format)) => format,
-        _ if route == Route::Disconnect && head.body.content_length.is_none_or(|l| l == Ok(0)) => Format::Json,
+        _ if route == ApiRoute::Disconnect && head.body.content_length.is_none_or(|l| l == Ok(0)) => Format::Json,
         _ => {
             let message = format!("send the body as {} or {}", codec::PROTOBUF, codec::JSON);
             return Some(Reply::error(415, format, message));
@@ -161,8 +152,8 @@ async fn handle<S: Transport>(
         Err(reply) => return Some(reply),
     };
     Some(match route {
-        Route::Publish => handlers::publish(state, &body, &config, format).await,
-        Route::PublishBatch => handlers::publish_batch(state, &body, &config, format).await,
+        ApiRoute::Publish => handlers::publish(state, &body, &config, format).await,
+        ApiRoute::PublishBatch => handlers::publish_batch(state, &body, &config, format).await,
         _ => handlers::disconnect(state, target, &body, format).await,
     })
 }
