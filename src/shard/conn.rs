@@ -20,6 +20,7 @@ use compio::net::TcpStream;
 use compio::tls::{TlsAcceptor, TlsStream};
 
 use super::admission::{retry_after_secs, Refusal, Ticket};
+use super::routes::{self, Listener, Matched, Route};
 use super::state::{Endpoint, ShardState, KEEP_WRITE_BUFFER};
 use super::supervise::{self, Task};
 use super::transport::{Receive, Transport};
@@ -124,13 +125,11 @@ async fn serve_http<S: Transport>(
             return None;
         }
     };
-    let endpoint = match head.path.as_str() {
-        "/ws" => Some(Endpoint::Protocol),
-        "/echo" if config.testing.echo_endpoint => Some(Endpoint::Echo),
-        _ => None,
-    };
-    let response = match head.path.as_str() {
-        _ if let Some(endpoint) = endpoint => match head.websocket_key {
+    let listener =
+        Listener::Main { echo: config.testing.echo_endpoint, api: state.borrow().cluster.api_addr.is_none() };
+    let Matched { route, method, target } = routes::route(listener, &head.path);
+    let response = match route {
+        Route::WebSocket(endpoint) => match head.websocket_key {
             Some(key) => match admit(state, peer) {
                 Ok(ticket) => {
                     // Only what followed the head stays; the head's buffer is not kept for the
@@ -145,38 +144,43 @@ async fn serve_http<S: Transport>(
                 http::error_response(400, problem)
             }
         },
-        "/health" => health(state, &head),
-        "/metrics" => metrics(state, &head),
-        "/config/limits" => config_limits(state, &head),
-        path if path.starts_with("/zstd/dictionaries") => {
-            super::http::zstd_dictionaries(&state.borrow().cluster, &head)
+        Route::Page(page) => super::http::page(state, &head, page, method, target),
+        Route::Api(route) => {
+            let early = head_bytes.split_off(consumed);
+            Box::pin(super::api::serve(state, stream, &head, early, route, method, target)).await;
+            return None;
         }
-        path if super::api::is_api_path(path) => {
-            if state.borrow().cluster.api_addr.is_some() {
-                http::error_response(404, "the server API is served on its own address (api.listen)")
-            } else {
-                let early = head_bytes.split_off(consumed);
-                Box::pin(super::api::serve(state, stream, head, early)).await;
-                return None;
-            }
-        }
-        _ => http::error_response(404, "no such path; try /ws or /health"),
+        Route::NotFound(message) => http::error_response(404, message),
     };
     respond_and_close(stream, response).await;
     None
 }
 
-/// A request on the metrics address: `/metrics` and `/health` only.
-pub(super) async fn serve_metrics(state: Rc<RefCell<ShardState>>, mut stream: TcpStream) {
+/// A request on an address of its own (`metrics_listen`: `/metrics` and `/health` only).
+pub(super) fn serve_metrics(state: Rc<RefCell<ShardState>>, stream: TcpStream) -> impl Future<Output = ()> {
+    serve_request(state, stream, Listener::Metrics)
+}
+
+/// The one request of a connection to a listener without WebSockets (`api.listen`,
+/// `metrics_listen`): its head read, routed and answered.
+pub(super) async fn serve_request(state: Rc<RefCell<ShardState>>, mut stream: TcpStream, listener: Listener) {
     let limits = state.borrow_mut().config().limits.clone();
     let mut head_bytes = Vec::new();
     let read = read_head(&mut stream, &mut head_bytes, limits.max_request_header_bytes, limits.max_request_headers);
     let response = match compio::time::timeout(limits.handshake_timeout, read).await {
-        Ok(Ok(Some((head, _)))) => match head.path.as_str() {
-            "/metrics" => metrics(&state, &head),
-            "/health" => health(&state, &head),
-            _ => http::error_response(404, "this address serves /metrics and /health"),
-        },
+        Ok(Ok(Some((head, consumed)))) => {
+            let Matched { route, method, target } = routes::route(listener, &head.path);
+            match route {
+                Route::Api(route) => {
+                    let early = head_bytes.split_off(consumed);
+                    return super::api::serve(&state, stream, &head, early, route, method, target).await;
+                }
+                Route::Page(page) => super::http::page(&state, &head, page, method, target),
+                Route::NotFound(message) => http::error_response(404, message),
+                // Never: the table has upgrades on the main port only.
+                Route::WebSocket(_) => http::error_response(404, listener.not_found()),
+            }
+        }
         Ok(Ok(None)) => return,
         Ok(Err(err)) => http::error_response(err.status(), &err.to_string()),
         Err(_) => http::error_response(408, "request head not received in time"),
@@ -202,30 +206,6 @@ fn refusal_response(refusal: Refusal) -> Vec<u8> {
         }
         _ => http::error_response(refusal.status(), &refusal.message()),
     }
-}
-
-fn health(state: &Rc<RefCell<ShardState>>, head: &RequestHead) -> Vec<u8> {
-    if head.method != "GET" {
-        return http::error_response(405, "use GET");
-    }
-    let body = super::http::health_json(&state.borrow().cluster);
-    http::response(200, "application/json", body.as_bytes())
-}
-
-fn metrics(state: &Rc<RefCell<ShardState>>, head: &RequestHead) -> Vec<u8> {
-    if head.method != "GET" {
-        return http::error_response(405, "use GET");
-    }
-    let body = super::exposition::metrics_text(&state.borrow().cluster);
-    http::response(200, crate::metrics::prometheus::CONTENT_TYPE, body.as_bytes())
-}
-
-fn config_limits(state: &Rc<RefCell<ShardState>>, head: &RequestHead) -> Vec<u8> {
-    if head.method != "GET" {
-        return http::error_response(405, "use GET");
-    }
-    let body = super::http::limits_json(&state.borrow_mut().config());
-    http::response(200, "application/json", body.as_bytes())
 }
 
 /// Reads until a complete request head (`Ok(None)`: the peer left first).

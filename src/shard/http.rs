@@ -1,15 +1,48 @@
-//! Answers of the plain-HTTP routes served on the WebSocket port.
+//! Answers of the plain-HTTP routes (the pages of `routes.rs`), served on the WebSocket port
+//! and, `/metrics` and `/health`, on the metrics address.
 
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::Serialize;
 
+use super::routes::Page;
+use super::state::ShardState;
 use super::supervise::Task;
 use super::Cluster;
 use crate::config::{AuthMode, Config};
 use crate::protocol::http::{self, RequestHead};
 use crate::protocol::pb;
+
+/// The answer to a request for `page`; `method` is the one the page takes, `target` what its
+/// path holds past the route's (`/zstd/dictionaries…`).
+pub(super) fn page(
+    state: &RefCell<ShardState>,
+    head: &RequestHead,
+    page: Page,
+    method: Option<&str>,
+    target: &str,
+) -> Vec<u8> {
+    if let Some(method) = method.filter(|&method| head.method != method) {
+        return http::error_response(405, &format!("use {method}"));
+    }
+    match page {
+        Page::Health => {
+            let body = health_json(&state.borrow().cluster);
+            http::response(200, "application/json", body.as_bytes())
+        }
+        Page::Metrics => {
+            let body = super::exposition::metrics_text(&state.borrow().cluster);
+            http::response(200, crate::metrics::prometheus::CONTENT_TYPE, body.as_bytes())
+        }
+        Page::ConfigLimits => {
+            let body = limits_json(&state.borrow_mut().config());
+            http::response(200, "application/json", body.as_bytes())
+        }
+        Page::ZstdDictionaries => zstd_dictionaries(&state.borrow().cluster, target),
+    }
+}
 
 /// `GET /health`: status, version, driver per shard, shard count, connections, uptime.
 pub(super) fn health_json(cluster: &Cluster) -> String {
@@ -184,14 +217,12 @@ pub(super) fn limits_json(config: &Config) -> String {
 }
 
 /// `GET /zstd/dictionaries`: the dictionaries (id, update type, size);
-/// `GET /zstd/dictionaries/{id}`: one, as the bytes a client decompresses with.
-pub(super) fn zstd_dictionaries(cluster: &Cluster, head: &RequestHead) -> Vec<u8> {
-    if head.method != "GET" {
-        return http::error_response(405, "use GET");
-    }
+/// `GET /zstd/dictionaries/{id}`: one, as the bytes a client decompresses with. `rest` is what
+/// follows `/zstd/dictionaries`.
+fn zstd_dictionaries(cluster: &Cluster, rest: &str) -> Vec<u8> {
     let dictionaries = &cluster.zstd.dictionaries;
-    match head.path.strip_prefix("/zstd/dictionaries") {
-        Some("" | "/") => {
+    match rest {
+        "" | "/" => {
             let list: Vec<serde_json::Value> = dictionaries
                 .iter()
                 .map(|d| {
@@ -202,13 +233,12 @@ pub(super) fn zstd_dictionaries(cluster: &Cluster, head: &RequestHead) -> Vec<u8
             let body = serde_json::json!({"dictionaries": list}).to_string();
             http::response(200, "application/json", body.as_bytes())
         }
-        Some(rest) => match rest.strip_prefix('/').and_then(|id| id.parse::<u32>().ok()) {
+        rest => match rest.strip_prefix('/').and_then(|id| id.parse::<u32>().ok()) {
             Some(id) => match dictionaries.iter().find(|d| d.id == id) {
                 Some(d) => http::response(200, "application/zstd-dictionary", &d.bytes),
                 None => http::error_response(404, "no zstd dictionary with that id"),
             },
             None => http::error_response(404, "no such path; try /zstd/dictionaries"),
         },
-        None => http::error_response(404, "no such path; try /zstd/dictionaries"),
     }
 }

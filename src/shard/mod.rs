@@ -12,6 +12,7 @@ mod inbox;
 mod pacing;
 mod readable;
 mod router;
+mod routes;
 mod runtime;
 mod state;
 pub mod supervise;
