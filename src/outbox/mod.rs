@@ -12,11 +12,12 @@
 //! alone exceed the limit does the queue overflow.
 //!
 //! `delivered`: a channel's publications a queue may refer to instead of holding them;
-//! `low_lane`: what gives way and what was given up; `wire`: writing it all as WebSocket bytes.
+//! `low_lane`: what gives way and what was given up; `batches`: how it all leaves, in batches
+//! shared between subscribers and compressed where that pays (`protocol` writes the bytes).
 
+mod batches;
 mod delivered;
 mod low_lane;
-mod wire;
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -26,11 +27,11 @@ use bytes::Bytes;
 use crate::compression::SharedBatches;
 use crate::core::Publication;
 use crate::protocol::push::push_len;
+use batches::{one_subscription, shared_parts, write_batches};
+pub use batches::{Observed, Sharing};
 pub use delivered::Delivered;
 use delivered::Run;
 use low_lane::LowLane;
-use wire::{one_subscription, shared_parts, write_batches};
-pub use wire::{Observed, Sharing};
 
 /// One thing to send.
 #[derive(Debug)]

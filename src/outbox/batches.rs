@@ -1,17 +1,17 @@
-//! Queued items as WebSocket bytes: batches of frames per message, shared between
-//! subscribers and compressed where that pays.
+//! How queued items leave: batches of frames per WebSocket message, shared between
+//! subscribers and compressed where that pays. The bytes of each piece are `protocol`'s.
 
 use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use prost::encoding::encoded_len_varint;
 
 use super::OutItem;
 use crate::compression::SharedBatches;
 use crate::core::Publication;
 use crate::metrics::LocalMetrics;
-use crate::protocol::push::{append_varint, push_len_skipped, write_push_skipped};
+use crate::protocol::push::{push_len_skipped, write_push_skipped};
+use crate::protocol::server_message::{write_shared_batch, write_shared_head, write_zstd_envelope};
 use crate::protocol::ws::write_binary_header;
 
 /// The shard's shared batches, and what this connection takes of them.
@@ -81,15 +81,15 @@ where
             let written = match (shared_sub, compress) {
                 (Some(sub_id), true) => {
                     match sharing.batches.shared_compressed(publications(run.clone()), sharing.held) {
-                        Some(compressed) => write_envelope(out, &compressed, sub_id),
+                        Some(compressed) => write_zstd_envelope(out, &compressed, sub_id),
                         None => {
-                            write_shared_plain(out, sharing.batches.shared_plain(publications(run.clone())), sub_id)
+                            write_shared_batch(out, &sharing.batches.shared_plain(publications(run.clone())), sub_id)
                         }
                     }
                     true
                 }
                 (Some(sub_id), false) => {
-                    write_shared_plain(out, sharing.batches.shared_plain(publications(run.clone())), sub_id);
+                    write_shared_batch(out, &sharing.batches.shared_plain(publications(run.clone())), sub_id);
                     true
                 }
                 (None, true) => write_own_compressed(out, run.clone(), count, len, sharing),
@@ -145,17 +145,6 @@ fn write_run<'a>(out: &mut Vec<u8>, items: &mut impl Iterator<Item = (&'a OutIte
     }
 }
 
-/// Key of `ServerMessage.zstd` (field 2, length-delimited) and `ServerMessage.sub_id` (field 3).
-const SERVER_MESSAGE_ZSTD_KEY: u8 = 0x12;
-const SERVER_MESSAGE_SUB_ID_KEY: u8 = 0x18;
-
-/// A shared plain batch: its head, then its frames as they are.
-fn write_shared_plain(out: &mut Vec<u8>, frames: Bytes, sub_id: u32) {
-    out.reserve(frames.len() + 16);
-    write_shared_head(out, frames.len(), sub_id);
-    out.extend_from_slice(&frames);
-}
-
 /// Shared batches (`stretch`, one iterator per message) of subscription `sub_id`, tallied as
 /// written at `observed`: the first message's head goes to `head`, and the parts to write
 /// after it are returned (the first batch's frames, then each further message's head and
@@ -189,15 +178,6 @@ where
     parts
 }
 
-/// What one connection's copy of a shared batch of `frames_len` bytes starts with: the
-/// WebSocket header and `ServerMessage.sub_id` (protobuf allows it before the frames), so the
-/// shared bytes can follow untouched, copied or by a vectored write.
-fn write_shared_head(out: &mut Vec<u8>, frames_len: usize, sub_id: u32) {
-    write_binary_header(out, 1 + encoded_len_varint(u64::from(sub_id)) + frames_len);
-    out.push(SERVER_MESSAGE_SUB_ID_KEY);
-    append_varint(out, u64::from(sub_id));
-}
-
 /// Writes `run` (of `len` bytes plain, several subscriptions' or with skip reports) as the
 /// connection's own zstd envelope; false when compressing would not make it smaller (nothing
 /// written then).
@@ -217,21 +197,6 @@ fn write_own_compressed<'a>(
     let first = types.next();
     let update_type = first.filter(|&t| t >= 0 && types.all(|other| other == t));
     let Some(compressed) = sharing.batches.own(&plain, update_type, sharing.held) else { return false };
-    write_envelope(out, &compressed, 0);
+    write_zstd_envelope(out, &compressed, 0);
     true
-}
-
-/// A `ServerMessage` holding only `zstd` (and the `sub_id` its updates lack, if shared).
-fn write_envelope(out: &mut Vec<u8>, compressed: &[u8], sub_id: u32) {
-    let sub_id_len = if sub_id == 0 { 0 } else { 1 + encoded_len_varint(u64::from(sub_id)) };
-    let len = 1 + encoded_len_varint(compressed.len() as u64) + compressed.len() + sub_id_len;
-    out.reserve(len + 10);
-    write_binary_header(out, len);
-    out.push(SERVER_MESSAGE_ZSTD_KEY);
-    append_varint(out, compressed.len() as u64);
-    out.extend_from_slice(compressed);
-    if sub_id != 0 {
-        out.push(SERVER_MESSAGE_SUB_ID_KEY);
-        append_varint(out, u64::from(sub_id));
-    }
 }
