@@ -21,7 +21,7 @@ use crate::config::{Bucket, Config};
 use crate::core::ConnLabel;
 use crate::core::{validate_channel, HistoryPage, Now, Position, Publication, Recovery, RecoveryFailure};
 use crate::metrics::LocalMetrics;
-use crate::outbox::{Delivered, GaveWay, OutItem, Outbox, Overflow, Pressure, Sharing};
+use crate::outbox::{FanoutLog, OutItem, Outbox, Overflow, Pressure, SharedEncoding, ShedCounts};
 use crate::protocol::client_frames;
 use crate::protocol::envelope::{self, Dictionaries, EnvelopeError};
 use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
@@ -56,11 +56,11 @@ thread_local! {
 /// Frames' room `DECODED_FRAMES` keeps between messages; a larger message's is given back.
 const DECODED_FRAMES_KEEP: usize = 64;
 
-/// Queues a shard lends the session whose read it handles, so that a request allocates none
+/// Spare queues a shard lends the session whose read it handles, so that a request allocates none
 /// of its own: the event queue, and a small outbox queue for the answers. Only empty queues
 /// change hands, so nothing queued ever moves between sessions.
 #[derive(Debug, Default)]
-pub struct LentQueues {
+pub struct SpareQueues {
     events: VecDeque<SessionEvent>,
     outbox: VecDeque<OutItem>,
 }
@@ -390,19 +390,19 @@ impl Session {
         self.events.pop_front()
     }
 
-    /// Takes the queues the shard lends for a read that it has none of (see `LentQueues`).
-    pub fn borrow_queues(&mut self, lent: &mut LentQueues) {
-        crate::core::borrow_queue(&mut self.events, &mut lent.events);
-        self.outbox.borrow_queue(&mut lent.outbox);
+    /// Takes the queues the shard lends for a read that it has none of (see `SpareQueues`).
+    pub fn borrow_queues(&mut self, spare: &mut SpareQueues) {
+        crate::core::borrow_queue(&mut self.events, &mut spare.events);
+        self.outbox.borrow_queue(&mut spare.outbox);
     }
 
     /// Hands back what it borrowed, once empty (an outbox queue only up to `up_to` slots),
     /// and frees an empty event queue of its own: between bursts of commands an idle session
     /// keeps no queue.
-    pub fn give_back_queues(&mut self, lent: &mut LentQueues, up_to: usize) {
-        crate::core::give_back_queue(&mut self.events, &mut lent.events, usize::MAX);
+    pub fn give_back_queues(&mut self, spare: &mut SpareQueues, up_to: usize) {
+        crate::core::give_back_queue(&mut self.events, &mut spare.events, usize::MAX);
         self.release_event_queue();
-        self.outbox.give_back_queue(&mut lent.outbox, up_to);
+        self.outbox.give_back_queue(&mut spare.outbox, up_to);
     }
 
     /// Frees an empty event queue's memory.
@@ -453,20 +453,20 @@ impl Session {
         self.outbox.take_shared(head, self.limits.batch_size, batches, Some((&self.limits.metrics, now)))
     }
 
-    /// `poll_transmit`, sharing batches through the shard's `batches` (and compressing large
+    /// `poll_transmit`, encoding batches through the shard's `batches` (and compressing large
     /// messages if the client accepts zstd), for a write at `now`.
     pub fn poll_transmit_shared(&mut self, out: &mut Vec<u8>, batches: &mut SharedBatches, now: Instant) -> usize {
-        let sharing = Sharing {
+        let encoding = SharedEncoding {
             batches,
             zstd: self.accepts_zstd,
             held: self.zstd_dictionaries,
             observed: Some((&self.limits.metrics, now)),
         };
-        self.outbox.drain_into(out, self.limits.batch_size, Some(sharing))
+        self.outbox.drain_into(out, self.limits.batch_size, Some(encoding))
     }
 
     /// Updates conflated or dropped for this slow connection since the last call.
-    pub fn take_gave_way(&mut self) -> GaveWay {
+    pub fn take_gave_way(&mut self) -> ShedCounts {
         self.outbox.take_gave_way()
     }
 
@@ -557,28 +557,28 @@ impl Session {
         self.push_update_at(sub_id, publication, None, now)
     }
 
-    /// `push_update` of a fan-out: `publication` is index `index` of its channel's `delivered`,
-    /// which the queue may refer to instead of holding it (see `Outbox::push_delivered`).
+    /// `push_update` of a fan-out: `publication` is index `index` of its channel's fan-out log
+    /// `fanout`, which the queue may refer to instead of holding it (see `Outbox::push_delivered`).
     pub fn push_delivered(
         &mut self,
         sub_id: u32,
         publication: &Rc<Publication>,
-        delivered: &Rc<Delivered>,
+        fanout: &Rc<FanoutLog>,
         index: u32,
         now: Instant,
     ) -> u32 {
-        self.push_update_at(sub_id, publication, Some((delivered, index)), now)
+        self.push_update_at(sub_id, publication, Some((fanout, index)), now)
     }
 
     /// Lets the fan-out pass subscription `sub_id` by while this connection waits for
-    /// its next pacing tick (see `outbox::Delivered`); `slot` is its place among the channel's
+    /// its next pacing tick (see `outbox::FanoutLog`); `slot` is its place among the channel's
     /// subscribers. Only while nothing is near urgent and no acknowledgement is tracked.
-    pub fn park(&mut self, sub_id: u32, delivered: &Rc<Delivered>, slot: usize) -> bool {
+    pub fn park(&mut self, sub_id: u32, fanout: &Rc<FanoutLog>, slot: usize) -> bool {
         if self.is_closing() || self.acked_subs > 0 {
             return false;
         }
         let (urgent_len, urgent_bytes) = self.urgent_marks();
-        self.outbox.park(sub_id, delivered, slot, urgent_len, urgent_bytes)
+        self.outbox.park(sub_id, fanout, slot, urgent_len, urgent_bytes)
     }
 
     /// The fan-out visits subscription `sub_id` on every publication again.
@@ -590,7 +590,7 @@ impl Session {
         &mut self,
         sub_id: u32,
         publication: &Rc<Publication>,
-        delivered: Option<(&Rc<Delivered>, u32)>,
+        fanout: Option<(&Rc<FanoutLog>, u32)>,
         now: Instant,
     ) -> u32 {
         if self.is_closing() {
@@ -602,8 +602,8 @@ impl Session {
                 failed = acks.sent(publication, now);
             }
         }
-        let queued = match delivered {
-            Some((delivered, index)) => self.outbox.push_delivered(sub_id, publication, delivered, index),
+        let queued = match fanout {
+            Some((fanout, index)) => self.outbox.push_delivered(sub_id, publication, fanout, index),
             None => self.outbox.push(OutItem::Push { sub_id, publication: publication.clone() }),
         };
         self.close_if_overflowed(queued);

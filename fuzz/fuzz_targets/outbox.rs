@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use routopia_realtime::core::Publication;
 use routopia_realtime::compression::{SharedBatches, ZstdSettings};
-use routopia_realtime::outbox::{Delivered, OutItem, Outbox, Overflow, Pressure, Sharing};
+use routopia_realtime::outbox::{FanoutLog, OutItem, Outbox, Overflow, Pressure, SharedEncoding};
 use routopia_realtime::protocol::envelope::{self, Dictionaries};
 use routopia_realtime::protocol::pb::{server_frame::Kind, ServerMessage, Update};
 use routopia_realtime::protocol::push::{encode_update_body, push_len};
@@ -34,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     // the channel's offsets, and what the shard delivered on it.
     let mut sub_ids = [1u32, 2, 3, 4];
     let mut offsets = [0u64; 4];
-    let mut delivered: [Rc<Delivered>; 4] = Default::default();
+    let mut delivered: [Rc<FanoutLog>; 4] = Default::default();
     // High-priority updates queued, and those of subscriptions that ended (which may or may
     // not arrive).
     let mut routes: Vec<(u32, u64)> = Vec::new();
@@ -101,7 +100,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             if !taken {
-                let sharing = batches.as_mut().map(|batches| Sharing {
+                let sharing = batches.as_mut().map(|batches| SharedEncoding {
                     batches,
                     zstd,
                     held: 0,
@@ -129,9 +128,15 @@ fuzz_target!(|data: &[u8]| {
         };
         let body = encode_update_body(&update);
         let len = push_len(sub_id, body.len());
-        let publication = Rc::new(routopia_realtime::protocol::push::publication(Arc::from("c"), offsets[slot], update_type, body, Instant::now()));
+        let publication = Rc::new(routopia_realtime::protocol::push::publication(
+            Arc::from("c"),
+            offsets[slot],
+            update_type,
+            body,
+            Instant::now(),
+        ));
         let queued = if a & 0x10 != 0 {
-            let index = Delivered::append(&mut delivered[slot], &publication);
+            let index = FanoutLog::append(&mut delivered[slot], &publication);
             outbox.push_delivered(sub_id, &publication, &delivered[slot], index)
         } else {
             outbox.push(OutItem::Push { sub_id, publication })
@@ -151,8 +156,12 @@ fuzz_target!(|data: &[u8]| {
     if overflowed {
         return;
     }
-    let sharing =
-        batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0, observed: Some((&metrics, Instant::now())) });
+    let sharing = batches.as_mut().map(|batches| SharedEncoding {
+        batches,
+        zstd,
+        held: 0,
+        observed: Some((&metrics, Instant::now())),
+    });
     outbox.drain_into(&mut wire, 100, sharing);
     let mut client = WsEndpoint::client(1 << 24);
     client.feed(&wire);

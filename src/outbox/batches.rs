@@ -15,7 +15,7 @@ use crate::protocol::server_message::{write_shared_batch, write_shared_head, wri
 use crate::protocol::ws::write_binary_header;
 
 /// The shard's shared batches, and what this connection takes of them.
-pub struct Sharing<'a> {
+pub struct SharedEncoding<'a> {
     pub batches: &'a mut SharedBatches,
     /// The connection accepts zstd envelopes.
     pub zstd: bool,
@@ -25,7 +25,7 @@ pub struct Sharing<'a> {
     pub observed: Observed<'a>,
 }
 
-impl Sharing<'_> {
+impl SharedEncoding<'_> {
     /// Whether a message of `len` plain bytes goes out compressed.
     fn compresses(&self, len: usize) -> bool {
         let threshold = self.batches.threshold();
@@ -39,7 +39,7 @@ pub type Observed<'a> = Option<(&'a LocalMetrics, Instant)>;
 /// Writes `items`, each with the number of updates before it on its subscription that were
 /// given up (reported as `skipped`), as WebSocket messages of up to `batch_size` frames (raw
 /// items go out as they are, between batches).
-/// With `sharing`, a message of two or more updates of one subscription (and nothing per copy)
+/// With `encoding`, a message of two or more updates of one subscription (and nothing per copy)
 /// is the shard's shared batch, encoded once for every subscriber, with the `sub_id` in the
 /// envelope; over the threshold, for a client that accepts it, a zstd envelope (shared, or the
 /// connection's own when the message holds more than one subscription's updates or reports
@@ -49,7 +49,7 @@ pub(super) fn write_batches<'a, I>(
     out: &mut Vec<u8>,
     mut items: I,
     batch_size: usize,
-    mut sharing: Option<&mut Sharing<'_>>,
+    mut encoding: Option<&mut SharedEncoding<'_>>,
 ) -> usize
 where
     I: Iterator<Item = (&'a OutItem, u32)> + Clone,
@@ -69,30 +69,30 @@ where
         let (count, len) =
             run.clone().fold((0, 0), |(count, len), (item, skipped)| (count + 1, len + wire_len(item, skipped)));
         frames += count;
-        if let Some((metrics, now)) = sharing.as_deref().and_then(|sharing| sharing.observed) {
+        if let Some((metrics, now)) = encoding.as_deref().and_then(|encoding| encoding.observed) {
             metrics.record_deliveries(now, publications(run.clone()).map(|p| &**p));
             metrics.record_message(count);
         }
-        if let Some(sharing) = sharing.as_deref_mut() {
-            let compress = sharing.compresses(len);
+        if let Some(encoding) = encoding.as_deref_mut() {
+            let compress = encoding.compresses(len);
             // One update alone is as cheap to write as to look up, unless it is to be compressed.
             let worth_sharing = (count >= 2 || compress) && run.clone().all(|(_, skipped)| skipped == 0);
             let shared_sub = if worth_sharing { one_subscription(run.clone().map(|(item, _)| item)) } else { None };
             let written = match (shared_sub, compress) {
                 (Some(sub_id), true) => {
-                    match sharing.batches.shared_compressed(publications(run.clone()), sharing.held) {
+                    match encoding.batches.shared_compressed(publications(run.clone()), encoding.held) {
                         Some(compressed) => write_zstd_envelope(out, &compressed, sub_id),
                         None => {
-                            write_shared_batch(out, &sharing.batches.shared_plain(publications(run.clone())), sub_id)
+                            write_shared_batch(out, &encoding.batches.shared_plain(publications(run.clone())), sub_id)
                         }
                     }
                     true
                 }
                 (Some(sub_id), false) => {
-                    write_shared_batch(out, &sharing.batches.shared_plain(publications(run.clone())), sub_id);
+                    write_shared_batch(out, &encoding.batches.shared_plain(publications(run.clone())), sub_id);
                     true
                 }
-                (None, true) => write_own_compressed(out, run.clone(), count, len, sharing),
+                (None, true) => write_own_compressed(out, run.clone(), count, len, encoding),
                 (None, false) => false,
             };
             if written {
@@ -186,7 +186,7 @@ fn write_own_compressed<'a>(
     run: impl Iterator<Item = (&'a OutItem, u32)> + Clone,
     count: usize,
     len: usize,
-    sharing: &mut Sharing<'_>,
+    encoding: &mut SharedEncoding<'_>,
 ) -> bool {
     let mut plain = Vec::with_capacity(len);
     write_run(&mut plain, &mut run.clone(), count);
@@ -196,7 +196,7 @@ fn write_own_compressed<'a>(
     });
     let first = types.next();
     let update_type = first.filter(|&t| t >= 0 && types.all(|other| other == t));
-    let Some(compressed) = sharing.batches.own(&plain, update_type, sharing.held) else { return false };
+    let Some(compressed) = encoding.batches.own(&plain, update_type, encoding.held) else { return false };
     write_zstd_envelope(out, &compressed, 0);
     true
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::delivered::DELIVERED_CAPACITY;
+use super::fanout_log::FANOUT_LOG_CAPACITY;
 use super::*;
 use crate::protocol::pb::{server_frame::Kind, ServerMessage, Update};
 use crate::protocol::push::encode_update_body;
@@ -26,9 +26,9 @@ fn plain_batches() -> SharedBatches {
     SharedBatches::new(Arc::new(settings))
 }
 
-/// Sharing through `batches` for a client without zstd, latencies not recorded.
-fn plain_sharing(batches: &mut SharedBatches) -> Sharing<'_> {
-    Sharing { batches, zstd: false, held: 0, observed: None }
+/// Encoding through `batches` for a client without zstd, latencies not recorded.
+fn plain_encoding(batches: &mut SharedBatches) -> SharedEncoding<'_> {
+    SharedEncoding { batches, zstd: false, held: 0, observed: None }
 }
 
 fn typed(offset: u64, update_type: i32, key: &str) -> Rc<Publication> {
@@ -138,7 +138,7 @@ fn under_pressure_a_newer_update_with_the_same_key_replaces_the_queued_one() {
     outbox.push(OutItem::Push { sub_id: 1, publication: typed(1, TRAFFIC, "a1") }).unwrap();
     outbox.push(OutItem::Push { sub_id: 1, publication: typed(2, TRAFFIC, "b2") }).unwrap();
     outbox.push(OutItem::Push { sub_id: 1, publication: typed(3, TRAFFIC, "a1") }).unwrap();
-    assert_eq!(outbox.take_gave_way(), GaveWay { conflated: 1, dropped: 0 });
+    assert_eq!(outbox.take_gave_way(), ShedCounts { conflated: 1, dropped: 0 });
     let mut wire = Vec::new();
     outbox.drain_into(&mut wire, 100, None);
     let got: Vec<(u64, u32, String)> = updates(&wire).into_iter().map(|u| (u.offset, u.skipped, u.key)).collect();
@@ -290,7 +290,7 @@ fn one_subscriptions_updates_are_taken_shared_and_anything_else_is_not() {
 /// same and write the same bytes, shared or not.
 #[test]
 fn a_run_of_delivered_updates_queues_and_writes_like_single_pushes() {
-    let mut delivered = Rc::new(Delivered::default());
+    let mut fanout = Rc::new(FanoutLog::default());
     let mut pushed = Outbox::new(1 << 20, pressure(1 << 20));
     let mut ran = Outbox::new(1 << 20, pressure(1 << 20));
     let (mut batches_pushed, mut batches_ran) = (plain_batches(), plain_batches());
@@ -298,9 +298,9 @@ fn a_run_of_delivered_updates_queues_and_writes_like_single_pushes() {
     let mut update = |sub_id: u32, update_type: i32, pushed: &mut Outbox, ran: &mut Outbox| {
         offset += 1;
         let publication = typed(offset, update_type, "");
-        let index = Delivered::append(&mut delivered, &publication);
+        let index = FanoutLog::append(&mut fanout, &publication);
         pushed.push(OutItem::Push { sub_id, publication: publication.clone() }).unwrap();
-        ran.push_delivered(sub_id, &publication, &delivered, index).unwrap();
+        ran.push_delivered(sub_id, &publication, &fanout, index).unwrap();
         assert_eq!((pushed.len(), pushed.queued_bytes()), (ran.len(), ran.queued_bytes()));
     };
     // Rounds: a run alone; a run broken by a reply; lower-priority updates ahead of a run;
@@ -327,7 +327,7 @@ fn a_run_of_delivered_updates_queues_and_writes_like_single_pushes() {
         assert_eq!(taken_pushed.is_some(), taken_ran.is_some(), "round {round}");
         let wire = |outbox: &mut Outbox, mut head: Vec<u8>, taken: Option<Vec<Bytes>>, batches| {
             taken.iter().flatten().for_each(|part| head.extend_from_slice(part));
-            outbox.drain_into(&mut head, 3, Some(plain_sharing(batches)));
+            outbox.drain_into(&mut head, 3, Some(plain_encoding(batches)));
             assert!(outbox.is_empty() && outbox.queued_bytes() == 0);
             head
         };
@@ -343,14 +343,14 @@ fn a_run_of_delivered_updates_queues_and_writes_like_single_pushes() {
 /// the same bytes as single pushes; its mark goes when its run closes.
 #[test]
 fn a_parked_queue_holds_what_the_fan_out_passed_by() {
-    let mut delivered = Rc::new(Delivered::default());
+    let mut fanout = Rc::new(FanoutLog::default());
     let mut pushed = Outbox::new(1 << 20, pressure(1 << 20));
     let mut parked = Outbox::new(1 << 20, pressure(1 << 20));
     let mut publish = |offset: u64, update_type: i32, pushed: &mut Outbox| {
         let publication = typed(offset, update_type, "");
-        let index = Delivered::append(&mut delivered, &publication);
+        let index = FanoutLog::append(&mut fanout, &publication);
         pushed.push(OutItem::Push { sub_id: 1, publication: publication.clone() }).unwrap();
-        (publication, index, delivered.clone())
+        (publication, index, fanout.clone())
     };
     let (first, index, d) = publish(1, ROUTE, &mut pushed);
     parked.push_delivered(1, &first, &d, index).unwrap();
@@ -370,8 +370,8 @@ fn a_parked_queue_holds_what_the_fan_out_passed_by() {
     assert_eq!((parked.len(), parked.queued_bytes()), (pushed.len(), pushed.queued_bytes()));
     let (mut a, mut b) = (plain_batches(), plain_batches());
     let (mut wire_pushed, mut wire_parked) = (Vec::new(), Vec::new());
-    pushed.drain_into(&mut wire_pushed, 100, Some(plain_sharing(&mut a)));
-    parked.drain_into(&mut wire_parked, 100, Some(plain_sharing(&mut b)));
+    pushed.drain_into(&mut wire_pushed, 100, Some(plain_encoding(&mut a)));
+    parked.drain_into(&mut wire_parked, 100, Some(plain_encoding(&mut b)));
     assert_eq!(wire_parked, wire_pushed);
     let offsets: Vec<u64> = updates(&wire_parked).iter().map(|u| u.offset).collect();
     assert_eq!(offsets, [1, 2, 3, 4, 5]);
@@ -390,7 +390,7 @@ fn parking_in_any_mix_writes_what_single_pushes_write() {
         seed
     };
     for round in 0..200 {
-        let mut channels = [Rc::new(Delivered::default()), Rc::new(Delivered::default())];
+        let mut channels = [Rc::new(FanoutLog::default()), Rc::new(FanoutLog::default())];
         let mut offsets = [0u64; 2];
         let mut pushed = Outbox::new(1 << 20, pressure(1 << 20));
         let mut parked = Outbox::new(1 << 20, pressure(1 << 20));
@@ -412,7 +412,7 @@ fn parking_in_any_mix_writes_what_single_pushes_write() {
                         if let Some(parts) = outbox.take_shared(wire, batch_size, batches, None) {
                             parts.iter().for_each(|part| wire.extend_from_slice(part));
                         } else {
-                            outbox.drain_into(wire, batch_size, Some(plain_sharing(batches)));
+                            outbox.drain_into(wire, batch_size, Some(plain_encoding(batches)));
                         }
                     }
                     assert_eq!(wire_parked, wire_pushed, "round {round}");
@@ -422,19 +422,19 @@ fn parking_in_any_mix_writes_what_single_pushes_write() {
                     let update_type = if (roll >> 16) % 4 == 0 { TRAFFIC } else { ROUTE };
                     offsets[channel] += 1;
                     let publication = typed(offsets[channel], update_type, "");
-                    let delivered = &mut channels[channel];
-                    let index = Delivered::append(delivered, &publication);
+                    let fanout = &mut channels[channel];
+                    let index = FanoutLog::append(fanout, &publication);
                     let sub_id = channel as u32 + 1;
                     pushed.push(OutItem::Push { sub_id, publication: publication.clone() }).unwrap();
                     // The fan-out: a parked subscriber is passed by while it may be.
-                    let passed = update_type == ROUTE && delivered.within_horizon() && delivered.is_parked(0);
+                    let passed = update_type == ROUTE && fanout.within_horizon() && fanout.is_parked(0);
                     if !passed {
-                        delivered.reset_horizon();
-                        parked.push_delivered(sub_id, &publication, delivered, index).unwrap();
+                        fanout.reset_horizon();
+                        parked.push_delivered(sub_id, &publication, fanout, index).unwrap();
                         if (roll >> 24) % 3 == 0 {
                             parked.unpark(sub_id);
                         } else {
-                            parked.park(sub_id, delivered, 0, 6, 1 << 18);
+                            parked.park(sub_id, fanout, 0, 6, 1 << 18);
                         }
                     }
                     assert_eq!(parked.len(), pushed.len(), "round {round}");
@@ -444,7 +444,7 @@ fn parking_in_any_mix_writes_what_single_pushes_write() {
         for (outbox, batches, wire) in
             [(&mut pushed, &mut batches_pushed, &mut wire_pushed), (&mut parked, &mut batches_parked, &mut wire_parked)]
         {
-            outbox.drain_into(wire, 100, Some(plain_sharing(batches)));
+            outbox.drain_into(wire, 100, Some(plain_encoding(batches)));
         }
         assert_eq!(wire_parked, wire_pushed, "round {round}");
         assert!(parked.is_empty() && !channels.iter().any(|d| d.is_parked(0)), "round {round}");
@@ -453,65 +453,65 @@ fn parking_in_any_mix_writes_what_single_pushes_write() {
 
 #[test]
 fn a_parked_queue_sets_the_horizon_where_it_could_turn_urgent_and_unparks_on_other_items() {
-    let mut delivered = Rc::new(Delivered::default());
+    let mut fanout = Rc::new(FanoutLog::default());
     let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
     let first = publication(1);
-    let index = Delivered::append(&mut delivered, &first);
-    outbox.push_delivered(1, &first, &delivered, index).unwrap();
-    assert!(outbox.park(1, &delivered, 3, 3, 1 << 18), "one queued, urgent at three");
-    Delivered::append(&mut delivered, &publication(2));
-    assert!(delivered.within_horizon(), "two queued");
-    Delivered::append(&mut delivered, &publication(3));
-    assert!(!delivered.within_horizon(), "three would be urgent: visit again");
-    delivered.reset_horizon();
+    let index = FanoutLog::append(&mut fanout, &first);
+    outbox.push_delivered(1, &first, &fanout, index).unwrap();
+    assert!(outbox.park(1, &fanout, 3, 3, 1 << 18), "one queued, urgent at three");
+    FanoutLog::append(&mut fanout, &publication(2));
+    assert!(fanout.within_horizon(), "two queued");
+    FanoutLog::append(&mut fanout, &publication(3));
+    assert!(!fanout.within_horizon(), "three would be urgent: visit again");
+    fanout.reset_horizon();
     assert_eq!(outbox.len(), 3);
     // A reply closes the run where it stands; the fan-out brings the rest again.
     outbox.push(OutItem::Frame(vec![0x0a, 0])).unwrap();
-    assert!(!delivered.is_parked(3));
-    Delivered::append(&mut delivered, &publication(4));
+    assert!(!fanout.is_parked(3));
+    FanoutLog::append(&mut fanout, &publication(4));
     assert_eq!(outbox.len(), 4, "nothing appended after the reply is held");
     // No room before urgency, or bytes near the quarter: it does not park.
     let mut full = Outbox::new(1 << 20, pressure(1 << 20));
     let next = publication(5);
-    let index = Delivered::append(&mut delivered, &next);
-    full.push_delivered(1, &next, &delivered, index).unwrap();
-    assert!(!full.park(1, &delivered, 0, 1, 1 << 18));
-    assert!(!full.park(1, &delivered, 0, 10, 100));
-    assert!(!delivered.is_parked(0));
+    let index = FanoutLog::append(&mut fanout, &next);
+    full.push_delivered(1, &next, &fanout, index).unwrap();
+    assert!(!full.park(1, &fanout, 0, 1, 1 << 18));
+    assert!(!full.park(1, &fanout, 0, 10, 100));
+    assert!(!fanout.is_parked(0));
 }
 
 #[test]
-fn delivered_starts_afresh_when_no_queue_refers_to_it() {
-    let mut delivered = Rc::new(Delivered::default());
-    assert_eq!(Delivered::append(&mut delivered, &publication(1)), 0);
-    assert_eq!(Delivered::append(&mut delivered, &publication(2)), 0, "nobody refers to the first");
+fn a_fanout_log_starts_afresh_when_no_queue_refers_to_it() {
+    let mut fanout = Rc::new(FanoutLog::default());
+    assert_eq!(FanoutLog::append(&mut fanout, &publication(1)), 0);
+    assert_eq!(FanoutLog::append(&mut fanout, &publication(2)), 0, "nobody refers to the first");
     let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
-    outbox.push_delivered(1, &publication(2), &delivered, 0).unwrap();
-    assert_eq!(Delivered::append(&mut delivered, &publication(3)), 1, "a queue refers to it");
+    outbox.push_delivered(1, &publication(2), &fanout, 0).unwrap();
+    assert_eq!(FanoutLog::append(&mut fanout, &publication(3)), 1, "a queue refers to it");
     outbox.clear();
-    assert_eq!(Delivered::append(&mut delivered, &publication(4)), 0);
+    assert_eq!(FanoutLog::append(&mut fanout, &publication(4)), 0);
     // Held, it grows to its capacity, then a fresh one starts.
-    let held = delivered.clone();
-    let indexes: Vec<u32> = (5..5 + DELIVERED_CAPACITY as u64)
-        .map(|offset| Delivered::append(&mut delivered, &publication(offset)))
+    let held = fanout.clone();
+    let indexes: Vec<u32> = (5..5 + FANOUT_LOG_CAPACITY as u64)
+        .map(|offset| FanoutLog::append(&mut fanout, &publication(offset)))
         .collect();
     assert_eq!(indexes.last(), Some(&0));
-    assert!(!Rc::ptr_eq(&held, &delivered) && held.publications.borrow().len() == DELIVERED_CAPACITY);
+    assert!(!Rc::ptr_eq(&held, &fanout) && held.publications.borrow().len() == FANOUT_LOG_CAPACITY);
 }
 
 #[test]
 fn a_run_overflows_where_single_pushes_do() {
     let one = push_len(1, publication(1).body.len());
-    let mut delivered = Rc::new(Delivered::default());
+    let mut fanout = Rc::new(FanoutLog::default());
     let mut outbox = Outbox::new(one * 2, pressure(0));
     for offset in 1..=2 {
         let publication = publication(offset);
-        let index = Delivered::append(&mut delivered, &publication);
-        outbox.push_delivered(1, &publication, &delivered, index).unwrap();
+        let index = FanoutLog::append(&mut fanout, &publication);
+        outbox.push_delivered(1, &publication, &fanout, index).unwrap();
     }
     let publication = publication(3);
-    let index = Delivered::append(&mut delivered, &publication);
-    assert_eq!(outbox.push_delivered(1, &publication, &delivered, index), Err(Overflow));
+    let index = FanoutLog::append(&mut fanout, &publication);
+    assert_eq!(outbox.push_delivered(1, &publication, &fanout, index), Err(Overflow));
     assert_eq!(outbox.queued_bytes(), one * 2);
 }
 
@@ -521,7 +521,7 @@ fn a_lone_answer_is_a_message_of_one_frame_unless_it_is_to_be_compressed() {
     let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
     outbox.push(OutItem::Frame(answer.clone())).unwrap();
     let (mut batches, mut wire) = (plain_batches(), Vec::new());
-    assert_eq!(outbox.drain_into(&mut wire, 100, Some(plain_sharing(&mut batches))), 1);
+    assert_eq!(outbox.drain_into(&mut wire, 100, Some(plain_encoding(&mut batches))), 1);
     assert!(outbox.is_empty() && outbox.queued_bytes() == 0);
     let written = messages(&wire);
     assert_eq!(written.len(), 1);
@@ -531,9 +531,9 @@ fn a_lone_answer_is_a_message_of_one_frame_unless_it_is_to_be_compressed() {
     let mut batches = SharedBatches::new(Arc::new(settings));
     let large = crate::protocol::push::publish_result(7, &"e".repeat(200), 3);
     outbox.push(OutItem::Frame(large.clone())).unwrap();
-    let sharing = Sharing { batches: &mut batches, zstd: true, held: 0, observed: None };
+    let encoding = SharedEncoding { batches: &mut batches, zstd: true, held: 0, observed: None };
     let mut compressed = Vec::new();
-    assert_eq!(outbox.drain_into(&mut compressed, 100, Some(sharing)), 1);
+    assert_eq!(outbox.drain_into(&mut compressed, 100, Some(encoding)), 1);
     let written = messages(&compressed);
     assert!(written[0].frames.is_empty() && !written[0].zstd.is_empty(), "{written:?}");
 }

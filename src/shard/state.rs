@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::core::{ConnId, ConnLabel, Position, Publication, Recovery, WallClock};
 use crate::metrics::{channel_slot, CommandKind, LocalMetrics, RequestClock, Resync, UPDATE_TYPES};
 use crate::protocol::{pb, CloseCode, ErrorCode};
-use crate::session::{LentQueues, Session, SessionEvent, SessionLimits};
+use crate::session::{Session, SessionEvent, SessionLimits, SpareQueues};
 
 /// Most messages kept for one full inbox before deliveries to it are dropped (and counted).
 const MAX_BACKLOG: usize = 1 << 18;
@@ -110,7 +110,7 @@ pub(crate) struct ShardState {
     read_step_at: Option<Instant>,
     /// Lent to the session whose read is handled (see `on_bytes`); they come back at the
     /// read's end, or when the connection's outbox drains (`went_idle`).
-    lent: LentQueues,
+    lent: SpareQueues,
     /// Subscriptions on this shard's connections, by channel type.
     subscriptions: [u64; UPDATE_TYPES],
     timings_flushed_at: Instant,
@@ -165,7 +165,7 @@ impl ShardState {
             requests: RequestClock::default(),
             wall_clock: WallClock::anchored_now(),
             read_step_at: None,
-            lent: LentQueues::default(),
+            lent: SpareQueues::default(),
             subscriptions: [0; UPDATE_TYPES],
             timings_flushed_at: Instant::now(),
             api: Waiters::default(),
@@ -662,7 +662,7 @@ impl ShardState {
             return;
         };
         // Parked subscribers (waiting for their next tick with an open run of this channel, see
-        // `outbox::Delivered`) are passed by without touching their connections, until a
+        // `outbox::FanoutLog`) are passed by without touching their connections, until a
         // lower-priority update or the horizon where one of them could turn urgent.
         let pass_parked = publication.is_priority(self.limits.priority_types) && delivered_run.within_horizon();
         if !pass_parked {
