@@ -126,7 +126,7 @@ fn fan_out(c: &mut Criterion) {
                         let observed = timed.then(|| (&metrics, std::time::Instant::now()));
                         let sharing =
                             sharing.then_some(SharedEncoding { batches: &mut batches, zstd, held: 0, observed });
-                        outbox.drain_into(&mut wire, 100, sharing);
+                        outbox.poll_transmit(&mut wire, 100, sharing);
                         black_box(&wire);
                     }
                     batches.forget_shared();
@@ -181,7 +181,7 @@ fn batching(c: &mut Criterion) {
                     }
                     (outbox, Vec::with_capacity(16 * 1024))
                 },
-                |(outbox, wire)| outbox.drain_into(wire, batch_size, None),
+                |(outbox, wire)| outbox.poll_transmit(wire, batch_size, None),
                 BatchSize::SmallInput,
             )
         });

@@ -2,7 +2,7 @@
 //!
 //! Call order (quinn-proto style): feed received bytes with [`Session::handle_bytes`]; then
 //! take [`Session::poll_event`] until `None` and hand each event to the shard; answers from
-//! the shard come back through [`Session::on_subscribed`] and [`Session::on_published`];
+//! the shard come back through [`Session::handle_subscribed`] and [`Session::handle_published`];
 //! deliveries through [`Session::push_update`]. Whenever [`Session::wants_write`] is true, the
 //! I/O driver takes the bytes to send with [`Session::poll_transmit`]. The session never reads
 //! the clock: `now` is passed in.
@@ -80,15 +80,15 @@ fn recovery_failure(reason: RecoveryFailure) -> pb::RecoveryFailure {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionEvent {
     /// Register a subscription with the channel's owner (recovering from `since` when given,
-    /// or from the last position `resume` acknowledged); answer with `on_subscribed`.
+    /// or from the last position `resume` acknowledged); answer with `handle_subscribed`.
     Subscribe { channel: Arc<str>, sub_id: u32, req_id: u32, since: Option<Position>, resume: Option<Arc<str>> },
     /// Remember that `identity` processed `channel` up to `offset` (acknowledged delivery).
     Acked { channel: Arc<str>, identity: Arc<str>, epoch: Arc<str>, offset: u64 },
-    /// Read the channel's history from its owner; answer with `on_history`.
+    /// Read the channel's history from its owner; answer with `handle_history`.
     History { channel: Arc<str>, req_id: u32, since: u64, limit: usize },
     /// Drop a subscription (from the router when it was active, and from the owner's count).
     Unsubscribe { channel: Arc<str>, sub_id: u32, was_active: bool },
-    /// Publish through the channel's owner; answer with `on_published`.
+    /// Publish through the channel's owner; answer with `handle_published`.
     Publish { channel: String, req_id: u32, update: pb::Update },
     /// Count a refused token (the shard keeps the figures).
     AuthFailed(AuthFailure),
@@ -340,7 +340,7 @@ impl Session {
         self.last_heard = now.instant;
         if let Some(messages) = self.ws.whole_binary_messages(bytes) {
             messages.unmask_each(|data| {
-                self.on_binary(now, data);
+                self.handle_binary(now, data);
                 !self.is_closing()
             });
             return;
@@ -353,7 +353,7 @@ impl Session {
             self.collect_ws_output();
             match event {
                 Ok(None) => break,
-                Ok(Some(WsEvent::Binary(data))) => self.on_binary(now, &data),
+                Ok(Some(WsEvent::Binary(data))) => self.handle_binary(now, &data),
                 Ok(Some(WsEvent::Text(text))) if self.phase == Phase::Echo => self.send_back(true, &text),
                 Ok(Some(WsEvent::Text(_))) => self
                     .close(CloseCode::UnsupportedData, "text messages are not supported: send binary protobuf".into()),
@@ -377,7 +377,7 @@ impl Session {
         self.ws.release_if_idle();
     }
 
-    fn on_binary(&mut self, now: Now, data: &[u8]) {
+    fn handle_binary(&mut self, now: Now, data: &[u8]) {
         if self.phase == Phase::Echo {
             self.send_back(false, data)
         } else {
@@ -438,19 +438,24 @@ impl Session {
 
     /// Appends everything queued to `out` as wire bytes; returns the number of frames.
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> usize {
-        self.outbox.drain_into(out, self.limits.batch_size, None)
+        self.outbox.poll_transmit(out, self.limits.batch_size, None)
     }
 
     /// When all that is queued is one subscription's updates, takes them as shared batches
-    /// without copying (see `Outbox::take_shared`): `head` gets the first message's head, the
-    /// parts to write after it are returned.
+    /// without copying, for a vectored write (see `Outbox::poll_transmit_vectored`): `head`
+    /// gets the first message's head, the parts to write after it are returned.
     /// The write happens at `now` (updates in it are timed from their publication).
-    pub fn take_shared(&mut self, head: &mut Vec<u8>, batches: &mut SharedBatches, now: Instant) -> Option<Vec<Bytes>> {
+    pub fn poll_transmit_vectored(
+        &mut self,
+        head: &mut Vec<u8>,
+        batches: &mut SharedBatches,
+        now: Instant,
+    ) -> Option<Vec<Bytes>> {
         // A client that accepts zstd may need the batch compressed: the full path decides.
         if self.accepts_zstd || self.is_closing() {
             return None;
         }
-        self.outbox.take_shared(head, self.limits.batch_size, batches, Some((&self.limits.metrics, now)))
+        self.outbox.poll_transmit_vectored(head, self.limits.batch_size, batches, Some((&self.limits.metrics, now)))
     }
 
     /// `poll_transmit`, encoding batches through the shard's `batches` (and compressing large
@@ -462,12 +467,12 @@ impl Session {
             held: self.zstd_dictionaries,
             observed: Some((&self.limits.metrics, now)),
         };
-        self.outbox.drain_into(out, self.limits.batch_size, Some(encoding))
+        self.outbox.poll_transmit(out, self.limits.batch_size, Some(encoding))
     }
 
     /// Updates conflated or dropped for this slow connection since the last call.
-    pub fn take_gave_way(&mut self) -> ShedCounts {
-        self.outbox.take_gave_way()
+    pub fn poll_shed_counts(&mut self) -> ShedCounts {
+        self.outbox.poll_shed_counts()
     }
 
     /// Frames and updates waiting to be sent.
@@ -483,7 +488,7 @@ impl Session {
     /// The owner answered a `Subscribe` event: reply, then the recovered publications (if
     /// any) ahead of every live one. Returns false when the subscription is gone meanwhile
     /// (the shard must then take back the owner's count).
-    pub fn on_subscribed(
+    pub fn handle_subscribed(
         &mut self,
         sub_id: u32,
         req_id: u32,
@@ -519,17 +524,17 @@ impl Session {
     }
 
     /// A request failed with `code` somewhere past the session.
-    pub fn on_failed(&mut self, req_id: u32, code: ErrorCode) {
+    pub fn handle_failed(&mut self, req_id: u32, code: ErrorCode) {
         self.error(req_id, code, "the request could not be served now; retry".into());
     }
 
     /// The owner answered a `History` event.
-    pub fn on_history(&mut self, req_id: u32, page: &HistoryPage) {
+    pub fn handle_history(&mut self, req_id: u32, page: &HistoryPage) {
         self.reply(req_id, reply::Result::History(crate::protocol::push::history_result(page)));
     }
 
     /// The owner could not take the subscription: forget it and tell the client.
-    pub fn on_subscribe_failed(&mut self, sub_id: u32, req_id: u32, code: ErrorCode, message: String) {
+    pub fn handle_subscribe_failed(&mut self, sub_id: u32, req_id: u32, code: ErrorCode, message: String) {
         if let Some(sub) = self.subs.remove(sub_id) {
             self.acked_subs -= usize::from(sub.acks.is_some());
             self.error(req_id, code, message);
@@ -537,7 +542,7 @@ impl Session {
     }
 
     /// The owner answered a `Publish` event.
-    pub fn on_published(&mut self, req_id: u32, result: Result<Position, ErrorCode>) {
+    pub fn handle_published(&mut self, req_id: u32, result: Result<Position, ErrorCode>) {
         match result {
             Ok(position) if req_id != 0 && !frame_log::enabled() && !self.is_closing() => {
                 self.enqueue(OutItem::Frame(publish_result(req_id, &position.epoch, position.offset)));
@@ -615,7 +620,7 @@ impl Session {
     /// turn, so a panic in it (a bug) must not stop the others: it closes this connection with
     /// 1011 instead, and is counted.
     pub fn handle_timeout(&mut self, now: Instant) -> u32 {
-        self.unless_panicking(|session| session.on_timeout(now))
+        self.unless_panicking(|session| session.check_timeouts(now))
     }
 
     /// Runs `work`; a panic out of it closes the session with 1011 (without a word when even
@@ -639,7 +644,7 @@ impl Session {
         0
     }
 
-    fn on_timeout(&mut self, now: Instant) -> u32 {
+    fn check_timeouts(&mut self, now: Instant) -> u32 {
         if self.phase == Phase::AwaitingConnect
             && now.saturating_duration_since(self.opened_at) >= self.limits.connect_timeout
         {

@@ -92,7 +92,7 @@ fuzz_target!(|data: &[u8]| {
             if let (true, Some(batches)) = (b & 0x40 != 0, batches.as_mut()) {
                 let mut head = Vec::new();
                 if let Some(parts) =
-                    outbox.take_shared(&mut head, batch_size, batches, Some((&metrics, Instant::now())))
+                    outbox.poll_transmit_vectored(&mut head, batch_size, batches, Some((&metrics, Instant::now())))
                 {
                     wire.extend_from_slice(&head);
                     parts.iter().for_each(|part| wire.extend_from_slice(part));
@@ -106,7 +106,7 @@ fuzz_target!(|data: &[u8]| {
                     held: 0,
                     observed: Some((&metrics, Instant::now())),
                 });
-                outbox.drain_into(&mut wire, batch_size, sharing);
+                outbox.poll_transmit(&mut wire, batch_size, sharing);
                 if let (true, Some(batches)) = (b & 0x80 != 0, batches.as_mut()) {
                     batches.forget_shared();
                 }
@@ -162,7 +162,7 @@ fuzz_target!(|data: &[u8]| {
         held: 0,
         observed: Some((&metrics, Instant::now())),
     });
-    outbox.drain_into(&mut wire, 100, sharing);
+    outbox.poll_transmit(&mut wire, 100, sharing);
     let mut client = WsEndpoint::client(1 << 24);
     client.feed(&wire);
     let mut last: HashMap<u32, u64> = HashMap::new();

@@ -85,7 +85,7 @@ pub struct ShedCounts {
     pub dropped: u64,
 }
 
-// Declaration order: the fields every push and drain touch come first.
+// Declaration order: the fields every push and transmit touch come first.
 #[derive(Debug)]
 #[repr(C)]
 pub struct Outbox {
@@ -317,7 +317,7 @@ impl Outbox {
     /// message's head (WebSocket header and the `sub_id` field, which protobuf allows before
     /// the frames) is appended to `head`, and the parts to write after it are returned: the
     /// first batch's shared frames, then each further message's head and shared frames.
-    pub fn take_shared(
+    pub fn poll_transmit_vectored(
         &mut self,
         head: &mut Vec<u8>,
         batch_size: usize,
@@ -376,7 +376,7 @@ impl Outbox {
     }
 
     /// Updates conflated and dropped since the last call.
-    pub fn take_gave_way(&mut self) -> ShedCounts {
+    pub fn poll_shed_counts(&mut self) -> ShedCounts {
         std::mem::take(&mut self.shed)
     }
 
@@ -430,7 +430,7 @@ impl Outbox {
     /// WebSocket message: the high lane first, then the low one. Returns the number of frames.
     /// With `encoding`, batches are shared between subscribers and large messages go out
     /// zstd-compressed to clients that accept it.
-    pub fn drain_into(
+    pub fn poll_transmit(
         &mut self,
         out: &mut Vec<u8>,
         batch_size: usize,

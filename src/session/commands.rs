@@ -40,20 +40,20 @@ impl Session {
             return self.error(id, ErrorCode::TokenRefused, message);
         }
         match command {
-            Command::Connect(connect) => self.handle_connect(now, id, connect),
-            Command::Subscribe(subscribe) => self.handle_subscribe(id, subscribe),
-            Command::Unsubscribe(unsubscribe) => self.handle_unsubscribe(id, unsubscribe.sub_id),
-            Command::Publish(publish) => self.handle_publish(now, id, publish),
+            Command::Connect(connect) => self.handle_connect_command(now, id, connect),
+            Command::Subscribe(subscribe) => self.handle_subscribe_command(id, subscribe),
+            Command::Unsubscribe(unsubscribe) => self.handle_unsubscribe_command(id, unsubscribe.sub_id),
+            Command::Publish(publish) => self.handle_publish_command(now, id, publish),
             Command::Ping(ping) => {
                 self.frame(pb::ServerFrame { kind: Some(Kind::Pong(pb::Pong { timestamp_us: ping.timestamp_us })) })
             }
-            Command::Ack(ack) => self.handle_ack(now.instant, id, ack),
-            Command::Refresh(refresh) => self.handle_refresh(now, id, refresh),
-            Command::History(history) => self.handle_history(id, history),
+            Command::Ack(ack) => self.handle_ack_command(now.instant, id, ack),
+            Command::Refresh(refresh) => self.handle_refresh_command(now, id, refresh),
+            Command::History(history) => self.handle_history_command(id, history),
         }
     }
 
-    fn handle_connect(&mut self, now: Now, id: u32, connect: pb::Connect) {
+    fn handle_connect_command(&mut self, now: Now, id: u32, connect: pb::Connect) {
         if self.phase != Phase::AwaitingConnect {
             return self.error(id, ErrorCode::BadRequest, "already connected".into());
         }
@@ -102,7 +102,7 @@ impl Session {
     }
 
     /// A new token for the same subject: new expiry, new permissions, no reconnect.
-    fn handle_refresh(&mut self, now: Now, id: u32, refresh: pb::Refresh) {
+    fn handle_refresh_command(&mut self, now: Now, id: u32, refresh: pb::Refresh) {
         let Some(verifier) = self.limits.verifier.clone() else {
             return self.reply(id, reply::Result::Refresh(pb::RefreshResult { expires_at_unix: 0 }));
         };
@@ -148,7 +148,7 @@ impl Session {
         true
     }
 
-    fn handle_subscribe(&mut self, id: u32, subscribe: pb::Subscribe) {
+    fn handle_subscribe_command(&mut self, id: u32, subscribe: pb::Subscribe) {
         if !self.may_read(id, &subscribe.channel) {
             return;
         }
@@ -174,7 +174,7 @@ impl Session {
         self.events.push_back(SessionEvent::Subscribe { channel, sub_id, req_id: id, since, resume });
     }
 
-    fn handle_ack(&mut self, now: Instant, id: u32, ack: pb::Ack) {
+    fn handle_ack_command(&mut self, now: Instant, id: u32, ack: pb::Ack) {
         let Some(sub) = self.subs.get_mut(ack.sub_id) else {
             return self.error(id, ErrorCode::NotFound, format!("no subscription {}", ack.sub_id));
         };
@@ -193,7 +193,7 @@ impl Session {
         }
     }
 
-    fn handle_history(&mut self, id: u32, history: pb::History) {
+    fn handle_history_command(&mut self, id: u32, history: pb::History) {
         if !self.may_read(id, &history.channel) {
             return;
         }
@@ -205,7 +205,7 @@ impl Session {
         self.events.push_back(SessionEvent::History { channel, req_id: id, since: history.since, limit });
     }
 
-    fn handle_unsubscribe(&mut self, id: u32, sub_id: u32) {
+    fn handle_unsubscribe_command(&mut self, id: u32, sub_id: u32) {
         let Some(sub) = self.subs.remove(sub_id) else {
             return self.error(id, ErrorCode::NotFound, format!("no subscription {sub_id}"));
         };
@@ -217,7 +217,7 @@ impl Session {
         }
     }
 
-    fn handle_publish(&mut self, now: Now, id: u32, publish: pb::Publish) {
+    fn handle_publish_command(&mut self, now: Now, id: u32, publish: pb::Publish) {
         if !self.grant.may_publish(&publish.channel) {
             return self.error(
                 id,

@@ -556,7 +556,7 @@ impl ShardState {
             ShardMsg::Failed { conn, req_id, code } => {
                 self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
-                    c.session.on_failed(req_id, code);
+                    c.session.handle_failed(req_id, code);
                     self.wake_writer(conn);
                 }
             }
@@ -566,7 +566,12 @@ impl ShardState {
             ShardMsg::Subscribed { conn, channel, sub_id, req_id, result: Err(code), .. } => {
                 self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
-                    c.session.on_subscribe_failed(sub_id, req_id, code, format!("cannot subscribe to {channel} now"));
+                    c.session.handle_subscribe_failed(
+                        sub_id,
+                        req_id,
+                        code,
+                        format!("cannot subscribe to {channel} now"),
+                    );
                     self.wake_writer(conn);
                 }
             }
@@ -579,7 +584,7 @@ impl ShardState {
                 };
                 let after = position.offset.max(recovered_to).max(catch_up.last().map_or(0, |p| p.offset));
                 let accepted = self.conn(conn).is_some_and(|c| {
-                    let accepted = c.session.on_subscribed(sub_id, req_id, &position, recovery, now);
+                    let accepted = c.session.handle_subscribed(sub_id, req_id, &position, recovery, now);
                     for publication in catch_up.iter().filter(|p| p.offset > position.offset.max(recovered_to)) {
                         c.session.push_update(sub_id, &Rc::new(Publication::clone(publication)), now);
                     }
@@ -601,7 +606,7 @@ impl ShardState {
             ShardMsg::HistoryPage { conn, req_id, page } => {
                 self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
-                    c.session.on_history(req_id, &page);
+                    c.session.handle_history(req_id, &page);
                     self.wake_writer(conn);
                 }
             }
@@ -611,7 +616,7 @@ impl ShardState {
             ShardMsg::Published { conn, req_id, position } => {
                 self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
-                    c.session.on_published(req_id, position);
+                    c.session.handle_published(req_id, position);
                     self.wake_writer(conn);
                 }
             }
@@ -721,7 +726,7 @@ impl ShardState {
         // One line per write, not per update: fan-out stays readable at debug.
         let log_write = tracing::enabled!(tracing::Level::DEBUG);
         let queued = if log_write { conn.session.queued_items() } else { 0 };
-        if let Some(parts) = conn.session.take_shared(out, &mut self.batches, now) {
+        if let Some(parts) = conn.session.poll_transmit_vectored(out, &mut self.batches, now) {
             if log_write {
                 let bytes = out.len() + parts.iter().map(Bytes::len).sum::<usize>();
                 tracing::debug!(conn = %conn.session.client_id(), frames = queued, bytes, "write");
@@ -778,7 +783,7 @@ impl ShardState {
         let (mut conflated, mut dropped) = (0, 0);
         for (_, conn) in self.conns.iter_mut() {
             failures += u64::from(conn.session.handle_timeout(now));
-            let gave_way = conn.session.take_gave_way();
+            let gave_way = conn.session.poll_shed_counts();
             conflated += gave_way.conflated;
             dropped += gave_way.dropped;
             if conn.session.wants_write() {
