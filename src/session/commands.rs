@@ -1,13 +1,29 @@
-//! The commands a client sends, one handler each; all answers go through the session's
-//! outbox and all work for other shards through its events.
+//! The commands a client sends: each frame is admitted (lifecycle, rate limits, token
+//! expiry), then served by one handler; all answers go through the session's outbox and all
+//! work for other shards through its events.
 
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::*;
+use crate::acks::AckTracker;
+use crate::auth::{AuthFailure, Grant};
 use crate::broker::accept_publish;
+use crate::core::{validate_channel, Now, Position};
 use crate::metrics::CommandKind;
+use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind};
+use crate::protocol::{CloseCode, ErrorCode};
+
+use super::frame_log::{self, FrameLog};
+use super::{Phase, RateClass, Session, SessionEvent, Subscription};
+
+/// Publications in a `History` reply when the client names no limit, and at most.
+const HISTORY_DEFAULT_PAGE: usize = 100;
+const HISTORY_MAX_PAGE: usize = 1000;
 
 impl Session {
+    /// Serves one frame of a client's message: admits it, then hands it to its command's
+    /// handler.
     pub(super) fn handle_frame(&mut self, now: Now, frame: pb::ClientFrame) {
         if frame_log::enabled() {
             FrameLog::client(frame.id, frame.command.as_ref()).log(self.client_id, true);
@@ -51,6 +67,42 @@ impl Session {
             Command::Refresh(refresh) => self.handle_refresh_command(now, id, refresh),
             Command::History(history) => self.handle_history_command(id, history),
         }
+    }
+
+    /// Takes a token for a request of `class`; refused, answers 429 (and after too many
+    /// refusals in a row closes the connection). Returns whether the request may go on.
+    fn admit(&mut self, id: u32, class: RateClass, now: Instant) -> bool {
+        let limits = Rc::clone(&self.limits);
+        let Some(rates) = &limits.rate_limits else { return true };
+        let index = class as usize;
+        let limit = if class == RateClass::Command { rates.commands } else { rates.publishes };
+        let mut result = self.buckets[index].take(&limit, now);
+        if result.is_ok() {
+            if let Some(user) = &self.grant.subject {
+                result = rates.users.take(user, index, now);
+            }
+        }
+        let Err(wait) = result else {
+            self.refusals_in_a_row = 0;
+            return true;
+        };
+        self.refusals_in_a_row += 1;
+        self.events.push_back(SessionEvent::RateLimited);
+        if self.refusals_in_a_row > rates.max_refusals {
+            let detail = format!("{} requests in a row over the rate limit", self.refusals_in_a_row);
+            self.close(CloseCode::RateLimitAbuse, detail);
+            return false;
+        }
+        // Rounded up: a client that waits this long finds a token back.
+        let retry_after_ms = (wait.as_nanos().div_ceil(1_000_000) as u64).max(1);
+        self.limits.metrics.count_error(ErrorCode::RateLimited);
+        let error = pb::Error {
+            code: ErrorCode::RateLimited.code(),
+            message: format!("rate limited; retry in {retry_after_ms} ms"),
+            retry_after_ms,
+        };
+        self.reply(id, reply::Result::Error(error));
+        false
     }
 
     fn handle_connect_command(&mut self, now: Now, id: u32, connect: pb::Connect) {

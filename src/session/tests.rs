@@ -1,10 +1,20 @@
 //! The session driven directly: bytes in, events and bytes out, no sockets, no clock.
 
+use super::transmit::URGENT_BATCHES;
 use super::*;
+use crate::auth::AuthFailure;
 use crate::config::Config;
+use crate::core::{Now, Position};
+use crate::protocol::envelope;
+use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
 use crate::protocol::pb::{ServerMessage, UpdateType};
+use crate::protocol::ws::{WsEndpoint, WsEvent};
+use crate::protocol::CloseCode;
+use crate::ratelimit::KeyedBuckets;
 use prost::Message;
-use std::time::Instant;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The client id of a session under test: shard 0, slot 1, generation 1.
 fn label() -> ConnLabel {
