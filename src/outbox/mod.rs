@@ -85,6 +85,10 @@ pub struct ShedCounts {
     pub dropped: u64,
 }
 
+/// A connection's outbound queue (see the module doc). What comes in is pushed (`push`,
+/// `push_delivered` from a fan-out, `push_unbounded`); what goes out is polled, as the
+/// session's outputs are: the bytes to send (`poll_transmit`, or without a copy
+/// `poll_transmit_vectored`) and what it shed under pressure (`poll_shed_counts`).
 // Declaration order: the fields every push and transmit touch come first.
 #[derive(Debug)]
 #[repr(C)]
