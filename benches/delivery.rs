@@ -14,7 +14,7 @@ use routopia_realtime::compression::{SharedBatches, ZstdSettings};
 use routopia_realtime::config::Config;
 use routopia_realtime::core::Publication;
 use routopia_realtime::core::{ConnId, ConnLabel};
-use routopia_realtime::outbox::{OutItem, Outbox, Pressure, Sharing};
+use routopia_realtime::outbox::{OutItem, Outbox, Pressure, SharedEncoding};
 use routopia_realtime::protocol::envelope;
 use routopia_realtime::protocol::pb::{self, client_frame::Command};
 use routopia_realtime::protocol::push::encode_update_body;
@@ -124,8 +124,9 @@ fn fan_out(c: &mut Criterion) {
                     for outbox in &mut outboxes {
                         wire.clear();
                         let observed = timed.then(|| (&metrics, std::time::Instant::now()));
-                        let sharing = sharing.then_some(Sharing { batches: &mut batches, zstd, held: 0, observed });
-                        outbox.drain_into(&mut wire, 100, sharing);
+                        let sharing =
+                            sharing.then_some(SharedEncoding { batches: &mut batches, zstd, held: 0, observed });
+                        outbox.poll_transmit(&mut wire, 100, sharing);
                         black_box(&wire);
                     }
                     batches.forget_shared();
@@ -180,7 +181,7 @@ fn batching(c: &mut Criterion) {
                     }
                     (outbox, Vec::with_capacity(16 * 1024))
                 },
-                |(outbox, wire)| outbox.drain_into(wire, batch_size, None),
+                |(outbox, wire)| outbox.poll_transmit(wire, batch_size, None),
                 BatchSize::SmallInput,
             )
         });

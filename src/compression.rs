@@ -124,12 +124,12 @@ pub struct CompressionCounters {
 /// `sub_id`, the same for every subscriber of the channel that drains the same run) and its
 /// zstd context.
 pub struct SharedBatches {
-    remembered: Remembered,
+    recent: RecentBatches,
     zstd: Zstd,
 }
 
 /// The batches, by the addresses of their publications, oldest forgotten first.
-struct Remembered {
+struct RecentBatches {
     batches: HashMap<u64, SharedBatch>,
     /// Keys in insertion order, for forgetting the oldest.
     order: VecDeque<u64>,
@@ -154,7 +154,7 @@ struct Zstd {
 impl SharedBatches {
     pub fn new(settings: Arc<ZstdSettings>) -> Self {
         Self {
-            remembered: Remembered { batches: HashMap::new(), order: VecDeque::new() },
+            recent: RecentBatches { batches: HashMap::new(), order: VecDeque::new() },
             zstd: Zstd { settings, context: CCtx::create(), counters: CompressionCounters::default() },
         }
     }
@@ -170,8 +170,8 @@ impl SharedBatches {
 
     /// Forgets the shared batches (they hold publications alive).
     pub fn forget_shared(&mut self) {
-        self.remembered.batches.clear();
-        self.remembered.order.clear();
+        self.recent.batches.clear();
+        self.recent.order.clear();
     }
 
     /// The frames of a `ServerMessage` holding `publications` as updates without `sub_id`,
@@ -180,7 +180,7 @@ impl SharedBatches {
     where
         I: Iterator<Item = &'p Rc<Publication>> + Clone,
     {
-        self.remembered.find_or_make(publications).plain.clone()
+        self.recent.find_or_make(publications).plain.clone()
     }
 
     /// Their compressed form (with the dictionary of their type when they are all of one type
@@ -191,7 +191,7 @@ impl SharedBatches {
         I: Iterator<Item = &'p Rc<Publication>> + Clone,
     {
         let dictionary = self.zstd.uniform_dictionary(publications.clone().map(|p| p.update_type), held);
-        let batch = self.remembered.find_or_make(publications);
+        let batch = self.recent.find_or_make(publications);
         let made = batch.compressed.iter().find(|(d, _)| *d == dictionary).map(|(_, bytes)| bytes.clone());
         let compressed = match made {
             Some(bytes) => bytes,
@@ -218,7 +218,7 @@ impl SharedBatches {
     }
 }
 
-impl Remembered {
+impl RecentBatches {
     /// The batch of `publications`, made (and the oldest forgotten) if new.
     fn find_or_make<'p, I>(&mut self, publications: I) -> &mut SharedBatch
     where

@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use routopia_realtime::core::Publication;
 use routopia_realtime::compression::{SharedBatches, ZstdSettings};
-use routopia_realtime::outbox::{Delivered, OutItem, Outbox, Overflow, Pressure, Sharing};
+use routopia_realtime::outbox::{FanoutLog, OutItem, Outbox, Overflow, Pressure, SharedEncoding};
 use routopia_realtime::protocol::envelope::{self, Dictionaries};
 use routopia_realtime::protocol::pb::{server_frame::Kind, ServerMessage, Update};
 use routopia_realtime::protocol::push::{encode_update_body, push_len};
@@ -34,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     // the channel's offsets, and what the shard delivered on it.
     let mut sub_ids = [1u32, 2, 3, 4];
     let mut offsets = [0u64; 4];
-    let mut delivered: [Rc<Delivered>; 4] = Default::default();
+    let mut delivered: [Rc<FanoutLog>; 4] = Default::default();
     // High-priority updates queued, and those of subscriptions that ended (which may or may
     // not arrive).
     let mut routes: Vec<(u32, u64)> = Vec::new();
@@ -93,7 +92,7 @@ fuzz_target!(|data: &[u8]| {
             if let (true, Some(batches)) = (b & 0x40 != 0, batches.as_mut()) {
                 let mut head = Vec::new();
                 if let Some(parts) =
-                    outbox.take_shared(&mut head, batch_size, batches, Some((&metrics, Instant::now())))
+                    outbox.poll_transmit_vectored(&mut head, batch_size, batches, Some((&metrics, Instant::now())))
                 {
                     wire.extend_from_slice(&head);
                     parts.iter().for_each(|part| wire.extend_from_slice(part));
@@ -101,13 +100,13 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             if !taken {
-                let sharing = batches.as_mut().map(|batches| Sharing {
+                let sharing = batches.as_mut().map(|batches| SharedEncoding {
                     batches,
                     zstd,
                     held: 0,
                     observed: Some((&metrics, Instant::now())),
                 });
-                outbox.drain_into(&mut wire, batch_size, sharing);
+                outbox.poll_transmit(&mut wire, batch_size, sharing);
                 if let (true, Some(batches)) = (b & 0x80 != 0, batches.as_mut()) {
                     batches.forget_shared();
                 }
@@ -129,9 +128,15 @@ fuzz_target!(|data: &[u8]| {
         };
         let body = encode_update_body(&update);
         let len = push_len(sub_id, body.len());
-        let publication = Rc::new(routopia_realtime::protocol::push::publication(Arc::from("c"), offsets[slot], update_type, body, Instant::now()));
+        let publication = Rc::new(routopia_realtime::protocol::push::publication(
+            Arc::from("c"),
+            offsets[slot],
+            update_type,
+            body,
+            Instant::now(),
+        ));
         let queued = if a & 0x10 != 0 {
-            let index = Delivered::append(&mut delivered[slot], &publication);
+            let index = FanoutLog::append(&mut delivered[slot], &publication);
             outbox.push_delivered(sub_id, &publication, &delivered[slot], index)
         } else {
             outbox.push(OutItem::Push { sub_id, publication })
@@ -151,9 +156,13 @@ fuzz_target!(|data: &[u8]| {
     if overflowed {
         return;
     }
-    let sharing =
-        batches.as_mut().map(|batches| Sharing { batches, zstd, held: 0, observed: Some((&metrics, Instant::now())) });
-    outbox.drain_into(&mut wire, 100, sharing);
+    let sharing = batches.as_mut().map(|batches| SharedEncoding {
+        batches,
+        zstd,
+        held: 0,
+        observed: Some((&metrics, Instant::now())),
+    });
+    outbox.poll_transmit(&mut wire, 100, sharing);
     let mut client = WsEndpoint::client(1 << 24);
     client.feed(&wire);
     let mut last: HashMap<u32, u64> = HashMap::new();

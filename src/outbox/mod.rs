@@ -11,12 +11,13 @@
 //! High-priority updates never give way: only when they (with replies and control frames)
 //! alone exceed the limit does the queue overflow.
 //!
-//! `delivered`: a channel's publications a queue may refer to instead of holding them;
-//! `low_lane`: what gives way and what was given up; `wire`: writing it all as WebSocket bytes.
+//! `fanout_log`: a channel's publications a queue may refer to instead of holding them;
+//! `low_lane`: what gives way and what was given up; `batches`: how it all leaves, in batches
+//! shared between subscribers and compressed where that pays (`protocol` writes the bytes).
 
-mod delivered;
+mod batches;
+mod fanout_log;
 mod low_lane;
-mod wire;
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -26,11 +27,11 @@ use bytes::Bytes;
 use crate::compression::SharedBatches;
 use crate::core::Publication;
 use crate::protocol::push::push_len;
-pub use delivered::Delivered;
-use delivered::Run;
+use batches::{one_subscription, shared_parts, write_batches};
+pub use batches::{Observed, SharedEncoding};
+pub use fanout_log::FanoutLog;
+use fanout_log::Run;
 use low_lane::LowLane;
-use wire::{one_subscription, shared_parts, write_batches};
-pub use wire::{Observed, Sharing};
 
 /// One thing to send.
 #[derive(Debug)]
@@ -75,14 +76,20 @@ impl Pressure {
     }
 }
 
-/// Updates that did not go out as themselves, for the shard's counters.
+/// What a slow connection's queue shed under pressure instead of sending (see the module
+/// doc), for the shard's counters: updates conflated into a newer one with the same key, and
+/// updates dropped.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct GaveWay {
+pub struct ShedCounts {
     pub conflated: u64,
     pub dropped: u64,
 }
 
-// Declaration order: the fields every push and drain touch come first.
+/// A connection's outbound queue (see the module doc). What comes in is pushed (`push`,
+/// `push_delivered` from a fan-out, `push_unbounded`); what goes out is polled, as the
+/// session's outputs are: the bytes to send (`poll_transmit`, or without a copy
+/// `poll_transmit_vectored`) and what it shed under pressure (`poll_shed_counts`).
+// Declaration order: the fields every push and transmit touch come first.
 #[derive(Debug)]
 #[repr(C)]
 pub struct Outbox {
@@ -95,7 +102,7 @@ pub struct Outbox {
     bytes: usize,
     max_bytes: usize,
     pressure: Pressure,
-    gave_way: GaveWay,
+    shed: ShedCounts,
     /// Replies and control frames queued (not updates).
     frames: u32,
     /// High-priority updates of one subscription after everything in both lanes (see `Run`).
@@ -110,29 +117,29 @@ impl Outbox {
             bytes: 0,
             max_bytes,
             pressure,
-            gave_way: GaveWay::default(),
+            shed: ShedCounts::default(),
             frames: 0,
             run: None,
         }
     }
 
-    /// Queues `publication`, index `index` of `delivered`, for `sub_id` like `push`; when it
+    /// Queues `publication`, index `index` of `fanout`, for `sub_id` like `push`; when it
     /// continues the queue's run of that subscription (or may start one), only as a count.
     pub fn push_delivered(
         &mut self,
         sub_id: u32,
         publication: &Rc<Publication>,
-        delivered: &Rc<Delivered>,
+        fanout: &Rc<FanoutLog>,
         index: u32,
     ) -> Result<(), Overflow> {
         if let Some(run) = self.run.as_ref().filter(|run| run.open_slot.is_some()) {
-            if run.sub_id == sub_id && Rc::ptr_eq(&run.delivered, delivered) && self.is_high_priority(publication) {
+            if run.sub_id == sub_id && Rc::ptr_eq(&run.fanout, fanout) && self.is_high_priority(publication) {
                 // The open run already holds it.
                 self.settle_run(index + 1);
                 return Ok(());
             }
             // Whatever comes next must follow the run as it stands without it.
-            let before = if Rc::ptr_eq(&run.delivered, delivered) { index } else { u32::MAX };
+            let before = if Rc::ptr_eq(&run.fanout, fanout) { index } else { u32::MAX };
             self.close_run(before);
         }
         let len = push_len(sub_id, publication.body.len());
@@ -142,9 +149,7 @@ impl Outbox {
         if low_clear && self.is_high_priority(publication) && self.bytes + len <= self.max_bytes {
             match &mut self.run {
                 Some(run)
-                    if run.sub_id == sub_id
-                        && run.start + run.len == index
-                        && Rc::ptr_eq(&run.delivered, delivered) =>
+                    if run.sub_id == sub_id && run.start + run.len == index && Rc::ptr_eq(&run.fanout, fanout) =>
                 {
                     run.len += 1;
                     self.bytes += len;
@@ -152,7 +157,7 @@ impl Outbox {
                 }
                 Some(_) => {}
                 None => {
-                    let run = Run { sub_id, delivered: delivered.clone(), start: index, len: 1, open_slot: None };
+                    let run = Run { sub_id, fanout: fanout.clone(), start: index, len: 1, open_slot: None };
                     self.run = Some(run);
                     self.bytes += len;
                     return Ok(());
@@ -162,26 +167,26 @@ impl Outbox {
         self.push(OutItem::Push { sub_id, publication: publication.clone() })
     }
 
-    /// Counts into the open run the publications of its `delivered` before index `end`.
+    /// Counts into the open run the publications of its `fanout` before index `end`.
     fn settle_run(&mut self, end: u32) {
         let Self { run: Some(run), bytes, .. } = self else { return };
         if run.open_slot.is_none() {
             return;
         }
-        let publications = run.delivered.publications.borrow();
+        let publications = run.fanout.publications.borrow();
         let settled = (run.start + run.len) as usize;
         let end = (end as usize).min(publications.len()).max(settled);
         *bytes += publications[settled..end].iter().map(|p| push_len(run.sub_id, p.body.len())).sum::<usize>();
         run.len = end as u32 - run.start;
     }
 
-    /// Settles an open run up to index `end` of its `delivered` and closes it: the fan-out
+    /// Settles an open run up to index `end` of its `fanout` and closes it: the fan-out
     /// brings the rest again.
     fn close_run(&mut self, end: u32) {
         self.settle_run(end);
         if let Some(run) = &mut self.run {
             if let Some(slot) = run.open_slot.take() {
-                run.delivered.unmark(slot as usize);
+                run.fanout.unmark(slot as usize);
             }
         }
     }
@@ -191,14 +196,14 @@ impl Outbox {
         self.close_run(u32::MAX);
     }
 
-    /// Parks the queue (see `Delivered`) when it ends with a run of `delivered` for `sub_id`
+    /// Parks the queue (see `FanoutLog`) when it ends with a run of `fanout` for `sub_id`
     /// holding its latest publication and nothing would make it urgent soon: fewer than
     /// `urgent_len` items and `urgent_bytes` bytes stay queued until the horizon it sets.
     /// `slot` is the subscriber's position in the channel's list.
     pub fn park(
         &mut self,
         sub_id: u32,
-        delivered: &Rc<Delivered>,
+        fanout: &Rc<FanoutLog>,
         slot: usize,
         urgent_len: usize,
         urgent_bytes: usize,
@@ -206,10 +211,10 @@ impl Outbox {
         let low_clear = self.low.as_deref().is_none_or(|lane| lane.is_clear_for(sub_id));
         let queued = self.len();
         let Some(run) = &mut self.run else { return false };
-        let at_end = delivered.len();
+        let at_end = fanout.len();
         if !low_clear
             || run.sub_id != sub_id
-            || !Rc::ptr_eq(&run.delivered, delivered)
+            || !Rc::ptr_eq(&run.fanout, fanout)
             || (run.start + run.current_len()) as usize != at_end
         {
             return false;
@@ -222,10 +227,10 @@ impl Outbox {
         }
         if let Some(old) = run.open_slot.replace(slot as u32) {
             if old as usize != slot {
-                delivered.unmark(old as usize);
+                fanout.unmark(old as usize);
             }
         }
-        delivered.mark(slot, (at_end + room, delivered.bytes.get() + room_bytes));
+        fanout.mark(slot, (at_end + room, fanout.bytes.get() + room_bytes));
         true
     }
 
@@ -240,7 +245,7 @@ impl Outbox {
     fn end_run(&mut self) {
         self.close_open_run();
         let Some(run) = self.run.take() else { return };
-        let publications = run.delivered.publications.borrow();
+        let publications = run.fanout.publications.borrow();
         let stretch = &publications[run.start as usize..(run.start + run.len) as usize];
         self.high.extend(
             stretch.iter().map(|publication| OutItem::Push { sub_id: run.sub_id, publication: publication.clone() }),
@@ -280,14 +285,14 @@ impl Outbox {
         // The newest information matters most: older lower-priority updates give way first;
         // only one that would not fit even then gives way itself as it comes.
         if self.bytes - lane.droppable_bytes() + len > self.max_bytes {
-            self.gave_way.dropped += 1;
+            self.shed.dropped += 1;
             lane.give_up_arriving(sub_id);
             return Ok(());
         }
         if key_hash != 0 && self.bytes + len > pressure.conflate_above {
             if let Some(freed) = lane.conflate(sub_id, key_hash, &pressure) {
                 self.bytes -= freed;
-                self.gave_way.conflated += 1;
+                self.shed.conflated += 1;
             }
         }
         self.make_room(len)?;
@@ -316,7 +321,7 @@ impl Outbox {
     /// message's head (WebSocket header and the `sub_id` field, which protobuf allows before
     /// the frames) is appended to `head`, and the parts to write after it are returned: the
     /// first batch's shared frames, then each further message's head and shared frames.
-    pub fn take_shared(
+    pub fn poll_transmit_vectored(
         &mut self,
         head: &mut Vec<u8>,
         batch_size: usize,
@@ -330,7 +335,7 @@ impl Outbox {
         self.close_open_run();
         if self.high.is_empty() {
             let run = self.run.take_if(|run| run.len >= 2)?;
-            let publications = run.delivered.publications.borrow();
+            let publications = run.fanout.publications.borrow();
             let stretch = &publications[run.start as usize..(run.start + run.len) as usize];
             let stretch = stretch.chunks(batch_size).map(|batch| batch.iter());
             self.bytes = 0;
@@ -375,8 +380,8 @@ impl Outbox {
     }
 
     /// Updates conflated and dropped since the last call.
-    pub fn take_gave_way(&mut self) -> GaveWay {
-        std::mem::take(&mut self.gave_way)
+    pub fn poll_shed_counts(&mut self) -> ShedCounts {
+        std::mem::take(&mut self.shed)
     }
 
     /// Takes `spare` as its high-priority queue when it has none (no slots, nothing queued)
@@ -427,16 +432,21 @@ impl Outbox {
 
     /// Moves everything queued into `out` as wire bytes, packing up to `batch_size` frames per
     /// WebSocket message: the high lane first, then the low one. Returns the number of frames.
-    /// With `sharing`, batches are shared between subscribers and large messages go out
+    /// With `encoding`, batches are shared between subscribers and large messages go out
     /// zstd-compressed to clients that accept it.
-    pub fn drain_into(&mut self, out: &mut Vec<u8>, batch_size: usize, mut sharing: Option<Sharing<'_>>) -> usize {
+    pub fn poll_transmit(
+        &mut self,
+        out: &mut Vec<u8>,
+        batch_size: usize,
+        mut encoding: Option<SharedEncoding<'_>>,
+    ) -> usize {
         self.end_run();
         self.frames = 0;
         self.bytes = 0;
-        let mut frames = write_batches(out, self.high.iter().map(unskipped), batch_size, sharing.as_mut());
+        let mut frames = write_batches(out, self.high.iter().map(unskipped), batch_size, encoding.as_mut());
         self.high.clear();
         if let Some(lane) = self.low.as_deref_mut().filter(|lane| !lane.is_empty()) {
-            frames += write_batches(out, lane.items(&self.pressure), batch_size, sharing.as_mut());
+            frames += write_batches(out, lane.items(&self.pressure), batch_size, encoding.as_mut());
             lane.clear();
         }
         frames
@@ -466,7 +476,7 @@ impl Outbox {
         while self.bytes + len > self.max_bytes {
             let Some(freed) = lane.give_up_oldest(&pressure) else { return Err(Overflow) };
             self.bytes -= freed;
-            self.gave_way.dropped += 1;
+            self.shed.dropped += 1;
         }
         lane.compact_if_due(&pressure);
         Ok(())

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::delivered::DELIVERED_CAPACITY;
+use super::fanout_log::FANOUT_LOG_CAPACITY;
 use super::*;
 use crate::protocol::pb::{server_frame::Kind, ServerMessage, Update};
 use crate::protocol::push::encode_update_body;
@@ -26,9 +26,9 @@ fn plain_batches() -> SharedBatches {
     SharedBatches::new(Arc::new(settings))
 }
 
-/// Sharing through `batches` for a client without zstd, latencies not recorded.
-fn plain_sharing(batches: &mut SharedBatches) -> Sharing<'_> {
-    Sharing { batches, zstd: false, held: 0, observed: None }
+/// Encoding through `batches` for a client without zstd, latencies not recorded.
+fn plain_encoding(batches: &mut SharedBatches) -> SharedEncoding<'_> {
+    SharedEncoding { batches, zstd: false, held: 0, observed: None }
 }
 
 fn typed(offset: u64, update_type: i32, key: &str) -> Rc<Publication> {
@@ -65,7 +65,7 @@ fn high_priority_leaves_first_but_never_ahead_of_its_own_subscription() {
     outbox.push(OutItem::Push { sub_id: 2, publication: typed(1, ROUTE, "") }).unwrap();
     outbox.push(OutItem::Push { sub_id: 1, publication: typed(3, ROUTE, "") }).unwrap();
     let mut wire = Vec::new();
-    outbox.drain_into(&mut wire, 100, None);
+    outbox.poll_transmit(&mut wire, 100, None);
     let order: Vec<(u32, u64)> = updates(&wire).iter().map(|u| (u.sub_id, u.offset)).collect();
     assert_eq!(order, vec![(2, 1), (1, 1), (1, 2), (1, 3)]);
 }
@@ -78,7 +78,7 @@ fn an_empty_outbox_gives_its_small_queues_back_and_keeps_what_is_queued() {
     outbox.release_if_empty(usize::MAX);
     assert_eq!(outbox.len(), 2, "nothing queued is given up");
     let mut wire = Vec::new();
-    outbox.drain_into(&mut wire, 100, None);
+    outbox.poll_transmit(&mut wire, 100, None);
     assert!(outbox.high.capacity() > 0 && outbox.low.is_some());
     outbox.release_if_empty(0);
     assert!(outbox.high.capacity() > 0 && outbox.low.is_some(), "larger than asked: kept");
@@ -101,7 +101,7 @@ fn a_lent_queue_serves_one_connection_after_another_and_never_takes_what_is_queu
     assert_eq!(first.len(), 1, "a queue holding an answer stays");
     assert_eq!(spare.capacity(), 0);
     let mut wire = Vec::new();
-    first.drain_into(&mut wire, 100, None);
+    first.poll_transmit(&mut wire, 100, None);
     first.give_back_queue(&mut spare, 8);
     assert_eq!((first.high.capacity(), spare.capacity()), (0, lent), "drained: back to the lender");
 
@@ -111,7 +111,7 @@ fn a_lent_queue_serves_one_connection_after_another_and_never_takes_what_is_queu
     second.push(OutItem::Frame(vec![4, 5])).unwrap();
     assert_eq!(second.high.capacity(), lent);
     let mut again = Vec::new();
-    second.drain_into(&mut again, 100, None);
+    second.poll_transmit(&mut again, 100, None);
     assert!(again.ends_with(&[4, 5]), "{again:?}");
 
     // Only a small queue comes back, and only to a lender with none.
@@ -127,7 +127,7 @@ fn a_lent_queue_serves_one_connection_after_another_and_never_takes_what_is_queu
     assert_eq!(spare.capacity(), lent);
     let mut full = Outbox::new(1 << 20, pressure(1 << 20));
     full.push(OutItem::Frame(vec![7])).unwrap();
-    full.drain_into(&mut Vec::new(), 100, None);
+    full.poll_transmit(&mut Vec::new(), 100, None);
     full.give_back_queue(&mut spare, 8);
     assert!(full.high.capacity() > 0, "the lender already holds one");
 }
@@ -138,9 +138,9 @@ fn under_pressure_a_newer_update_with_the_same_key_replaces_the_queued_one() {
     outbox.push(OutItem::Push { sub_id: 1, publication: typed(1, TRAFFIC, "a1") }).unwrap();
     outbox.push(OutItem::Push { sub_id: 1, publication: typed(2, TRAFFIC, "b2") }).unwrap();
     outbox.push(OutItem::Push { sub_id: 1, publication: typed(3, TRAFFIC, "a1") }).unwrap();
-    assert_eq!(outbox.take_gave_way(), GaveWay { conflated: 1, dropped: 0 });
+    assert_eq!(outbox.poll_shed_counts(), ShedCounts { conflated: 1, dropped: 0 });
     let mut wire = Vec::new();
-    outbox.drain_into(&mut wire, 100, None);
+    outbox.poll_transmit(&mut wire, 100, None);
     let got: Vec<(u64, u32, String)> = updates(&wire).into_iter().map(|u| (u.offset, u.skipped, u.key)).collect();
     assert_eq!(got, vec![(2, 1, "b2".into()), (3, 0, "a1".into())]);
     assert_eq!(outbox.queued_bytes(), 0);
@@ -164,11 +164,11 @@ fn a_full_queue_drops_lower_priority_updates_and_stays_bounded() {
             .unwrap_or_else(|_| panic!("round {round}: {outbox:?}"));
         assert!(outbox.queued_bytes() <= max, "round {round}: {} bytes", outbox.queued_bytes());
         if round % 25 == 24 {
-            outbox.drain_into(&mut wire, 100, None);
+            outbox.poll_transmit(&mut wire, 100, None);
         }
     }
-    outbox.drain_into(&mut wire, 100, None);
-    assert!(outbox.take_gave_way().dropped > 80);
+    outbox.poll_transmit(&mut wire, 100, None);
+    assert!(outbox.poll_shed_counts().dropped > 80);
     let received = updates(&wire);
     // Every ROUTE update made it, and per subscription the offsets add up exactly.
     assert_eq!(received.iter().filter(|u| u.r#type == ROUTE).count(), 20);
@@ -190,10 +190,10 @@ fn when_high_priority_updates_alone_do_not_fit_it_overflows() {
     for offset in 2..=4 {
         outbox.push(OutItem::Push { sub_id: 1, publication: typed(offset, ROUTE, "") }).unwrap();
     }
-    assert_eq!(outbox.take_gave_way().dropped, 1, "the TRAFFIC update made room");
+    assert_eq!(outbox.poll_shed_counts().dropped, 1, "the TRAFFIC update made room");
     // A lower-priority update finds no room and gives way itself; the queue holds on.
     assert_eq!(outbox.push(OutItem::Push { sub_id: 1, publication: typed(5, TRAFFIC, "") }), Ok(()));
-    assert_eq!(outbox.take_gave_way().dropped, 1);
+    assert_eq!(outbox.poll_shed_counts().dropped, 1);
     assert_eq!(outbox.push(OutItem::Push { sub_id: 1, publication: typed(6, ROUTE, "") }), Err(Overflow));
 }
 
@@ -209,9 +209,9 @@ fn an_update_that_could_not_fit_anyway_is_given_up_alone() {
     }
     assert_eq!(outbox.push(OutItem::Push { sub_id: 1, publication: sized(4, TRAFFIC, "", 400) }), Ok(()));
     outbox.push(OutItem::Push { sub_id: 1, publication: sized(5, TRAFFIC, "", 100) }).unwrap();
-    assert_eq!(outbox.take_gave_way().dropped, 1);
+    assert_eq!(outbox.poll_shed_counts().dropped, 1);
     let mut wire = Vec::new();
-    outbox.drain_into(&mut wire, 100, None);
+    outbox.poll_transmit(&mut wire, 100, None);
     let got: Vec<(u64, u32)> = updates(&wire).iter().map(|u| (u.offset, u.skipped)).collect();
     assert_eq!(got, [(1, 0), (2, 0), (3, 0), (5, 1)]);
 }
@@ -263,7 +263,7 @@ fn one_subscriptions_updates_are_taken_shared_and_anything_else_is_not() {
         }
         let mut batches = plain_batches();
         let mut head = Vec::new();
-        let taken = outbox.take_shared(&mut head, batch_size, &mut batches, None);
+        let taken = outbox.poll_transmit_vectored(&mut head, batch_size, &mut batches, None);
         assert_eq!(taken.is_some(), outbox.is_empty() && outbox.queued_bytes() == 0);
         taken.map(|parts| shared_messages(head, &parts))
     };
@@ -290,7 +290,7 @@ fn one_subscriptions_updates_are_taken_shared_and_anything_else_is_not() {
 /// same and write the same bytes, shared or not.
 #[test]
 fn a_run_of_delivered_updates_queues_and_writes_like_single_pushes() {
-    let mut delivered = Rc::new(Delivered::default());
+    let mut fanout = Rc::new(FanoutLog::default());
     let mut pushed = Outbox::new(1 << 20, pressure(1 << 20));
     let mut ran = Outbox::new(1 << 20, pressure(1 << 20));
     let (mut batches_pushed, mut batches_ran) = (plain_batches(), plain_batches());
@@ -298,9 +298,9 @@ fn a_run_of_delivered_updates_queues_and_writes_like_single_pushes() {
     let mut update = |sub_id: u32, update_type: i32, pushed: &mut Outbox, ran: &mut Outbox| {
         offset += 1;
         let publication = typed(offset, update_type, "");
-        let index = Delivered::append(&mut delivered, &publication);
+        let index = FanoutLog::append(&mut fanout, &publication);
         pushed.push(OutItem::Push { sub_id, publication: publication.clone() }).unwrap();
-        ran.push_delivered(sub_id, &publication, &delivered, index).unwrap();
+        ran.push_delivered(sub_id, &publication, &fanout, index).unwrap();
         assert_eq!((pushed.len(), pushed.queued_bytes()), (ran.len(), ran.queued_bytes()));
     };
     // Rounds: a run alone; a run broken by a reply; lower-priority updates ahead of a run;
@@ -322,12 +322,12 @@ fn a_run_of_delivered_updates_queues_and_writes_like_single_pushes() {
             }
         }
         let (mut head_pushed, mut head_ran) = (Vec::new(), Vec::new());
-        let taken_pushed = pushed.take_shared(&mut head_pushed, 3, &mut batches_pushed, None);
-        let taken_ran = ran.take_shared(&mut head_ran, 3, &mut batches_ran, None);
+        let taken_pushed = pushed.poll_transmit_vectored(&mut head_pushed, 3, &mut batches_pushed, None);
+        let taken_ran = ran.poll_transmit_vectored(&mut head_ran, 3, &mut batches_ran, None);
         assert_eq!(taken_pushed.is_some(), taken_ran.is_some(), "round {round}");
         let wire = |outbox: &mut Outbox, mut head: Vec<u8>, taken: Option<Vec<Bytes>>, batches| {
             taken.iter().flatten().for_each(|part| head.extend_from_slice(part));
-            outbox.drain_into(&mut head, 3, Some(plain_sharing(batches)));
+            outbox.poll_transmit(&mut head, 3, Some(plain_encoding(batches)));
             assert!(outbox.is_empty() && outbox.queued_bytes() == 0);
             head
         };
@@ -343,14 +343,14 @@ fn a_run_of_delivered_updates_queues_and_writes_like_single_pushes() {
 /// the same bytes as single pushes; its mark goes when its run closes.
 #[test]
 fn a_parked_queue_holds_what_the_fan_out_passed_by() {
-    let mut delivered = Rc::new(Delivered::default());
+    let mut fanout = Rc::new(FanoutLog::default());
     let mut pushed = Outbox::new(1 << 20, pressure(1 << 20));
     let mut parked = Outbox::new(1 << 20, pressure(1 << 20));
     let mut publish = |offset: u64, update_type: i32, pushed: &mut Outbox| {
         let publication = typed(offset, update_type, "");
-        let index = Delivered::append(&mut delivered, &publication);
+        let index = FanoutLog::append(&mut fanout, &publication);
         pushed.push(OutItem::Push { sub_id: 1, publication: publication.clone() }).unwrap();
-        (publication, index, delivered.clone())
+        (publication, index, fanout.clone())
     };
     let (first, index, d) = publish(1, ROUTE, &mut pushed);
     parked.push_delivered(1, &first, &d, index).unwrap();
@@ -370,8 +370,8 @@ fn a_parked_queue_holds_what_the_fan_out_passed_by() {
     assert_eq!((parked.len(), parked.queued_bytes()), (pushed.len(), pushed.queued_bytes()));
     let (mut a, mut b) = (plain_batches(), plain_batches());
     let (mut wire_pushed, mut wire_parked) = (Vec::new(), Vec::new());
-    pushed.drain_into(&mut wire_pushed, 100, Some(plain_sharing(&mut a)));
-    parked.drain_into(&mut wire_parked, 100, Some(plain_sharing(&mut b)));
+    pushed.poll_transmit(&mut wire_pushed, 100, Some(plain_encoding(&mut a)));
+    parked.poll_transmit(&mut wire_parked, 100, Some(plain_encoding(&mut b)));
     assert_eq!(wire_parked, wire_pushed);
     let offsets: Vec<u64> = updates(&wire_parked).iter().map(|u| u.offset).collect();
     assert_eq!(offsets, [1, 2, 3, 4, 5]);
@@ -390,7 +390,7 @@ fn parking_in_any_mix_writes_what_single_pushes_write() {
         seed
     };
     for round in 0..200 {
-        let mut channels = [Rc::new(Delivered::default()), Rc::new(Delivered::default())];
+        let mut channels = [Rc::new(FanoutLog::default()), Rc::new(FanoutLog::default())];
         let mut offsets = [0u64; 2];
         let mut pushed = Outbox::new(1 << 20, pressure(1 << 20));
         let mut parked = Outbox::new(1 << 20, pressure(1 << 20));
@@ -409,10 +409,10 @@ fn parking_in_any_mix_writes_what_single_pushes_write() {
                         (&mut pushed, &mut batches_pushed, &mut wire_pushed),
                         (&mut parked, &mut batches_parked, &mut wire_parked),
                     ] {
-                        if let Some(parts) = outbox.take_shared(wire, batch_size, batches, None) {
+                        if let Some(parts) = outbox.poll_transmit_vectored(wire, batch_size, batches, None) {
                             parts.iter().for_each(|part| wire.extend_from_slice(part));
                         } else {
-                            outbox.drain_into(wire, batch_size, Some(plain_sharing(batches)));
+                            outbox.poll_transmit(wire, batch_size, Some(plain_encoding(batches)));
                         }
                     }
                     assert_eq!(wire_parked, wire_pushed, "round {round}");
@@ -422,19 +422,19 @@ fn parking_in_any_mix_writes_what_single_pushes_write() {
                     let update_type = if (roll >> 16) % 4 == 0 { TRAFFIC } else { ROUTE };
                     offsets[channel] += 1;
                     let publication = typed(offsets[channel], update_type, "");
-                    let delivered = &mut channels[channel];
-                    let index = Delivered::append(delivered, &publication);
+                    let fanout = &mut channels[channel];
+                    let index = FanoutLog::append(fanout, &publication);
                     let sub_id = channel as u32 + 1;
                     pushed.push(OutItem::Push { sub_id, publication: publication.clone() }).unwrap();
                     // The fan-out: a parked subscriber is passed by while it may be.
-                    let passed = update_type == ROUTE && delivered.within_horizon() && delivered.is_parked(0);
+                    let passed = update_type == ROUTE && fanout.within_horizon() && fanout.is_parked(0);
                     if !passed {
-                        delivered.reset_horizon();
-                        parked.push_delivered(sub_id, &publication, delivered, index).unwrap();
+                        fanout.reset_horizon();
+                        parked.push_delivered(sub_id, &publication, fanout, index).unwrap();
                         if (roll >> 24) % 3 == 0 {
                             parked.unpark(sub_id);
                         } else {
-                            parked.park(sub_id, delivered, 0, 6, 1 << 18);
+                            parked.park(sub_id, fanout, 0, 6, 1 << 18);
                         }
                     }
                     assert_eq!(parked.len(), pushed.len(), "round {round}");
@@ -444,7 +444,7 @@ fn parking_in_any_mix_writes_what_single_pushes_write() {
         for (outbox, batches, wire) in
             [(&mut pushed, &mut batches_pushed, &mut wire_pushed), (&mut parked, &mut batches_parked, &mut wire_parked)]
         {
-            outbox.drain_into(wire, 100, Some(plain_sharing(batches)));
+            outbox.poll_transmit(wire, 100, Some(plain_encoding(batches)));
         }
         assert_eq!(wire_parked, wire_pushed, "round {round}");
         assert!(parked.is_empty() && !channels.iter().any(|d| d.is_parked(0)), "round {round}");
@@ -453,65 +453,65 @@ fn parking_in_any_mix_writes_what_single_pushes_write() {
 
 #[test]
 fn a_parked_queue_sets_the_horizon_where_it_could_turn_urgent_and_unparks_on_other_items() {
-    let mut delivered = Rc::new(Delivered::default());
+    let mut fanout = Rc::new(FanoutLog::default());
     let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
     let first = publication(1);
-    let index = Delivered::append(&mut delivered, &first);
-    outbox.push_delivered(1, &first, &delivered, index).unwrap();
-    assert!(outbox.park(1, &delivered, 3, 3, 1 << 18), "one queued, urgent at three");
-    Delivered::append(&mut delivered, &publication(2));
-    assert!(delivered.within_horizon(), "two queued");
-    Delivered::append(&mut delivered, &publication(3));
-    assert!(!delivered.within_horizon(), "three would be urgent: visit again");
-    delivered.reset_horizon();
+    let index = FanoutLog::append(&mut fanout, &first);
+    outbox.push_delivered(1, &first, &fanout, index).unwrap();
+    assert!(outbox.park(1, &fanout, 3, 3, 1 << 18), "one queued, urgent at three");
+    FanoutLog::append(&mut fanout, &publication(2));
+    assert!(fanout.within_horizon(), "two queued");
+    FanoutLog::append(&mut fanout, &publication(3));
+    assert!(!fanout.within_horizon(), "three would be urgent: visit again");
+    fanout.reset_horizon();
     assert_eq!(outbox.len(), 3);
     // A reply closes the run where it stands; the fan-out brings the rest again.
     outbox.push(OutItem::Frame(vec![0x0a, 0])).unwrap();
-    assert!(!delivered.is_parked(3));
-    Delivered::append(&mut delivered, &publication(4));
+    assert!(!fanout.is_parked(3));
+    FanoutLog::append(&mut fanout, &publication(4));
     assert_eq!(outbox.len(), 4, "nothing appended after the reply is held");
     // No room before urgency, or bytes near the quarter: it does not park.
     let mut full = Outbox::new(1 << 20, pressure(1 << 20));
     let next = publication(5);
-    let index = Delivered::append(&mut delivered, &next);
-    full.push_delivered(1, &next, &delivered, index).unwrap();
-    assert!(!full.park(1, &delivered, 0, 1, 1 << 18));
-    assert!(!full.park(1, &delivered, 0, 10, 100));
-    assert!(!delivered.is_parked(0));
+    let index = FanoutLog::append(&mut fanout, &next);
+    full.push_delivered(1, &next, &fanout, index).unwrap();
+    assert!(!full.park(1, &fanout, 0, 1, 1 << 18));
+    assert!(!full.park(1, &fanout, 0, 10, 100));
+    assert!(!fanout.is_parked(0));
 }
 
 #[test]
-fn delivered_starts_afresh_when_no_queue_refers_to_it() {
-    let mut delivered = Rc::new(Delivered::default());
-    assert_eq!(Delivered::append(&mut delivered, &publication(1)), 0);
-    assert_eq!(Delivered::append(&mut delivered, &publication(2)), 0, "nobody refers to the first");
+fn a_fanout_log_starts_afresh_when_no_queue_refers_to_it() {
+    let mut fanout = Rc::new(FanoutLog::default());
+    assert_eq!(FanoutLog::append(&mut fanout, &publication(1)), 0);
+    assert_eq!(FanoutLog::append(&mut fanout, &publication(2)), 0, "nobody refers to the first");
     let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
-    outbox.push_delivered(1, &publication(2), &delivered, 0).unwrap();
-    assert_eq!(Delivered::append(&mut delivered, &publication(3)), 1, "a queue refers to it");
+    outbox.push_delivered(1, &publication(2), &fanout, 0).unwrap();
+    assert_eq!(FanoutLog::append(&mut fanout, &publication(3)), 1, "a queue refers to it");
     outbox.clear();
-    assert_eq!(Delivered::append(&mut delivered, &publication(4)), 0);
+    assert_eq!(FanoutLog::append(&mut fanout, &publication(4)), 0);
     // Held, it grows to its capacity, then a fresh one starts.
-    let held = delivered.clone();
-    let indexes: Vec<u32> = (5..5 + DELIVERED_CAPACITY as u64)
-        .map(|offset| Delivered::append(&mut delivered, &publication(offset)))
+    let held = fanout.clone();
+    let indexes: Vec<u32> = (5..5 + FANOUT_LOG_CAPACITY as u64)
+        .map(|offset| FanoutLog::append(&mut fanout, &publication(offset)))
         .collect();
     assert_eq!(indexes.last(), Some(&0));
-    assert!(!Rc::ptr_eq(&held, &delivered) && held.publications.borrow().len() == DELIVERED_CAPACITY);
+    assert!(!Rc::ptr_eq(&held, &fanout) && held.publications.borrow().len() == FANOUT_LOG_CAPACITY);
 }
 
 #[test]
 fn a_run_overflows_where_single_pushes_do() {
     let one = push_len(1, publication(1).body.len());
-    let mut delivered = Rc::new(Delivered::default());
+    let mut fanout = Rc::new(FanoutLog::default());
     let mut outbox = Outbox::new(one * 2, pressure(0));
     for offset in 1..=2 {
         let publication = publication(offset);
-        let index = Delivered::append(&mut delivered, &publication);
-        outbox.push_delivered(1, &publication, &delivered, index).unwrap();
+        let index = FanoutLog::append(&mut fanout, &publication);
+        outbox.push_delivered(1, &publication, &fanout, index).unwrap();
     }
     let publication = publication(3);
-    let index = Delivered::append(&mut delivered, &publication);
-    assert_eq!(outbox.push_delivered(1, &publication, &delivered, index), Err(Overflow));
+    let index = FanoutLog::append(&mut fanout, &publication);
+    assert_eq!(outbox.push_delivered(1, &publication, &fanout, index), Err(Overflow));
     assert_eq!(outbox.queued_bytes(), one * 2);
 }
 
@@ -521,7 +521,7 @@ fn a_lone_answer_is_a_message_of_one_frame_unless_it_is_to_be_compressed() {
     let mut outbox = Outbox::new(1 << 20, pressure(1 << 20));
     outbox.push(OutItem::Frame(answer.clone())).unwrap();
     let (mut batches, mut wire) = (plain_batches(), Vec::new());
-    assert_eq!(outbox.drain_into(&mut wire, 100, Some(plain_sharing(&mut batches))), 1);
+    assert_eq!(outbox.poll_transmit(&mut wire, 100, Some(plain_encoding(&mut batches))), 1);
     assert!(outbox.is_empty() && outbox.queued_bytes() == 0);
     let written = messages(&wire);
     assert_eq!(written.len(), 1);
@@ -531,9 +531,9 @@ fn a_lone_answer_is_a_message_of_one_frame_unless_it_is_to_be_compressed() {
     let mut batches = SharedBatches::new(Arc::new(settings));
     let large = crate::protocol::push::publish_result(7, &"e".repeat(200), 3);
     outbox.push(OutItem::Frame(large.clone())).unwrap();
-    let sharing = Sharing { batches: &mut batches, zstd: true, held: 0, observed: None };
+    let encoding = SharedEncoding { batches: &mut batches, zstd: true, held: 0, observed: None };
     let mut compressed = Vec::new();
-    assert_eq!(outbox.drain_into(&mut compressed, 100, Some(sharing)), 1);
+    assert_eq!(outbox.poll_transmit(&mut compressed, 100, Some(encoding)), 1);
     let written = messages(&compressed);
     assert!(written[0].frames.is_empty() && !written[0].zstd.is_empty(), "{written:?}");
 }
@@ -545,7 +545,7 @@ fn frames_are_batched_up_to_batch_size() {
         outbox.push(OutItem::Push { sub_id: 3, publication: publication(offset) }).unwrap();
     }
     let mut wire = Vec::new();
-    assert_eq!(outbox.drain_into(&mut wire, 100, None), 250);
+    assert_eq!(outbox.poll_transmit(&mut wire, 100, None), 250);
     assert!(outbox.is_empty());
     assert_eq!(outbox.queued_bytes(), 0);
     let batches = messages(&wire);
@@ -599,7 +599,7 @@ fn a_tiny_update_given_up_near_the_limit_is_still_reported_as_skipped() {
     push(&mut outbox, 2, 1, "", 0).unwrap();
     assert!(outbox.queued_bytes() <= 256);
     let mut wire = Vec::new();
-    outbox.drain_into(&mut wire, 100, None);
+    outbox.poll_transmit(&mut wire, 100, None);
     let mut last = [0u64; 5];
     for u in updates(&wire) {
         let sub = u.sub_id as usize;
@@ -618,9 +618,9 @@ fn a_high_priority_update_in_the_low_lane_is_never_conflated() {
     outbox.push(OutItem::Push { sub_id: 1, publication: typed(1, TRAFFIC, "k") }).unwrap();
     outbox.push(OutItem::Push { sub_id: 1, publication: typed(2, ROUTE, "k") }).unwrap();
     outbox.push(OutItem::Push { sub_id: 1, publication: typed(3, TRAFFIC, "k") }).unwrap();
-    assert_eq!(outbox.take_gave_way().conflated, 1);
+    assert_eq!(outbox.poll_shed_counts().conflated, 1);
     let mut wire = Vec::new();
-    outbox.drain_into(&mut wire, 100, None);
+    outbox.poll_transmit(&mut wire, 100, None);
     let got: Vec<(u64, i32, u32)> = updates(&wire).iter().map(|u| (u.offset, u.r#type, u.skipped)).collect();
     assert_eq!(got, vec![(2, ROUTE, 1), (3, TRAFFIC, 0)]);
 }
@@ -671,7 +671,7 @@ fn a_stalled_reader_on_a_mixed_channel_keeps_every_route_and_the_newest_traffic(
         assert!(outbox.queued_bytes() <= max);
     }
     let mut wire = Vec::new();
-    outbox.drain_into(&mut wire, 100, None);
+    outbox.poll_transmit(&mut wire, 100, None);
     let received = updates(&wire);
     assert_every_route_and_the_newest_traffic(&received, UPDATES);
     // The limit holds updates, not the record of those given up.
@@ -706,7 +706,7 @@ fn a_control_frame_queued_during_a_stall_leaves_the_updates_before_it_droppable(
         assert!(outbox.queued_bytes() <= max + 20, "offset {offset}: {} bytes", outbox.queued_bytes());
     }
     let mut wire = Vec::new();
-    outbox.drain_into(&mut wire, 100, None);
+    outbox.poll_transmit(&mut wire, 100, None);
     let received = updates(&wire);
     assert_every_route_and_the_newest_traffic(&received, UPDATES);
 }
@@ -732,7 +732,7 @@ fn a_long_stall_on_lower_priority_updates_never_overflows_and_keeps_its_limit_fo
         assert!(lane.pending_subscriptions() <= 3);
     }
     let mut wire = Vec::new();
-    outbox.drain_into(&mut wire, 100, None);
+    outbox.poll_transmit(&mut wire, 100, None);
     let received = updates(&wire);
     let last = offsets_add_up(&received);
     for sub in 1..=3 {
@@ -753,7 +753,7 @@ fn subscriptions_that_end_during_a_stall_leave_nothing_behind() {
             let kind = if offset % 10 == 0 { ROUTE } else { TRAFFIC };
             outbox.push(OutItem::Push { sub_id, publication: sized(offset, kind, "", 100) }).unwrap();
         }
-        assert!(outbox.take_gave_way().dropped > 0, "subscription {sub_id} gave way");
+        assert!(outbox.poll_shed_counts().dropped > 0, "subscription {sub_id} gave way");
         outbox.forget_subscription(sub_id);
         assert!(outbox.is_empty() && outbox.queued_bytes() == 0, "subscription {sub_id}");
         assert_eq!(outbox.low.as_deref().map_or(0, |lane| lane.pending_subscriptions()), 0);
@@ -771,7 +771,7 @@ fn answers_after_a_control_frame_queued_behind_updates_keep_their_order() {
     outbox.push(OutItem::Frame(vec![0x0a, 0])).unwrap();
     outbox.push(OutItem::Push { sub_id: 2, publication: typed(1, ROUTE, "") }).unwrap();
     let mut wire = Vec::new();
-    assert_eq!(outbox.drain_into(&mut wire, 100, None), 3);
+    assert_eq!(outbox.poll_transmit(&mut wire, 100, None), 3);
     let pong_at = wire.windows(2).position(|w| w == pong.as_slice()).expect("the pong");
     let mut after_pong = WsEndpoint::client(1 << 20);
     after_pong.feed(&wire[pong_at + 2..]);
@@ -792,12 +792,12 @@ fn an_idle_lane_keeps_only_the_counts_it_has_to_report() {
     outbox.push(OutItem::Push { sub_id: 2, publication: typed(1, ROUTE, "") }).unwrap();
     outbox.push(OutItem::Push { sub_id: 3, publication: typed(1, TRAFFIC, "") }).unwrap();
     let mut wire = Vec::new();
-    outbox.drain_into(&mut wire, 100, None);
+    outbox.poll_transmit(&mut wire, 100, None);
     outbox.release_if_empty(usize::MAX);
     let lane = outbox.low.as_deref().expect("a count to report");
     assert_eq!((lane.capacity(), lane.pending_subscriptions()), (0, 1));
     outbox.push(OutItem::Push { sub_id: 3, publication: typed(2, TRAFFIC, "") }).unwrap();
-    outbox.drain_into(&mut wire, 100, None);
+    outbox.poll_transmit(&mut wire, 100, None);
     let got: Vec<(u32, u64, u32)> = updates(&wire).iter().map(|u| (u.sub_id, u.offset, u.skipped)).collect();
     assert_eq!(got, [(1, 1, 0), (2, 1, 0), (3, 2, 1)]);
     outbox.release_if_empty(usize::MAX);

@@ -1,13 +1,29 @@
-//! The commands a client sends, one handler each; all answers go through the session's
-//! outbox and all work for other shards through its events.
+//! The commands a client sends: each frame is admitted (lifecycle, rate limits, token
+//! expiry), then served by one handler; all answers go through the session's outbox and all
+//! work for other shards through its events.
 
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::*;
+use crate::acks::AckTracker;
+use crate::auth::{AuthFailure, Grant};
 use crate::broker::accept_publish;
+use crate::core::{validate_channel, Now, Position};
 use crate::metrics::CommandKind;
+use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind};
+use crate::protocol::{CloseCode, ErrorCode};
+
+use super::frame_log::{self, FrameLog};
+use super::{Phase, RateClass, Session, SessionEvent, Subscription};
+
+/// Publications in a `History` reply when the client names no limit, and at most.
+const HISTORY_DEFAULT_PAGE: usize = 100;
+const HISTORY_MAX_PAGE: usize = 1000;
 
 impl Session {
+    /// Serves one frame of a client's message: admits it, then hands it to its command's
+    /// handler.
     pub(super) fn handle_frame(&mut self, now: Now, frame: pb::ClientFrame) {
         if frame_log::enabled() {
             FrameLog::client(frame.id, frame.command.as_ref()).log(self.client_id, true);
@@ -40,20 +56,56 @@ impl Session {
             return self.error(id, ErrorCode::TokenRefused, message);
         }
         match command {
-            Command::Connect(connect) => self.handle_connect(now, id, connect),
-            Command::Subscribe(subscribe) => self.handle_subscribe(id, subscribe),
-            Command::Unsubscribe(unsubscribe) => self.handle_unsubscribe(id, unsubscribe.sub_id),
-            Command::Publish(publish) => self.handle_publish(now, id, publish),
+            Command::Connect(connect) => self.handle_connect_command(now, id, connect),
+            Command::Subscribe(subscribe) => self.handle_subscribe_command(id, subscribe),
+            Command::Unsubscribe(unsubscribe) => self.handle_unsubscribe_command(id, unsubscribe.sub_id),
+            Command::Publish(publish) => self.handle_publish_command(now, id, publish),
             Command::Ping(ping) => {
                 self.frame(pb::ServerFrame { kind: Some(Kind::Pong(pb::Pong { timestamp_us: ping.timestamp_us })) })
             }
-            Command::Ack(ack) => self.handle_ack(now.instant, id, ack),
-            Command::Refresh(refresh) => self.handle_refresh(now, id, refresh),
-            Command::History(history) => self.handle_history(id, history),
+            Command::Ack(ack) => self.handle_ack_command(now.instant, id, ack),
+            Command::Refresh(refresh) => self.handle_refresh_command(now, id, refresh),
+            Command::History(history) => self.handle_history_command(id, history),
         }
     }
 
-    fn handle_connect(&mut self, now: Now, id: u32, connect: pb::Connect) {
+    /// Takes a token for a request of `class`; refused, answers 429 (and after too many
+    /// refusals in a row closes the connection). Returns whether the request may go on.
+    fn admit(&mut self, id: u32, class: RateClass, now: Instant) -> bool {
+        let limits = Rc::clone(&self.limits);
+        let Some(rates) = &limits.rate_limits else { return true };
+        let index = class as usize;
+        let limit = if class == RateClass::Command { rates.commands } else { rates.publishes };
+        let mut result = self.buckets[index].take(&limit, now);
+        if result.is_ok() {
+            if let Some(user) = &self.grant.subject {
+                result = rates.users.take(user, index, now);
+            }
+        }
+        let Err(wait) = result else {
+            self.refusals_in_a_row = 0;
+            return true;
+        };
+        self.refusals_in_a_row += 1;
+        self.events.push_back(SessionEvent::RateLimited);
+        if self.refusals_in_a_row > rates.max_refusals {
+            let detail = format!("{} requests in a row over the rate limit", self.refusals_in_a_row);
+            self.close(CloseCode::RateLimitAbuse, detail);
+            return false;
+        }
+        // Rounded up: a client that waits this long finds a token back.
+        let retry_after_ms = (wait.as_nanos().div_ceil(1_000_000) as u64).max(1);
+        self.limits.metrics.count_error(ErrorCode::RateLimited);
+        let error = pb::Error {
+            code: ErrorCode::RateLimited.code(),
+            message: format!("rate limited; retry in {retry_after_ms} ms"),
+            retry_after_ms,
+        };
+        self.reply(id, reply::Result::Error(error));
+        false
+    }
+
+    fn handle_connect_command(&mut self, now: Now, id: u32, connect: pb::Connect) {
         if self.phase != Phase::AwaitingConnect {
             return self.error(id, ErrorCode::BadRequest, "already connected".into());
         }
@@ -102,7 +154,7 @@ impl Session {
     }
 
     /// A new token for the same subject: new expiry, new permissions, no reconnect.
-    fn handle_refresh(&mut self, now: Now, id: u32, refresh: pb::Refresh) {
+    fn handle_refresh_command(&mut self, now: Now, id: u32, refresh: pb::Refresh) {
         let Some(verifier) = self.limits.verifier.clone() else {
             return self.reply(id, reply::Result::Refresh(pb::RefreshResult { expires_at_unix: 0 }));
         };
@@ -148,7 +200,7 @@ impl Session {
         true
     }
 
-    fn handle_subscribe(&mut self, id: u32, subscribe: pb::Subscribe) {
+    fn handle_subscribe_command(&mut self, id: u32, subscribe: pb::Subscribe) {
         if !self.may_read(id, &subscribe.channel) {
             return;
         }
@@ -174,7 +226,7 @@ impl Session {
         self.events.push_back(SessionEvent::Subscribe { channel, sub_id, req_id: id, since, resume });
     }
 
-    fn handle_ack(&mut self, now: Instant, id: u32, ack: pb::Ack) {
+    fn handle_ack_command(&mut self, now: Instant, id: u32, ack: pb::Ack) {
         let Some(sub) = self.subs.get_mut(ack.sub_id) else {
             return self.error(id, ErrorCode::NotFound, format!("no subscription {}", ack.sub_id));
         };
@@ -193,7 +245,7 @@ impl Session {
         }
     }
 
-    fn handle_history(&mut self, id: u32, history: pb::History) {
+    fn handle_history_command(&mut self, id: u32, history: pb::History) {
         if !self.may_read(id, &history.channel) {
             return;
         }
@@ -205,7 +257,7 @@ impl Session {
         self.events.push_back(SessionEvent::History { channel, req_id: id, since: history.since, limit });
     }
 
-    fn handle_unsubscribe(&mut self, id: u32, sub_id: u32) {
+    fn handle_unsubscribe_command(&mut self, id: u32, sub_id: u32) {
         let Some(sub) = self.subs.remove(sub_id) else {
             return self.error(id, ErrorCode::NotFound, format!("no subscription {sub_id}"));
         };
@@ -217,7 +269,7 @@ impl Session {
         }
     }
 
-    fn handle_publish(&mut self, now: Now, id: u32, publish: pb::Publish) {
+    fn handle_publish_command(&mut self, now: Now, id: u32, publish: pb::Publish) {
         if !self.grant.may_publish(&publish.channel) {
             return self.error(
                 id,

@@ -1,10 +1,20 @@
 //! The session driven directly: bytes in, events and bytes out, no sockets, no clock.
 
+use super::transmit::URGENT_BATCHES;
 use super::*;
+use crate::auth::AuthFailure;
 use crate::config::Config;
+use crate::core::{Now, Position};
+use crate::protocol::envelope;
+use crate::protocol::pb::{self, client_frame::Command, reply, server_frame::Kind, ClientMessage};
 use crate::protocol::pb::{ServerMessage, UpdateType};
+use crate::protocol::ws::{WsEndpoint, WsEvent};
+use crate::protocol::CloseCode;
+use crate::ratelimit::KeyedBuckets;
 use prost::Message;
-use std::time::Instant;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The client id of a session under test: shard 0, slot 1, generation 1.
 fn label() -> ConnLabel {
@@ -104,7 +114,13 @@ fn subscribe_waits_for_the_owner_then_replies_with_position() {
     };
     assert_eq!(&*channel, "route:42");
     assert!(!session.wants_write(), "no reply before the owner answers");
-    assert!(session.on_subscribed(sub_id, 7, &Position { epoch: Arc::from("e1"), offset: 12 }, None, Instant::now()));
+    assert!(session.handle_subscribed(
+        sub_id,
+        7,
+        &Position { epoch: Arc::from("e1"), offset: 12 },
+        None,
+        Instant::now()
+    ));
     let (frames, _) = peer.receive(&mut session);
     match &frames[0].kind {
         Some(Kind::Reply(pb::Reply { id: 7, result: Some(reply::Result::Subscribe(result)) })) => {
@@ -122,7 +138,7 @@ fn unsubscribing_a_pending_subscription_makes_its_answer_refused() {
     peer.command(&mut session, 3, Command::Unsubscribe(pb::Unsubscribe { sub_id }));
     assert!(matches!(session.poll_event(), Some(SessionEvent::Unsubscribe { was_active: false, .. })));
     assert!(
-        !session.on_subscribed(sub_id, 2, &Position { epoch: Arc::from("e"), offset: 0 }, None, Instant::now()),
+        !session.handle_subscribed(sub_id, 2, &Position { epoch: Arc::from("e"), offset: 0 }, None, Instant::now()),
         "the shard must take back the owner's count"
     );
 }
@@ -472,7 +488,7 @@ mod security {
         let (mut session, mut peer, _, _) = connect(&jwt_config(), token(claims), base);
         send(&mut peer, &mut session, at(base, 1), 2, subscribe("route:u"));
         let Some(SessionEvent::Subscribe { sub_id, .. }) = session.poll_event() else { panic!("no subscribe") };
-        session.on_subscribed(sub_id, 2, &Position { epoch: Arc::from("e"), offset: 0 }, None, base);
+        session.handle_subscribed(sub_id, 2, &Position { epoch: Arc::from("e"), offset: 0 }, None, base);
         peer.receive(&mut session);
         // Within the leeway (5 s) past `exp` the token still serves, as it would at `Connect`.
         send(&mut peer, &mut session, at(base, 124), 3, subscribe("route:early"));

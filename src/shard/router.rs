@@ -4,7 +4,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::core::{ConnId, FastMap, Publication};
-use crate::outbox::Delivered;
+use crate::outbox::FanoutLog;
 
 /// One local subscriber of a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +25,7 @@ pub struct Router {
 #[derive(Debug, Default)]
 struct Local {
     subscribers: Vec<Subscriber>,
-    delivered: Rc<Delivered>,
+    delivered: Rc<FanoutLog>,
 }
 
 impl Router {
@@ -58,14 +58,14 @@ impl Router {
     }
 
     /// A publication to deliver on `channel`: its local subscribers, and where it stands in
-    /// the channel's `Delivered` (see `Outbox::push_delivered`).
+    /// the channel's `FanoutLog` (see `Outbox::push_delivered`).
     pub fn deliver(
         &mut self,
         channel: &str,
         publication: &Rc<Publication>,
-    ) -> Option<(&[Subscriber], &Rc<Delivered>, u32)> {
+    ) -> Option<(&[Subscriber], &Rc<FanoutLog>, u32)> {
         let local = self.channels.get_mut(channel)?;
-        let index = Delivered::append(&mut local.delivered, publication);
+        let index = FanoutLog::append(&mut local.delivered, publication);
         Some((&local.subscribers, &local.delivered, index))
     }
 

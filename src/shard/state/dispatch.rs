@@ -122,14 +122,19 @@ impl ShardState {
             BrokerEvent::Failed { conn, req_id, code } => {
                 self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
-                    c.session.on_failed(req_id, code);
+                    c.session.handle_failed(req_id, code);
                     self.wake_writer(conn);
                 }
             }
             BrokerEvent::Subscribed { conn, channel, sub_id, req_id, result: Err(code), .. } => {
                 self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
-                    c.session.on_subscribe_failed(sub_id, req_id, code, format!("cannot subscribe to {channel} now"));
+                    c.session.handle_subscribe_failed(
+                        sub_id,
+                        req_id,
+                        code,
+                        format!("cannot subscribe to {channel} now"),
+                    );
                     self.wake_writer(conn);
                 }
             }
@@ -142,7 +147,7 @@ impl ShardState {
                 };
                 let after = position.offset.max(recovered_to).max(catch_up.last().map_or(0, |p| p.offset));
                 let accepted = self.conn(conn).is_some_and(|c| {
-                    let accepted = c.session.on_subscribed(sub_id, req_id, &position, recovery, now);
+                    let accepted = c.session.handle_subscribed(sub_id, req_id, &position, recovery, now);
                     for publication in catch_up.iter().filter(|p| p.offset > position.offset.max(recovered_to)) {
                         c.session.push_update(sub_id, &Rc::new(Publication::clone(publication)), now);
                     }
@@ -159,14 +164,14 @@ impl ShardState {
             BrokerEvent::HistoryPage { conn, req_id, page } => {
                 self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
-                    c.session.on_history(req_id, &page);
+                    c.session.handle_history(req_id, &page);
                     self.wake_writer(conn);
                 }
             }
             BrokerEvent::Published { conn, req_id, position } => {
                 self.answered(conn, req_id);
                 if let Some(c) = self.conn(conn) {
-                    c.session.on_published(req_id, position);
+                    c.session.handle_published(req_id, position);
                     self.wake_writer(conn);
                 }
             }

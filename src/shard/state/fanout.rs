@@ -19,7 +19,7 @@ impl ShardState {
             return;
         };
         // Parked subscribers (waiting for their next tick with an open run of this channel, see
-        // `outbox::Delivered`) are passed by without touching their connections, until a
+        // `outbox::FanoutLog`) are passed by without touching their connections, until a
         // lower-priority update or the horizon where one of them could turn urgent.
         let pass_parked = publication.is_priority(self.limits.priority_types) && delivered_run.within_horizon();
         if !pass_parked {

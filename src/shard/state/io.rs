@@ -153,8 +153,8 @@ impl ShardState {
         let conn = live_conn(&mut self.conns, id)?;
         // One line per write, not per update: fan-out stays readable at debug.
         let log_write = tracing::enabled!(tracing::Level::DEBUG);
-        let queued = if log_write { conn.session.queued_items() } else { 0 };
-        if let Some(parts) = conn.session.take_shared(out, &mut self.batches, now) {
+        let queued = if log_write { conn.session.outbox().len() } else { 0 };
+        if let Some(parts) = conn.session.poll_transmit_vectored(out, &mut self.batches, now) {
             if log_write {
                 let bytes = out.len() + parts.iter().map(Bytes::len).sum::<usize>();
                 tracing::debug!(conn = %conn.session.client_id(), frames = queued, bytes, "write");

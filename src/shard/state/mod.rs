@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::core::{ConnId, ConnLabel, WallClock};
 use crate::metrics::{CommandKind, LocalMetrics, RequestClock, UPDATE_TYPES};
 use crate::protocol::CloseCode;
-use crate::session::{LentQueues, Session, SessionLimits};
+use crate::session::{Session, SessionLimits, SpareQueues};
 use links::Links;
 
 /// How often the shard's histograms move to where a scrape reads them (counters move every tick).
@@ -112,7 +112,7 @@ pub(crate) struct ShardState {
     read_step_at: Option<Instant>,
     /// Lent to the session whose read is handled (see `on_bytes`); they come back at the
     /// read's end, or when the connection's outbox drains (`went_idle`).
-    lent: LentQueues,
+    lent: SpareQueues,
     /// Subscriptions on this shard's connections, by channel type.
     subscriptions: [u64; UPDATE_TYPES],
     timings_flushed_at: Instant,
@@ -165,7 +165,7 @@ impl ShardState {
             requests: RequestClock::default(),
             wall_clock: WallClock::anchored_now(),
             read_step_at: None,
-            lent: LentQueues::default(),
+            lent: SpareQueues::default(),
             subscriptions: [0; UPDATE_TYPES],
             timings_flushed_at: Instant::now(),
             api: Waiters::default(),

@@ -42,7 +42,7 @@ impl ShardState {
         let (mut conflated, mut dropped) = (0, 0);
         for (_, conn) in self.conns.iter_mut() {
             failures += u64::from(conn.session.handle_timeout(now));
-            let gave_way = conn.session.take_gave_way();
+            let gave_way = conn.session.poll_shed_counts();
             conflated += gave_way.conflated;
             dropped += gave_way.dropped;
             if conn.session.wants_write() {

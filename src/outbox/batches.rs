@@ -1,21 +1,21 @@
-//! Queued items as WebSocket bytes: batches of frames per message, shared between
-//! subscribers and compressed where that pays.
+//! How queued items leave: batches of frames per WebSocket message, shared between
+//! subscribers and compressed where that pays. The bytes of each piece are `protocol`'s.
 
 use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use prost::encoding::encoded_len_varint;
 
 use super::OutItem;
 use crate::compression::SharedBatches;
 use crate::core::Publication;
 use crate::metrics::LocalMetrics;
-use crate::protocol::push::{append_varint, push_len_skipped, write_push_skipped};
+use crate::protocol::push::{push_len_skipped, write_push_skipped};
+use crate::protocol::server_message::{write_shared_batch, write_shared_head, write_zstd_envelope};
 use crate::protocol::ws::write_binary_header;
 
 /// The shard's shared batches, and what this connection takes of them.
-pub struct Sharing<'a> {
+pub struct SharedEncoding<'a> {
     pub batches: &'a mut SharedBatches,
     /// The connection accepts zstd envelopes.
     pub zstd: bool,
@@ -25,7 +25,7 @@ pub struct Sharing<'a> {
     pub observed: Observed<'a>,
 }
 
-impl Sharing<'_> {
+impl SharedEncoding<'_> {
     /// Whether a message of `len` plain bytes goes out compressed.
     fn compresses(&self, len: usize) -> bool {
         let threshold = self.batches.threshold();
@@ -39,7 +39,7 @@ pub type Observed<'a> = Option<(&'a LocalMetrics, Instant)>;
 /// Writes `items`, each with the number of updates before it on its subscription that were
 /// given up (reported as `skipped`), as WebSocket messages of up to `batch_size` frames (raw
 /// items go out as they are, between batches).
-/// With `sharing`, a message of two or more updates of one subscription (and nothing per copy)
+/// With `encoding`, a message of two or more updates of one subscription (and nothing per copy)
 /// is the shard's shared batch, encoded once for every subscriber, with the `sub_id` in the
 /// envelope; over the threshold, for a client that accepts it, a zstd envelope (shared, or the
 /// connection's own when the message holds more than one subscription's updates or reports
@@ -49,7 +49,7 @@ pub(super) fn write_batches<'a, I>(
     out: &mut Vec<u8>,
     mut items: I,
     batch_size: usize,
-    mut sharing: Option<&mut Sharing<'_>>,
+    mut encoding: Option<&mut SharedEncoding<'_>>,
 ) -> usize
 where
     I: Iterator<Item = (&'a OutItem, u32)> + Clone,
@@ -69,30 +69,30 @@ where
         let (count, len) =
             run.clone().fold((0, 0), |(count, len), (item, skipped)| (count + 1, len + wire_len(item, skipped)));
         frames += count;
-        if let Some((metrics, now)) = sharing.as_deref().and_then(|sharing| sharing.observed) {
+        if let Some((metrics, now)) = encoding.as_deref().and_then(|encoding| encoding.observed) {
             metrics.record_deliveries(now, publications(run.clone()).map(|p| &**p));
             metrics.record_message(count);
         }
-        if let Some(sharing) = sharing.as_deref_mut() {
-            let compress = sharing.compresses(len);
+        if let Some(encoding) = encoding.as_deref_mut() {
+            let compress = encoding.compresses(len);
             // One update alone is as cheap to write as to look up, unless it is to be compressed.
             let worth_sharing = (count >= 2 || compress) && run.clone().all(|(_, skipped)| skipped == 0);
             let shared_sub = if worth_sharing { one_subscription(run.clone().map(|(item, _)| item)) } else { None };
             let written = match (shared_sub, compress) {
                 (Some(sub_id), true) => {
-                    match sharing.batches.shared_compressed(publications(run.clone()), sharing.held) {
-                        Some(compressed) => write_envelope(out, &compressed, sub_id),
+                    match encoding.batches.shared_compressed(publications(run.clone()), encoding.held) {
+                        Some(compressed) => write_zstd_envelope(out, &compressed, sub_id),
                         None => {
-                            write_shared_plain(out, sharing.batches.shared_plain(publications(run.clone())), sub_id)
+                            write_shared_batch(out, &encoding.batches.shared_plain(publications(run.clone())), sub_id)
                         }
                     }
                     true
                 }
                 (Some(sub_id), false) => {
-                    write_shared_plain(out, sharing.batches.shared_plain(publications(run.clone())), sub_id);
+                    write_shared_batch(out, &encoding.batches.shared_plain(publications(run.clone())), sub_id);
                     true
                 }
-                (None, true) => write_own_compressed(out, run.clone(), count, len, sharing),
+                (None, true) => write_own_compressed(out, run.clone(), count, len, encoding),
                 (None, false) => false,
             };
             if written {
@@ -145,17 +145,6 @@ fn write_run<'a>(out: &mut Vec<u8>, items: &mut impl Iterator<Item = (&'a OutIte
     }
 }
 
-/// Key of `ServerMessage.zstd` (field 2, length-delimited) and `ServerMessage.sub_id` (field 3).
-const SERVER_MESSAGE_ZSTD_KEY: u8 = 0x12;
-const SERVER_MESSAGE_SUB_ID_KEY: u8 = 0x18;
-
-/// A shared plain batch: its head, then its frames as they are.
-fn write_shared_plain(out: &mut Vec<u8>, frames: Bytes, sub_id: u32) {
-    out.reserve(frames.len() + 16);
-    write_shared_head(out, frames.len(), sub_id);
-    out.extend_from_slice(&frames);
-}
-
 /// Shared batches (`stretch`, one iterator per message) of subscription `sub_id`, tallied as
 /// written at `observed`: the first message's head goes to `head`, and the parts to write
 /// after it are returned (the first batch's frames, then each further message's head and
@@ -189,15 +178,6 @@ where
     parts
 }
 
-/// What one connection's copy of a shared batch of `frames_len` bytes starts with: the
-/// WebSocket header and `ServerMessage.sub_id` (protobuf allows it before the frames), so the
-/// shared bytes can follow untouched, copied or by a vectored write.
-fn write_shared_head(out: &mut Vec<u8>, frames_len: usize, sub_id: u32) {
-    write_binary_header(out, 1 + encoded_len_varint(u64::from(sub_id)) + frames_len);
-    out.push(SERVER_MESSAGE_SUB_ID_KEY);
-    append_varint(out, u64::from(sub_id));
-}
-
 /// Writes `run` (of `len` bytes plain, several subscriptions' or with skip reports) as the
 /// connection's own zstd envelope; false when compressing would not make it smaller (nothing
 /// written then).
@@ -206,7 +186,7 @@ fn write_own_compressed<'a>(
     run: impl Iterator<Item = (&'a OutItem, u32)> + Clone,
     count: usize,
     len: usize,
-    sharing: &mut Sharing<'_>,
+    encoding: &mut SharedEncoding<'_>,
 ) -> bool {
     let mut plain = Vec::with_capacity(len);
     write_run(&mut plain, &mut run.clone(), count);
@@ -216,22 +196,7 @@ fn write_own_compressed<'a>(
     });
     let first = types.next();
     let update_type = first.filter(|&t| t >= 0 && types.all(|other| other == t));
-    let Some(compressed) = sharing.batches.own(&plain, update_type, sharing.held) else { return false };
-    write_envelope(out, &compressed, 0);
+    let Some(compressed) = encoding.batches.own(&plain, update_type, encoding.held) else { return false };
+    write_zstd_envelope(out, &compressed, 0);
     true
-}
-
-/// A `ServerMessage` holding only `zstd` (and the `sub_id` its updates lack, if shared).
-fn write_envelope(out: &mut Vec<u8>, compressed: &[u8], sub_id: u32) {
-    let sub_id_len = if sub_id == 0 { 0 } else { 1 + encoded_len_varint(u64::from(sub_id)) };
-    let len = 1 + encoded_len_varint(compressed.len() as u64) + compressed.len() + sub_id_len;
-    out.reserve(len + 10);
-    write_binary_header(out, len);
-    out.push(SERVER_MESSAGE_ZSTD_KEY);
-    append_varint(out, compressed.len() as u64);
-    out.extend_from_slice(compressed);
-    if sub_id != 0 {
-        out.push(SERVER_MESSAGE_SUB_ID_KEY);
-        append_varint(out, u64::from(sub_id));
-    }
 }

@@ -1,19 +1,21 @@
-//! A channel's publications as a shard delivers them, which a queue may refer to instead of
-//! holding an item per delivery (see `Outbox::push_delivered`).
+//! The fan-out log: a channel's publications as a shard delivers them to its subscribers,
+//! which a queue may refer to instead of holding an item per delivery (see
+//! `Outbox::push_delivered`).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use crate::core::Publication;
 
-/// One channel's publications in the order a shard delivers them. A subscriber whose queue
+/// One channel's publications in the order a shard fans them out, shared by its local
+/// subscribers' queues (the shard's router holds the current one per channel). A subscriber whose queue
 /// ends with a stretch of them for one subscription refers to the stretch (`Run`) instead of
 /// holding an item per delivery: a fan-out then writes nothing new per subscriber but a count.
 /// A subscriber waiting for its next pacing tick with such a stretch is *parked*: its run is
 /// left open to the end of the publications, and the fan-out passes it by without touching
 /// its connection, until the horizon where its queue could need its writer woken.
 #[derive(Debug)]
-pub struct Delivered {
+pub struct FanoutLog {
     pub(super) publications: RefCell<Vec<Rc<Publication>>>,
     /// Their bodies' bytes.
     pub(super) bytes: Cell<usize>,
@@ -23,7 +25,7 @@ pub struct Delivered {
     horizon: Cell<(usize, usize)>,
 }
 
-impl Default for Delivered {
+impl Default for FanoutLog {
     fn default() -> Self {
         Self {
             publications: RefCell::default(),
@@ -36,28 +38,26 @@ impl Default for Delivered {
 
 const NO_HORIZON: (usize, usize) = (usize::MAX, usize::MAX);
 
-/// What a `Delivered` holds before a fresh one is started. Queues referring to the old one
+/// What a `FanoutLog` holds before a fresh one is started. Queues referring to the old one
 /// turn their run into items at their next update of the channel, so a channel keeps about
 /// this much alive beyond what its subscribers' queues hold.
-pub(super) const DELIVERED_CAPACITY: usize = 1024;
-const DELIVERED_BYTES: usize = 1 << 20;
+pub(super) const FANOUT_LOG_CAPACITY: usize = 1024;
+const FANOUT_LOG_BYTES: usize = 1 << 20;
 
-impl Delivered {
-    /// Appends `publication` to the shard's current `delivered` for its channel, starting a
+impl FanoutLog {
+    /// Appends `publication` to `fanout`, the shard's current log for its channel, starting a
     /// fresh one when no queue refers to it any more or it is full; returns its index.
-    pub fn append(delivered: &mut Rc<Delivered>, publication: &Rc<Publication>) -> u32 {
-        if Rc::strong_count(delivered) == 1 {
-            delivered.publications.borrow_mut().clear();
-            delivered.bytes.set(0);
-            delivered.parked.borrow_mut().clear();
-            delivered.horizon.set(NO_HORIZON);
-        } else if delivered.publications.borrow().len() >= DELIVERED_CAPACITY
-            || delivered.bytes.get() >= DELIVERED_BYTES
-        {
-            *delivered = Rc::default();
+    pub fn append(fanout: &mut Rc<FanoutLog>, publication: &Rc<Publication>) -> u32 {
+        if Rc::strong_count(fanout) == 1 {
+            fanout.publications.borrow_mut().clear();
+            fanout.bytes.set(0);
+            fanout.parked.borrow_mut().clear();
+            fanout.horizon.set(NO_HORIZON);
+        } else if fanout.publications.borrow().len() >= FANOUT_LOG_CAPACITY || fanout.bytes.get() >= FANOUT_LOG_BYTES {
+            *fanout = Rc::default();
         }
-        delivered.bytes.set(delivered.bytes.get() + publication.body.len());
-        let mut publications = delivered.publications.borrow_mut();
+        fanout.bytes.set(fanout.bytes.get() + publication.body.len());
+        let mut publications = fanout.publications.borrow_mut();
         publications.push(publication.clone());
         (publications.len() - 1) as u32
     }
@@ -108,15 +108,15 @@ impl Delivered {
 }
 
 /// Updates of one subscription queued after everything else: `len` publications of
-/// `delivered` from `start`.
+/// `fanout` from `start`.
 #[derive(Debug)]
 pub(super) struct Run {
     pub(super) sub_id: u32,
-    pub(super) delivered: Rc<Delivered>,
+    pub(super) fanout: Rc<FanoutLog>,
     pub(super) start: u32,
     pub(super) len: u32,
-    /// Parked (see `Delivered`): the run also holds every publication appended to
-    /// `delivered` since, counted in `len` when it is settled; `slot` is the subscriber's
+    /// Parked (see `FanoutLog`): the run also holds every publication appended to
+    /// `fanout` since, counted in `len` when it is settled; `slot` is the subscriber's
     /// position in the channel's list, whose mark it clears when it closes.
     pub(super) open_slot: Option<u32>,
 }
@@ -125,7 +125,7 @@ impl Run {
     /// Publications the run holds, counting those an open run has not settled yet.
     pub(super) fn current_len(&self) -> u32 {
         match self.open_slot {
-            Some(_) => self.delivered.len() as u32 - self.start,
+            Some(_) => self.fanout.len() as u32 - self.start,
             None => self.len,
         }
     }
