@@ -22,7 +22,7 @@ pub struct SharedEncoding<'a> {
     /// Bit `i`: the connection holds the server's dictionary `i`.
     pub held: u32,
     /// Where to tally the write and when it happens.
-    pub observed: Observed<'a>,
+    pub observed: WriteTally<'a>,
 }
 
 impl SharedEncoding<'_> {
@@ -33,8 +33,8 @@ impl SharedEncoding<'_> {
     }
 }
 
-/// The shard's tallies and the time of the write being made, when it is observed.
-pub type Observed<'a> = Option<(&'a LocalMetrics, Instant)>;
+/// Where a write is tallied (the shard's metrics) and when it is made; `None`: not tallied.
+pub type WriteTally<'a> = Option<(&'a LocalMetrics, Instant)>;
 
 /// Writes `items`, each with the number of updates before it on its subscription that were
 /// given up (reported as `skipped`), as WebSocket messages of up to `batch_size` frames (raw
@@ -154,7 +154,7 @@ pub(super) fn shared_parts<'p, B>(
     sub_id: u32,
     stretch: impl Iterator<Item = B>,
     batches: &mut SharedBatches,
-    observed: Observed<'_>,
+    observed: WriteTally<'_>,
 ) -> Vec<Bytes>
 where
     B: Iterator<Item = &'p Rc<Publication>> + Clone,

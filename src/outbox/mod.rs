@@ -28,7 +28,7 @@ use crate::compression::SharedBatches;
 use crate::core::Publication;
 use crate::protocol::push::push_len;
 use batches::{one_subscription, shared_parts, write_batches};
-pub use batches::{Observed, SharedEncoding};
+pub use batches::{SharedEncoding, WriteTally};
 pub use fanout_log::FanoutLog;
 use fanout_log::Run;
 use low_lane::LowLane;
@@ -326,7 +326,7 @@ impl Outbox {
         head: &mut Vec<u8>,
         batch_size: usize,
         batches: &mut SharedBatches,
-        observed: Observed<'_>,
+        observed: WriteTally<'_>,
     ) -> Option<Vec<Bytes>> {
         // Updates in the high lane and the run never report skipped ones (see `LowLane`).
         if self.low.as_deref().is_some_and(|lane| !lane.is_empty()) {
