@@ -6,7 +6,7 @@ use base64::Engine as _;
 use prost::Message;
 use serde::Deserialize;
 
-use crate::protocol::pb;
+use crate::protocol::{http, pb};
 
 pub const PROTOBUF: &str = "application/x-protobuf";
 pub const JSON: &str = "application/json";
@@ -253,6 +253,36 @@ impl Answer for pb::ClientSubscriptions {
 impl Answer for pb::DisconnectResult {
     fn to_json(&self) -> serde_json::Value {
         serde_json::json!({"client_id": self.client_id})
+    }
+}
+
+/// An answer: status, body, and `Retry-After` for 429.
+pub(super) struct Reply {
+    pub(super) status: u16,
+    format: Format,
+    body: Vec<u8>,
+    pub(super) retry_after: Option<u64>,
+}
+
+impl Reply {
+    pub(super) fn ok(format: Format, answer: &impl Answer) -> Reply {
+        Reply { status: 200, format, body: answer.encode_as(format), retry_after: None }
+    }
+
+    pub(super) fn error(status: u16, format: Format, message: impl Into<String>) -> Reply {
+        let error = pb::Error { code: u32::from(status), message: message.into(), retry_after_ms: 0 };
+        Reply { status, format, body: error.encode_as(format), retry_after: None }
+    }
+
+    pub(super) fn into_bytes(self) -> Vec<u8> {
+        let content_type = self.format.content_type();
+        match (self.status, self.retry_after) {
+            (429, Some(seconds)) => {
+                http::response_with_header(429, content_type, Some(("Retry-After", &seconds.to_string())), &self.body)
+            }
+            (401, _) => http::response_with_header(401, content_type, Some(("WWW-Authenticate", "Bearer")), &self.body),
+            (status, _) => http::response(status, content_type, &self.body),
+        }
     }
 }
 

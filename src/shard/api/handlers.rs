@@ -8,8 +8,8 @@ use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use super::codec::Reply;
 use super::codec::{self, Format};
-use super::server::Reply;
 use super::waiters::{Answer, ApiMsg};
 use super::ANSWER_TIMEOUT;
 use crate::broker::accept_publish;

@@ -11,12 +11,11 @@ use compio::buf::BufResult;
 use compio::io::AsyncWriteExt;
 use compio::net::{TcpListener, TcpStream};
 
-use super::codec::{self, Answer as _, Format};
+use super::codec::{self, Format, Reply};
 use super::handlers;
 use super::keys::authenticate;
 use super::ANSWER_TIMEOUT;
-use crate::protocol::http::{self, RequestHead};
-use crate::protocol::pb;
+use crate::protocol::http::RequestHead;
 use crate::shard::conn::{self, respond_and_close};
 use crate::shard::routes::{ApiRoute, Listener};
 use crate::shard::state::ShardState;
@@ -42,36 +41,6 @@ pub(in crate::shard) async fn accept_loop(listener: TcpListener, state: Rc<RefCe
 async fn serve_connection(state: Rc<RefCell<ShardState>>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     conn::serve_request(state, stream, Listener::Api).await;
-}
-
-/// An answer: status, body, and `Retry-After` for 429.
-pub(super) struct Reply {
-    pub(super) status: u16,
-    format: Format,
-    body: Vec<u8>,
-    retry_after: Option<u64>,
-}
-
-impl Reply {
-    pub(super) fn ok(format: Format, answer: &impl codec::Answer) -> Reply {
-        Reply { status: 200, format, body: answer.encode_as(format), retry_after: None }
-    }
-
-    pub(super) fn error(status: u16, format: Format, message: impl Into<String>) -> Reply {
-        let error = pb::Error { code: u32::from(status), message: message.into(), retry_after_ms: 0 };
-        Reply { status, format, body: error.encode_as(format), retry_after: None }
-    }
-
-    fn into_bytes(self) -> Vec<u8> {
-        let content_type = self.format.content_type();
-        match (self.status, self.retry_after) {
-            (429, Some(seconds)) => {
-                http::response_with_header(429, content_type, Some(("Retry-After", &seconds.to_string())), &self.body)
-            }
-            (401, _) => http::response_with_header(401, content_type, Some(("WWW-Authenticate", "Bearer")), &self.body),
-            (status, _) => http::response(status, content_type, &self.body),
-        }
-    }
 }
 
 /// Serves one API request whose head was read and routed (`method` and `target` as the
