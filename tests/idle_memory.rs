@@ -1,7 +1,7 @@
 //! What an idle connection costs the server: many connections that connected, subscribed and
 //! went quiet, and the growth of the server's resident memory they caused.
 //!
-//! The ignored test is the measurement behind the README's figures (issue 5); run it on the
+//! The ignored test is the measurement behind docs/benchmarks.md's idle-memory figures; run it on the
 //! release build:
 //! `cargo test --release --test idle_memory -- --ignored --nocapture`
 //! (`ROUTOPIA_IDLE_CONNECTIONS` sets how many, 10000 by default).

@@ -1,5 +1,5 @@
 //! `GET /metrics`: every shard's figures merged, in the Prometheus text format. Names start
-//! with `realtime_`; the README's "Metrics" table lists them.
+//! with `realtime_`; docs/metrics.md lists them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;

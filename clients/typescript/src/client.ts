@@ -96,7 +96,7 @@ export interface ConnectedEvent {
 export interface DisconnectedEvent {
   code: number;
   reason: string;
-  /** The code's name and meaning (README "Close codes"). */
+  /** The code's name and meaning (docs/protocol.md, "Close codes"). */
   name: string;
   meaning: string;
   /** Whether the server (or the code) says reconnecting may succeed. */

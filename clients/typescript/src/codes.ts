@@ -1,4 +1,4 @@
-// The server's close codes and error codes (README "Close codes" and "Error codes"), so every
+// The server's close codes and error codes (docs/protocol.md, "Close codes" and "Error codes"), so every
 // `Disconnect` and `Error` reaches the application with its meaning.
 
 export interface CloseCodeInfo {

@@ -8,12 +8,12 @@ import { passes } from "../../src/subscription.js";
 import { Update } from "../../src/update.js";
 import { UpdateType } from "../../src/gen/realtime_pb.js";
 
-const readme = readFileSync(new URL("../../../../../README.md", import.meta.url), "utf8");
+const readme = readFileSync(new URL("../../../../../docs/protocol.md", import.meta.url), "utf8");
 
-/** Rows of the README table under `heading`: first cells, with the rest. */
+/** Rows of the protocol reference's table under `heading`: first cells, with the rest. */
 function tableRows(heading: string): string[][] {
   const start = readme.indexOf(heading);
-  assert.ok(start >= 0, `README has "${heading}"`);
+  assert.ok(start >= 0, `docs/protocol.md has "${heading}"`);
   const rows: string[][] = [];
   for (const line of readme.slice(start).split("\n").slice(1)) {
     if (!line.startsWith("|")) {
@@ -26,7 +26,7 @@ function tableRows(heading: string): string[][] {
   return rows;
 }
 
-test("every close code of the README is known, with the same reconnect advice", () => {
+test("every close code of docs/protocol.md is known, with the same reconnect advice", () => {
   const rows = tableRows("### Close codes");
   assert.ok(rows.length >= 15, `found ${rows.length} close codes`);
   for (const [code, reconnect] of rows) {
@@ -36,7 +36,7 @@ test("every close code of the README is known, with the same reconnect advice", 
   }
 });
 
-test("every error code of the README has a meaning", () => {
+test("every error code of docs/protocol.md has a meaning", () => {
   for (const [code] of tableRows("### Error codes")) assert.ok(ERROR_CODES[Number(code)], `error code ${code}`);
 });
 
