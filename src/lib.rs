@@ -5,8 +5,8 @@
 //! # Layout
 //! The modules in layers, top first. A module imports only modules listed below it, never
 //! one above, so no two import each other; `tests/layers.rs` reads `src/` and holds the code
-//! to this list. Only `shard` knows about sockets and runtimes; below it, code is sans I/O
-//! and is handed the time.
+//! to this list. Sockets and runtimes are `shard`'s (and, on its own thread, the Redis
+//! bridge's in `broker::redis`); the shard hands the time to the code below it.
 //! - [`shard`]: a compio runtime per core with its own listener, connections, inbox, HTTP
 //!   routes and server API; dispatches to sessions and to its part of the broker.
 //! - [`client`]: a client library (used by the tests and the loadtest).

@@ -553,7 +553,8 @@ fn medians(lines: &[String]) -> Vec<Vec<String>> {
     if groups.iter().all(|g| g.per_cpu.len() < 2) {
         return rows;
     }
-    let ours = |g: &Runs| g.label.starts_with("routopia");
+    // Another build of our own (`compare.sh --baseline`) is what this build is held against.
+    let ours = |g: &Runs| g.label.starts_with("routopia") && g.label != "routopia-baseline";
     let medians: Vec<f64> = groups.iter().map(|g| median(&mut g.per_cpu.clone())).collect();
     for (g, &own) in groups.iter().zip(&medians) {
         let (low, high) = g.per_cpu.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
@@ -723,6 +724,28 @@ mod tests {
         assert_eq!(rows[3][3], "2000000");
         assert_eq!(rows[3][6], "-");
         assert_eq!(medians(&lines[..3]).len(), 1, "one run each: no medians");
+    }
+
+    #[test]
+    fn a_baseline_build_is_what_this_build_is_held_against() {
+        let run = |label: &str, per_cpu: f64| {
+            format!(
+                r#"{{"label":"{label}","params":{{"rate":4000}},"deliveries_per_server_cpu_s":{per_cpu},"latency_ms":{{"p99":50}}}}"#
+            )
+        };
+        let lines: Vec<String> = [
+            ("routopia-realtime", 9.0e6),
+            ("routopia-baseline", 10.0e6),
+            ("routopia-realtime", 11.0e6),
+            ("routopia-baseline", 10.0e6),
+        ]
+        .iter()
+        .map(|&(label, per_cpu)| run(label, per_cpu))
+        .collect();
+        let rows = medians(&lines);
+        assert_eq!(rows[1][0], "routopia-realtime");
+        assert_eq!(rows[1][6], "1.00x", "10M over the baseline's 10M: {rows:?}");
+        assert_eq!((rows[2][0].as_str(), rows[2][6].as_str()), ("routopia-baseline", "-"));
     }
 
     #[test]

@@ -32,14 +32,14 @@ impl RedisBroker {
 
     /// Hands a request to the bridge, answering 503 at once when it cannot take it; returns
     /// whether it answered.
-    fn send_to_bridge(&mut self, out: &mut dyn Outbound, request: BridgeRequest) -> bool {
+    fn send_to_bridge(&mut self, out: &mut dyn Outbound, now: Instant, request: BridgeRequest) -> bool {
         let Err(request) = self.bridge.send(request) else { return false };
         let unavailable = ErrorCode::Unavailable;
         match request {
             BridgeRequest::Publish { from, conn, req_id, .. } => {
                 out.to_shard(from, BrokerEvent::Published { conn, req_id, position: Err(unavailable) })
             }
-            BridgeRequest::Position(request) => self.positioned(out, request, Err(unavailable)),
+            BridgeRequest::Position(request) => self.positioned(out, now, request, Err(unavailable)),
             BridgeRequest::History { from, conn, req_id, .. } => {
                 out.to_shard(from, BrokerEvent::Failed { conn, req_id, code: unavailable })
             }
@@ -54,9 +54,9 @@ impl RedisBroker {
         match self.channels.add_subscriber(&request.channel, request.from, now) {
             Ok(first) => {
                 if first {
-                    self.send_to_bridge(out, BridgeRequest::Listen { channel: request.channel.clone() });
+                    self.send_to_bridge(out, now, BridgeRequest::Listen { channel: request.channel.clone() });
                 }
-                self.send_to_bridge(out, BridgeRequest::Position(request));
+                self.send_to_bridge(out, now, BridgeRequest::Position(request));
             }
             Err(_) => {
                 let SubscribeRequest { channel, from, conn, sub_id, req_id, .. } = request;
@@ -74,6 +74,7 @@ impl RedisBroker {
     fn positioned(
         &mut self,
         out: &mut dyn Outbound,
+        now: Instant,
         request: SubscribeRequest,
         result: Result<(Position, Option<Recovery>), ErrorCode>,
     ) {
@@ -99,7 +100,7 @@ impl RedisBroker {
             // Refused (Redis away), or this node did not hear everything after the position:
             // the client asks again (503) rather than start with a gap.
             (result, _) => {
-                self.unsubscribe_owned(out, channel.clone(), from);
+                self.unsubscribe_owned(out, now, channel.clone(), from);
                 (Err(result.err().unwrap_or(ErrorCode::Unavailable)), Vec::new())
             }
         };
@@ -111,9 +112,9 @@ impl RedisBroker {
 
     /// As the channel's owner on this node: one subscriber fewer on shard `from`; stop
     /// listening when the node has none left.
-    fn unsubscribe_owned(&mut self, out: &mut dyn Outbound, channel: Arc<str>, from: usize) {
-        if self.channels.unsubscribe(&channel, from, Instant::now()) {
-            self.send_to_bridge(out, BridgeRequest::Unlisten { channel });
+    fn unsubscribe_owned(&mut self, out: &mut dyn Outbound, now: Instant, channel: Arc<str>, from: usize) {
+        if self.channels.unsubscribe(&channel, from, now) {
+            self.send_to_bridge(out, now, BridgeRequest::Unlisten { channel });
         }
     }
 
@@ -166,14 +167,14 @@ impl Broker for RedisBroker {
     fn publish(
         &mut self,
         out: &mut dyn Outbound,
-        _now: Instant,
+        now: Instant,
         conn: ConnId,
         req_id: u32,
         channel: String,
         update: pb::Update,
     ) -> bool {
         let (channel, from) = (Arc::from(channel), self.placement.shard);
-        self.send_to_bridge(out, BridgeRequest::Publish { channel, from, conn, req_id, update: Box::new(update) })
+        self.send_to_bridge(out, now, BridgeRequest::Publish { channel, from, conn, req_id, update: Box::new(update) })
     }
 
     fn subscribe(&mut self, out: &mut dyn Outbound, now: Instant, request: SubscribeRequest) {
@@ -183,10 +184,10 @@ impl Broker for RedisBroker {
         }
     }
 
-    fn unsubscribe(&mut self, out: &mut dyn Outbound, _now: Instant, channel: Arc<str>) {
+    fn unsubscribe(&mut self, out: &mut dyn Outbound, now: Instant, channel: Arc<str>) {
         let shard = self.placement.shard;
         match self.placement.owner(&channel) {
-            owner if owner == shard => self.unsubscribe_owned(out, channel, shard),
+            owner if owner == shard => self.unsubscribe_owned(out, now, channel, shard),
             owner => out.to_owner(owner, OwnerMsg::Unsubscribe { channel, from: shard }),
         }
     }
@@ -194,7 +195,7 @@ impl Broker for RedisBroker {
     fn history(
         &mut self,
         out: &mut dyn Outbound,
-        _now: Instant,
+        now: Instant,
         conn: ConnId,
         req_id: u32,
         channel: Arc<str>,
@@ -202,7 +203,7 @@ impl Broker for RedisBroker {
         limit: usize,
     ) {
         let from = self.placement.shard;
-        self.send_to_bridge(out, BridgeRequest::History { channel, from, conn, req_id, since, limit });
+        self.send_to_bridge(out, now, BridgeRequest::History { channel, from, conn, req_id, since, limit });
     }
 
     fn ack(
@@ -221,17 +222,17 @@ impl Broker for RedisBroker {
     fn handle_owner(&mut self, out: &mut dyn Outbound, now: Instant, msg: OwnerMsg) {
         match msg {
             OwnerMsg::Subscribe(request) => self.subscribe_owned(out, now, request),
-            OwnerMsg::Unsubscribe { channel, from } => self.unsubscribe_owned(out, channel, from),
-            OwnerMsg::Positioned { request, result } => self.positioned(out, request, result),
+            OwnerMsg::Unsubscribe { channel, from } => self.unsubscribe_owned(out, now, channel, from),
+            OwnerMsg::Positioned { request, result } => self.positioned(out, now, request, result),
             OwnerMsg::Fanout { epoch, publication } => self.fanned_out(out, now, epoch, publication),
             OwnerMsg::Resync { channel, epoch, offset } => self.resync(out, channel, epoch, offset),
             // Requests go to Redis from the requester's shard; should one come here, it goes
             // the same way.
             OwnerMsg::Publish { channel, from, conn, req_id, update } => {
-                self.send_to_bridge(out, BridgeRequest::Publish { channel, from, conn, req_id, update });
+                self.send_to_bridge(out, now, BridgeRequest::Publish { channel, from, conn, req_id, update });
             }
             OwnerMsg::History { channel, from, conn, req_id, since, limit } => {
-                self.send_to_bridge(out, BridgeRequest::History { channel, from, conn, req_id, since, limit });
+                self.send_to_bridge(out, now, BridgeRequest::History { channel, from, conn, req_id, since, limit });
             }
             OwnerMsg::Acked { channel, identity, epoch, offset } => {
                 self.ack(out, now, channel, identity, epoch, offset)

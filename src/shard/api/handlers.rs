@@ -348,7 +348,7 @@ pub(super) async fn disconnect(state: &Rc<RefCell<ShardState>>, client_id: &str,
         number => match CloseCode::ALL.iter().find(|c| u32::from(c.code()) == number) {
             Some(&code) => code,
             None => {
-                let message = format!("close code {number} is not one of the README's close codes");
+                let message = format!("close code {number} is not one of the close codes of docs/protocol.md");
                 return Reply::error(400, format, message);
             }
         },

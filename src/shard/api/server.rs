@@ -95,7 +95,7 @@ async fn handle<S: Transport>(
         return Some(reply);
     }
     if route == ApiRoute::Unknown {
-        return Some(Reply::error(404, format, "no such API route; see the README's \"Server API\""));
+        return Some(Reply::error(404, format, "no such API route; see docs/protocol.md, \"Server API\""));
     }
     if let Some(method) = method.filter(|&method| head.method != method) {
         return Some(Reply::error(405, format, format!("use {method}")));

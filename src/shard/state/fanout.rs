@@ -15,19 +15,19 @@ impl ShardState {
         let now = Instant::now();
         let mut delivered = 0u64;
         let mut ack_failures = 0u64;
-        let Some((subscribers, delivered_run, index)) = self.router.deliver(&publication.channel, &local) else {
+        let Some((subscribers, fanout_log, index)) = self.router.deliver(&publication.channel, &local) else {
             return;
         };
         // Parked subscribers (waiting for their next tick with an open run of this channel, see
         // `outbox::FanoutLog`) are passed by without touching their connections, until a
         // lower-priority update or the horizon where one of them could turn urgent.
-        let pass_parked = publication.is_priority(self.limits.priority_types) && delivered_run.within_horizon();
+        let pass_parked = publication.is_priority(self.limits.priority_types) && fanout_log.within_horizon();
         if !pass_parked {
-            delivered_run.reset_horizon();
+            fanout_log.reset_horizon();
         }
-        delivered_run.track(subscribers.len());
+        fanout_log.track(subscribers.len());
         for (slot, subscriber) in subscribers.iter().enumerate() {
-            if pass_parked && delivered_run.is_parked(slot) {
+            if pass_parked && fanout_log.is_parked(slot) {
                 delivered += 1;
                 continue;
             }
@@ -42,8 +42,7 @@ impl ShardState {
             if conn.generation != subscriber.conn.generation {
                 continue;
             }
-            ack_failures +=
-                u64::from(conn.session.push_delivered(subscriber.sub_id, &local, delivered_run, index, now));
+            ack_failures += u64::from(conn.session.push_delivered(subscriber.sub_id, &local, fanout_log, index, now));
             delivered += 1;
             // A paced writer goes at its next tick with whatever has come by then, or when
             // its batch fills.
@@ -53,7 +52,7 @@ impl ShardState {
                     waker.wake();
                 }
             } else {
-                conn.session.park(subscriber.sub_id, delivered_run, slot);
+                conn.session.park(subscriber.sub_id, fanout_log, slot);
             }
         }
         tracing::debug!(

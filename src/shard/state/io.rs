@@ -21,7 +21,7 @@ impl ShardState {
         let now = self.wall_clock.at(Instant::now());
         // The table alone (not `conn`), as the shard's queues are borrowed beside it.
         let Some(conn) = live_conn(&mut self.conns, id) else { return };
-        conn.session.borrow_queues(&mut self.lent);
+        conn.session.borrow_queues(&mut self.spare_queues);
         conn.session.handle_bytes(now, bytes);
         // Answers this shard gives at once (it owns the channel) join the direct send.
         self.reading = Some(id);
@@ -34,7 +34,7 @@ impl ShardState {
         self.send_or_wake(id, direct);
         self.read_step_at = None;
         if let Some(conn) = live_conn(&mut self.conns, id) {
-            conn.session.give_back_queues(&mut self.lent, SMALL_QUEUE_SLOTS);
+            conn.session.give_back_queues(&mut self.spare_queues, SMALL_QUEUE_SLOTS);
         }
     }
 
@@ -113,7 +113,7 @@ impl ShardState {
         match live_conn(&mut self.conns, id) {
             Some(conn) if conn.session.wants_write() => false,
             Some(conn) => {
-                conn.session.give_back_queues(&mut self.lent, SMALL_QUEUE_SLOTS);
+                conn.session.give_back_queues(&mut self.spare_queues, SMALL_QUEUE_SLOTS);
                 conn.session.release_idle_buffers(SMALL_QUEUE_SLOTS);
                 true
             }

@@ -112,7 +112,7 @@ pub(crate) struct ShardState {
     read_step_at: Option<Instant>,
     /// Lent to the session whose read is handled (see `on_bytes`); they come back at the
     /// read's end, or when the connection's outbox drains (`went_idle`).
-    lent: SpareQueues,
+    spare_queues: SpareQueues,
     /// Subscriptions on this shard's connections, by channel type.
     subscriptions: [u64; UPDATE_TYPES],
     timings_flushed_at: Instant,
@@ -165,7 +165,7 @@ impl ShardState {
             requests: RequestClock::default(),
             wall_clock: WallClock::anchored_now(),
             read_step_at: None,
-            lent: SpareQueues::default(),
+            spare_queues: SpareQueues::default(),
             subscriptions: [0; UPDATE_TYPES],
             timings_flushed_at: Instant::now(),
             api: Waiters::default(),

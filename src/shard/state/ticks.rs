@@ -42,9 +42,9 @@ impl ShardState {
         let (mut conflated, mut dropped) = (0, 0);
         for (_, conn) in self.conns.iter_mut() {
             failures += u64::from(conn.session.handle_timeout(now));
-            let gave_way = conn.session.poll_shed_counts();
-            conflated += gave_way.conflated;
-            dropped += gave_way.dropped;
+            let shed = conn.session.poll_shed_counts();
+            conflated += shed.conflated;
+            dropped += shed.dropped;
             if conn.session.wants_write() {
                 // A paced writer goes at its pacing tick, unless time made its queue urgent
                 // (a resend, a ping, a close).
