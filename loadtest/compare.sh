@@ -9,6 +9,8 @@
 #   loadtest/compare.sh --scenario request-reply      # peers in echo mode, replies per server CPU-s
 #   loadtest/compare.sh --repeat 5 --rates 2000       # five alternated rounds, medians and the ratio
 #   loadtest/compare.sh --baseline old/routopia-realtime --servers "routopia baseline" --repeat 5
+#   loadtest/compare.sh --latency-set --repeat 2        # latency at N=10,000 × 100 and × 300 msg/s
+#                                                     # and N=1,000 × 2,000 and × 4,000 msg/s
 #                                                     # this build against another, alternated
 #
 # See loadtest/README.md for every option and how to read the numbers.
@@ -25,6 +27,8 @@ duration=10
 payload=64
 servers="routopia bun tokio node"
 baseline_bin=""
+# Loads as N:rate pairs; empty: --subscribers at each of --rates.
+loads=""
 peers_dir=/tmp/routopia-peers
 peers_src=""
 out=""
@@ -44,6 +48,8 @@ usage() {
   cat <<EOF
 Options:
   --rates "R..."        publish rates to sweep, msg/s over all publishers (default: $rates)
+  --latency-set         instead of --subscribers and --rates, the loads latency is judged at:
+                        N=10,000 at 100 and 300 msg/s, N=1,000 at 2,000 and 4,000 msg/s
   --subscribers N       subscriber connections (default: $subscribers)
   --channels C          routopia channels (peers always broadcast to all; C>1 skips them) (default: $channels)
   --publishers P        publisher connections (default: $publishers)
@@ -72,6 +78,7 @@ EOF
 while [ $# -gt 0 ]; do
   case "$1" in
     --rates) rates=$2; given="$given rate"; shift 2 ;;
+    --latency-set) loads="10000:100 10000:300 1000:2000 1000:4000"; subscribers=10000; shift ;;
     --subscribers|-n) subscribers=$2; given="$given subscribers"; shift 2 ;;
     --channels|-c) channels=$2; given="$given channels"; shift 2 ;;
     --publishers|-p) publishers=$2; given="$given publishers"; shift 2 ;;
@@ -261,17 +268,24 @@ run_flags() {
   echo "$flags"
 }
 
-setup_timeout=$((30 + subscribers / 200))
 drain_timeout=5
-run_bound=$((setup_timeout + duration + drain_timeout + 30))
-# Scenarios may preset up to 10,000 connections with a 120 s setup bound.
-[ -n "$scenario" ] && [ $run_bound -lt 240 ] && run_bound=240
+if [ -z "$loads" ]; then
+  for rate in $rates; do loads="$loads $subscribers:$rate"; done
+else
+  given="$given subscribers rate"
+fi
 
 log "results in $out"
-for rate in $rates; do
+for load in $loads; do
+  subscribers=${load%:*}
+  rate=${load#*:}
+  setup_timeout=$((30 + subscribers / 200))
+  run_bound=$((setup_timeout + duration + drain_timeout + 30))
+  # Scenarios may preset up to 10,000 connections with a 120 s setup bound.
+  [ -n "$scenario" ] && [ $run_bound -lt 240 ] && run_bound=240
   for round in $(seq "$repeat"); do
-    run_id="r$rate"
-    [ "$repeat" -gt 1 ] && run_id="r$rate-k$round"
+    run_id="n$subscribers-r$rate"
+    [ "$repeat" -gt 1 ] && run_id="n$subscribers-r$rate-k$round"
     for name in $servers; do
       case $name in routopia | baseline) mode=routopia ;; *) mode=raw ;; esac
       label=$name
@@ -318,7 +332,7 @@ echo
 if [ -n "$scenario" ]; then
   echo "scenario $scenario (peers in $peer_mode mode), flags given:${given:- none};" \
     "server on core $server_core, generator on core $generator_core; $(date -u +%Y-%m-%dT%H:%MZ)"
-else echo "1→N fan-out: N=$subscribers, C=$channels, P=$publishers, D=${duration}s, ${payload} B payload;" \
+else echo "1→N fan-out: N:rate $(echo $loads), C=$channels, P=$publishers, D=${duration}s, ${payload} B payload;" \
   "server on core $server_core, generator on core $generator_core; $(date -u +%Y-%m-%dT%H:%MZ)"
 fi
 "$loadtest_bin" table "$results"
